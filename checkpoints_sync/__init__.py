@@ -1,0 +1,1 @@
+"""Atomic, asynchronous checkpoint storage on S3, GCS and local disk (no torch dependency)."""

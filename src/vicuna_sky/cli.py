@@ -1,0 +1,161 @@
+"""`vicuna-sky`: one thin command-line app. Parse, call one function, print.
+
+Every user-facing failure is a `VicunaSkyError`, printed as one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from vicuna_sky.errors import VicunaSkyError
+
+console = Console()
+err_console = Console(stderr=True)
+
+ENV_HELP = "Override an env var of the spec, as `sky launch --env KEY=VALUE` does (repeatable)."
+RUNS_HELP = "Where local runs keep their status, attempts and logs."
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="vicuna-sky")
+def app() -> None:
+    """The Vicuna system on SkyPilot: clean ShareGPT data, fine-tune on spot, serve, judge.
+
+    A RECIPE (a YAML path, or a bundled name such as vicuna-7b) holds what you choose:
+    model, data, hyper-parameters, GPUs, clouds, bucket, budget. The task specs in sky/
+    say how each part runs; `--local` runs them on this machine instead of a cloud.
+    """
+
+
+def _launch_options(fn: click.decorators.FC) -> click.decorators.FC:
+    for option in reversed(
+        [
+            click.argument("recipe"),
+            click.option("--env", "envs", multiple=True, metavar="KEY=VALUE", help=ENV_HELP),
+            click.option("--dryrun", is_flag=True, help="Print the resolved task (and cost plan); launch nothing."),
+            click.option("--local", is_flag=True, help="Run the spec on this machine (the local backend)."),
+            click.option("--name", default=None, help="Job/cluster/service name (default: from the recipe)."),
+            click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True, help=RUNS_HELP),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+@app.command()
+@_launch_options
+def train(recipe: str, envs: tuple[str, ...], dryrun: bool, local: bool, name: str | None, runs_dir: Path) -> None:
+    """Fine-tune: sky/train.yaml as a managed spot job (torchrun + FSDP, auto-recovery)."""
+    from vicuna_sky.launch import runner
+    from vicuna_sky.launch.tasks import Spec
+
+    runner.launch_recipe(Spec.TRAIN, recipe, envs, dryrun=dryrun, local=local, name=name, runs_dir=runs_dir)
+
+
+@app.command()
+@_launch_options
+@click.option("--fleet", is_flag=True, help="Controller + worker clusters instead of a SkyServe service.")
+def serve(recipe: str, envs: tuple[str, ...], dryrun: bool, local: bool, name: str | None, runs_dir: Path, fleet: bool) -> None:
+    """Serve: sky/service.yaml on SkyServe, or with --fleet a controller and spot workers."""
+    from vicuna_sky.launch import runner
+    from vicuna_sky.launch.tasks import Spec
+
+    if fleet:
+        runner.launch_fleet(recipe, envs, dryrun=dryrun, local=local, name=name, runs_dir=runs_dir)
+    else:
+        runner.launch_recipe(Spec.SERVICE, recipe, envs, dryrun=dryrun, local=local, name=name, runs_dir=runs_dir)
+
+
+@app.command(name="eval")
+@_launch_options
+def eval_(recipe: str, envs: tuple[str, ...], dryrun: bool, local: bool, name: str | None, runs_dir: Path) -> None:
+    """Evaluate: sky/eval.yaml answers the benchmark and has an LLM judge the answers."""
+    from vicuna_sky.launch import runner
+    from vicuna_sky.launch.tasks import Spec
+
+    runner.launch_recipe(Spec.EVAL, recipe, envs, dryrun=dryrun, local=local, name=name, runs_dir=runs_dir)
+
+
+@app.command()
+@click.argument("recipe")
+@click.option("--top", default=5, show_default=True, help="Candidates listed per table.")
+def plan(recipe: str, top: int) -> None:
+    """Cost plan: cheapest spot and on-demand offers and the estimated $ for the run."""
+    from vicuna_sky.launch import runner
+
+    runner.print_plan(runner.load_recipe(recipe), top=top)
+
+
+@app.command()
+@click.argument("recipe")
+def check(recipe: str) -> None:
+    """Validate a recipe against every spec in sky/ (SkyPilot's own checks), offline."""
+    from vicuna_sky.launch import runner
+
+    runner.check_recipe(recipe)
+
+
+@app.command()
+@click.option("--local", is_flag=True, help="Local runs instead of SkyPilot's jobs, clusters and services.")
+@click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True, help=RUNS_HELP)
+def status(local: bool, runs_dir: Path) -> None:
+    """Status of jobs, clusters and services (SkyPilot's status vocabulary)."""
+    from vicuna_sky.launch import runner
+
+    runner.print_status(local=local, runs_dir=runs_dir)
+
+
+@app.command()
+@click.argument("name")
+@click.option("--kind", type=click.Choice(["job", "cluster", "service"]), default="job", show_default=True)
+@click.option("--local", is_flag=True, help="A local run (its latest attempt's logs).")
+@click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True, help=RUNS_HELP)
+def logs(name: str, kind: str, local: bool, runs_dir: Path) -> None:
+    """Show the logs of a job, cluster or service."""
+    from vicuna_sky.launch import runner
+
+    runner.show_logs(name, kind=kind, local=local, runs_dir=runs_dir)
+
+
+@app.command()
+@click.argument("name")
+@click.option("--kind", type=click.Choice(["job", "cluster", "service"]), default="job", show_default=True)
+def down(name: str, kind: str) -> None:
+    """Cancel a managed job, tear down a cluster, or take a service down."""
+    from vicuna_sky.launch import cloud
+
+    cloud.down(name, kind)
+
+
+@app.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True, help="Where the demo writes its model, data, bucket and logs.")
+def demo(workdir: Path) -> None:
+    """Run the pipeline on the tiny CPU recipe, locally, and summarise what ran."""
+    from vicuna_sky import demo as demo_lib
+
+    demo_lib.run(workdir)
+
+
+def main() -> None:
+    try:
+        app.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except VicunaSkyError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,460 @@
+"""Run a SkyPilot task on this machine, the way SkyPilot runs it on a cluster.
+
+Each attempt is a fresh "cluster": a new working directory with a copy of the workdir, `setup`
+once, then `run` once per node rank with the SKYPILOT_* variables SkyPilot sets. Buckets
+become local directories (or stay URLs when a local S3/GCS endpoint is configured), so
+state survives an attempt only through the bucket, as on a real spot node.
+
+`job_recovery` is emulated: an attempt whose processes die by a signal was preempted and is
+relaunched in a new directory ("another zone") with the same SKYPILOT_TASK_ID; a non-zero
+exit of the task itself is retried up to `max_restarts_on_errors`, as managed jobs do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import getpass
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vicuna_sky.errors import VicunaSkyError
+
+if TYPE_CHECKING:
+    import sky
+
+# Never copied into an attempt's workdir: environments, caches, VCS data.
+_WORKDIR_IGNORE = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "runs"}
+_BUCKET_SCHEMES = ("s3://", "gs://", "r2://", "cos://", "oci://")
+
+
+class JobStatus(str, Enum):
+    """SkyPilot's managed-job vocabulary, shared by the local and the cloud runner."""
+
+    PENDING = "PENDING"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    RECOVERING = "RECOVERING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    FAILED_SETUP = "FAILED_SETUP"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def done(self) -> bool:
+        return self in (self.SUCCEEDED, self.FAILED, self.FAILED_SETUP, self.CANCELLED)
+
+
+@dataclass
+class LocalConfig:
+    runs_dir: Path = Path("runs")
+    """Each job gets `runs_dir/<name>-<timestamp>/` with its status, attempts and logs."""
+    bucket_root: Path | None = None
+    """Directory standing in for buckets; default `runs_dir/buckets` (shared across runs)."""
+    s3_endpoint_url: str = ""
+    """When set, s3:// URLs stay URLs and the task talks to this S3 server instead."""
+    gcs_endpoint: str = ""
+    """When set, gs:// URLs stay URLs and the task talks to this GCS emulator instead."""
+    max_recoveries: int = 10
+    """Preemptions recovered before the job is given up (SkyPilot's is unbounded)."""
+    gpus_per_node: int | None = None
+    """GPUs a local node has; None = count them with nvidia-smi."""
+
+
+@dataclass
+class Attempt:
+    number: int
+    workdir: str
+    zone: str
+    status: str = JobStatus.STARTING.value
+    exit_codes: list[int] = field(default_factory=list)
+    reason: str = ""
+
+
+@dataclass
+class LocalJob:
+    name: str
+    task_id: str
+    run_dir: str
+    status: str = JobStatus.PENDING.value
+    attempts: list[Attempt] = field(default_factory=list)
+    recoveries: int = 0
+    restarts_on_errors: int = 0
+
+    def save(self) -> None:
+        path = Path(self.run_dir) / "job.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(path)  # readers never see half a status file
+
+    @classmethod
+    def load(cls, run_dir: Path) -> LocalJob:
+        raw = json.loads((run_dir / "job.json").read_text())
+        raw["attempts"] = [Attempt(**a) for a in raw.get("attempts", [])]
+        return cls(**raw)
+
+
+class LocalRunner:
+    """Runs one `sky.Task` locally with SkyPilot's environment and recovery semantics."""
+
+    def __init__(
+        self,
+        task: sky.Task,
+        config: LocalConfig | None = None,
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
+        self.task = task
+        self.config = config or LocalConfig()
+        self.on_event = on_event or (lambda _msg: None)
+        self._lock = threading.Lock()
+        self._groups: list[subprocess.Popen] = []
+        self._preempting = False
+        stamp = dt.datetime.now().strftime("%Y-%m-%d-%H-%M-%S-%f")
+        name = task.name or "task"
+        self.cluster_name = f"local-{name}"
+        run_dir = Path(self.config.runs_dir).resolve() / f"{name}-{stamp}"
+        run_dir.mkdir(parents=True, exist_ok=False)
+        # Same format as a managed job's id; it never changes across recoveries.
+        task_id = f"sky-managed-{stamp}_{self.cluster_name}_1"
+        self.job = LocalJob(name=name, task_id=task_id, run_dir=str(run_dir))
+        self.job.save()
+        root = self.config.bucket_root or Path(self.config.runs_dir) / "buckets"
+        self.bucket_root = Path(root).resolve()
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.job.run_dir)
+
+    def preempt(self, grace_seconds: float = 0.0) -> bool:
+        """Take the current "cluster" away, as a spot preemption does.
+
+        With a grace period the processes get SIGTERM first (the cloud's notice), then
+        SIGKILL. Returns False when nothing was running.
+        """
+        with self._lock:
+            groups = [p for p in self._groups if p.poll() is None]
+            if not groups:
+                return False
+            self._preempting = True
+        if grace_seconds > 0:
+            _signal_groups(groups, signal.SIGTERM)
+            deadline = time.monotonic() + grace_seconds
+            while time.monotonic() < deadline and any(p.poll() is None for p in groups):
+                time.sleep(0.05)
+        _signal_groups(groups, signal.SIGKILL)
+        return True
+
+    def run(self) -> LocalJob:
+        """Run to a final status: SUCCEEDED, FAILED, FAILED_SETUP or CANCELLED."""
+        max_error_restarts = self._max_restarts_on_errors()
+        try:
+            while True:
+                attempt = self._new_attempt()
+                outcome = self._run_attempt(attempt)
+                if outcome == "preempted":
+                    self.job.recoveries += 1
+                    if self.job.recoveries > self.config.max_recoveries:
+                        self._set(JobStatus.FAILED, "too many preemptions")
+                        break
+                    self._set(JobStatus.RECOVERING, f"attempt {attempt.number} preempted")
+                    continue
+                if outcome == "failed" and self.job.restarts_on_errors < max_error_restarts:
+                    self.job.restarts_on_errors += 1
+                    self._set(JobStatus.RECOVERING, f"attempt {attempt.number} failed, restarting")
+                    continue
+                final = {
+                    "succeeded": JobStatus.SUCCEEDED,
+                    "failed": JobStatus.FAILED,
+                    "failed_setup": JobStatus.FAILED_SETUP,
+                }[outcome]
+                self._set(final, f"attempt {attempt.number}: {attempt.reason or outcome}")
+                break
+        except KeyboardInterrupt:
+            self._kill_all()
+            self._set(JobStatus.CANCELLED, "interrupted")
+            raise
+        return self.job
+
+    # ----------------------------------------------------------------- attempts
+
+    def _new_attempt(self) -> Attempt:
+        number = len(self.job.attempts) + 1
+        node_dir = self.run_dir / f"attempt-{number}"
+        workdir = node_dir / "workdir"
+        if self.task.workdir and isinstance(self.task.workdir, str):
+            source = Path(self.task.workdir).expanduser().resolve()
+            shutil.copytree(source, workdir, ignore=self._ignore, symlinks=True)
+        else:
+            workdir.mkdir(parents=True)
+        attempt = Attempt(number=number, workdir=str(workdir), zone=f"local-zone-{number}")
+        self.job.attempts.append(attempt)
+        self._set(JobStatus.STARTING if number == 1 else JobStatus.RECOVERING, "")
+        return attempt
+
+    def _run_attempt(self, attempt: Attempt) -> str:
+        self._preempting = False
+        node_dir = Path(attempt.workdir).parent
+        envs = self._task_envs(attempt)
+        if self.task.setup:
+            env = {**envs, **self._node_envs(attempt, rank=0, prefix="SKYPILOT_SETUP_")}
+            proc = self._spawn(self.task.setup, env, attempt, node_dir / "setup.log")
+            rc = proc.wait()
+            if self._preempting or rc < 0:
+                attempt.status, attempt.reason = "PREEMPTED", "preempted during setup"
+                return "preempted"
+            if rc != 0:
+                attempt.status, attempt.reason = JobStatus.FAILED_SETUP.value, f"setup exit {rc}"
+                return "failed_setup"
+        if not self.task.run:
+            attempt.status = JobStatus.SUCCEEDED.value
+            return "succeeded"
+        self._set(JobStatus.RUNNING, f"attempt {attempt.number} running")
+        procs = []
+        for rank in range(self.task.num_nodes):
+            env = {**envs, **self._node_envs(attempt, rank=rank, prefix="SKYPILOT_")}
+            log = node_dir / f"run-rank{rank}.log"
+            procs.append(self._spawn(self.task.run, env, attempt, log))
+        codes = self._wait_cluster(procs)
+        attempt.exit_codes = codes
+        if self._preempting or any(c < 0 for c in codes):
+            dead = [f"rank {r} by {_signal_name(-c)}" for r, c in enumerate(codes) if c < 0]
+            attempt.status = "PREEMPTED"
+            attempt.reason = "killed: " + ", ".join(dead) if dead else "preempted"
+            return "preempted"
+        if any(codes):
+            attempt.status, attempt.reason = JobStatus.FAILED.value, f"exit codes {codes}"
+            return "failed"
+        attempt.status = JobStatus.SUCCEEDED.value
+        return "succeeded"
+
+    def _wait_cluster(self, procs: list[subprocess.Popen]) -> list[int]:
+        """Wait for every rank; a rank killed by a signal takes the whole node set down."""
+        while True:
+            codes = [p.poll() for p in procs]
+            if all(c is not None for c in codes):
+                return [int(c) for c in codes if c is not None]
+            if any(c is not None and c < 0 for c in codes):
+                # A preempted node is gone, and a multi-node job cannot continue without it.
+                self._preempting = True
+                _signal_groups([p for p in procs if p.poll() is None], signal.SIGKILL)
+            time.sleep(0.1)
+
+    # -------------------------------------------------------------- environment
+
+    def _task_envs(self, attempt: Attempt) -> dict[str, str]:
+        """The task's envs and secrets, with bucket mounts pointed at local storage."""
+        import sky.task as task_lib
+
+        envs = dict(task_lib.get_plaintext_envs_and_secrets(self.task.envs_and_secrets))
+        mounts = self._mounts()
+        for key, value in list(envs.items()):
+            envs[key] = self._localize(value, mounts)
+        if "MASTER_PORT" in envs:
+            # Concurrent local runs must not fight over the spec's fixed rendezvous port.
+            envs["MASTER_PORT"] = str(_free_port())
+        endpoints: dict[str, str] = {}
+        if self.config.s3_endpoint_url:
+            endpoints["AWS_ENDPOINT_URL_S3"] = self.config.s3_endpoint_url
+            endpoints["AWS_ENDPOINT_URL"] = self.config.s3_endpoint_url
+        if self.config.gcs_endpoint:
+            endpoints["STORAGE_EMULATOR_HOST"] = self.config.gcs_endpoint
+        python_bin = str(Path(sys.executable).parent)
+        path = f"{python_bin}{os.pathsep}{os.environ.get('PATH', '')}"
+        return {**os.environ, "PATH": path, **endpoints, **envs}
+
+    def _node_envs(self, attempt: Attempt, rank: int, prefix: str) -> dict[str, str]:
+        n = self.task.num_nodes
+        info = {
+            "cluster_name": self.cluster_name,
+            "cloud": "Local",
+            "region": "local",
+            "zone": attempt.zone,
+        }
+        return {
+            f"{prefix}NODE_RANK": str(rank),
+            f"{prefix}NODE_IPS": "\n".join(["127.0.0.1"] * n),
+            f"{prefix}NUM_NODES": str(n),
+            f"{prefix}NUM_GPUS_PER_NODE": str(self._gpus_per_node()),
+            "SKYPILOT_TASK_ID": self.job.task_id,
+            "SKYPILOT_CLUSTER_INFO": json.dumps(info),
+            "SKYPILOT_USER": getpass.getuser(),
+        }
+
+    def _mounts(self) -> dict[str, tuple[str, str]]:
+        """mount path -> (bucket URL or local source, local directory standing in for it)."""
+        out: dict[str, tuple[str, str]] = {}
+        for dst, storage in (self.task.storage_mounts or {}).items():
+            source = storage.source if isinstance(storage.source, str) else None
+            url = source or f"s3://{storage.name}"
+            out[dst] = (url, str(self._bucket_dir(url)))
+        for dst, src in (self.task.file_mounts or {}).items():
+            out[dst] = (src, str(self._bucket_dir(src)))
+        for _url, local in out.values():
+            Path(local).mkdir(parents=True, exist_ok=True)
+        return out
+
+    def _bucket_dir(self, url: str) -> Path:
+        if url.startswith(_BUCKET_SCHEMES):
+            scheme, _, rest = url.partition("://")
+            return self.bucket_root / scheme / rest.strip("/")
+        return Path(url).expanduser().resolve()
+
+    def _localize(self, value: str, mounts: dict[str, tuple[str, str]]) -> str:
+        for dst, (url, local) in mounts.items():
+            for prefix, replacement in ((dst, local), (url, self._url_for(url, local))):
+                if value == prefix or value.startswith(prefix.rstrip("/") + "/"):
+                    return replacement + value[len(prefix) :]
+        return value
+
+    def _url_for(self, url: str, local: str) -> str:
+        """A bucket URL as the local task should use it."""
+        if url.startswith("s3://") and self.config.s3_endpoint_url:
+            return url
+        if url.startswith("gs://") and self.config.gcs_endpoint:
+            return url
+        return f"file://{local}" if url.startswith(_BUCKET_SCHEMES) else local
+
+    def _gpus_per_node(self) -> int:
+        requested = 0
+        for res in self.task.resources:
+            if res.accelerators:
+                requested = int(max(res.accelerators.values()))
+        available = self.config.gpus_per_node
+        if available is None:
+            available = _count_local_gpus()
+        return min(requested, available)
+
+    def _max_restarts_on_errors(self) -> int:
+        for res in self.task.resources:
+            recovery = res.job_recovery or {}
+            if isinstance(recovery, dict) and recovery.get("max_restarts_on_errors"):
+                return int(recovery["max_restarts_on_errors"])
+        return 0
+
+    # ---------------------------------------------------------------- processes
+
+    def _spawn(
+        self, script: str, env: dict[str, str], attempt: Attempt, log: Path
+    ) -> subprocess.Popen:
+        with open(log, "ab") as out:
+            # Its own session: the whole process tree of a node can be killed at once.
+            proc = subprocess.Popen(
+                ["bash", "-c", script],
+                cwd=attempt.workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        with self._lock:
+            self._groups.append(proc)
+        return proc
+
+    def _kill_all(self) -> None:
+        with self._lock:
+            groups = [p for p in self._groups if p.poll() is None]
+        _signal_groups(groups, signal.SIGKILL)
+        for p in groups:
+            p.wait()
+
+    def _ignore(self, directory: str, names: list[str]) -> set[str]:
+        runs = Path(self.config.runs_dir).resolve()
+        skip = {n for n in names if n in _WORKDIR_IGNORE or n.endswith(".egg-info")}
+        skip |= {n for n in names if (Path(directory) / n).resolve() == runs}
+        return skip
+
+    def _set(self, status: JobStatus, message: str) -> None:
+        self.job.status = status.value
+        self.job.save()
+        with open(self.run_dir / "events.log", "a") as f:
+            f.write(f"{dt.datetime.now().isoformat(timespec='seconds')} {status.value} {message}\n")
+        if message:
+            self.on_event(f"{status.value}: {message}")
+
+
+# ------------------------------------------------------------------- helpers
+
+
+def run_local(
+    task: sky.Task, config: LocalConfig, on_event: Callable[[str], None] | None = None
+) -> LocalJob:
+    return LocalRunner(task, config, on_event).run()
+
+
+def list_jobs(runs_dir: Path) -> list[LocalJob]:
+    jobs = []
+    for status in sorted(Path(runs_dir).glob("*/job.json")):
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            jobs.append(LocalJob.load(status.parent))
+    return jobs
+
+
+def find_job(runs_dir: Path, name: str) -> LocalJob:
+    """The newest local job whose run directory or task name matches `name`."""
+    jobs = [j for j in list_jobs(runs_dir) if name in (j.name, Path(j.run_dir).name)]
+    if not jobs:
+        raise VicunaSkyError(f"no local job named '{name}' under {runs_dir}")
+    return jobs[-1]
+
+
+def latest_logs(job: LocalJob) -> list[Path]:
+    if not job.attempts:
+        return []
+    node_dir = Path(job.attempts[-1].workdir).parent
+    return sorted(node_dir.glob("*.log"))
+
+
+def _signal_groups(procs: list[subprocess.Popen], sig: signal.Signals) -> None:
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, sig)
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _count_local_gpus() -> int:
+    if not shutil.which("nvidia-smi"):
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+def describe(job: LocalJob) -> dict[str, Any]:
+    last = job.attempts[-1] if job.attempts else None
+    return {
+        "name": job.name,
+        "status": job.status,
+        "attempts": len(job.attempts),
+        "recoveries": job.recoveries,
+        "zone": last.zone if last else "-",
+        "run_dir": job.run_dir,
+    }

@@ -1,0 +1,150 @@
+"""What each `vicuna-sky` command does: recipe -> task -> dry run, local run or cloud launch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.table import Table
+
+from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.launch import local as local_lib
+from vicuna_sky.launch.tasks import (
+    Spec,
+    load_task,
+    parse_env_overrides,
+    resolve_recipe,
+    resolved_yaml,
+)
+from vicuna_sky.recipe import Recipe
+
+console = Console()
+
+
+def load_recipe(arg: str) -> Recipe:
+    return Recipe.from_yaml(resolve_recipe(arg))
+
+
+def launch_recipe(
+    spec: Spec,
+    recipe_arg: str,
+    envs: tuple[str, ...],
+    *,
+    dryrun: bool,
+    local: bool,
+    name: str | None,
+    runs_dir: Path,
+    local_config: local_lib.LocalConfig | None = None,
+) -> local_lib.LocalJob | None:
+    recipe = load_recipe(recipe_arg)
+    task = load_task(spec, recipe, parse_env_overrides(envs))
+    name = name or f"{recipe.name}-{spec.name.lower()}"
+    task.name = name
+    if dryrun:
+        console.rule(f"[bold]{spec.value}[/] with {recipe.source}")
+        console.print(Syntax(resolved_yaml(task), "yaml", word_wrap=True))
+        if spec is Spec.TRAIN and recipe.resources.accelerator:
+            print_plan(recipe)
+        return None
+    if local:
+        config = local_config or local_lib.LocalConfig(runs_dir=runs_dir)
+        return run_locally(task, config)
+    from vicuna_sky.launch import cloud
+
+    cloud.launch(spec, task, name)
+    return None
+
+
+def run_locally(task: object, config: local_lib.LocalConfig) -> local_lib.LocalJob:
+    runner = local_lib.LocalRunner(task, config, on_event=lambda m: console.print(f"  {m}"))
+    console.print(f"[bold]{runner.job.name}[/] running locally in {runner.run_dir}")
+    job = runner.run()
+    logs = ", ".join(p.name for p in local_lib.latest_logs(job))
+    console.print(f"[bold]{job.status}[/] after {len(job.attempts)} attempt(s); logs: {logs}")
+    if job.status != local_lib.JobStatus.SUCCEEDED.value:
+        raise VicunaSkyError(
+            f"local job {job.name} ended {job.status}: see {job.run_dir} "
+            f"({job.attempts[-1].reason if job.attempts else 'no attempt'})"
+        )
+    return job
+
+
+def launch_fleet(
+    recipe_arg: str,
+    envs: tuple[str, ...],
+    *,
+    dryrun: bool,
+    local: bool,
+    name: str | None,
+    runs_dir: Path,
+) -> None:
+    recipe = load_recipe(recipe_arg)
+    overrides = parse_env_overrides(envs)
+    controller = load_task(Spec.CONTROLLER, recipe, overrides)
+    worker = load_task(Spec.WORKER, recipe, {"CONTROLLER_URL": "http://127.0.0.1:8000", **overrides})
+    if dryrun:
+        for spec, task in ((Spec.CONTROLLER, controller), (Spec.WORKER, worker)):
+            console.rule(f"[bold]{spec.value}[/] with {recipe.source}")
+            console.print(Syntax(resolved_yaml(task), "yaml", word_wrap=True))
+        return
+    if local:
+        raise VicunaSkyError("--fleet --local: run `vicuna-sky serve RECIPE --local` instead")
+    from vicuna_sky.launch import cloud
+
+    url = cloud.launch_fleet(controller, worker, name or recipe.name, recipe.serve.workers)
+    console.print(f"controller at {url}; {recipe.serve.workers} worker(s) launched")
+
+
+def check_recipe(recipe_arg: str) -> None:
+    recipe = load_recipe(recipe_arg)
+    table = Table(title=f"{recipe.source}: specs resolved and validated", title_justify="left")
+    for col in ("spec", "resources", "nodes", "envs set"):
+        table.add_column(col)
+    for spec in Spec:
+        extra = {"CONTROLLER_URL": "http://127.0.0.1:8000"} if spec is Spec.WORKER else {}
+        task = load_task(spec, recipe, extra)
+        resources = ", ".join(sorted({str(r) for r in task.resources}))
+        table.add_row(spec.value, resources, str(task.num_nodes), str(len(task.envs)))
+    console.print(table)
+
+
+def print_plan(recipe: Recipe, top: int = 5) -> None:
+    from vicuna_sky.launch.plan import make_plan, render
+
+    try:
+        plan = make_plan(recipe, top=top)
+    except ValueError as e:
+        raise VicunaSkyError(str(e)) from None
+    for part in render(plan):
+        console.print(part)
+
+
+def print_status(local: bool, runs_dir: Path) -> None:
+    if local:
+        rows = [local_lib.describe(j) for j in local_lib.list_jobs(runs_dir)]
+        title = f"local runs in {runs_dir}"
+    else:
+        from vicuna_sky.launch import cloud
+
+        rows = cloud.status()
+        title = "SkyPilot jobs, clusters and services"
+    table = Table(title=title, title_justify="left")
+    columns = list(rows[0]) if rows else ["status"]
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*[str(row[c]) for c in columns])
+    console.print(table if rows else f"{title}: none")
+
+
+def show_logs(name: str, kind: str, local: bool, runs_dir: Path) -> None:
+    if not local:
+        from vicuna_sky.launch import cloud
+
+        cloud.logs(name, kind)
+        return
+    job = local_lib.find_job(runs_dir, name)
+    for log in local_lib.latest_logs(job):
+        console.rule(str(log))
+        console.print(log.read_text(errors="replace"), markup=False, highlight=False)

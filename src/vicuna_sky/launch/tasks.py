@@ -1,0 +1,168 @@
+"""Recipe + a spec in `sky/` -> a validated `sky.Task`.
+
+The spec YAML stays the source of truth: the recipe only fills in the env vars the spec
+declares and the resources (GPU type and count, spot, clouds/regions, nodes), exactly what
+`sky launch --env ... --gpus ...` would change. Validation is SkyPilot's own (schema,
+resources, and the service checks for SkyServe specs); its errors come back as one line.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.recipe import Recipe
+
+if TYPE_CHECKING:
+    import sky
+
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+BUNDLED = Path(__file__).resolve().parents[1] / "_bundled"
+
+
+class SpecError(VicunaSkyError):
+    """A task spec (or an override of it) that SkyPilot would reject."""
+
+
+class Spec(str, Enum):
+    """The task specs in `sky/`, by the role they play."""
+
+    TRAIN = "train.yaml"
+    CONTROLLER = "serve-controller.yaml"
+    WORKER = "serve-worker.yaml"
+    SERVICE = "service.yaml"
+    EVAL = "eval.yaml"
+
+
+def data_dir(name: str) -> Path:
+    """`sky/` or `recipes/`: from the checkout, or from inside an installed wheel."""
+    for root in (PROJECT_ROOT, BUNDLED):
+        if (root / name).is_dir():
+            return root / name
+    raise VicunaSkyError(f"cannot find the '{name}/' directory of vicuna-sky")
+
+
+def spec_path(spec: Spec) -> Path:
+    return data_dir("sky") / spec.value
+
+
+def resolve_recipe(arg: str | Path) -> Path:
+    """A recipe given as a path, or by name (`vicuna-7b`) from the bundled `recipes/`."""
+    path = Path(arg)
+    if path.is_file():
+        return path
+    bundled = data_dir("recipes") / f"{path.stem}.yaml"
+    if path.parent == Path(".") and bundled.is_file():
+        return bundled
+    names = sorted(p.stem for p in data_dir("recipes").glob("*.yaml"))
+    raise VicunaSkyError(f"no recipe '{arg}' (a YAML path, or one of: {', '.join(names)})")
+
+
+def parse_env_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """`--env KEY=VALUE` pairs, as `sky launch --env` takes them."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise SpecError(f"--env expects KEY=VALUE, got '{pair}'")
+        out[key] = value
+    return out
+
+
+def read_spec(spec: Spec) -> dict[str, Any]:
+    path = spec_path(spec)
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise SpecError(f"{path}: cannot read the spec ({type(e).__name__})") from None
+    if not isinstance(config, dict):
+        raise SpecError(f"{path}: a task spec is a YAML mapping")
+    return config
+
+
+def resources_config(spec: Spec, recipe: Recipe, base: dict[str, Any]) -> dict[str, Any]:
+    """The spec's `resources:` with the recipe's hardware choices applied."""
+    if spec is Spec.CONTROLLER:
+        return base  # the controller is deliberately small, CPU and on-demand
+    res = copy.deepcopy(base)
+    r = recipe.resources
+    if spec is Spec.TRAIN:
+        accelerator, count, spot = r.accelerator, r.gpus_per_node, r.spot
+        res["disk_size"] = r.disk_size_gb
+        res.setdefault("job_recovery", {})["max_restarts_on_errors"] = r.max_restarts_on_errors
+    else:
+        s = recipe.serve
+        accelerator, count, spot = s.accelerator, s.gpus_per_worker, s.spot
+    res["use_spot"] = spot
+    if accelerator:
+        res["accelerators"] = f"{accelerator}:{count}"
+        res.pop("cpus", None)
+    else:
+        res.pop("accelerators", None)
+        res["cpus"] = r.cpus or "2+"
+    res.pop("any_of", None)
+    infras = r.regions or r.clouds
+    if infras:
+        res["any_of"] = [{"infra": infra} for infra in infras]
+    return res
+
+
+def load_task(
+    spec: Spec, recipe: Recipe, overrides: dict[str, str] | None = None
+) -> sky.Task:
+    """Load `spec`, apply the recipe (envs + resources) and `--env` overrides, validate."""
+    import sky
+
+    path = spec_path(spec)
+    config = read_spec(spec)
+    declared = dict(config.get("envs") or {})
+    envs = {k: v for k, v in recipe.envs().items() if k in declared}
+    for key in overrides or {}:
+        if key not in declared and key not in (config.get("secrets") or {}):
+            hint = difflib.get_close_matches(key, list(declared), n=1)
+            tail = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise SpecError(f"{path.name} declares no env '{key}'{tail}")
+    envs.update(overrides or {})
+    if spec is Spec.TRAIN:
+        config["num_nodes"] = recipe.resources.nodes
+    config["resources"] = resources_config(spec, recipe, config.get("resources") or {})
+    if config.get("workdir") == "." and (PROJECT_ROOT / "pyproject.toml").is_file():
+        # Ship this checkout whatever directory the launcher was started from.
+        config["workdir"] = str(PROJECT_ROOT)
+    secrets = [(k, v) for k, v in envs.items() if k in (config.get("secrets") or {})]
+    env_list = [(k, v) for k, v in envs.items() if k in declared]
+    try:
+        task = sky.Task.from_yaml_config(
+            config, env_overrides=env_list, secrets_overrides=secrets or None
+        )
+        if task.service is not None:
+            sky.serve.validate_service_task(task, pool=False)
+    except Exception as e:  # SkyPilot raises ValueError, SchemaError, InvalidSkyPilotConfig...
+        raise SpecError(f"{path.name}: {one_line(e)}") from None
+    if not task.name:
+        task.name = path.stem
+    return task
+
+
+def resolved_yaml(task: sky.Task) -> str:
+    """The task as SkyPilot would run it, in YAML, as `sky launch --dryrun` shows it."""
+    config = task.to_yaml_config()
+    config.pop("_user_specified_yaml", None)
+    return yaml.safe_dump(config, sort_keys=False, width=100)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def one_line(error: BaseException) -> str:
+    """SkyPilot errors are multi-line and coloured; keep the first meaningful line."""
+    text = _ANSI.sub("", str(error)).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__

@@ -1,0 +1,360 @@
+"""The Recipe: what a user edits (model, data, hyper-parameters, GPUs, bucket, budget).
+
+A recipe YAML is loaded into frozen dataclasses, checked key by key and type by type, and
+rendered to the environment variables the SkyPilot task specs in `sky/` declare. Every problem
+is reported as one `RecipeError` line that names the key, so the CLI never shows a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from vicuna_sky.errors import VicunaSkyError
+
+BUCKET_SCHEMES = ("s3://", "gs://", "r2://", "cos://", "oci://", "https://", "file://")
+PRECISIONS = ("bf16", "fp16", "fp32")
+SCHEDULERS = ("cosine", "linear", "constant")
+SERVE_BACKENDS = ("hf", "vllm", "echo")
+
+
+class RecipeError(VicunaSkyError):
+    """A recipe that cannot be used; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: str
+    """Hub id or local path of the base model to fine-tune."""
+    template: str = "vicuna_v1.1"
+    """Conversation template used to render turns into one training string."""
+    params_b: float = 7.0
+    """Parameter count in billions; the cost plan derives FLOPs per token from it."""
+
+
+@dataclass(frozen=True)
+class DataSection:
+    path: str
+    """ShareGPT JSON to train on: absolute, or relative to the bucket root."""
+    max_length: int = 2048
+    """Context length in tokens; longer conversations are split to fit."""
+    tokens: int = 0
+    """Approximate tokens per epoch after cleaning and splitting (for the cost plan)."""
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    epochs: float = 3.0
+    """Passes over the data."""
+    lr: float = 2e-5
+    """Peak learning rate."""
+    lr_scheduler: str = "cosine"
+    """Decay after warm-up: cosine, linear or constant."""
+    warmup_ratio: float = 0.03
+    """Fraction of all optimizer steps spent warming up linearly."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    global_batch_size: int = 128
+    """Sequences per optimizer step over all devices (gradient accumulation fills the gap)."""
+    micro_batch_size: int = 2
+    """Sequences per device per forward pass."""
+    precision: str = "bf16"
+    """Parameter/compute dtype on GPU: bf16, fp16 or fp32 (CPU always runs fp32)."""
+    gradient_checkpointing: bool = True
+    """Recompute activations per decoder layer to fit long contexts."""
+    checkpoint_every_steps: int = 100
+    """Optimizer steps between checkpoints; on spot this bounds the work a preemption loses."""
+    seed: int = 42
+    """Seed for data order and initialisation."""
+
+
+@dataclass(frozen=True)
+class ResourcesSection:
+    accelerator: str | None = "A100-80GB"
+    """GPU type per node as SkyPilot names it; null runs on CPUs."""
+    gpus_per_node: int = 8
+    """GPUs per node (ignored when accelerator is null)."""
+    nodes: int = 1
+    """Nodes in the cluster."""
+    cpus: str | None = None
+    """SkyPilot CPU request such as '4+' (CPU recipes)."""
+    cpu_procs_per_node: int = 2
+    """torchrun processes per node when the node has no GPU."""
+    spot: bool = True
+    """Use spot instances (managed jobs recover them on preemption)."""
+    clouds: list[str] = field(default_factory=list)
+    """Clouds allowed, cheapest first is the optimizer's job; empty = any enabled cloud."""
+    regions: list[str] = field(default_factory=list)
+    """Regions allowed, as SkyPilot infra strings 'cloud/region'; empty = any region."""
+    max_restarts_on_errors: int = 3
+    """Relaunches after a non-zero exit of our code (preemptions are always recovered)."""
+    disk_size_gb: int = 512
+    """Boot disk size per node."""
+
+
+@dataclass(frozen=True)
+class ServeSection:
+    model_name: str = "vicuna"
+    """Model name clients ask for in the OpenAI API."""
+    model_path: str = ""
+    """Weights to serve: hub id, local path, or relative to the bucket root; empty = the
+    trained export of this recipe."""
+    backend: str = "hf"
+    """Worker backend: hf (transformers generate), vllm (GPU) or echo (tests)."""
+    accelerator: str | None = "L4"
+    """GPU type per worker; null serves on CPUs."""
+    gpus_per_worker: int = 1
+    """GPUs per worker replica."""
+    workers: int = 2
+    """Worker replicas to keep up."""
+    spot: bool = True
+    """Run workers on spot (SkyServe falls back to on-demand when spot is scarce)."""
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    bench: str = "vicuna_bench"
+    """Question set: vicuna_bench, mt_bench, or a path to a question JSONL."""
+    judge_model: str = "gpt-4"
+    """Model that judges the answers (any OpenAI-compatible endpoint)."""
+    judge_api_base: str = ""
+    """Base URL of the judge's API; empty = the OpenAI default."""
+    baseline_model: str = "gpt-3.5-turbo"
+    """Model answers are compared against in pairwise judging."""
+
+
+@dataclass(frozen=True)
+class PlanSection:
+    mfu: float = 0.4
+    """Assumed model FLOPs utilisation, used when no measured throughput is given."""
+    tokens_per_gpu_second: float = 0.0
+    """Measured training throughput per GPU; 0 = derive from mfu (and say so)."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    """Run name; also names the checkpoints prefix in the bucket."""
+    model: ModelSection
+    data: DataSection
+    bucket: str
+    """Bucket URL for data, checkpoints and exports (s3://, gs://, r2://, ... or file://)."""
+    train: TrainSection = field(default_factory=TrainSection)
+    resources: ResourcesSection = field(default_factory=ResourcesSection)
+    serve: ServeSection = field(default_factory=ServeSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    plan: PlanSection = field(default_factory=PlanSection)
+    budget_usd: float | None = None
+    """Spending cap for the training run; the cost plan flags estimates above it."""
+    source: str = field(default="<recipe>", compare=False)
+    """Where the recipe was loaded from (not a YAML key)."""
+
+    # ----------------------------------------------------------------- loading
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Recipe:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise RecipeError(f"cannot read recipe {path}: {e.strerror}") from None
+        return cls.from_text(text, source=str(path))
+
+    @classmethod
+    def from_text(cls, text: str, source: str = "<recipe>") -> Recipe:
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            line = f" (line {where.line + 1})" if where else ""
+            raise RecipeError(f"{source}: not valid YAML{line}") from None
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{source}: a recipe is a YAML mapping of keys to values")
+        recipe = _build(cls, raw, prefix="", source=source)
+        recipe = dataclasses.replace(recipe, source=source)
+        recipe.check()
+        return recipe
+
+    def check(self) -> None:
+        """Cross-field checks that a type alone cannot express."""
+
+        def fail(key: str, why: str) -> typing.NoReturn:
+            raise RecipeError(f"{self.source}: '{key}' {why}")
+
+        t, r = self.train, self.resources
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+            fail("name", "must be non-empty letters, digits, '-', '_' or '.'")
+        if not self.bucket.startswith(BUCKET_SCHEMES):
+            fail("bucket", f"must be a URL starting with one of {', '.join(BUCKET_SCHEMES)}")
+        for key, value in (("train.lr", t.lr), ("train.epochs", t.epochs)):
+            if value <= 0:
+                fail(key, f"must be positive, got {value}")
+        if not 0 <= t.warmup_ratio < 1:
+            fail("train.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
+        _one_of(self.source, "train.precision", t.precision, PRECISIONS)
+        _one_of(self.source, "train.lr_scheduler", t.lr_scheduler, SCHEDULERS)
+        _one_of(self.source, "serve.backend", self.serve.backend, SERVE_BACKENDS)
+        for key, value in (
+            ("data.max_length", self.data.max_length),
+            ("train.micro_batch_size", t.micro_batch_size),
+            ("train.checkpoint_every_steps", t.checkpoint_every_steps),
+            ("resources.nodes", r.nodes),
+            ("resources.gpus_per_node", r.gpus_per_node),
+            ("resources.cpu_procs_per_node", r.cpu_procs_per_node),
+            ("serve.workers", self.serve.workers),
+        ):
+            if value < 1:
+                fail(key, f"must be at least 1, got {value}")
+        per_step = t.micro_batch_size * self.world_size
+        if t.global_batch_size % per_step:
+            fail(
+                "train.global_batch_size",
+                f"({t.global_batch_size}) must be a multiple of micro_batch_size x devices "
+                f"({t.micro_batch_size} x {self.world_size} = {per_step})",
+            )
+        for i, infra in enumerate(r.regions):
+            cloud, sep, region = infra.partition("/")
+            if not sep or not region:
+                fail(f"resources.regions[{i}]", f"must be 'cloud/region', got '{infra}'")
+            if r.clouds and cloud not in r.clouds:
+                fail(f"resources.regions[{i}]", f"names cloud '{cloud}', not in resources.clouds")
+        if not 0 < self.plan.mfu <= 1:
+            fail("plan.mfu", f"must be in (0, 1], got {self.plan.mfu}")
+        if self.budget_usd is not None and self.budget_usd <= 0:
+            fail("budget_usd", f"must be positive, got {self.budget_usd}")
+
+    # --------------------------------------------------------------- deriving
+
+    @property
+    def devices_per_node(self) -> int:
+        r = self.resources
+        return r.gpus_per_node if r.accelerator else r.cpu_procs_per_node
+
+    @property
+    def world_size(self) -> int:
+        return self.devices_per_node * self.resources.nodes
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.world_size)
+
+    def envs(self) -> dict[str, str]:
+        """The task env vars this recipe sets (the names the specs in `sky/` declare)."""
+        t, s, e = self.train, self.serve, self.eval
+        return {
+            "RUN_NAME": self.name,
+            "MODEL_PATH": self.model.path,
+            "TEMPLATE": self.model.template,
+            "DATA_PATH": self.data.path,
+            "MAX_LENGTH": str(self.data.max_length),
+            "NUM_EPOCHS": _num(t.epochs),
+            "LR": _num(t.lr),
+            "LR_SCHEDULER": t.lr_scheduler,
+            "WARMUP_RATIO": _num(t.warmup_ratio),
+            "WEIGHT_DECAY": _num(t.weight_decay),
+            "GLOBAL_BATCH_SIZE": str(t.global_batch_size),
+            "MICRO_BATCH_SIZE": str(t.micro_batch_size),
+            "PRECISION": t.precision,
+            "GRADIENT_CHECKPOINTING": str(t.gradient_checkpointing).lower(),
+            "CHECKPOINT_EVERY_STEPS": str(t.checkpoint_every_steps),
+            "SEED": str(t.seed),
+            "CPU_PROCS_PER_NODE": str(self.resources.cpu_procs_per_node),
+            "BUCKET_URL": self.bucket.rstrip("/"),
+            "SERVED_MODEL_NAME": s.model_name,
+            "SERVE_MODEL_PATH": s.model_path or f"models/{self.name}",
+            "SERVE_BACKEND": s.backend,
+            "BENCH": e.bench,
+            "JUDGE_MODEL": e.judge_model,
+            "JUDGE_API_BASE": e.judge_api_base,
+            "BASELINE_MODEL": e.baseline_model,
+        }
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def _num(x: float) -> str:
+    """Render a number the way a person writes it in YAML (3, 2e-05 -> '3', '2e-05')."""
+    return str(int(x)) if float(x).is_integer() and abs(x) >= 1 else repr(float(x))
+
+
+def _one_of(source: str, key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        hint = difflib.get_close_matches(value, allowed, n=1)
+        tail = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise RecipeError(
+            f"{source}: '{key}' must be one of {', '.join(allowed)}, got '{value}'{tail}"
+        )
+
+
+def _yaml_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.name != "source"]
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    fields = {f.name: f for f in _yaml_fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            full = f"{prefix}{key}"
+            known = [f"{prefix}{name}" for name in fields]
+            hint = difflib.get_close_matches(full, known, n=1, cutoff=0.6)
+            tail = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise RecipeError(f"{source}: unknown key '{full}'{tail}")
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        if name not in raw:
+            required = (
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            )
+            if required:
+                raise RecipeError(f"{source}: missing required key '{key}'")
+            continue
+        values[name] = _coerce(hints[name], raw[name], key, source)
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, key, source)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{source}: '{key}' must be a mapping of keys to values")
+        return _build(tp, value, prefix=f"{key}.", source=source)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise RecipeError(f"{source}: '{key}' must be a list, got {value!r}")
+        return [_coerce(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, str):
+        # PyYAML reads `2e-5` (no dot) as a string; a person means the number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    # bool is an int in Python; a recipe saying `epochs: true` is a mistake, not 1.
+    ok = {
+        str: isinstance(value, str),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        bool: isinstance(value, bool),
+    }[tp]
+    if not ok:
+        names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+        raise RecipeError(f"{source}: '{key}' must be {names[tp]}, got {value!r}")
+    return float(value) if tp is float else value

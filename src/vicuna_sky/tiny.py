@@ -1,0 +1,84 @@
+"""A tiny Llama with random weights and a tokenizer trained locally, for the demo and tests.
+
+Nothing is downloaded: the tokenizer is a byte-level BPE trained on the demo conversations,
+the model is `LlamaForCausalLM` with a few small layers, saved with `save_pretrained` in
+safetensors so every loader (transformers, vLLM) reads it like a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+DEMO_DATA = "demo_sharegpt.json"
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+
+
+def demo_conversations() -> list[dict]:
+    """The ShareGPT-format sample shipped with the package."""
+    text = resources.files("vicuna_sky.assets").joinpath(DEMO_DATA).read_text()
+    return json.loads(text)
+
+
+def _texts(conversations: list[dict]) -> Iterator[str]:
+    for conv in conversations:
+        for turn in conv["conversations"]:
+            yield turn["value"]
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int = 512) -> Path:
+    """Train a byte-level BPE on the demo text and save it as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_texts(demo_conversations()), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<unk>",
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
+    """Save a random-weight tiny Llama (and its tokenizer) to `out_dir`."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    build_tokenizer(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        # head_dim 32: the smallest that every attention backend (SDPA, vLLM CPU) accepts.
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
