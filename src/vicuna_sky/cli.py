@@ -36,10 +36,24 @@ def _launch_options(fn: click.decorators.FC) -> click.decorators.FC:
         [
             click.argument("recipe"),
             click.option("--env", "envs", multiple=True, metavar="KEY=VALUE", help=ENV_HELP),
-            click.option("--dryrun", is_flag=True, help="Print the resolved task (and cost plan); launch nothing."),
-            click.option("--local", is_flag=True, help="Run the spec on this machine (the local backend)."),
-            click.option("--name", default=None, help="Job/cluster/service name (default: from the recipe)."),
-            click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True, help=RUNS_HELP),
+            click.option(
+                "--dryrun",
+                is_flag=True,
+                help="Print the resolved task (and cost plan); launch nothing.",
+            ),
+            click.option(
+                "--local", is_flag=True, help="Run the spec on this machine (the local backend)."
+            ),
+            click.option(
+                "--name", default=None, help="Job/cluster/service name (default: from the recipe)."
+            ),
+            click.option(
+                "--runs-dir",
+                type=click.Path(path_type=Path),
+                default=Path("runs"),
+                show_default=True,
+                help=RUNS_HELP,
+            ),
         ]
     ):
         fn = option(fn)
@@ -48,18 +62,32 @@ def _launch_options(fn: click.decorators.FC) -> click.decorators.FC:
 
 @app.command()
 @_launch_options
-def train(recipe: str, envs: tuple[str, ...], dryrun: bool, local: bool, name: str | None, runs_dir: Path) -> None:
+def train(
+    recipe: str, envs: tuple[str, ...], dryrun: bool, local: bool, name: str | None, runs_dir: Path
+) -> None:
     """Fine-tune: sky/train.yaml as a managed spot job (torchrun + FSDP, auto-recovery)."""
     from vicuna_sky.launch import runner
     from vicuna_sky.launch.tasks import Spec
 
-    runner.launch_recipe(Spec.TRAIN, recipe, envs, dryrun=dryrun, local=local, name=name, runs_dir=runs_dir)
+    runner.launch_recipe(
+        Spec.TRAIN, recipe, envs, dryrun=dryrun, local=local, name=name, runs_dir=runs_dir
+    )
 
 
 @app.command()
 @_launch_options
-@click.option("--fleet", is_flag=True, help="Controller + worker clusters instead of a SkyServe service.")
-def serve(recipe: str, envs: tuple[str, ...], dryrun: bool, local: bool, name: str | None, runs_dir: Path, fleet: bool) -> None:
+@click.option(
+    "--fleet", is_flag=True, help="Controller + worker clusters instead of a SkyServe service."
+)
+def serve(
+    recipe: str,
+    envs: tuple[str, ...],
+    dryrun: bool,
+    local: bool,
+    name: str | None,
+    runs_dir: Path,
+    fleet: bool,
+) -> None:
     """Serve: sky/service.yaml on SkyServe, or with --fleet a controller and spot workers."""
     from vicuna_sky.launch import runner
     from vicuna_sky.launch.tasks import Spec
@@ -67,17 +95,23 @@ def serve(recipe: str, envs: tuple[str, ...], dryrun: bool, local: bool, name: s
     if fleet:
         runner.launch_fleet(recipe, envs, dryrun=dryrun, local=local, name=name, runs_dir=runs_dir)
     else:
-        runner.launch_recipe(Spec.SERVICE, recipe, envs, dryrun=dryrun, local=local, name=name, runs_dir=runs_dir)
+        runner.launch_recipe(
+            Spec.SERVICE, recipe, envs, dryrun=dryrun, local=local, name=name, runs_dir=runs_dir
+        )
 
 
 @app.command(name="eval")
 @_launch_options
-def eval_(recipe: str, envs: tuple[str, ...], dryrun: bool, local: bool, name: str | None, runs_dir: Path) -> None:
+def eval_(
+    recipe: str, envs: tuple[str, ...], dryrun: bool, local: bool, name: str | None, runs_dir: Path
+) -> None:
     """Evaluate: sky/eval.yaml answers the benchmark and has an LLM judge the answers."""
     from vicuna_sky.launch import runner
     from vicuna_sky.launch.tasks import Spec
 
-    runner.launch_recipe(Spec.EVAL, recipe, envs, dryrun=dryrun, local=local, name=name, runs_dir=runs_dir)
+    runner.launch_recipe(
+        Spec.EVAL, recipe, envs, dryrun=dryrun, local=local, name=name, runs_dir=runs_dir
+    )
 
 
 @app.command()
@@ -100,8 +134,16 @@ def check(recipe: str) -> None:
 
 
 @app.command()
-@click.option("--local", is_flag=True, help="Local runs instead of SkyPilot's jobs, clusters and services.")
-@click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True, help=RUNS_HELP)
+@click.option(
+    "--local", is_flag=True, help="Local runs instead of SkyPilot's jobs, clusters and services."
+)
+@click.option(
+    "--runs-dir",
+    type=click.Path(path_type=Path),
+    default=Path("runs"),
+    show_default=True,
+    help=RUNS_HELP,
+)
 def status(local: bool, runs_dir: Path) -> None:
     """Status of jobs, clusters and services (SkyPilot's status vocabulary)."""
     from vicuna_sky.launch import runner
@@ -111,9 +153,17 @@ def status(local: bool, runs_dir: Path) -> None:
 
 @app.command()
 @click.argument("name")
-@click.option("--kind", type=click.Choice(["job", "cluster", "service"]), default="job", show_default=True)
+@click.option(
+    "--kind", type=click.Choice(["job", "cluster", "service"]), default="job", show_default=True
+)
 @click.option("--local", is_flag=True, help="A local run (its latest attempt's logs).")
-@click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True, help=RUNS_HELP)
+@click.option(
+    "--runs-dir",
+    type=click.Path(path_type=Path),
+    default=Path("runs"),
+    show_default=True,
+    help=RUNS_HELP,
+)
 def logs(name: str, kind: str, local: bool, runs_dir: Path) -> None:
     """Show the logs of a job, cluster or service."""
     from vicuna_sky.launch import runner
@@ -123,7 +173,9 @@ def logs(name: str, kind: str, local: bool, runs_dir: Path) -> None:
 
 @app.command()
 @click.argument("name")
-@click.option("--kind", type=click.Choice(["job", "cluster", "service"]), default="job", show_default=True)
+@click.option(
+    "--kind", type=click.Choice(["job", "cluster", "service"]), default="job", show_default=True
+)
 def down(name: str, kind: str) -> None:
     """Cancel a managed job, tear down a cluster, or take a service down."""
     from vicuna_sky.launch import cloud
@@ -132,7 +184,13 @@ def down(name: str, kind: str) -> None:
 
 
 @app.command()
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True, help="Where the demo writes its model, data, bucket and logs.")
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=Path("runs/demo"),
+    show_default=True,
+    help="Where the demo writes its model, data, bucket and logs.",
+)
 def demo(workdir: Path) -> None:
     """Run the pipeline on the tiny CPU recipe, locally, and summarise what ran."""
     from vicuna_sky import demo as demo_lib

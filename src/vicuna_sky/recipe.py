@@ -313,9 +313,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
     for name, f in fields.items():
         key = f"{prefix}{name}"
         if name not in raw:
-            required = (
-                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            )
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
             if required:
                 raise RecipeError(f"{source}: missing required key '{key}'")
             continue

@@ -36,9 +36,11 @@ def launch_fleet(controller: sky.Task, worker: sky.Task, name: str, workers: int
 
     launch(Spec.CONTROLLER, controller, f"{name}-controller")
     endpoints = sky.get(sky.endpoints(f"{name}-controller", port=CONTROLLER_PORT))
-    url = endpoints[CONTROLLER_PORT] if CONTROLLER_PORT in endpoints else endpoints[
-        str(CONTROLLER_PORT)
-    ]
+    url = (
+        endpoints[CONTROLLER_PORT]
+        if CONTROLLER_PORT in endpoints
+        else endpoints[str(CONTROLLER_PORT)]
+    )
     url = url if url.startswith("http") else f"http://{url}"
     worker.update_envs({"CONTROLLER_URL": url})
     for i in range(workers):
@@ -54,16 +56,28 @@ def status() -> list[dict[str, str]]:
     for job in sky.get(sky.jobs.queue(refresh=False)):
         record = job if isinstance(job, dict) else job.model_dump()
         rows.append(
-            {"kind": "job", "name": str(record.get("job_name")), "status": _name(record.get("status"))}
+            {
+                "kind": "job",
+                "name": str(record.get("job_name")),
+                "status": _name(record.get("status")),
+            }
         )
     for cluster in sky.get(sky.status()):
         record = cluster if isinstance(cluster, dict) else cluster.model_dump()
         rows.append(
-            {"kind": "cluster", "name": str(record.get("name")), "status": _name(record.get("status"))}
+            {
+                "kind": "cluster",
+                "name": str(record.get("name")),
+                "status": _name(record.get("status")),
+            }
         )
     for service in sky.get(sky.serve.status(None)):
         rows.append(
-            {"kind": "service", "name": str(service.get("name")), "status": _name(service.get("status"))}
+            {
+                "kind": "service",
+                "name": str(service.get("name")),
+                "status": _name(service.get("status")),
+            }
         )
     return rows
 

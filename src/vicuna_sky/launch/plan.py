@@ -159,7 +159,6 @@ def optimizer_choice(recipe: Recipe, hours: float) -> tuple[str, str]:
     """Ask SkyPilot's optimizer (in-process, no API server) what it would launch."""
     import sky
     from sky import optimizer, sky_logging
-
     from vicuna_sky.launch.tasks import Spec, resources_config
 
     r = recipe.resources
@@ -214,7 +213,9 @@ def render(plan: CostPlan) -> list[object]:
         verdict = "OVER BUDGET" if plan.over_budget else "within budget"
         style = "bold red" if plan.over_budget else "green"
         lines.append(
-            Text(f"budget ${plan.budget_usd:,.0f}: cheapest ${plan.cost(best):,.0f} -> {verdict}",
-                 style=style)
+            Text(
+                f"budget ${plan.budget_usd:,.0f}: cheapest ${plan.cost(best):,.0f} -> {verdict}",
+                style=style,
+            )
         )
     return lines

@@ -82,7 +82,9 @@ def launch_fleet(
     recipe = load_recipe(recipe_arg)
     overrides = parse_env_overrides(envs)
     controller = load_task(Spec.CONTROLLER, recipe, overrides)
-    worker = load_task(Spec.WORKER, recipe, {"CONTROLLER_URL": "http://127.0.0.1:8000", **overrides})
+    worker = load_task(
+        Spec.WORKER, recipe, {"CONTROLLER_URL": "http://127.0.0.1:8000", **overrides}
+    )
     if dryrun:
         for spec, task in ((Spec.CONTROLLER, controller), (Spec.WORKER, worker)):
             console.rule(f"[bold]{spec.value}[/] with {recipe.source}")

@@ -114,9 +114,7 @@ def resources_config(spec: Spec, recipe: Recipe, base: dict[str, Any]) -> dict[s
     return res
 
 
-def load_task(
-    spec: Spec, recipe: Recipe, overrides: dict[str, str] | None = None
-) -> sky.Task:
+def load_task(spec: Spec, recipe: Recipe, overrides: dict[str, str] | None = None) -> sky.Task:
     """Load `spec`, apply the recipe (envs + resources) and `--env` overrides, validate."""
     import sky
 

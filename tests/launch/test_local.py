@@ -1,0 +1,198 @@
+"""The local backend runs real bash processes with SkyPilot's environment and recovery."""
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from vicuna_sky.launch.local import JobStatus, LocalConfig, LocalJob, LocalRunner, list_jobs
+
+SPEC = """
+name: probe
+workdir: {workdir}
+num_nodes: {nodes}
+resources:
+  cpus: 1+
+  job_recovery:
+    max_restarts_on_errors: {restarts}
+envs:
+  BUCKET_URL: s3://probe-bucket
+  BUCKET_DIR: /probe-bucket
+  MASTER_PORT: "29500"
+file_mounts:
+  $BUCKET_DIR:
+    source: $BUCKET_URL
+    mode: MOUNT
+setup: |
+  echo "setup $(pwd)" >> "$BUCKET_DIR/setups"
+run: |
+{run}
+"""
+
+RECORD = """
+  python - <<'PY'
+  import json, os
+  keys = ["SKYPILOT_NODE_RANK", "SKYPILOT_NODE_IPS", "SKYPILOT_NUM_NODES",
+          "SKYPILOT_NUM_GPUS_PER_NODE", "SKYPILOT_TASK_ID", "SKYPILOT_CLUSTER_INFO",
+          "BUCKET_DIR", "BUCKET_URL", "MASTER_PORT"]
+  record = {k: os.environ.get(k) for k in keys} | {"cwd": os.getcwd()}
+  record["had_scratch"] = os.path.exists("left-behind.txt")
+  with open(os.path.join(os.environ["BUCKET_DIR"], "records.jsonl"), "a") as f:
+      f.write(json.dumps(record) + "\\n")
+  PY
+  echo scratch > left-behind.txt
+"""
+
+
+def make_task(tmp_path: Path, run: str, nodes: int = 1, restarts: int = 0):
+    import sky
+
+    workdir = tmp_path / "project"
+    workdir.mkdir(exist_ok=True)
+    (workdir / "code.txt").write_text("our code\n")
+    text = SPEC.format(workdir=workdir, nodes=nodes, restarts=restarts, run=run)
+    return sky.Task.from_yaml_str(text)
+
+
+def config(tmp_path: Path, **kw) -> LocalConfig:
+    return LocalConfig(runs_dir=tmp_path / "runs", bucket_root=tmp_path / "buckets", **kw)
+
+
+def bucket(tmp_path: Path) -> Path:
+    return tmp_path / "buckets" / "s3" / "probe-bucket"
+
+
+def records(tmp_path: Path) -> list[dict]:
+    lines = (bucket(tmp_path) / "records.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_multi_node_run_sees_skypilot_environment(tmp_path):
+    task = make_task(tmp_path, RECORD, nodes=2)
+    job = LocalRunner(task, config(tmp_path)).run()
+    assert job.status == JobStatus.SUCCEEDED.value
+    recs = sorted(records(tmp_path), key=lambda r: r["SKYPILOT_NODE_RANK"])
+    assert [r["SKYPILOT_NODE_RANK"] for r in recs] == ["0", "1"]
+    for r in recs:
+        assert r["SKYPILOT_NODE_IPS"] == "127.0.0.1\n127.0.0.1"
+        assert r["SKYPILOT_NUM_NODES"] == "2"
+        assert r["SKYPILOT_NUM_GPUS_PER_NODE"] == "0"
+        assert r["SKYPILOT_TASK_ID"] == job.task_id
+        assert r["SKYPILOT_TASK_ID"].startswith("sky-managed-")
+        info = json.loads(r["SKYPILOT_CLUSTER_INFO"])
+        assert info["cluster_name"] == "local-probe" and info["zone"] == "local-zone-1"
+        # The bucket mount and the bucket URL both lead to the local stand-in directory.
+        assert r["BUCKET_DIR"] == str(bucket(tmp_path))
+        assert r["BUCKET_URL"] == f"file://{bucket(tmp_path)}"
+        assert r["MASTER_PORT"] != "29500"
+        assert Path(r["cwd"], "code.txt").read_text() == "our code\n"
+    # setup ran once for the attempt; logs are in the run directory
+    assert len((bucket(tmp_path) / "setups").read_text().splitlines()) == 1
+    node_dir = Path(job.run_dir) / "attempt-1"
+    assert {p.name for p in node_dir.glob("*.log")} == {
+        "setup.log",
+        "run-rank0.log",
+        "run-rank1.log",
+    }
+    assert LocalJob.load(Path(job.run_dir)).status == "SUCCEEDED"
+
+
+def test_killed_run_is_relaunched_fresh_with_same_task_id(tmp_path):
+    # The first attempt's rank 0 dies by SIGKILL, as a node does when its spot VM goes.
+    run = (
+        RECORD
+        + """
+  if [ "$SKYPILOT_NODE_RANK" = 0 ] && [ ! -e "$BUCKET_DIR/preempted-once" ]; then
+    touch "$BUCKET_DIR/preempted-once"; kill -9 $$
+  fi
+"""
+    )
+    task = make_task(tmp_path, run, nodes=2)
+    job = LocalRunner(task, config(tmp_path)).run()
+    assert job.status == JobStatus.SUCCEEDED.value
+    assert [a.status for a in job.attempts] == ["PREEMPTED", "SUCCEEDED"]
+    assert job.recoveries == 1
+    assert "SIGKILL" in job.attempts[0].reason
+    recs = records(tmp_path)
+    assert {r["SKYPILOT_TASK_ID"] for r in recs} == {job.task_id}
+    dirs = {r["cwd"] for r in recs}
+    assert len(dirs) == 2  # a fresh working directory for the second attempt
+    # Local disk did not survive the "preemption" (no scratch file at start); the bucket did.
+    assert not any(r["had_scratch"] for r in recs)
+    assert (Path(job.attempts[0].workdir) / "left-behind.txt").exists()
+    zones = {json.loads(r["SKYPILOT_CLUSTER_INFO"])["zone"] for r in recs}
+    assert zones == {"local-zone-1", "local-zone-2"}
+    assert len((bucket(tmp_path) / "setups").read_text().splitlines()) == 2
+
+
+def test_preempt_from_outside_takes_the_whole_node_down(tmp_path):
+    run = """
+  echo "start $SKYPILOT_NODE_RANK" >> "$BUCKET_DIR/starts"
+  if [ -e "$BUCKET_DIR/second" ]; then exit 0; fi
+  touch "$BUCKET_DIR/second"
+  sleep 60 &
+  wait
+"""
+    task = make_task(tmp_path, run)
+    runner = LocalRunner(task, config(tmp_path))
+
+    def preempt_when_started():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (bucket(tmp_path) / "second").exists():
+            time.sleep(0.05)
+        while not runner.preempt(grace_seconds=0.5):
+            time.sleep(0.05)
+
+    t = threading.Thread(target=preempt_when_started)
+    t.start()
+    started = time.monotonic()
+    job = runner.run()
+    t.join()
+    assert job.status == "SUCCEEDED"
+    assert [a.status for a in job.attempts] == ["PREEMPTED", "SUCCEEDED"]
+    assert time.monotonic() - started < 30  # the background `sleep 60` was killed too
+
+
+def test_errors_restart_up_to_max_restarts_on_errors(tmp_path):
+    run = '  echo try >> "$BUCKET_DIR/tries"; exit 3'
+    task = make_task(tmp_path, run, restarts=2)
+    events = []
+    job = LocalRunner(task, config(tmp_path), on_event=events.append).run()
+    assert job.status == JobStatus.FAILED.value
+    assert len(job.attempts) == 3 and job.restarts_on_errors == 2
+    assert job.attempts[-1].exit_codes == [3]
+    assert len((bucket(tmp_path) / "tries").read_text().splitlines()) == 3
+    assert any(e.startswith("RECOVERING") for e in events)
+    assert events[-1].startswith("FAILED")
+
+
+def test_failed_setup_is_final(tmp_path):
+    import sky
+
+    task = make_task(tmp_path, "  echo never")
+    task.setup = "exit 7"
+    job = LocalRunner(task, config(tmp_path)).run()
+    assert job.status == JobStatus.FAILED_SETUP.value
+    assert len(job.attempts) == 1
+    assert isinstance(task, sky.Task)
+
+
+def test_too_many_preemptions_fail_the_job(tmp_path):
+    task = make_task(tmp_path, "  kill -9 $$")
+    job = LocalRunner(task, config(tmp_path, max_recoveries=2)).run()
+    assert job.status == "FAILED" and job.recoveries == 3
+    assert [j.name for j in list_jobs(tmp_path / "runs")] == ["probe"]
+
+
+@pytest.mark.parametrize(
+    ("kw", "expected_url"),
+    [({"s3_endpoint_url": "http://127.0.0.1:9"}, "s3://probe-bucket")],
+)
+def test_bucket_url_kept_when_a_local_s3_endpoint_is_configured(tmp_path, kw, expected_url):
+    run = '  echo "$BUCKET_URL|$AWS_ENDPOINT_URL_S3" > "$BUCKET_DIR/url"'
+    job = LocalRunner(make_task(tmp_path, run), config(tmp_path, **kw)).run()
+    assert job.status == "SUCCEEDED"
+    url, endpoint = (bucket(tmp_path) / "url").read_text().strip().split("|")
+    assert (url, endpoint) == (expected_url, kw["s3_endpoint_url"])

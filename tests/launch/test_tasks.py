@@ -1,0 +1,124 @@
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vicuna_sky.launch import tasks
+from vicuna_sky.launch.tasks import Spec, SpecError, load_task, parse_env_overrides
+from vicuna_sky.recipe import Recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+WORKER_ENV = {"CONTROLLER_URL": "http://127.0.0.1:8000"}
+
+
+def recipe(name: str) -> Recipe:
+    return Recipe.from_yaml(ROOT / "recipes" / f"{name}.yaml")
+
+
+def test_every_spec_validates_with_skypilot_as_is():
+    import sky
+
+    for spec in Spec:
+        task = sky.Task.from_yaml(str(ROOT / "sky" / spec.value))
+        if task.service is not None:
+            sky.serve.validate_service_task(task, pool=False)
+    assert {p.name for p in (ROOT / "sky").glob("*.yaml")} == {s.value for s in Spec}
+
+
+@pytest.mark.parametrize("recipe_path", RECIPES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("spec", list(Spec), ids=lambda s: s.value)
+def test_every_spec_validates_for_every_recipe(recipe_path, spec):
+    r = Recipe.from_yaml(recipe_path)
+    task = load_task(spec, r, WORKER_ENV if spec is Spec.WORKER else None)
+    declared = yaml.safe_load((ROOT / "sky" / spec.value).read_text())["envs"]
+    for key, value in r.envs().items():
+        if key in declared:
+            assert task.envs[key] == value
+    if spec is Spec.CONTROLLER:
+        assert all(not res.use_spot and not res.accelerators for res in task.resources)
+
+
+def test_train_resources_come_from_the_recipe():
+    task = load_task(Spec.TRAIN, recipe("vicuna-13b"))
+    assert {str(r.cloud) for r in task.resources} == {"GCP", "AWS"}
+    for res in task.resources:
+        assert res.accelerators == {"A100-80GB": 8}
+        assert res.use_spot
+        assert res.job_recovery["strategy"] == "EAGER_NEXT_REGION"
+        assert res.job_recovery["max_restarts_on_errors"] == 3
+    assert task.workdir == str(ROOT)
+    assert list(task.storage_mounts) == ["/vicuna-bucket"]
+    assert task.storage_mounts["/vicuna-bucket"].source == "gs://vicuna-sky-bucket"
+
+
+def test_cpu_recipe_has_no_accelerator_and_regions_become_infra():
+    r = recipe("tiny-cpu")
+    task = load_task(Spec.TRAIN, r)
+    assert all(not res.accelerators for res in task.resources)
+    import dataclasses
+
+    pinned = dataclasses.replace(
+        r, resources=dataclasses.replace(r.resources, regions=["aws/us-east-1"])
+    )
+    (res,) = load_task(Spec.TRAIN, pinned).resources
+    assert (str(res.cloud), res.region) == ("AWS", "us-east-1")
+
+
+def test_env_overrides_apply_and_typos_are_caught():
+    task = load_task(Spec.TRAIN, recipe("vicuna-7b"), {"LR": "1e-5", "BUCKET_URL": "s3://mine"})
+    assert task.envs["LR"] == "1e-5"
+    # Env vars reach the bucket mount, exactly as `sky launch --env` does.
+    assert task.storage_mounts["/vicuna-bucket"].source == "s3://mine"
+    with pytest.raises(
+        SpecError, match=r"train.yaml declares no env 'LRR' \(did you mean 'LR'\?\)"
+    ):
+        load_task(Spec.TRAIN, recipe("vicuna-7b"), {"LRR": "1"})
+
+
+def test_parse_env_overrides():
+    assert parse_env_overrides(["A=1", "B=x=y", "C="]) == {"A": "1", "B": "x=y", "C": ""}
+    with pytest.raises(SpecError, match="--env expects KEY=VALUE, got 'nope'"):
+        parse_env_overrides(["nope"])
+
+
+@pytest.fixture
+def spec_dir(tmp_path, monkeypatch):
+    """A copy of sky/ that a test may break."""
+    copy = tmp_path / "sky"
+    shutil.copytree(ROOT / "sky", copy)
+    monkeypatch.setattr(tasks, "spec_path", lambda spec: copy / spec.value)
+    return copy
+
+
+def test_broken_spec_gives_one_line_error(spec_dir):
+    train = spec_dir / "train.yaml"
+    config = yaml.safe_load(train.read_text())
+    config["resources"]["use_spott"] = True
+    train.write_text(yaml.safe_dump(config))
+    with pytest.raises(SpecError) as e:
+        load_task(Spec.TRAIN, recipe("vicuna-7b"))
+    assert str(e.value).startswith("train.yaml: ")
+    assert "use_spott" in str(e.value)
+    assert "\n" not in str(e.value)
+    train.write_text("name: [\n")
+    with pytest.raises(SpecError, match="cannot read the spec"):
+        load_task(Spec.TRAIN, recipe("vicuna-7b"))
+
+
+def test_service_checks_are_skypilots(spec_dir):
+    service = spec_dir / "service.yaml"
+    config = yaml.safe_load(service.read_text())
+    # SkyServe replaces preempted replicas itself; job_recovery there is a mistake.
+    config["resources"]["job_recovery"] = {"strategy": "FAILOVER"}
+    service.write_text(yaml.safe_dump(config))
+    with pytest.raises(SpecError, match="job_recovery is disabled for SkyServe"):
+        load_task(Spec.SERVICE, recipe("vicuna-7b"))
+
+
+def test_service_readiness_probe_uses_the_served_model_name():
+    task = load_task(Spec.SERVICE, recipe("vicuna-13b"))
+    assert task.service.post_data["model"] == "vicuna-13b"
+    assert task.service.dynamic_ondemand_fallback
+    assert all(res.use_spot for res in task.resources)

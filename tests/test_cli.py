@@ -1,0 +1,91 @@
+"""The real `vicuna-sky` console script, as a user runs it."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ["train", "serve", "eval", "plan", "check", "status", "logs", "down", "demo"]
+
+
+def test_help_lists_every_command(cli):
+    out = cli("--help")
+    assert out.returncode == 0
+    for command in COMMANDS:
+        assert command in out.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_has_help(cli, command):
+    out = cli(command, "--help")
+    assert out.returncode == 0, out.stderr
+    assert "Usage: vicuna-sky " + command in out.stdout
+    assert len(out.stdout.splitlines()) >= 4
+
+
+def test_train_dryrun_prints_task_and_cost_table_offline(cli, clouds_enabled):
+    out = cli("train", str(ROOT / "recipes" / "vicuna-7b.yaml"), "--dryrun", "--env", "LR=1e-05")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "EAGER_NEXT_REGION" in text and "A100" in text
+    assert "LR: '1e-05'" in text or "LR: 1e-05" in text
+    assert "cheapest spot" in text and "cheapest on-demand" in text
+    assert "a2-highgpu-8g" in text and "p4d.24xlarge" in text
+    assert "assumed: 40% MFU" in text
+    assert "SkyPilot optimizer picks: GCP/us-central1" in text
+
+
+def test_plan_by_recipe_name(cli, clouds_enabled):
+    out = cli("plan", "vicuna-13b")
+    assert out.returncode == 0, out.stderr
+    assert "p4de.24xlarge" in out.stdout and "budget $600" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "no-such-recipe"], "no recipe 'no-such-recipe'"),
+        (["train", "vicuna-7b", "--env", "LRR=1", "--dryrun"], "did you mean 'LR'?"),
+        (["train", "vicuna-7b", "--env", "oops", "--dryrun"], "--env expects KEY=VALUE"),
+        (["plan", "tiny-cpu"], "the cost plan is for GPU recipes"),
+        (["logs", "nothing", "--local"], "no local job named 'nothing'"),
+    ],
+)
+def test_bad_input_is_one_line_and_non_zero(cli, args, message):
+    out = cli(*args)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_bad_recipe_file_names_the_key(cli, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "recipes" / "vicuna-7b.yaml").read_text().replace("  lr:", "  lrate:"))
+    out = cli("check", str(bad))
+    assert out.returncode == 2
+    assert "unknown key 'train.lrate' (did you mean 'train.lr'?)" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_check_validates_all_specs(cli):
+    out = cli("check", "vicuna-13b")
+    assert out.returncode == 0, out.stderr
+    for spec in ("train.yaml", "serve-controller.yaml", "serve-worker.yaml", "service.yaml"):
+        assert spec in out.stdout
+
+
+def test_local_run_status_and_logs(cli, tmp_path):
+    """`train --local` runs sky/train.yaml here; the run fails fast if the trainer is absent,
+    and status/logs report it either way."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text((ROOT / "recipes" / "tiny-cpu.yaml").read_text())
+    out = cli("train", str(recipe), "--local", "--env", "NUM_EPOCHS=1", "--name", "cli-probe")
+    job = json.loads(next((tmp_path / "runs").glob("cli-probe-*/job.json")).read_text())
+    assert job["status"] in ("SUCCEEDED", "FAILED")
+    assert out.returncode == (0 if job["status"] == "SUCCEEDED" else 2)
+    status = cli("status", "--local")
+    assert status.returncode == 0 and "cli-probe" in status.stdout
+    logs = cli("logs", "cli-probe", "--local")
+    assert logs.returncode == 0 and "run-rank0.log" in logs.stdout

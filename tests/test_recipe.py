@@ -1,0 +1,96 @@
+from pathlib import Path
+
+import pytest
+
+from vicuna_sky.recipe import Recipe, RecipeError
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+MINIMAL = "name: t\nmodel: {path: m}\ndata: {path: d.json}\nbucket: s3://b\n"
+
+
+def load(text: str) -> Recipe:
+    return Recipe.from_text(text, source="r.yaml")
+
+
+def test_bundled_recipes_load():
+    assert {p.stem for p in RECIPES} == {"vicuna-7b", "vicuna-13b", "tiny-cpu"}
+    for path in RECIPES:
+        recipe = Recipe.from_yaml(path)
+        assert recipe.source == str(path)
+        assert (
+            recipe.envs()["RUN_NAME"] == recipe.name == path.stem.replace("tiny-cpu", "vicuna-tiny")
+        )
+
+
+@pytest.mark.parametrize("name", ["vicuna-7b", "vicuna-13b"])
+def test_vicuna_recipes_carry_vicuna_hyper_parameters(name):
+    r = Recipe.from_yaml(ROOT / "recipes" / f"{name}.yaml")
+    t = r.train
+    assert (t.lr, t.epochs, t.global_batch_size, t.lr_scheduler) == (2e-5, 3, 128, "cosine")
+    assert 0.03 <= t.warmup_ratio <= 0.04
+    assert r.data.max_length == 2048
+    assert t.precision == "bf16" and t.gradient_checkpointing
+    assert r.resources.spot and r.resources.gpus_per_node == 8
+    # Gradient accumulation makes 128 sequences per step exactly.
+    assert t.micro_batch_size * r.world_size * r.grad_accum_steps == 128
+
+
+def test_envs_render_recipe_values():
+    r = Recipe.from_yaml(ROOT / "recipes" / "vicuna-7b.yaml")
+    envs = r.envs()
+    assert envs["LR"] == "2e-05" and envs["NUM_EPOCHS"] == "3"
+    assert envs["MODEL_PATH"] == "meta-llama/Llama-2-7b-hf"
+    assert envs["GRADIENT_CHECKPOINTING"] == "true"
+    assert envs["BUCKET_URL"] == "gs://vicuna-sky-bucket"
+    assert all(isinstance(v, str) for v in envs.values())
+
+
+def test_minimal_recipe_gets_defaults():
+    r = load(MINIMAL)
+    assert r.train.lr == 2e-5 and r.resources.accelerator == "A100-80GB"
+
+
+def test_exponent_without_dot_is_a_number():
+    # PyYAML reads `2e-5` as a string; a recipe author means the number.
+    assert load(MINIMAL + "train: {lr: 2e-5}\n").train.lr == 2e-5
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("train: {learning_rate: 1}\n", "unknown key 'train.learning_rate'"),
+        ("train: {lrr: 1.0}\n", "unknown key 'train.lrr' (did you mean 'train.lr'?)"),
+        ("bukcet_usd: 3\n", "unknown key 'bukcet_usd' (did you mean 'budget_usd'?)"),
+        ("train: {epochs: three}\n", "'train.epochs' must be a number, got 'three'"),
+        ("train: {global_batch_size: 12.5}\n", "'train.global_batch_size' must be an integer"),
+        ("resources: {spot: 'yes'}\n", "'resources.spot' must be true or false"),
+        ("resources: {clouds: [aws, 3]}\n", "'resources.clouds[1]' must be a string"),
+        ("train: 5\n", "'train' must be a mapping"),
+        ("train: {precision: bf61}\n", "(did you mean 'bf16'?)"),
+        ("train: {global_batch_size: 100}\n", "must be a multiple of micro_batch_size x devices"),
+        ("train: {warmup_ratio: 1.5}\n", "'train.warmup_ratio' must be in [0, 1)"),
+        ("resources: {regions: [us-east-1]}\n", "must be 'cloud/region'"),
+        ("resources: {clouds: [aws], regions: [gcp/us-central1]}\n", "not in resources.clouds"),
+    ],
+)
+def test_bad_recipes_name_the_key(extra, message):
+    with pytest.raises(RecipeError) as e:
+        load(MINIMAL + extra)
+    assert message in str(e.value)
+    assert str(e.value).startswith("r.yaml: ")
+    assert "\n" not in str(e.value)
+
+
+def test_missing_required_key_and_bad_bucket():
+    with pytest.raises(RecipeError, match=r"missing required key 'model\.path'"):
+        load("name: t\nmodel: {}\ndata: {path: d}\nbucket: s3://b\n")
+    with pytest.raises(RecipeError, match="'bucket' must be a URL"):
+        load("name: t\nmodel: {path: m}\ndata: {path: d}\nbucket: mybucket\n")
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load("name: [\n")
+    with pytest.raises(RecipeError, match="cannot read recipe"):
+        Recipe.from_yaml(tmp_path / "nope.yaml")
