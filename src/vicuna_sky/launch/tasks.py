@@ -23,8 +23,9 @@ from vicuna_sky.recipe import Recipe
 if TYPE_CHECKING:
     import sky
 
+# `sky/` and `recipes/` are data that live beside the package in the checkout: the cloud
+# path ships the checkout itself (`workdir: .`), so the launcher runs from one.
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
-BUNDLED = Path(__file__).resolve().parents[1] / "_bundled"
 
 
 class SpecError(VicunaSkyError):
@@ -42,11 +43,10 @@ class Spec(str, Enum):
 
 
 def data_dir(name: str) -> Path:
-    """`sky/` or `recipes/`: from the checkout, or from inside an installed wheel."""
-    for root in (PROJECT_ROOT, BUNDLED):
-        if (root / name).is_dir():
-            return root / name
-    raise VicunaSkyError(f"cannot find the '{name}/' directory of vicuna-sky")
+    """`sky/` or `recipes/` of the checkout this package is installed from."""
+    if (PROJECT_ROOT / name).is_dir():
+        return PROJECT_ROOT / name
+    raise VicunaSkyError(f"no '{name}/' in {PROJECT_ROOT}: install vicuna-sky from a checkout")
 
 
 def spec_path(spec: Spec) -> Path:
