@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -86,6 +87,8 @@ def _available(module: str) -> bool:
 
 
 def run(workdir: Path) -> None:
+    # Nothing in the demo leaves this machine, SkyPilot's usage reporting included.
+    os.environ.setdefault("SKYPILOT_DISABLE_USAGE_COLLECTION", "1")
     workdir = workdir.resolve()
     if workdir.exists() and any(workdir.iterdir()) and not (workdir / ".vicuna-demo").exists():
         raise VicunaSkyError(f"{workdir} is not empty and not a demo directory; pick another")

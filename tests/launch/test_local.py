@@ -38,11 +38,14 @@ RECORD = """
           "SKYPILOT_NUM_GPUS_PER_NODE", "SKYPILOT_TASK_ID", "SKYPILOT_CLUSTER_INFO",
           "BUCKET_DIR", "BUCKET_URL", "MASTER_PORT"]
   record = {k: os.environ.get(k) for k in keys} | {"cwd": os.getcwd()}
-  record["had_scratch"] = os.path.exists("left-behind.txt")
+  # Ranks of one attempt share its directory; a file from another attempt is a leak.
+  zone = json.loads(os.environ["SKYPILOT_CLUSTER_INFO"])["zone"]
+  record["leaked"] = os.path.exists("scratch") and open("scratch").read() != zone
   with open(os.path.join(os.environ["BUCKET_DIR"], "records.jsonl"), "a") as f:
       f.write(json.dumps(record) + "\\n")
+  with open("scratch", "w") as f:
+      f.write(zone)
   PY
-  echo scratch > left-behind.txt
 """
 
 
@@ -120,8 +123,8 @@ def test_killed_run_is_relaunched_fresh_with_same_task_id(tmp_path):
     dirs = {r["cwd"] for r in recs}
     assert len(dirs) == 2  # a fresh working directory for the second attempt
     # Local disk did not survive the "preemption" (no scratch file at start); the bucket did.
-    assert not any(r["had_scratch"] for r in recs)
-    assert (Path(job.attempts[0].workdir) / "left-behind.txt").exists()
+    assert not any(r["leaked"] for r in recs)
+    assert (Path(job.attempts[0].workdir) / "scratch").read_text() == "local-zone-1"
     zones = {json.loads(r["SKYPILOT_CLUSTER_INFO"])["zone"] for r in recs}
     assert zones == {"local-zone-1", "local-zone-2"}
     assert len((bucket(tmp_path) / "setups").read_text().splitlines()) == 2

@@ -202,7 +202,8 @@ class LocalRunner:
             workdir.mkdir(parents=True)
         attempt = Attempt(number=number, workdir=str(workdir), zone=f"local-zone-{number}")
         self.job.attempts.append(attempt)
-        self._set(JobStatus.STARTING if number == 1 else JobStatus.RECOVERING, "")
+        status = JobStatus.STARTING if number == 1 else JobStatus.RECOVERING
+        self._set(status, f"attempt {number} in {attempt.zone}, {workdir}")
         return attempt
 
     def _run_attempt(self, attempt: Attempt) -> str:
@@ -210,7 +211,11 @@ class LocalRunner:
         node_dir = Path(attempt.workdir).parent
         envs = self._task_envs(attempt)
         if self.task.setup:
-            env = {**envs, **self._node_envs(attempt, rank=0, prefix="SKYPILOT_SETUP_")}
+            env = {
+                **envs,
+                **self._node_envs(attempt, rank=0, prefix="SKYPILOT_"),
+                **self._node_envs(attempt, rank=0, prefix="SKYPILOT_SETUP_"),
+            }
             proc = self._spawn(self.task.setup, env, attempt, node_dir / "setup.log")
             rc = proc.wait()
             if self._preempting or rc < 0:
