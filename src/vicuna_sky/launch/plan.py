@@ -127,14 +127,17 @@ def catalog_candidates(recipe: Recipe, top: int) -> tuple[list[Candidate], list[
 
     r = recipe.resources
     allowed_regions = {infra.partition("/")[2] for infra in r.regions}
-    offers = catalog.list_accelerators(
-        gpus_only=True,
-        name_filter=f"^{r.accelerator}$",
-        clouds=r.clouds or None,
-        quantity_filter=r.gpus_per_node,
-        case_sensitive=False,
-        all_regions=True,
-    )
+    try:
+        offers = catalog.list_accelerators(
+            gpus_only=True,
+            name_filter=f"^{r.accelerator}$",
+            clouds=r.clouds or None,
+            quantity_filter=r.gpus_per_node,
+            case_sensitive=False,
+            all_regions=True,
+        )
+    except Exception as e:  # first use downloads the catalog; offline that fails
+        raise ValueError(f"cannot read SkyPilot's catalog: {one_line(e)}") from None
     spot: dict[tuple[str, str, str], Candidate] = {}
     on_demand: dict[tuple[str, str, str], Candidate] = {}
     for infos in offers.values():
