@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vicuna_sky.launch.local import JobStatus, LocalConfig, LocalJob, LocalRunner, list_jobs
+from vicuna_sky.launch.jobs import JobStatus, LocalJob, list_jobs
+from vicuna_sky.launch.local import LocalConfig, LocalRunner
 
 SPEC = """
 name: probe

@@ -25,12 +25,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from enum import Enum
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.launch.jobs import Attempt, JobStatus, LocalJob
 
 if TYPE_CHECKING:
     import sky
@@ -38,23 +37,6 @@ if TYPE_CHECKING:
 # Never copied into an attempt's workdir: environments, caches, VCS data.
 _WORKDIR_IGNORE = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "runs"}
 _BUCKET_SCHEMES = ("s3://", "gs://", "r2://", "cos://", "oci://")
-
-
-class JobStatus(str, Enum):
-    """SkyPilot's managed-job vocabulary, shared by the local and the cloud runner."""
-
-    PENDING = "PENDING"
-    STARTING = "STARTING"
-    RUNNING = "RUNNING"
-    RECOVERING = "RECOVERING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    FAILED_SETUP = "FAILED_SETUP"
-    CANCELLED = "CANCELLED"
-
-    @property
-    def done(self) -> bool:
-        return self in (self.SUCCEEDED, self.FAILED, self.FAILED_SETUP, self.CANCELLED)
 
 
 @dataclass
@@ -71,39 +53,6 @@ class LocalConfig:
     """Preemptions recovered before the job is given up (SkyPilot's is unbounded)."""
     gpus_per_node: int | None = None
     """GPUs a local node has; None = count them with nvidia-smi."""
-
-
-@dataclass
-class Attempt:
-    number: int
-    workdir: str
-    zone: str
-    status: str = JobStatus.STARTING.value
-    exit_codes: list[int] = field(default_factory=list)
-    reason: str = ""
-
-
-@dataclass
-class LocalJob:
-    name: str
-    task_id: str
-    run_dir: str
-    status: str = JobStatus.PENDING.value
-    attempts: list[Attempt] = field(default_factory=list)
-    recoveries: int = 0
-    restarts_on_errors: int = 0
-
-    def save(self) -> None:
-        path = Path(self.run_dir) / "job.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        tmp.replace(path)  # readers never see half a status file
-
-    @classmethod
-    def load(cls, run_dir: Path) -> LocalJob:
-        raw = json.loads((run_dir / "job.json").read_text())
-        raw["attempts"] = [Attempt(**a) for a in raw.get("attempts", [])]
-        return cls(**raw)
 
 
 class LocalRunner:
@@ -395,35 +344,6 @@ class LocalRunner:
 # ------------------------------------------------------------------- helpers
 
 
-def run_local(
-    task: sky.Task, config: LocalConfig, on_event: Callable[[str], None] | None = None
-) -> LocalJob:
-    return LocalRunner(task, config, on_event).run()
-
-
-def list_jobs(runs_dir: Path) -> list[LocalJob]:
-    jobs = []
-    for status in sorted(Path(runs_dir).glob("*/job.json")):
-        with contextlib.suppress(ValueError, TypeError, KeyError):
-            jobs.append(LocalJob.load(status.parent))
-    return jobs
-
-
-def find_job(runs_dir: Path, name: str) -> LocalJob:
-    """The newest local job whose run directory or task name matches `name`."""
-    jobs = [j for j in list_jobs(runs_dir) if name in (j.name, Path(j.run_dir).name)]
-    if not jobs:
-        raise VicunaSkyError(f"no local job named '{name}' under {runs_dir}")
-    return jobs[-1]
-
-
-def latest_logs(job: LocalJob) -> list[Path]:
-    if not job.attempts:
-        return []
-    node_dir = Path(job.attempts[-1].workdir).parent
-    return sorted(node_dir.glob("*.log"))
-
-
 def _signal_groups(procs: list[subprocess.Popen], sig: signal.Signals) -> None:
     for p in procs:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -451,15 +371,3 @@ def _count_local_gpus() -> int:
     except (OSError, subprocess.SubprocessError):
         return 0
     return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
-
-
-def describe(job: LocalJob) -> dict[str, Any]:
-    last = job.attempts[-1] if job.attempts else None
-    return {
-        "name": job.name,
-        "status": job.status,
-        "attempts": len(job.attempts),
-        "recoveries": job.recoveries,
-        "zone": last.zone if last else "-",
-        "run_dir": job.run_dir,
-    }

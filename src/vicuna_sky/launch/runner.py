@@ -9,6 +9,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.launch import jobs
 from vicuna_sky.launch import local as local_lib
 from vicuna_sky.launch.tasks import (
     Spec,
@@ -36,7 +37,7 @@ def launch_recipe(
     name: str | None,
     runs_dir: Path,
     local_config: local_lib.LocalConfig | None = None,
-) -> local_lib.LocalJob | None:
+) -> jobs.LocalJob | None:
     recipe = load_recipe(recipe_arg)
     task = load_task(spec, recipe, parse_env_overrides(envs))
     name = name or f"{recipe.name}-{spec.name.lower()}"
@@ -56,13 +57,13 @@ def launch_recipe(
     return None
 
 
-def run_locally(task: object, config: local_lib.LocalConfig) -> local_lib.LocalJob:
+def run_locally(task: object, config: local_lib.LocalConfig) -> jobs.LocalJob:
     runner = local_lib.LocalRunner(task, config, on_event=lambda m: console.print(f"  {m}"))
     console.print(f"[bold]{runner.job.name}[/] running locally in {runner.run_dir}")
     job = runner.run()
-    logs = ", ".join(p.name for p in local_lib.latest_logs(job))
+    logs = ", ".join(p.name for p in jobs.latest_logs(job))
     console.print(f"[bold]{job.status}[/] after {len(job.attempts)} attempt(s); logs: {logs}")
-    if job.status != local_lib.JobStatus.SUCCEEDED.value:
+    if job.status != jobs.JobStatus.SUCCEEDED.value:
         raise VicunaSkyError(
             f"local job {job.name} ended {job.status}: see {job.run_dir} "
             f"({job.attempts[-1].reason if job.attempts else 'no attempt'})"
@@ -124,7 +125,7 @@ def print_plan(recipe: Recipe, top: int = 5) -> None:
 
 def print_status(local: bool, runs_dir: Path) -> None:
     if local:
-        rows = [local_lib.describe(j) for j in local_lib.list_jobs(runs_dir)]
+        rows = [jobs.describe(j) for j in jobs.list_jobs(runs_dir)]
         title = f"local runs in {runs_dir}"
     else:
         from vicuna_sky.launch import cloud
@@ -146,7 +147,7 @@ def show_logs(name: str, kind: str, local: bool, runs_dir: Path) -> None:
 
         cloud.logs(name, kind)
         return
-    job = local_lib.find_job(runs_dir, name)
-    for log in local_lib.latest_logs(job):
+    job = jobs.find_job(runs_dir, name)
+    for log in jobs.latest_logs(job):
         console.rule(str(log))
         console.print(log.read_text(errors="replace"), markup=False, highlight=False)

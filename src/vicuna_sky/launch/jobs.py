@@ -1,0 +1,97 @@
+"""Job records shared by the runners: SkyPilot's status vocabulary, attempts, run directories."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from vicuna_sky.errors import VicunaSkyError
+
+
+class JobStatus(str, Enum):
+    """SkyPilot's managed-job vocabulary, shared by the local and the cloud runner."""
+
+    PENDING = "PENDING"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    RECOVERING = "RECOVERING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    FAILED_SETUP = "FAILED_SETUP"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def done(self) -> bool:
+        return self in (self.SUCCEEDED, self.FAILED, self.FAILED_SETUP, self.CANCELLED)
+
+
+@dataclass
+class Attempt:
+    number: int
+    workdir: str
+    zone: str
+    status: str = JobStatus.STARTING.value
+    exit_codes: list[int] = field(default_factory=list)
+    reason: str = ""
+
+
+@dataclass
+class LocalJob:
+    name: str
+    task_id: str
+    run_dir: str
+    status: str = JobStatus.PENDING.value
+    attempts: list[Attempt] = field(default_factory=list)
+    recoveries: int = 0
+    restarts_on_errors: int = 0
+
+    def save(self) -> None:
+        path = Path(self.run_dir) / "job.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(path)  # readers never see half a status file
+
+    @classmethod
+    def load(cls, run_dir: Path) -> LocalJob:
+        raw = json.loads((run_dir / "job.json").read_text())
+        raw["attempts"] = [Attempt(**a) for a in raw.get("attempts", [])]
+        return cls(**raw)
+
+
+def list_jobs(runs_dir: Path) -> list[LocalJob]:
+    jobs = []
+    for status in sorted(Path(runs_dir).glob("*/job.json")):
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            jobs.append(LocalJob.load(status.parent))
+    return jobs
+
+
+def find_job(runs_dir: Path, name: str) -> LocalJob:
+    """The newest local job whose run directory or task name matches `name`."""
+    jobs = [j for j in list_jobs(runs_dir) if name in (j.name, Path(j.run_dir).name)]
+    if not jobs:
+        raise VicunaSkyError(f"no local job named '{name}' under {runs_dir}")
+    return jobs[-1]
+
+
+def latest_logs(job: LocalJob) -> list[Path]:
+    if not job.attempts:
+        return []
+    node_dir = Path(job.attempts[-1].workdir).parent
+    return sorted(node_dir.glob("*.log"))
+
+
+def describe(job: LocalJob) -> dict[str, Any]:
+    last = job.attempts[-1] if job.attempts else None
+    return {
+        "name": job.name,
+        "status": job.status,
+        "attempts": len(job.attempts),
+        "recoveries": job.recoveries,
+        "zone": last.zone if last else "-",
+        "run_dir": job.run_dir,
+    }
