@@ -173,14 +173,12 @@ def test_errors_restart_up_to_max_restarts_on_errors(tmp_path):
 
 
 def test_failed_setup_is_final(tmp_path):
-    import sky
-
     task = make_task(tmp_path, "  echo never")
     task.setup = "exit 7"
     job = LocalRunner(task, config(tmp_path)).run()
     assert job.status == JobStatus.FAILED_SETUP.value
     assert len(job.attempts) == 1
-    assert isinstance(task, sky.Task)
+    assert job.attempts[0].reason == "setup exit 7"
 
 
 def test_too_many_preemptions_fail_the_job(tmp_path):
