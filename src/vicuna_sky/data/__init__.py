@@ -1,0 +1,1 @@
+"""The data pipeline: clean ShareGPT, split to the context, render templates, label tokens."""

@@ -1,0 +1,128 @@
+"""File-level data commands: read a ShareGPT file, run a stage, write atomically, summarise.
+
+Used by `vicuna-sky data ...` and the demo. Malformed samples are listed (first few) on stderr
+and counted; the good samples always reach the output.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from vicuna_sky.data import clean as clean_lib
+from vicuna_sky.data import sharegpt
+from vicuna_sky.data import split as split_lib
+from vicuna_sky.data.conversation import get_template
+from vicuna_sky.data.sharegpt import Problem
+from vicuna_sky.data.tokenize import Tokenized, tokenize_sample
+from vicuna_sky.errors import VicunaSkyError
+
+console = Console()
+err_console = Console(stderr=True)
+SHOWN_PROBLEMS = 10
+
+
+def _read(path: Path) -> tuple[list[dict], list[Problem]]:
+    samples, problems = sharegpt.load(path)
+    if problems and not samples:
+        raise VicunaSkyError(
+            f"{path}: none of its {len(problems)} samples is well-formed (first: {problems[0]})"
+        )
+    return samples, problems
+
+
+def _report_problems(problems: list[Problem], quiet: bool) -> None:
+    if quiet:
+        return
+    for problem in problems[:SHOWN_PROBLEMS]:
+        err_console.print(f"[yellow]skipped[/] {problem}", highlight=False, soft_wrap=True)
+    if len(problems) > SHOWN_PROBLEMS:
+        err_console.print(f"[yellow]... and {len(problems) - SHOWN_PROBLEMS} more skipped[/]")
+
+
+def _summary(title: str, total: int, counts: Counter, order: tuple[str, ...], out: int) -> None:
+    console.print(title, highlight=False, soft_wrap=True)
+    table = Table()
+    table.add_column("rule")
+    table.add_column("samples", justify="right")
+    table.add_row("input", str(total))
+    for rule in order:
+        if counts.get(rule):
+            table.add_row(rule, str(counts[rule]))
+    table.add_row("[bold]output[/]", f"[bold]{out}[/]")
+    console.print(table)
+
+
+def clean_file(
+    src: Path, dst: Path, config: clean_lib.CleanConfig, quiet: bool = False
+) -> clean_lib.CleanReport:
+    samples, problems = _read(src)
+    report = clean_lib.clean(samples, config, show_progress=not quiet)
+    report.counts["malformed"] += len(problems)
+    report.problems = problems + report.problems
+    sharegpt.write(report.samples, dst)
+    _report_problems(report.problems, quiet)
+    if not quiet:
+        total = len(samples) + len(problems)
+        console.print(
+            _summary(
+                f"cleaned {src} -> {dst}",
+                total,
+                report.counts,
+                clean_lib.RULES,
+                len(report.samples),
+            )
+        )
+    return report
+
+
+def split_file(
+    src: Path, dst: Path, config: split_lib.SplitConfig, quiet: bool = False
+) -> split_lib.SplitReport:
+    samples, problems = _read(src)
+    report = split_lib.split(samples, config, show_progress=not quiet)
+    report.counts["malformed"] += len(problems)
+    report.problems = problems + report.problems
+    sharegpt.write(report.samples, dst)
+    _report_problems(report.problems, quiet)
+    if not quiet:
+        order = (
+            "malformed",
+            "conversations_split",
+            "rounds_truncated",
+            "rounds_dropped",
+            "ids_renamed",
+        )
+        title = f"split {src} -> {dst} (max {config.max_length} tokens, {config.template})"
+        _summary(title, len(samples) + len(problems), report.counts, order, len(report.samples))
+    return report
+
+
+@dataclass
+class Stats:
+    samples: int
+    tokens: int
+    trainable_tokens: int
+    longest: int
+    over_max_length: int
+
+
+def stats_file(src: Path, tokenizer: str, template: str, max_length: int) -> Stats:
+    """Tokens per epoch as the trainer sees them: what a recipe's `data.tokens` should say."""
+    samples, problems = _read(src)
+    _report_problems(problems, quiet=False)
+    tok = split_lib.load_tokenizer(tokenizer)
+    tpl = get_template(template, tok)
+    stats = Stats(len(samples), 0, 0, 0, 0)
+    for sample in samples:
+        t = tokenize_sample(sample, tpl, tok)
+        n = len(t.input_ids)
+        stats.tokens += min(n, max_length)
+        stats.trainable_tokens += Tokenized(t.input_ids, t.labels[:max_length]).trainable
+        stats.longest = max(stats.longest, n)
+        stats.over_max_length += n > max_length
+    return stats
