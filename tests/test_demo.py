@@ -9,7 +9,12 @@ def test_demo_completes_and_summarises(cli, tmp_path):
     assert "demo summary" in out.stdout
     assert (workdir / "tiny-llama" / "model.safetensors").is_file()
     data = workdir / "buckets" / "s3" / "vicuna-sky-tiny" / "data" / "demo_sharegpt.json"
-    assert len(json.loads(data.read_text())) >= 10
+    segments = json.loads(data.read_text())
+    assert len(segments) >= 10
+    # The bucket holds cleaned, split data: markdown with fenced code, no ChatGPT UI residue.
+    text = json.dumps(segments)
+    assert "```python" in text and "Copy code" not in text and "<div" not in text
+    assert "trained on" in out.stdout
     # Running it again reuses its own directory; a foreign non-empty one is refused.
     assert cli("demo", "--workdir", str(workdir)).returncode == 0
     foreign = tmp_path / "mine"

@@ -52,12 +52,39 @@ def stage_assets(ctx: Context) -> str:
     from vicuna_sky.tiny import build_tiny_llama, demo_conversations
 
     model_dir = build_tiny_llama(ctx.workdir / "tiny-llama")
-    data = ctx.bucket_dir / ctx.recipe.data.path
-    data.parent.mkdir(parents=True, exist_ok=True)
-    data.write_text(json.dumps(demo_conversations(), indent=1, ensure_ascii=False))
+    raw = ctx.workdir / "raw" / "sharegpt_html.json"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps(demo_conversations(), indent=1, ensure_ascii=False))
     ctx.outputs["model"] = str(model_dir)
-    ctx.outputs["data"] = str(data)
-    return f"tiny Llama + tokenizer in {model_dir}; sample data uploaded to the bucket"
+    ctx.outputs["raw data"] = str(raw)
+    return f"tiny Llama + tokenizer in {model_dir}; ShareGPT HTML sample in {raw}"
+
+
+def stage_data(ctx: Context) -> str:
+    """Clean the HTML sample, split it to the recipe's context, upload it where training reads."""
+    from vicuna_sky.data.clean import CleanConfig
+    from vicuna_sky.data.pipeline import clean_file, split_file, stats_file
+    from vicuna_sky.data.split import SplitConfig
+
+    raw = Path(ctx.outputs["raw data"])
+    cleaned = raw.with_name("sharegpt_clean.json")
+    kept = clean_file(raw, cleaned, CleanConfig(workers=1), quiet=True)
+    target = ctx.bucket_dir / ctx.recipe.data.path
+    tokenizer, template = ctx.outputs["model"], ctx.recipe.model.template
+    config = SplitConfig(tokenizer, ctx.recipe.data.max_length, template, workers=1)
+    split = split_file(cleaned, target, config, quiet=True)
+    stats = stats_file(target, tokenizer, template, ctx.recipe.data.max_length)
+    ctx.outputs["data"] = str(target)
+    removed = ", ".join(f"{n} {rule}" for rule, n in kept.counts.items() if rule != "kept" and n)
+    return (
+        f"{len(kept.samples)} of {len(raw_samples(raw))} conversations kept ({removed}); "
+        f"{len(split.samples)} segments of <= {ctx.recipe.data.max_length} tokens; "
+        f"{stats.tokens} tokens, {stats.trainable_tokens} trained on; uploaded to the bucket"
+    )
+
+
+def raw_samples(path: Path) -> list:
+    return json.loads(path.read_text())
 
 
 def stage_specs(ctx: Context) -> str:
@@ -72,7 +99,7 @@ def stage_specs(ctx: Context) -> str:
 STAGES = [
     Stage("prepare", stage_assets),
     Stage("validate specs", stage_specs),
-    Stage("clean data", lambda ctx: "", needs="vicuna_sky.data.clean"),
+    Stage("clean + split data", stage_data),
     Stage("train (with a preemption)", lambda ctx: "", needs="vicuna_sky.train"),
     Stage("serve", lambda ctx: "", needs="vicuna_sky.serve.controller"),
     Stage("evaluate", lambda ctx: "", needs="vicuna_sky.eval.judge"),

@@ -73,6 +73,12 @@ def test_filters(sample, rule):
     assert rule_of(sample) == rule
 
 
+def test_pathological_html_is_dropped_and_counted_not_raised():
+    # libxml2 gives up past its nesting limit and keeps no text: the answer counts as empty.
+    nested = "<div>" * 5000 + "deep</p>" + "</div>" * 5000
+    assert clean_sample(qa("a", a=nested), CleanConfig())[:2] == (None, "empty_answer")
+
+
 def test_blocked_words_are_configurable():
     assert rule_of(qa("a", q="What about OpenAI?"), blocked_words=()) == "kept"
     assert rule_of(qa("a", a="Use sorted, or numpy."), blocked_words=("numpy",)) == (

@@ -39,12 +39,14 @@ def test_code_blocks_keep_language_and_text():
 def test_lists_tables_headings_and_emphasis():
     html = PROSE.format(
         "<h2>Plan</h2><ol><li><strong>Read</strong> the docs</li><li>Write <em>tests</em></li>"
-        "</ol><ul><li>snake_case stays</li><li>2 * 3 = 6</li></ul>"
+        '</ol><ul><li>snake_case stays<ul><li>nested <a href="https://x.org">link</a></li></ul></li>'
+        "<li>2 * 3 = 6</li></ul><blockquote><p>quoted</p></blockquote><hr>"
         "<table><thead><tr><th>Cloud</th><th>Spot $/h</th></tr></thead><tbody>"
         "<tr><td>aws</td><td>9.8</td></tr><tr><td>gcp</td><td>8.1</td></tr></tbody></table>"
     )
     assert html_to_markdown(html) == (
-        "## Plan\n\n1. **Read** the docs\n2. Write *tests*\n\n- snake_case stays\n- 2 * 3 = 6\n\n"
+        "## Plan\n\n1. **Read** the docs\n2. Write *tests*\n\n* snake_case stays\n  * nested [link](https://x.org)\n"
+        "* 2 * 3 = 6\n\n> quoted\n\n---\n\n"
         "| Cloud | Spot $/h |\n| --- | --- |\n| aws | 9.8 |\n| gcp | 8.1 |"
     )
 

@@ -13,6 +13,8 @@ import functools
 from collections import Counter
 from dataclasses import dataclass, field
 
+from lxml import etree
+
 from vicuna_sky.data import language
 from vicuna_sky.data.markdown import html_to_markdown
 from vicuna_sky.data.parallel import parallel_map
@@ -81,7 +83,7 @@ def clean_sample(sample: dict, config: CleanConfig) -> tuple[dict | None, str, s
     for i, turn in enumerate(system + turns):
         try:
             text = html_to_markdown(turn["value"])
-        except (AssertionError, RecursionError, ValueError) as e:
+        except (RecursionError, ValueError, etree.LxmlError) as e:
             return None, "parser_error", f"conversations[{i}]: {type(e).__name__}"
         lowered = text.lower()
         if any(w in lowered for w in config.blocked_words):
