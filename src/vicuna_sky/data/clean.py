@@ -10,15 +10,14 @@ it; malformed samples are reported by id and field and skipped.
 from __future__ import annotations
 
 import functools
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lxml import etree
 
 from vicuna_sky.data import language
 from vicuna_sky.data.markdown import html_to_markdown
 from vicuna_sky.data.parallel import parallel_map
-from vicuna_sky.data.sharegpt import GPT, HUMAN, SYSTEM, Problem
+from vicuna_sky.data.sharegpt import GPT, HUMAN, SYSTEM, Problem, Report
 
 KEPT = "kept"
 RULES = (
@@ -51,14 +50,6 @@ class CleanConfig:
     """Keep only conversations in this ISO 639-1 language (e.g. "en"); None keeps all."""
     workers: int = 0
     """Worker processes; 0 = one per available core."""
-
-
-@dataclass
-class CleanReport:
-    samples: list[dict]
-    counts: Counter = field(default_factory=Counter)
-    problems: list[Problem] = field(default_factory=list)
-    """Malformed input and samples that could not be parsed, by id and field."""
 
 
 def _is_blocked_response(text: str, responses: tuple[str, ...]) -> bool:
@@ -104,7 +95,7 @@ def clean_sample(sample: dict, config: CleanConfig) -> tuple[dict | None, str, s
     return {**sample, "conversations": cleaned[: len(system)] + body}, KEPT, ""
 
 
-def clean(samples: list[dict], config: CleanConfig, show_progress: bool = True) -> CleanReport:
+def clean(samples: list[dict], config: CleanConfig, show_progress: bool = True) -> Report:
     """Clean well-formed samples (see `sharegpt.load`); order is kept."""
     if config.lang:
         language.check_code(config.lang)
@@ -115,7 +106,7 @@ def clean(samples: list[dict], config: CleanConfig, show_progress: bool = True) 
         description="cleaning",
         show_progress=show_progress,
     )
-    report = CleanReport(samples=[])
+    report = Report(samples=[])
     seen_ids: set[str] = set()
     seen_pairs: set[tuple[str, str]] = set()
     for original, (sample, rule, detail) in zip(samples, results, strict=True):

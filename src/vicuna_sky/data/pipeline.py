@@ -7,6 +7,7 @@ and counted; the good samples always reach the output.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from vicuna_sky.data import clean as clean_lib
 from vicuna_sky.data import sharegpt
 from vicuna_sky.data import split as split_lib
 from vicuna_sky.data.conversation import get_template
-from vicuna_sky.data.sharegpt import Problem
+from vicuna_sky.data.sharegpt import Problem, Report
 from vicuna_sky.data.tokenize import Tokenized, tokenize_sample
 from vicuna_sky.errors import VicunaSkyError
 
@@ -57,49 +58,47 @@ def _summary(title: str, total: int, counts: Counter, order: tuple[str, ...], ou
     console.print(table)
 
 
-def clean_file(
-    src: Path, dst: Path, config: clean_lib.CleanConfig, quiet: bool = False
-) -> clean_lib.CleanReport:
+def _run(
+    src: Path,
+    dst: Path,
+    stage: Callable[[list[dict]], Report],
+    title: str,
+    rules: tuple[str, ...],
+    quiet: bool,
+) -> Report:
     samples, problems = _read(src)
-    report = clean_lib.clean(samples, config, show_progress=not quiet)
+    report = stage(samples)
     report.counts["malformed"] += len(problems)
     report.problems = problems + report.problems
     sharegpt.write(report.samples, dst)
     _report_problems(report.problems, quiet)
     if not quiet:
         total = len(samples) + len(problems)
-        console.print(
-            _summary(
-                f"cleaned {src} -> {dst}",
-                total,
-                report.counts,
-                clean_lib.RULES,
-                len(report.samples),
-            )
-        )
+        order = tuple(dict.fromkeys(("malformed", *rules)))
+        _summary(title, total, report.counts, order, len(report.samples))
     return report
 
 
-def split_file(
-    src: Path, dst: Path, config: split_lib.SplitConfig, quiet: bool = False
-) -> split_lib.SplitReport:
-    samples, problems = _read(src)
-    report = split_lib.split(samples, config, show_progress=not quiet)
-    report.counts["malformed"] += len(problems)
-    report.problems = problems + report.problems
-    sharegpt.write(report.samples, dst)
-    _report_problems(report.problems, quiet)
-    if not quiet:
-        order = (
-            "malformed",
-            "conversations_split",
-            "rounds_truncated",
-            "rounds_dropped",
-            "ids_renamed",
-        )
-        title = f"split {src} -> {dst} (max {config.max_length} tokens, {config.template})"
-        _summary(title, len(samples) + len(problems), report.counts, order, len(report.samples))
-    return report
+def clean_file(src: Path, dst: Path, config: clean_lib.CleanConfig, quiet: bool = False) -> Report:
+    return _run(
+        src,
+        dst,
+        lambda samples: clean_lib.clean(samples, config, show_progress=not quiet),
+        f"cleaned {src} -> {dst}",
+        clean_lib.RULES,
+        quiet,
+    )
+
+
+def split_file(src: Path, dst: Path, config: split_lib.SplitConfig, quiet: bool = False) -> Report:
+    return _run(
+        src,
+        dst,
+        lambda samples: split_lib.split(samples, config, show_progress=not quiet),
+        f"split {src} -> {dst} (max {config.max_length} tokens, {config.template})",
+        ("conversations_split", "rounds_truncated", "rounds_dropped", "ids_renamed"),
+        quiet,
+    )
 
 
 @dataclass

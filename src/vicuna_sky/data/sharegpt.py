@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,16 @@ class Problem:
 
     def __str__(self) -> str:
         return f"sample {self.sample}: {self.field}: {self.message}"
+
+
+@dataclass
+class Report:
+    """What a data stage produced: samples out, a count per rule, and what it skipped."""
+
+    samples: list[dict]
+    counts: Counter = field(default_factory=Counter)
+    problems: list[Problem] = field(default_factory=list)
+    """Malformed input and samples the stage could not process, by id and field."""
 
 
 def _label(raw: Any, index: int) -> str:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from vicuna_sky.data.conversation import Template, from_sharegpt, get_template
 from vicuna_sky.data.parallel import parallel_map
-from vicuna_sky.data.sharegpt import GPT, HUMAN, SYSTEM, Problem
+from vicuna_sky.data.sharegpt import GPT, HUMAN, SYSTEM, Problem, Report
 from vicuna_sky.data.tokenize import count_tokens
 from vicuna_sky.errors import VicunaSkyError
 
@@ -41,13 +41,6 @@ class SplitConfig:
     overlong: str = "truncate"
     """What happens to one round longer than max_length: truncate or drop."""
     workers: int = 0
-
-
-@dataclass
-class SplitReport:
-    samples: list[dict]
-    counts: Counter = field(default_factory=Counter)
-    problems: list[Problem] = field(default_factory=list)
 
 
 def _segment(sample: dict, turns: list[dict], first_turn: int, whole: bool) -> dict:
@@ -184,7 +177,7 @@ def unique_ids(samples: list[dict]) -> int:
     return renamed
 
 
-def split(samples: list[dict], config: SplitConfig, show_progress: bool = True) -> SplitReport:
+def split(samples: list[dict], config: SplitConfig, show_progress: bool = True) -> Report:
     if config.overlong not in OVERLONG:
         raise VicunaSkyError(f"--overlong must be one of {', '.join(OVERLONG)}")
     if config.max_length < 8:
@@ -199,7 +192,7 @@ def split(samples: list[dict], config: SplitConfig, show_progress: bool = True) 
         initargs=(config,),
         show_progress=show_progress,
     )
-    report = SplitReport(samples=[])
+    report = Report(samples=[])
     for sample, (segments, counts, error) in zip(samples, results, strict=True):
         if error:
             report.problems.append(Problem(repr(sample["id"]), "conversations", error))
