@@ -1,0 +1,169 @@
+"""`python -m checkpoints_sync`: push, pull, ls, gc, watch."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from checkpoints_sync.checkpoints import Checkpoints, parse_step
+from checkpoints_sync.manifest import InvalidManifest, local_files
+from checkpoints_sync.store import StoreError, open_store
+from checkpoints_sync.uploader import AsyncUploader
+
+log = logging.getLogger("checkpoints_sync")
+
+
+def _checkpoints(url: str, workers: int) -> Checkpoints:
+    return Checkpoints(open_store(url, max_concurrency=workers), max_workers=workers)
+
+
+def _step_of(directory: Path, step: int | None) -> int:
+    if step is not None:
+        return step
+    parsed = parse_step(directory.name)
+    if parsed is None:
+        raise StoreError(f"{directory.name} is not named step-N; pass --step")
+    return parsed
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    if not directory.is_dir():
+        raise StoreError(f"{directory} is not a directory")
+    step = _step_of(directory, args.step)
+    manifest = _checkpoints(args.url, args.workers).commit(directory, step)
+    print(f"committed step-{step}: {len(manifest.files)} files, {manifest.total_bytes} bytes")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    cps = _checkpoints(args.url, args.workers)
+    if args.step == "latest":
+        step = cps.restore_latest(Path(args.dir))
+        if step is None:
+            raise StoreError(f"no committed checkpoint under {args.url}")
+    else:
+        step = int(args.step)
+        cps.download(step, Path(args.dir))
+    print(f"step-{step} -> {args.dir}")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    for step in _checkpoints(args.url, args.workers).committed():
+        print(f"step-{step}")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    deleted = _checkpoints(args.url, args.workers).gc(args.keep)
+    print(f"deleted {len(deleted)} step(s)" + (f": {deleted}" if deleted else ""))
+    return 0
+
+
+def _ready(directory: Path, ready_file: str, settle: float) -> bool:
+    """A checkpoint written by code that is not ours is ready when its marker file exists
+    (DCP writes `.metadata` last), or when its files have not changed for `settle` seconds."""
+    if ready_file and (directory / ready_file).exists():
+        return True
+    files = [directory / f for f in local_files(directory)]
+    if not files:
+        return False
+    newest = max(f.stat().st_mtime for f in files)
+    return time.time() - newest >= settle
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    root = Path(args.dir)
+    cps = _checkpoints(args.url, args.workers)
+    uploader = AsyncUploader(cps, keep=args.keep)
+    done = set(cps.committed())
+    stop = {"now": False}
+
+    def request_stop(signum: int, _frame: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    while True:
+        candidates = sorted(
+            (step, d)
+            for d in (root.iterdir() if root.is_dir() else [])
+            if d.is_dir() and (step := parse_step(d.name)) is not None
+        )
+        for step, directory in candidates:
+            if step not in done and _ready(directory, args.ready_file, args.settle):
+                done.add(step)
+                log.info("uploading %s", directory)
+                uploader.submit(directory, step)
+        if args.once or stop["now"]:
+            break
+        time.sleep(args.interval)
+    uploader.wait()  # a stop request still finishes what was handed over
+    uploader.close()
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m checkpoints_sync", description=__doc__)
+    p.add_argument("--workers", type=int, default=8, help="parallel transfers (default 8)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    push = sub.add_parser("push", help="commit a local step-N directory to URL")
+    push.add_argument("dir")
+    push.add_argument("url")
+    push.add_argument("--step", type=int, default=None, help="default: from DIR's name step-N")
+    push.set_defaults(fn=cmd_push)
+    pull = sub.add_parser("pull", help="download a committed step, verified")
+    pull.add_argument("url")
+    pull.add_argument("dir")
+    pull.add_argument("--step", default="latest", help="N or latest (default)")
+    pull.set_defaults(fn=cmd_pull)
+    ls = sub.add_parser("ls", help="committed steps, oldest first")
+    ls.add_argument("url")
+    ls.set_defaults(fn=cmd_ls)
+    gc = sub.add_parser("gc", help="keep the newest K committed steps")
+    gc.add_argument("url")
+    gc.add_argument("--keep", type=int, required=True)
+    gc.set_defaults(fn=cmd_gc)
+    watch = sub.add_parser("watch", help="upload each new DIR/step-N as it appears")
+    watch.add_argument("dir")
+    watch.add_argument("url")
+    watch.add_argument("--keep", type=int, default=2)
+    watch.add_argument("--interval", type=float, default=5.0, help="seconds between scans")
+    watch.add_argument(
+        "--settle",
+        type=float,
+        default=10.0,
+        help="seconds without changes that make a directory ready",
+    )
+    watch.add_argument(
+        "--ready-file",
+        default=".metadata",
+        help="a file whose presence makes a directory ready ('' = none)",
+    )
+    watch.add_argument("--once", action="store_true", help="one scan, upload, exit")
+    watch.set_defaults(fn=cmd_watch)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
+    )
+    try:
+        return args.fn(args)
+    except (StoreError, InvalidManifest, ValueError, OSError) as e:
+        print(f"checkpoints_sync: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The `Store` protocol: objects under a prefix, and the URL that picks an implementation.
+
+`file:///path` (or a plain path) is a local directory, `s3://bucket/prefix` S3 or any
+S3-compatible store (boto3; `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` honoured),
+`gs://bucket/prefix` Google Cloud Storage (`STORAGE_EMULATOR_HOST` honoured). Keys are
+'/'-separated and relative to the store's prefix. Credentials come from each SDK's usual chain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+class StoreError(Exception):
+    """A storage operation failed (after the SDK's own retries)."""
+
+
+class NotFound(StoreError):
+    """The object does not exist."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+class Store(Protocol):
+    url: str
+
+    def put_file(self, path: Path, key: str) -> None:
+        """Upload a local file; a reader never sees a partly written object."""
+
+    def get_file(self, key: str, path: Path) -> None:
+        """Download to `path` (written whole or not at all); NotFound if absent."""
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        """Every object whose key starts with `prefix`, in no particular order."""
+
+    def delete(self, keys: list[str]) -> None:
+        """Delete objects; absent ones are ignored."""
+
+    def exists(self, key: str) -> bool: ...
+
+
+def open_store(url: str, max_concurrency: int = 8) -> Store:
+    """The store a URL names."""
+    if url.startswith("s3://"):
+        from checkpoints_sync.s3 import S3Store
+
+        bucket, _, prefix = url[5:].partition("/")
+        return S3Store(bucket, prefix, max_concurrency=max_concurrency)
+    if url.startswith("gs://"):
+        from checkpoints_sync.gcs import GCSStore
+
+        bucket, _, prefix = url[5:].partition("/")
+        return GCSStore(bucket, prefix)
+    from checkpoints_sync.local import LocalStore
+
+    if url.startswith("file://"):
+        return LocalStore(Path(url[7:]))
+    if "://" in url:
+        raise StoreError(f"unsupported URL {url!r}: use file://, s3:// or gs://")
+    return LocalStore(Path(url))
+
+
+def join(prefix: str, key: str) -> str:
+    prefix = prefix.strip("/")
+    return f"{prefix}/{key}" if prefix else key

@@ -1,0 +1,96 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from checkpoints_sync import Checkpoints, open_store
+from checkpoints_sync.manifest import NAME
+
+
+def make_checkpoint(root: Path, step: int, files: int = 3, size: int = 50_000) -> Path:
+    directory = root / f"step-{step}"
+    (directory / "shards").mkdir(parents=True)
+    for i in range(files):
+        (directory / "shards" / f"__{i}_0.distcp").write_bytes(os.urandom(size))
+    (directory / ".metadata").write_text(f"step {step}")
+    return directory
+
+
+def test_commit_latest_download(store_url, tmp_path):
+    cps = Checkpoints(open_store(store_url))
+    assert cps.latest() is None and cps.restore_latest(tmp_path / "none") is None
+    for step in (10, 2, 5):
+        cps.commit(make_checkpoint(tmp_path / "local", step), step)
+    assert cps.committed() == [2, 5, 10] and cps.latest() == 10
+    manifest = cps.download(10, tmp_path / "resume")
+    src = tmp_path / "local" / "step-10"
+    for entry in manifest.files:
+        assert (tmp_path / "resume" / entry.path).read_bytes() == (src / entry.path).read_bytes()
+    assert {e.path for e in manifest.files} == {
+        ".metadata",
+        *(f"shards/__{i}_0.distcp" for i in range(3)),
+    }
+
+
+def test_partial_upload_is_invisible(store_url, tmp_path):
+    store = open_store(store_url)
+    cps = Checkpoints(store)
+    cps.commit(make_checkpoint(tmp_path, 1), 1)
+    # A machine vanished mid-upload of step 2: some files, no manifest.
+    partial = make_checkpoint(tmp_path, 2)
+    store.put_file(partial / ".metadata", "step-2/.metadata")
+    assert cps.committed() == [1]
+    assert cps.restore_latest(tmp_path / "resume") == 1
+
+
+def test_corrupt_file_falls_back_to_previous(store_url, tmp_path):
+    store = open_store(store_url)
+    cps = Checkpoints(store)
+    cps.commit(make_checkpoint(tmp_path, 1), 1)
+    cps.commit(make_checkpoint(tmp_path, 2), 2)
+    evil = tmp_path / "evil"
+    evil.write_bytes(os.urandom(50_000))  # same size, other bytes
+    store.put_file(evil, "step-2/shards/__1_0.distcp")
+    assert cps.restore_latest(tmp_path / "resume") == 1
+    assert (tmp_path / "resume" / ".metadata").read_text() == "step 1"
+    # A missing file is caught the same way.
+    store.delete(["step-1/shards/__0_0.distcp"])
+    assert cps.restore_latest(tmp_path / "resume2") is None
+
+
+def test_bad_manifest_is_not_committed(store_url, tmp_path):
+    store = open_store(store_url)
+    cps = Checkpoints(store)
+    cps.commit(make_checkpoint(tmp_path, 1), 1)
+    junk = tmp_path / "junk"
+    junk.write_text("{not json")
+    store.put_file(junk, f"step-3/{NAME}")
+    assert cps.committed() == [1]
+
+
+def test_gc_keeps_newest_and_never_the_only_one(store_url, tmp_path):
+    store = open_store(store_url)
+    cps = Checkpoints(store)
+    cps.commit(make_checkpoint(tmp_path, 1), 1)
+    assert cps.gc(keep=1) == [] and cps.committed() == [1]
+    for step in (2, 3, 4):
+        cps.commit(make_checkpoint(tmp_path, step), step)
+    leftover = make_checkpoint(tmp_path / "p", 2)  # an abandoned re-upload below the newest
+    store.put_file(leftover / ".metadata", "step-0/.metadata")
+    assert cps.gc(keep=2) == [0, 1, 2]
+    assert cps.committed() == [3, 4]
+    assert {o.key.split("/")[0] for o in store.list()} == {"step-3", "step-4"}
+    with pytest.raises(ValueError):
+        cps.gc(keep=0)
+
+
+def test_recommit_replaces(store_url, tmp_path):
+    cps = Checkpoints(open_store(store_url))
+    first = make_checkpoint(tmp_path / "a", 7)
+    cps.commit(first, 7)
+    second = make_checkpoint(tmp_path / "b", 7, files=1)
+    cps.commit(second, 7)
+    cps.download(7, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out" / "shards").iterdir()) == ["__0_0.distcp"]
+    got = (tmp_path / "out" / "shards" / "__0_0.distcp").read_bytes()
+    assert got == (second / "shards" / "__0_0.distcp").read_bytes()
