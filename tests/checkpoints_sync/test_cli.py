@@ -10,7 +10,6 @@ import boto3
 
 from checkpoints_sync import Checkpoints, open_store
 
-from .conftest import make_bucket
 from .test_checkpoints import make_checkpoint
 
 
@@ -57,9 +56,9 @@ def test_watch_uploads_new_checkpoints(tmp_path):
     assert Checkpoints(open_store(url)).committed() == [5]
 
 
-def test_sigkill_mid_upload_leaves_previous_committed(moto_endpoint, tmp_path):
+def test_sigkill_mid_upload_leaves_previous_committed(moto_endpoint, new_bucket, tmp_path):
     """The uploader process dies (SIGKILL, no warning) while step 2 is half uploaded."""
-    url = f"s3://{make_bucket('s3')}/run"
+    url = f"s3://{new_bucket('s3')}/run"
     cps = Checkpoints(open_store(url))
     cps.commit(make_checkpoint(tmp_path, 1, files=2), 1)
     big = make_checkpoint(tmp_path, 2, files=300, size=64_000)

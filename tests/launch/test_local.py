@@ -198,3 +198,29 @@ def test_bucket_url_kept_when_a_local_s3_endpoint_is_configured(tmp_path, kw, ex
     assert job.status == "SUCCEEDED"
     url, endpoint = (bucket(tmp_path) / "url").read_text().strip().split("|")
     assert (url, endpoint) == (expected_url, kw["s3_endpoint_url"])
+
+
+PUSH = """
+  mkdir -p ckpt/step-3 && echo weights > ckpt/step-3/model.bin
+  python -m checkpoints_sync push ckpt/step-3 "$BUCKET_URL/ckpts"
+"""
+
+
+def test_bucket_is_a_checkpoints_sync_store(tmp_path):
+    """A task's bucket URL, rewritten to the local bucket directory, works with checkpoints_sync."""
+    from checkpoints_sync import Checkpoints, open_store
+
+    job = LocalRunner(make_task(tmp_path, PUSH), config(tmp_path)).run()
+    assert job.status == "SUCCEEDED"
+    assert Checkpoints(open_store(f"file://{bucket(tmp_path)}/ckpts")).committed() == [3]
+
+
+def test_bucket_url_on_a_local_s3_server(tmp_path, moto_endpoint, new_bucket):
+    from checkpoints_sync import Checkpoints, open_store
+
+    name = new_bucket("s3")
+    task = make_task(tmp_path, PUSH)
+    task.update_envs({"BUCKET_URL": f"s3://{name}"})
+    job = LocalRunner(task, config(tmp_path, s3_endpoint_url=moto_endpoint)).run()
+    assert job.status == "SUCCEEDED"
+    assert Checkpoints(open_store(f"s3://{name}/ckpts")).committed() == [3]
