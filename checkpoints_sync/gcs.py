@@ -7,10 +7,9 @@ never looks for Google credentials or the metadata server. Otherwise: the SDK's 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
-from checkpoints_sync.store import NotFound, ObjectInfo, StoreError, join
+from checkpoints_sync.store import NotFound, ObjectInfo, StoreError, join, write_atomically
 
 CHUNK = 32 * 1024 * 1024  # a multiple of 256 KiB, as resumable uploads require
 
@@ -48,19 +47,13 @@ class GCSStore:
     def get_file(self, key: str, path: Path) -> None:
         from google.api_core.exceptions import NotFound as GoogleNotFound
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        os.close(fd)
+        blob = self.bucket.blob(join(self.prefix, key))
         try:
-            self.bucket.blob(join(self.prefix, key)).download_to_filename(tmp)
-            os.replace(tmp, path)
+            write_atomically(path, blob.download_to_filename)
         except GoogleNotFound:
             raise NotFound(f"{self.url}/{key}") from None
         except self._errors() as e:
             raise StoreError(f"download {self.url}/{key}: {e}") from e
-        finally:
-            Path(tmp).unlink(missing_ok=True)
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         full = join(self.prefix, prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")

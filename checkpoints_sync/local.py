@@ -4,22 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from checkpoints_sync.store import NotFound, ObjectInfo
-
-
-def _copy_atomically(src: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from checkpoints_sync.store import NotFound, ObjectInfo, write_atomically
 
 
 class LocalStore:
@@ -31,13 +18,13 @@ class LocalStore:
         return self.root / key
 
     def put_file(self, path: Path, key: str) -> None:
-        _copy_atomically(Path(path), self._path(key))
+        write_atomically(self._path(key), lambda tmp: shutil.copyfile(path, tmp))
 
     def get_file(self, key: str, path: Path) -> None:
         src = self._path(key)
         if not src.is_file():
             raise NotFound(f"{self.url}/{key}")
-        _copy_atomically(src, Path(path))
+        write_atomically(Path(path), lambda tmp: shutil.copyfile(src, tmp))
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         if not self.root.is_dir():

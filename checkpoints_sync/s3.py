@@ -6,11 +6,9 @@ MinIO, R2 or a local moto server work without code changes. Credentials: boto3's
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
-from checkpoints_sync.store import NotFound, ObjectInfo, StoreError, join
+from checkpoints_sync.store import NotFound, ObjectInfo, StoreError, join, write_atomically
 
 MIB = 1024 * 1024
 
@@ -53,21 +51,17 @@ class S3Store:
             raise StoreError(f"upload {self.url}/{key}: {e}") from e
 
     def get_file(self, key: str, path: Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        os.close(fd)
         try:
-            self.client.download_file(
-                self.bucket, join(self.prefix, key), tmp, Config=self.transfer
+            write_atomically(
+                path,
+                lambda tmp: self.client.download_file(
+                    self.bucket, join(self.prefix, key), tmp, Config=self.transfer
+                ),
             )
-            os.replace(tmp, path)
         except self._errors() as e:
             if _status(e) == 404:
                 raise NotFound(f"{self.url}/{key}") from None
             raise StoreError(f"download {self.url}/{key}: {e}") from e
-        finally:
-            Path(tmp).unlink(missing_ok=True)
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         full = join(self.prefix, prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -72,50 +73,33 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> Non
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
-@pytest.fixture(scope="session")
-def moto_endpoint():
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+def _serve(command: list[str], port: int, env_var: str) -> Iterator[str]:
+    """Run a storage server on 127.0.0.1:port and point the SDKs at it through `env_var`."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port, proc)
         url = f"http://127.0.0.1:{port}"
-        os.environ["AWS_ENDPOINT_URL_S3"] = url
+        os.environ[env_var] = url
         yield url
     finally:
-        os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+        os.environ.pop(env_var, None)
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    port = free_port()
+    command = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    yield from _serve(command, port, "AWS_ENDPOINT_URL_S3")
 
 
 @pytest.fixture(scope="session")
 def gcs_endpoint():
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            str(BIN / "gcp-storage-emulator"),
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--in-memory",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port, proc)
-        host = f"http://127.0.0.1:{port}"
-        os.environ["STORAGE_EMULATOR_HOST"] = host
-        yield host
-    finally:
-        os.environ.pop("STORAGE_EMULATOR_HOST", None)
-        proc.terminate()
-        proc.wait(10)
+    command = [str(BIN / "gcp-storage-emulator"), "start", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--in-memory"]
+    yield from _serve(command, port, "STORAGE_EMULATOR_HOST")
 
 
 def _make_bucket(scheme: str) -> str:
