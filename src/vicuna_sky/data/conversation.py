@@ -27,6 +27,21 @@ VICUNA_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 
+# The same format as a Jinja chat template, written into exported tokenizers so that
+# transformers' apply_chat_template and vLLM's chat endpoint prompt the model as it was trained.
+VICUNA_CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set system = '" + VICUNA_SYSTEM.replace("'", "\\'") + "' -%}"
+    "{%- set turns = messages -%}{%- endif -%}"
+    "{{- bos_token + system + ' ' -}}"
+    "{%- for m in turns -%}"
+    "{%- if m['role'] == 'user' -%}{{- 'USER: ' + m['content'] + ' ' -}}"
+    "{%- else -%}{{- 'ASSISTANT: ' + m['content'] + eos_token -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
 
 @dataclass(frozen=True)
 class Message:

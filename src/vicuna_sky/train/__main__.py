@@ -1,0 +1,3 @@
+from vicuna_sky.train.cli import main
+
+main()

@@ -1,0 +1,161 @@
+"""Checkpoints: DCP to a local directory, uploaded in the background by checkpoints_sync.
+
+A checkpoint holds the sharded model and optimizer (torch.distributed.checkpoint, so it can be
+loaded by a different number of processes), the scheduler, step, sampler position and every
+rank's RNG state. Locally a step directory is complete once DCP has written `.metadata` (it
+writes it last); in the bucket once checkpoints_sync has committed its manifest. At start the
+newest complete checkpoint wins, from the bucket or the local disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from checkpoints_sync import AsyncUploader, Checkpoints, open_store
+from checkpoints_sync.checkpoints import parse_step
+from vicuna_sky.train.dist import World
+
+log = logging.getLogger("vicuna_sky.train")
+DCP_MARKER = ".metadata"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def local_steps(root: Path) -> list[int]:
+    """Complete local checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(
+        s
+        for d in root.iterdir()
+        if (s := parse_step(d.name)) is not None and (d / DCP_MARKER).exists()
+    )
+
+
+class CheckpointManager:
+    def __init__(self, root: Path, url: str, keep: int, world: World) -> None:
+        self.root, self.url, self.keep, self.world = Path(root), url, keep, world
+        self.remote = Checkpoints(open_store(url)) if url else None
+        self.uploader = (
+            AsyncUploader(self.remote, keep=keep) if self.remote and world.is_main else None
+        )
+
+    # -- resume ----------------------------------------------------------------------------
+    def find_resume_step(self) -> int | None:
+        """The newest complete checkpoint, bucket or local; a bucket one is downloaded (by each
+        node's first process: every process reads the shards it needs from its node's disk)."""
+        choice = None
+        if self.world.local_rank == 0:
+            local = local_steps(self.root)
+            remote = self.remote.committed() if self.remote else []
+            best_local = local[-1] if local else None
+            for step in reversed(remote):
+                if best_local is not None and best_local >= step:
+                    break
+                try:
+                    self.remote.download(step, self.root / f"step-{step}")
+                    choice = step
+                    log.info("downloaded step-%d from %s", step, self.url)
+                    break
+                except Exception as e:
+                    log.warning("cannot use step-%d from the bucket: %s", step, e)
+            if choice is None:
+                choice = best_local
+        # Each node's first process decided for its node; all nodes must resume from one step.
+        steps = [
+            s for first, s in _all_gather((self.world.local_rank == 0, choice), self.world) if first
+        ]
+        return None if any(s is None for s in steps) else min(steps)
+
+    def load(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        extra: dict[str, Any],
+    ) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {
+            "model": model_sd,
+            "optim": optim_sd,
+            "extra": extra,
+            f"rng_rank{self.world.rank}": rng_state(),
+        }
+        dcp.load(state, checkpoint_id=str(self.root / f"step-{step}"))
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
+        set_rng_state(state[f"rng_rank{self.world.rank}"])
+        return state["extra"]
+
+    # -- save ------------------------------------------------------------------------------
+    def save(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        extra: dict[str, Any],
+    ) -> Path:
+        directory = self.root / f"step-{step}"
+        if self.world.local_rank == 0 and directory.exists():
+            shutil.rmtree(directory)  # a stale half-save of this step from an earlier attempt
+        torch.distributed.barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {
+            "model": model_sd,
+            "optim": optim_sd,
+            "extra": extra,
+            f"rng_rank{self.world.rank}": rng_state(),
+        }
+        dcp.save(state, checkpoint_id=str(directory))
+        if self.uploader:
+            self.uploader.submit(directory, step)
+        self._prune_local()
+        return directory
+
+    def _prune_local(self) -> None:
+        if self.world.local_rank != 0:
+            return
+        uploaded = {r.step for r in self.uploader.results if r.ok} if self.uploader else None
+        steps = local_steps(self.root)
+        for step in steps[: -self.keep]:
+            if uploaded is None or step in uploaded:
+                shutil.rmtree(self.root / f"step-{step}", ignore_errors=True)
+
+    def wait(self) -> float:
+        """Block until handed-over uploads are committed; seconds waited."""
+        start = time.monotonic()
+        if self.uploader:
+            self.uploader.wait()
+        return time.monotonic() - start
+
+    def close(self) -> None:
+        if self.uploader:
+            self.uploader.close()
+
+
+def _all_gather(value: object, world: World) -> list[object]:
+    out: list[object] = [None] * world.size
+    torch.distributed.all_gather_object(out, value)
+    return out

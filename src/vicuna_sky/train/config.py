@@ -1,0 +1,91 @@
+"""The trainer's configuration: one dataclass, filled from the command line sky/train.yaml uses."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+
+from vicuna_sky.errors import VicunaSkyError
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model_path: str
+    """Local directory or hub id of a causal LM (Llama family first); `tiny-llama` builds one."""
+    data_path: str
+    """ShareGPT JSON, already cleaned and split (vicuna-sky data clean/split)."""
+    template: str = "vicuna_v1.1"
+    max_length: int = 2048
+    epochs: float = 3.0
+    lr: float = 2e-5
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    global_batch_size: int = 128
+    micro_batch_size: int = 2
+    precision: str = "bf16"
+    """bf16 on GPU; CPU always computes in fp32."""
+    gradient_checkpointing: bool = True
+    """Recompute each decoder layer's activations in the backward pass."""
+    packing: bool = False
+    """Pack several samples per sequence (position ids restart, attention kept per sample)."""
+    lora_r: int = 0
+    """LoRA rank (peft); 0 = full fine-tuning."""
+    max_grad_norm: float = 1.0
+    checkpoint_every_steps: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 42
+    checkpoint_url: str = ""
+    """Bucket prefix for checkpoints (s3://, gs://, file://); empty = local checkpoints only."""
+    export_url: str = ""
+    """Where the final model is uploaded; empty = only the local export directory."""
+    checkpoint_dir: str = "checkpoints"
+    """Local directory DCP writes to before the upload."""
+    export_dir: str = "export"
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = run all epochs); for smoke tests."""
+    metrics_path: str = "metrics.jsonl"
+    """Rank 0 appends one JSON line per step: step, loss, lr, tokens/s (and MFU on GPU)."""
+    preemption_poll_seconds: float = 5.0
+
+    def check(self) -> None:
+        if self.lr_scheduler not in ("cosine", "linear", "constant"):
+            raise VicunaSkyError(
+                f"--lr-scheduler {self.lr_scheduler!r}: cosine, linear or constant"
+            )
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise VicunaSkyError(f"--precision {self.precision!r}: bf16, fp16 or fp32")
+        for name in (
+            "max_length",
+            "global_batch_size",
+            "micro_batch_size",
+            "checkpoint_every_steps",
+        ):
+            if getattr(self, name) < 1:
+                raise VicunaSkyError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.keep_checkpoints < 2:
+            raise VicunaSkyError("--keep-checkpoints must be at least 2")
+        if not Path(self.data_path).is_file():
+            raise VicunaSkyError(f"--data-path {self.data_path}: no such file")
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(prog="torchrun ... -m vicuna_sky.train")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = {"int": int, "float": float, "bool": _bool, "str": str}[str(f.type)]
+        if f.default is MISSING:
+            parser.add_argument(flag, dest=f.name, type=kind, required=True)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default)
+    return TrainConfig(**vars(parser.parse_args(argv)))

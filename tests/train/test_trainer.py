@@ -1,0 +1,196 @@
+"""The trainer under real torchrun on CPU (gloo, FSDP2): learning, labels, resume, preemption."""
+
+import json
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from checkpoints_sync import Checkpoints, open_store
+from vicuna_sky.spot import PREEMPTED_EXIT_CODE
+
+
+def weights(export_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(export_dir / "model.safetensors"))
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model, train_data):
+    """The reference: 14 steps on 2 processes, never stopped."""
+    from .conftest import Run
+
+    root = tmp_path_factory.mktemp("reference")
+    bucket = root / "bucket"
+    args = [
+        "--model-path",
+        str(tiny_model),
+        "--data-path",
+        str(train_data),
+        "--max-length",
+        "128",
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-3",
+        "--warmup-ratio",
+        "0.1",
+        "--global-batch-size",
+        "8",
+        "--micro-batch-size",
+        "2",
+        "--precision",
+        "fp32",
+        "--checkpoint-every-steps",
+        "2",
+        "--seed",
+        "0",
+        "--checkpoint-url",
+        f"file://{bucket}/ckpt",
+        "--export-url",
+        f"file://{bucket}/model",
+    ]
+    run = Run(root / "node", args, 2)
+    assert run.wait() == 0, run.output()[-3000:]
+    return run
+
+
+def test_loss_decreases_and_export_generates(uninterrupted):
+    metrics = uninterrupted.metrics()
+    # 58 of the 64 conversations keep an answer token within 128 tokens: 7 steps per epoch.
+    assert [m["step"] for m in metrics] == list(range(1, 15))
+    first, last = metrics[0]["loss"], sum(m["loss"] for m in metrics[-3:]) / 3
+    assert last < first * 0.8, (first, last)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    export = uninterrupted.cwd / "export"
+    model = AutoModelForCausalLM.from_pretrained(export)
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Who are you?"}], add_generation_prompt=True, tokenize=False
+    )
+    assert prompt.endswith("USER: Who are you? ASSISTANT:")
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > ids.shape[1]
+    # The bucket holds the same export and the committed checkpoints (retention keeps two).
+    bucket = uninterrupted.cwd.parent / "bucket"
+    assert (bucket / "model" / "model.safetensors").read_bytes() == (
+        export / "model.safetensors"
+    ).read_bytes()
+    assert Checkpoints(open_store(f"file://{bucket}/ckpt")).committed() == [12, 14]
+
+
+def test_sigkill_and_restart_elsewhere_is_bit_identical(
+    uninterrupted, run_trainer, trainer_args, tmp_path, until
+):
+    cps = Checkpoints(open_store(f"file://{tmp_path / 'bucket'}/ckpt"))
+    first = run_trainer(tmp_path / "zone-a", trainer_args())
+    until(lambda: (cps.latest() or 0) >= 6 or first.proc.poll() is not None)
+    assert first.proc.poll() is None, "the run ended before it could be killed"
+    first.signal_group(signal.SIGKILL)
+    first.wait()
+    # Another zone: an empty local disk, the same bucket.
+    second = run_trainer(tmp_path / "zone-b", trainer_args())
+    assert second.wait() == 0, second.output()[-3000:]
+    assert "resumed at step" in second.output()
+    assert_identical(weights(second.cwd / "export"), weights(uninterrupted.cwd / "export"))
+
+
+def test_gcp_notice_saves_and_exits_75(run_trainer, trainer_args, tmp_path, until, gcp_metadata):
+    env = {"VICUNA_SKY_CLOUD": "gcp", "VICUNA_SKY_GCP_PREEMPTED_URL": gcp_metadata.url}
+    args = trainer_args(checkpoint_every_steps=100, preemption_poll_seconds=0.05)
+    run = run_trainer(tmp_path / "node", args, env=env)
+    metrics = run.cwd / "metrics.jsonl"
+    until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2)
+    gcp_metadata.preempt()
+    run.wait()
+    out = run.output()
+    assert "notice (gcp)" in out and "window 30s" in out
+    assert f"exitcode  : {PREEMPTED_EXIT_CODE}" in out  # each worker's status, as torchrun saw it
+    [step] = Checkpoints(open_store(f"file://{tmp_path / 'bucket'}/ckpt")).committed()
+    assert (run.cwd / "checkpoints" / "PREEMPTED").read_text().strip() == f"step {step}"
+
+
+def test_sigterm_saves_and_resumes_on_one_process(
+    uninterrupted, run_trainer, trainer_args, tmp_path, until
+):
+    args = trainer_args(checkpoint_every_steps=100)  # only the emergency checkpoint
+    cps = Checkpoints(open_store(f"file://{tmp_path / 'bucket'}/ckpt"))
+    first = run_trainer(tmp_path / "node", args)
+    metrics = first.cwd / "metrics.jsonl"
+    until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
+    first.signal_group(signal.SIGTERM)
+    first.wait()
+    out = first.output()
+    # torchrun forwards SIGTERM to the workers, which finish the step and save before exiting.
+    assert "notice (sigterm)" in out and "emergency checkpoint" in out
+    [step] = cps.committed()
+    assert 3 <= step < 14
+    assert (first.cwd / "checkpoints" / "PREEMPTED").read_text().strip() == f"step {step}"
+    # Resume with half the processes: DCP reshards the 2-process checkpoint.
+    second = run_trainer(tmp_path / "smaller", args, nproc=1)
+    assert second.wait() == 0, second.output()[-3000:]
+    assert f"resumed at step {step}" in second.output()
+    assert json.loads((second.cwd / "export" / "config.json").read_text())["num_hidden_layers"]
+    final = weights(second.cwd / "export")
+    reference = weights(uninterrupted.cwd / "export")
+    for name in reference:  # another world size sums in another order: close, not identical
+        torch.testing.assert_close(final[name], reference[name], rtol=1e-3, atol=1e-4)
+
+
+def conversations(question: str, answer: str, trailing: str) -> list[dict]:
+    return [
+        {
+            "id": f"s{i}",
+            "conversations": [
+                {"from": "human", "value": f"{question} #{i}"},
+                {"from": "gpt", "value": f"{answer} number {i}."},
+                {"from": "human", "value": trailing * (i + 1)},
+            ],
+        }
+        for i in range(8)
+    ]
+
+
+def test_only_answer_tokens_carry_loss(run_trainer, trainer_args, tmp_path):
+    """A trailing question comes after every answer, so causally it cannot change how the
+    answers are predicted: if the loss moves when it changes, human tokens carry loss."""
+    losses = {}
+    variants = {
+        "base": ("Tell me a fact", "Water boils at 100 degrees", "And why?"),
+        "other question text": (
+            "Tell me a fact",
+            "Water boils at 100 degrees",
+            "Something else entirely, much longer than before: ",
+        ),
+        "other answer text": ("Tell me a fact", "Ice melts at zero degrees", "And why?"),
+    }
+    for name, texts in variants.items():
+        data = tmp_path / f"{name}.json"
+        data.write_text(json.dumps(conversations(*texts)))
+        args = trainer_args(tmp_path / name / "bucket", data_path=data, max_steps=1)
+        run = run_trainer(tmp_path / name, args, nproc=1)
+        assert run.wait() == 0, run.output()[-3000:]
+        losses[name] = run.metrics()[0]["loss"]
+    assert losses["other question text"] == pytest.approx(losses["base"], rel=1e-6)
+    assert losses["other answer text"] != pytest.approx(losses["base"], rel=1e-3)
+
+
+def test_lora_trains_and_exports_merged_weights(run_trainer, trainer_args, tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    run = run_trainer(tmp_path / "lora", trainer_args(lora_r=4, max_steps=2), nproc=1)
+    assert run.wait() == 0, run.output()[-3000:]
+    merged = AutoModelForCausalLM.from_pretrained(run.cwd / "export")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged.state_dict()[q], base.state_dict()[q])  # LoRA merged in
+    mlp = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(merged.state_dict()[mlp], base.state_dict()[mlp])  # frozen stays
