@@ -15,6 +15,11 @@ def test_demo_completes_and_summarises(cli, tmp_path):
     text = json.dumps(segments)
     assert "```python" in text and "Copy code" not in text and "<div" not in text
     assert "trained on" in out.stdout
+    # Training ran on the local backend, was preempted once and resumed from the bucket.
+    assert "preempted after step" in out.stdout
+    assert (workdir / "export" / "model.safetensors").is_file()
+    logs = "".join(p.read_text() for p in workdir.glob("runs/*/attempt-*/run-rank0.log"))
+    assert "emergency checkpoint" in logs and "resumed at step" in logs
     # Running it again reuses its own directory; a foreign non-empty one is refused.
     assert cli("demo", "--workdir", str(workdir)).returncode == 0
     foreign = tmp_path / "mine"

@@ -54,6 +54,13 @@ def _launch_options(fn: click.decorators.FC) -> click.decorators.FC:
                 show_default=True,
                 help=RUNS_HELP,
             ),
+            click.option(
+                "--workdir",
+                type=click.Path(path_type=Path),
+                default=None,
+                help="With --local: one directory for runs, buckets and the exported model "
+                "(W/runs, W/buckets, W/export).",
+            ),
         ]
     ):
         fn = option(fn)
@@ -63,14 +70,27 @@ def _launch_options(fn: click.decorators.FC) -> click.decorators.FC:
 @app.command()
 @_launch_options
 def train(
-    recipe: str, envs: tuple[str, ...], dryrun: bool, local: bool, name: str | None, runs_dir: Path
+    recipe: str,
+    envs: tuple[str, ...],
+    dryrun: bool,
+    local: bool,
+    name: str | None,
+    runs_dir: Path,
+    workdir: Path | None,
 ) -> None:
     """Fine-tune: sky/train.yaml as a managed spot job (torchrun + FSDP, auto-recovery)."""
     from vicuna_sky.launch import runner
     from vicuna_sky.launch.tasks import Spec
 
     runner.launch_recipe(
-        Spec.TRAIN, recipe, envs, dryrun=dryrun, local=local, name=name, runs_dir=runs_dir
+        Spec.TRAIN,
+        recipe,
+        envs,
+        dryrun=dryrun,
+        local=local,
+        name=name,
+        runs_dir=runs_dir,
+        workdir=workdir,
     )
 
 
@@ -86,6 +106,7 @@ def serve(
     local: bool,
     name: str | None,
     runs_dir: Path,
+    workdir: Path | None,
     fleet: bool,
 ) -> None:
     """Serve: sky/service.yaml on SkyServe, or with --fleet a controller and spot workers."""
@@ -96,21 +117,41 @@ def serve(
         runner.launch_fleet(recipe, envs, dryrun=dryrun, local=local, name=name, runs_dir=runs_dir)
     else:
         runner.launch_recipe(
-            Spec.SERVICE, recipe, envs, dryrun=dryrun, local=local, name=name, runs_dir=runs_dir
+            Spec.SERVICE,
+            recipe,
+            envs,
+            dryrun=dryrun,
+            local=local,
+            name=name,
+            runs_dir=runs_dir,
+            workdir=workdir,
         )
 
 
 @app.command(name="eval")
 @_launch_options
 def eval_(
-    recipe: str, envs: tuple[str, ...], dryrun: bool, local: bool, name: str | None, runs_dir: Path
+    recipe: str,
+    envs: tuple[str, ...],
+    dryrun: bool,
+    local: bool,
+    name: str | None,
+    runs_dir: Path,
+    workdir: Path | None,
 ) -> None:
     """Evaluate: sky/eval.yaml answers the benchmark and has an LLM judge the answers."""
     from vicuna_sky.launch import runner
     from vicuna_sky.launch.tasks import Spec
 
     runner.launch_recipe(
-        Spec.EVAL, recipe, envs, dryrun=dryrun, local=local, name=name, runs_dir=runs_dir
+        Spec.EVAL,
+        recipe,
+        envs,
+        dryrun=dryrun,
+        local=local,
+        name=name,
+        runs_dir=runs_dir,
+        workdir=workdir,
     )
 
 

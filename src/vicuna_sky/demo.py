@@ -7,9 +7,9 @@ built yet is listed as such rather than faked; the summary shows what ran and wh
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,42 +49,70 @@ class Stage:
 
 
 def stage_assets(ctx: Context) -> str:
-    from vicuna_sky.tiny import build_tiny_llama, demo_conversations
+    from vicuna_sky.tiny import build_tiny_llama
 
     model_dir = build_tiny_llama(ctx.workdir / "tiny-llama")
-    raw = ctx.workdir / "raw" / "sharegpt_html.json"
-    raw.parent.mkdir(parents=True, exist_ok=True)
-    raw.write_text(json.dumps(demo_conversations(), indent=1, ensure_ascii=False))
     ctx.outputs["model"] = str(model_dir)
-    ctx.outputs["raw data"] = str(raw)
-    return f"tiny Llama + tokenizer in {model_dir}; ShareGPT HTML sample in {raw}"
+    return f"tiny Llama (random weights) + tokenizer built in {model_dir}"
 
 
 def stage_data(ctx: Context) -> str:
-    """Clean the HTML sample, split it to the recipe's context, upload it where training reads."""
-    from vicuna_sky.data.clean import CleanConfig
-    from vicuna_sky.data.pipeline import clean_file, split_file, stats_file
-    from vicuna_sky.data.split import SplitConfig
+    """Clean the packaged HTML sample, split it to the recipe's context, put it in the bucket."""
+    from vicuna_sky.tiny import prepare_demo_data
 
-    raw = Path(ctx.outputs["raw data"])
-    cleaned = raw.with_name("sharegpt_clean.json")
-    kept = clean_file(raw, cleaned, CleanConfig(workers=1), quiet=True)
     target = ctx.bucket_dir / ctx.recipe.data.path
-    tokenizer, template = ctx.outputs["model"], ctx.recipe.model.template
-    config = SplitConfig(tokenizer, ctx.recipe.data.max_length, template, workers=1)
-    split = split_file(cleaned, target, config, quiet=True)
-    stats = stats_file(target, tokenizer, template, ctx.recipe.data.max_length)
+    stats = prepare_demo_data(target, ctx.recipe.data.max_length, ctx.recipe.model.template)
     ctx.outputs["data"] = str(target)
-    removed = ", ".join(f"{n} {rule}" for rule, n in kept.counts.items() if rule != "kept" and n)
+    removed = ", ".join(f"{n} {rule}" for rule, n in stats["removed"].items())
     return (
-        f"{len(kept.samples)} of {len(raw_samples(raw))} conversations kept ({removed}); "
-        f"{len(split.samples)} segments of <= {ctx.recipe.data.max_length} tokens; "
-        f"{stats.tokens} tokens, {stats.trainable_tokens} trained on; uploaded to the bucket"
+        f"{stats['kept']} of {stats['conversations']} conversations kept ({removed}); "
+        f"{stats['segments']} segments of <= {ctx.recipe.data.max_length} tokens; "
+        f"{stats['tokens']} tokens, {stats['trainable_tokens']} trained on; in the bucket"
     )
 
 
-def raw_samples(path: Path) -> list:
-    return json.loads(path.read_text())
+def stage_train(ctx: Context) -> str:
+    """sky/train.yaml on the local backend, preempted once after its first committed checkpoint:
+    the relaunch (a fresh directory, another "zone") resumes from the bucket."""
+    from checkpoints_sync import Checkpoints, open_store
+    from vicuna_sky.launch.local import LocalRunner
+    from vicuna_sky.launch.runner import fetch_export
+
+    task = load_task(Spec.TRAIN, ctx.recipe, {"MODEL_PATH": ctx.outputs["model"]})
+    task.name = f"{ctx.recipe.name}-train"
+    runner = LocalRunner(task, ctx.local)
+    run_name = task.envs["RUN_NAME"]
+    checkpoints = Checkpoints(
+        open_store(f"file://{ctx.bucket_dir}/runs/{run_name}/{runner.job.task_id}")
+    )
+    preempted: list[int] = []
+
+    def preempt_once() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and runner.job.status not in ("SUCCEEDED", "FAILED"):
+            step = checkpoints.latest()
+            if step and runner.preempt(grace_seconds=30):  # SIGTERM, then SIGKILL
+                preempted.append(step)
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=preempt_once, daemon=True)
+    watcher.start()
+    job = runner.run()
+    watcher.join(timeout=5)
+    if job.status != "SUCCEEDED":
+        raise VicunaSkyError(f"demo training ended {job.status}: see {job.run_dir}")
+    export = ctx.workdir / "export"
+    fetch_export(ctx.bucket_dir, run_name, export)
+    ctx.outputs["export"] = str(export)
+    ctx.outputs["train logs"] = str(job.run_dir)
+    what = (
+        f"preempted after step {preempted[0]}, relaunched in a fresh zone and resumed from the "
+        "bucket"
+        if preempted
+        else "finished before the preemption could land"
+    )
+    return f"{len(job.attempts)} attempt(s): {what}; model exported to {export}"
 
 
 def stage_specs(ctx: Context) -> str:
@@ -100,7 +128,7 @@ STAGES = [
     Stage("prepare", stage_assets),
     Stage("validate specs", stage_specs),
     Stage("clean + split data", stage_data),
-    Stage("train (with a preemption)", lambda ctx: "", needs="vicuna_sky.train"),
+    Stage("train (with a preemption)", stage_train),
     Stage("serve", lambda ctx: "", needs="vicuna_sky.serve.controller"),
     Stage("evaluate", lambda ctx: "", needs="vicuna_sky.eval.judge"),
 ]

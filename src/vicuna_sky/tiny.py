@@ -13,6 +13,8 @@ from importlib import resources
 from pathlib import Path
 
 DEMO_DATA = "demo_sharegpt.json"
+TINY_MODEL = "tiny-llama"
+"""The built-in model name: the trainer builds it locally when no such directory exists."""
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 
 
@@ -82,3 +84,31 @@ def build_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
     model = LlamaForCausalLM(config)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+def prepare_demo_data(target: Path, max_length: int, template: str = "vicuna_v1.1") -> dict:
+    """The packaged HTML sample, cleaned and split for the tiny model, written to `target`
+    (where a recipe's data path points in the local bucket). Returns counts for a summary."""
+    import tempfile
+
+    from vicuna_sky.data.clean import CleanConfig
+    from vicuna_sky.data.pipeline import clean_file, split_file, stats_file
+    from vicuna_sky.data.split import SplitConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        raw = tmp / "sharegpt_html.json"
+        raw.write_text(json.dumps(demo_conversations(), ensure_ascii=False))
+        tokenizer = str(build_tokenizer(tmp / "tokenizer"))
+        kept = clean_file(raw, tmp / "clean.json", CleanConfig(workers=1), quiet=True)
+        config = SplitConfig(tokenizer, max_length, template, workers=1)
+        split = split_file(tmp / "clean.json", target, config, quiet=True)
+        stats = stats_file(target, tokenizer, template, max_length)
+    return {
+        "conversations": len(demo_conversations()),
+        "kept": len(kept.samples),
+        "removed": {r: n for r, n in kept.counts.items() if r != "kept" and n},
+        "segments": len(split.samples),
+        "tokens": stats.tokens,
+        "trainable_tokens": stats.trainable_tokens,
+    }

@@ -194,3 +194,38 @@ def test_lora_trains_and_exports_merged_weights(run_trainer, trainer_args, tmp_p
     assert not torch.equal(merged.state_dict()[q], base.state_dict()[q])  # LoRA merged in
     mlp = "model.layers.0.mlp.up_proj.weight"
     assert torch.equal(merged.state_dict()[mlp], base.state_dict()[mlp])  # frozen stays
+
+
+def test_train_recipe_locally_end_to_end(cli, tmp_path):
+    """sky/train.yaml on the local backend: seeds the demo data, trains, exports to W/export."""
+    workdir = tmp_path / "w"
+    result = cli("train", "tiny-cpu", "--local", "--workdir", str(workdir))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(workdir / "export")
+    assert model.config.num_hidden_layers == 2
+    assert (workdir / "buckets" / "s3" / "vicuna-sky-tiny" / "data" / "demo_sharegpt.json").exists()
+
+
+def test_bad_arguments_are_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vicuna_sky.train",
+            "--model-path",
+            "tiny-llama",
+            "--data-path",
+            str(tmp_path / "missing.json"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "missing.json: no such file" in result.stderr and "Traceback" not in result.stderr

@@ -54,6 +54,14 @@ class LocalConfig:
     gpus_per_node: int | None = None
     """GPUs a local node has; None = count them with nvidia-smi."""
 
+    def bucket_dir(self, url: str) -> Path:
+        """The local directory standing in for a bucket URL (s3://b/p -> <root>/s3/b/p)."""
+        if url.startswith(_BUCKET_SCHEMES):
+            root = Path(self.bucket_root or Path(self.runs_dir) / "buckets").resolve()
+            scheme, _, rest = url.partition("://")
+            return root / scheme / rest.strip("/")
+        return Path(url).expanduser().resolve()
+
 
 class LocalRunner:
     """Runs one `sky.Task` locally with SkyPilot's environment and recovery semantics."""
@@ -262,10 +270,7 @@ class LocalRunner:
         return out
 
     def _bucket_dir(self, url: str) -> Path:
-        if url.startswith(_BUCKET_SCHEMES):
-            scheme, _, rest = url.partition("://")
-            return self.bucket_root / scheme / rest.strip("/")
-        return Path(url).expanduser().resolve()
+        return self.config.bucket_dir(url)
 
     def _localize(self, value: str, mounts: dict[str, tuple[str, str]]) -> str:
         for dst, (url, local) in mounts.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from rich.console import Console
@@ -37,7 +38,10 @@ def launch_recipe(
     name: str | None,
     runs_dir: Path,
     local_config: local_lib.LocalConfig | None = None,
+    workdir: Path | None = None,
 ) -> jobs.LocalJob | None:
+    """Launch a spec for a recipe: on the cloud, or with `local` on this machine (`workdir`
+    then holds the runs, the buckets and, after training, the exported model in `export/`)."""
     recipe = load_recipe(recipe_arg)
     task = load_task(spec, recipe, parse_env_overrides(envs))
     name = name or f"{recipe.name}-{spec.name.lower()}"
@@ -49,12 +53,47 @@ def launch_recipe(
             print_plan(recipe)
         return None
     if local:
-        config = local_config or local_lib.LocalConfig(runs_dir=runs_dir)
-        return run_locally(task, config)
+        if workdir is not None:
+            runs_dir = workdir / "runs"
+        config = local_config or local_lib.LocalConfig(
+            runs_dir=runs_dir, bucket_root=workdir / "buckets" if workdir else None
+        )
+        if spec is Spec.TRAIN:
+            _seed_demo_data(recipe, config)
+        job = run_locally(task, config)
+        if spec is Spec.TRAIN and workdir is not None:
+            run_name = task.envs.get("RUN_NAME", recipe.name)
+            fetch_export(config.bucket_dir(recipe.bucket), run_name, workdir / "export")
+        return job
     from vicuna_sky.launch import cloud
 
     cloud.launch(spec, task, name)
     return None
+
+
+def _seed_demo_data(recipe: Recipe, config: local_lib.LocalConfig) -> None:
+    """The bundled tiny recipe trains on the packaged sample: put it in the local bucket when
+    it is not there yet. Any other recipe's data is the user's to upload."""
+    from vicuna_sky.tiny import TINY_MODEL, prepare_demo_data
+
+    target = config.bucket_dir(recipe.bucket) / recipe.data.path
+    if recipe.model.path != TINY_MODEL or target.exists() or Path(recipe.data.path).is_absolute():
+        return
+    stats = prepare_demo_data(target, recipe.data.max_length, recipe.model.template)
+    console.print(
+        f"  seeded the local bucket with the demo sample: {stats['segments']} segments -> {target}"
+    )
+
+
+def fetch_export(bucket_dir: Path, run_name: str, destination: Path) -> None:
+    """The trained model, from where sky/train.yaml exports it ($BUCKET_URL/models/$RUN_NAME)."""
+    source = bucket_dir / "models" / run_name
+    if not (source / "config.json").exists():
+        raise VicunaSkyError(f"the run succeeded but left no exported model in {source}")
+    if destination.exists():
+        shutil.rmtree(destination)
+    shutil.copytree(source, destination)
+    console.print(f"exported model: {destination}")
 
 
 def run_locally(task: object, config: local_lib.LocalConfig) -> jobs.LocalJob:

@@ -15,13 +15,14 @@ from vicuna_sky.train.config import TrainConfig
 from vicuna_sky.train.dist import World
 
 log = logging.getLogger("vicuna_sky.train")
-TINY = "tiny-llama"
 
 
 def resolve_model_path(name: str, cache: Path) -> str:
     """`tiny-llama` is the built-in test model (random weights, built locally, same every time)."""
-    if name == TINY and not Path(name).exists():
-        target = cache / TINY
+    from vicuna_sky.tiny import TINY_MODEL
+
+    if name == TINY_MODEL and not Path(name).exists():
+        target = cache / TINY_MODEL
         if not (target / "config.json").exists():
             from vicuna_sky.tiny import build_tiny_llama
 
