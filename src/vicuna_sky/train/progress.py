@@ -36,7 +36,14 @@ class Progress:
         self.total = total
 
     def update(
-        self, step: int, loss: float, tokens: int, seconds: float, flops_per_token: float, lr: float
+        self,
+        step: int,
+        loss: float,
+        tokens: int,
+        seconds: float,
+        flops_per_token: float,
+        lr: float,
+        peak_mb: float,
     ) -> None:
         if not self.enabled:
             return
@@ -52,6 +59,7 @@ class Progress:
                 "tokens_per_second": rate,
                 "seconds": seconds,
                 "mfu": mfu,
+                "peak_memory_mb": peak_mb,
             }
             with self.metrics.open("a") as f:
                 f.write(json.dumps(record) + "\n")

@@ -49,6 +49,15 @@ def lr_lambda(config: TrainConfig, total_steps: int):  # noqa: ANN201 (a step ->
     return factor
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: allocated GPU memory, or on CPU this process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def peak_flops(device: torch.device) -> float:
     if device.type != "cuda":
         return 0.0
@@ -135,6 +144,7 @@ class Trainer:
                     time.perf_counter() - started,
                     flops_per_token,
                     scheduler.get_last_lr()[0],
+                    peak_memory_mb(world.device),
                 )
                 stopping = dist.any_rank(watcher.triggered, world)
                 if stopping:
