@@ -44,30 +44,40 @@ class Checkpoints:
         self, directory: Path, step: int, manifest: mf.Manifest | None = None
     ) -> mf.Manifest:
         """Upload a local checkpoint directory as `step-N`, files in parallel, manifest last."""
-        directory = Path(directory)
-        manifest = manifest or mf.build(directory, step)
+        manifest = manifest or mf.build(Path(directory), step)
+        self.uncommit(step)
+        self.upload_files(directory, step, manifest.files)
+        self.write_manifest(manifest)
+        return manifest
+
+    def uncommit(self, step: int) -> None:
+        """Re-committing a step (a resumed run saving it again) first makes it uncommitted."""
+        self.store.delete([f"{step_dir(step)}/{mf.NAME}"])
+
+    def upload_files(self, directory: Path, step: int, files: tuple[mf.FileEntry, ...]) -> None:
+        """Upload files without committing: for checkpoints spread over several machines, each
+        uploads its own files and one of them writes the manifest of all of them."""
         base = step_dir(step)
-        # Re-committing a step (a resumed run saving it again) first un-commits it.
-        self.store.delete([f"{base}/{mf.NAME}"])
         with ThreadPoolExecutor(self.max_workers) as pool:
             futures = [
-                pool.submit(self.store.put_file, directory / f.path, f"{base}/{f.path}")
-                for f in manifest.files
+                pool.submit(self.store.put_file, Path(directory) / f.path, f"{base}/{f.path}")
+                for f in files
             ]
             for future in futures:
                 future.result()
+
+    def write_manifest(self, manifest: mf.Manifest) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             marker = Path(tmp) / mf.NAME
             marker.write_text(manifest.to_json())
-            self.store.put_file(marker, f"{base}/{mf.NAME}")
+            self.store.put_file(marker, f"{step_dir(manifest.step)}/{mf.NAME}")
         log.info(
             "committed %s/%s (%d files, %d bytes)",
             self.store.url,
-            base,
+            step_dir(manifest.step),
             len(manifest.files),
             manifest.total_bytes,
         )
-        return manifest
 
     # -- reading ---------------------------------------------------------------------------
     def _steps(self) -> tuple[set[int], set[int]]:

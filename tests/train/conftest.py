@@ -32,7 +32,14 @@ def train_data(tmp_path_factory) -> Path:
 class Run:
     """One `torchrun -m vicuna_sky.train` in its own working directory (its own local disk)."""
 
-    def __init__(self, cwd: Path, args: list[str], nproc: int, env: dict | None = None) -> None:
+    def __init__(
+        self,
+        cwd: Path,
+        args: list[str],
+        nproc: int,
+        env: dict | None = None,
+        launcher: list[str] | None = None,
+    ) -> None:
         cwd.mkdir(parents=True, exist_ok=True)
         self.cwd = cwd
         self.log = cwd / "train.log"
@@ -41,7 +48,7 @@ class Run:
                 sys.executable,
                 "-m",
                 "torch.distributed.run",
-                "--standalone",
+                *(launcher or ["--standalone"]),
                 "--nproc_per_node",
                 str(nproc),
                 "-m",
@@ -98,8 +105,14 @@ def trainer_args(tiny_model, train_data, tmp_path):
 def run_trainer():
     runs: list[Run] = []
 
-    def start(cwd: Path, args: list[str], nproc: int = 2, env: dict | None = None) -> Run:
-        runs.append(Run(cwd, args, nproc, env))
+    def start(
+        cwd: Path,
+        args: list[str],
+        nproc: int = 2,
+        env: dict | None = None,
+        launcher: list[str] | None = None,
+    ) -> Run:
+        runs.append(Run(cwd, args, nproc, env, launcher))
         return runs[-1]
 
     yield start

@@ -229,3 +229,42 @@ def test_bad_arguments_are_one_line(tmp_path):
     )
     assert result.returncode == 2
     assert "missing.json: no such file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_two_nodes_commit_one_checkpoint_together(run_trainer, trainer_args, tmp_path):
+    """Two "machines" (separate directories, one process each) train as one world of 2: each
+    uploads its own shards and the manifest lists both; one machine then resumes from it."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = trainer_args(max_steps=4)
+    nodes = [
+        run_trainer(
+            tmp_path / f"node{rank}",
+            args,
+            nproc=1,
+            launcher=[
+                "--nnodes",
+                "2",
+                "--node_rank",
+                str(rank),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+            ],
+        )
+        for rank in (0, 1)
+    ]
+    for node in nodes:
+        assert node.wait() == 0, node.output()[-3000:]
+    cps = Checkpoints(open_store(f"file://{tmp_path / 'bucket'}/ckpt"))
+    assert cps.committed() == [2, 4]
+    files = {f.path for f in cps.read_manifest(4).files}
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= files
+    assert not (tmp_path / "node1" / "checkpoints" / "step-4" / ".metadata").exists()
+    resumed = run_trainer(tmp_path / "single", trainer_args(max_steps=6), nproc=2)
+    assert resumed.wait() == 0, resumed.output()[-3000:]
+    assert "resumed at step 4" in resumed.output()

@@ -21,6 +21,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from checkpoints_sync import AsyncUploader, Checkpoints, open_store
+from checkpoints_sync import manifest as manifest_lib
 from checkpoints_sync.checkpoints import parse_step
 from vicuna_sky.train.dist import World
 
@@ -57,9 +58,10 @@ class CheckpointManager:
     def __init__(self, root: Path, url: str, keep: int, world: World) -> None:
         self.root, self.url, self.keep, self.world = Path(root), url, keep, world
         self.remote = Checkpoints(open_store(url)) if url else None
-        self.uploader = (
-            AsyncUploader(self.remote, keep=keep) if self.remote and world.is_main else None
-        )
+        # One machine: its first process uploads in the background. Several machines: each
+        # holds only its own processes' shards, so the commit is made together (see save).
+        single = self.remote and world.is_main and world.single_node
+        self.uploader = AsyncUploader(self.remote, keep=keep) if single else None
 
     # -- resume ----------------------------------------------------------------------------
     def find_resume_step(self) -> int | None:
@@ -131,8 +133,31 @@ class CheckpointManager:
         dcp.save(state, checkpoint_id=str(directory))
         if self.uploader:
             self.uploader.submit(directory, step)
+        elif self.remote and not self.world.single_node:
+            self._commit_across_nodes(directory, step)
         self._prune_local()
         return directory
+
+    def _commit_across_nodes(self, directory: Path, step: int) -> None:
+        """Each node uploads the files its processes wrote; the first process then writes the
+        manifest of all of them, so the step is committed only when every node's part is in."""
+        files: tuple = ()
+        if self.world.local_rank == 0:
+            if self.world.is_main:
+                self.remote.uncommit(step)
+            torch.distributed.barrier()
+            files = manifest_lib.build(directory, step).files
+            self.remote.upload_files(directory, step, files)
+        else:
+            torch.distributed.barrier()
+        everything = {f.path: f for part in _all_gather(files, self.world) for f in part}
+        if self.world.is_main:
+            manifest = manifest_lib.Manifest(
+                step, time.time(), tuple(sorted(everything.values(), key=lambda f: f.path))
+            )
+            self.remote.write_manifest(manifest)
+            self.remote.gc(self.keep)
+        torch.distributed.barrier()
 
     def _prune_local(self) -> None:
         if self.world.local_rank != 0:
