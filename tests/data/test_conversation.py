@@ -97,3 +97,25 @@ def test_template_errors(llama2_path):
         get_template("alpaca")
     with pytest.raises(VicunaSkyError, match="no chat template"):
         get_template("chat_template", AutoTokenizer.from_pretrained(llama2_path))
+
+
+def test_vicuna_jinja_template_renders_like_the_template(llama2_path):
+    """Exported tokenizers carry VICUNA_CHAT_TEMPLATE: apply_chat_template (and vLLM) must
+    prompt exactly as training rendered."""
+    from transformers import AutoTokenizer
+
+    from vicuna_sky.data.conversation import VICUNA_CHAT_TEMPLATE
+
+    tok = AutoTokenizer.from_pretrained(llama2_path)
+    tok.chat_template = VICUNA_CHAT_TEMPLATE
+    for msgs, generation in [
+        ([Message("user", "Hi"), Message("assistant", "Hello!"), Message("user", "Bye")], True),
+        ([Message("system", "Be terse."), Message("user", "Q"), Message("assistant", "A")], False),
+    ]:
+        ours = VicunaTemplate().render(msgs, add_generation_prompt=generation).text
+        theirs = tok.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in msgs],
+            tokenize=False,
+            add_generation_prompt=generation,
+        )
+        assert theirs == tok.bos_token + ours
