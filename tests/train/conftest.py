@@ -66,7 +66,10 @@ class Run:
         return self.proc.wait(timeout)
 
     def signal_group(self, sig: signal.Signals) -> None:
-        os.killpg(self.proc.pid, sig)
+        """The whole machine: torchrun, and its workers in their own sessions."""
+        from vicuna_sky.launch.local import signal_tree
+
+        signal_tree(self.proc.pid, sig)
 
     def output(self) -> str:
         return self.log.read_text()
@@ -136,38 +139,9 @@ def until():
     return wait_until
 
 
-class FakeGCPMetadata:
-    """GCP's `instance/preempted` on 127.0.0.1: FALSE until `preempt()`, then TRUE."""
-
-    def __init__(self) -> None:
-        import http.server
-        import threading
-
-        state = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                ok = self.headers.get("Metadata-Flavor") == "Google"
-                body = (b"TRUE" if state.preempted else b"FALSE") if ok else b""
-                self.send_response(200 if ok else 403)
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.preempted = False
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{port}/computeMetadata/v1/instance/preempted"
-
-    def preempt(self) -> None:
-        self.preempted = True
-
-
 @pytest.fixture
-def gcp_metadata():
-    fake = FakeGCPMetadata()
-    yield fake
-    fake.server.shutdown()
+def metadata_server():
+    from vicuna_sky.launch.metadata_server import MetadataServer
+
+    with MetadataServer() as server:
+        yield server

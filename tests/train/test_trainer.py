@@ -103,13 +103,13 @@ def test_sigkill_and_restart_elsewhere_is_bit_identical(
     assert_identical(weights(second.cwd / "export"), weights(uninterrupted.cwd / "export"))
 
 
-def test_gcp_notice_saves_and_exits_75(run_trainer, trainer_args, tmp_path, until, gcp_metadata):
-    env = {"VICUNA_SKY_CLOUD": "gcp", "VICUNA_SKY_GCP_PREEMPTED_URL": gcp_metadata.url}
+def test_gcp_notice_saves_and_exits_75(run_trainer, trainer_args, tmp_path, until, metadata_server):
+    env = metadata_server.env("gcp")
     args = trainer_args(checkpoint_every_steps=100, preemption_poll_seconds=0.05)
     run = run_trainer(tmp_path / "node", args, env=env)
     metrics = run.cwd / "metrics.jsonl"
     until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2)
-    gcp_metadata.preempt()
+    metadata_server.notice()
     run.wait()
     out = run.output()
     assert "notice (gcp)" in out and "window 30s" in out

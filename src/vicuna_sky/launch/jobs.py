@@ -37,6 +37,9 @@ class Attempt:
     status: str = JobStatus.STARTING.value
     exit_codes: list[int] = field(default_factory=list)
     reason: str = ""
+    started_at: float = 0.0
+    """Wall clock (epoch seconds) when the attempt's "cluster" came up."""
+    ended_at: float = 0.0
 
 
 @dataclass

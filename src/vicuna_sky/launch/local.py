@@ -96,6 +96,11 @@ class LocalRunner:
     def run_dir(self) -> Path:
         return Path(self.job.run_dir)
 
+    def running(self) -> bool:
+        """Whether any process of the current attempt is still alive."""
+        with self._lock:
+            return any(p.poll() is None for p in self._groups)
+
     def preempt(self, grace_seconds: float = 0.0) -> bool:
         """Take the current "cluster" away, as a spot preemption does.
 
@@ -164,6 +169,14 @@ class LocalRunner:
         return attempt
 
     def _run_attempt(self, attempt: Attempt) -> str:
+        attempt.started_at = time.time()
+        try:
+            return self._run_attempt_processes(attempt)
+        finally:
+            attempt.ended_at = time.time()
+            self.job.save()
+
+    def _run_attempt_processes(self, attempt: Attempt) -> str:
         self._preempting = False
         node_dir = Path(attempt.workdir).parent
         envs = self._task_envs(attempt)
@@ -196,6 +209,13 @@ class LocalRunner:
             dead = [f"rank {r} by {_signal_name(-c)}" for r, c in enumerate(codes) if c < 0]
             attempt.status = "PREEMPTED"
             attempt.reason = "killed: " + ", ".join(dead) if dead else "preempted"
+            return "preempted"
+        recover = [c for c in codes if c in self._recover_on_exit_codes()]
+        if recover:
+            # As SkyPilot: these codes mean "recover me" (our trainer's 75 after a preemption
+            # notice), whatever max_restarts_on_errors says.
+            attempt.status = "PREEMPTED"
+            attempt.reason = f"exit code(s) {recover} matched recover_on_exit_codes"
             return "preempted"
         if any(codes):
             attempt.status, attempt.reason = JobStatus.FAILED.value, f"exit codes {codes}"
@@ -297,6 +317,14 @@ class LocalRunner:
             available = _count_local_gpus()
         return min(requested, available)
 
+    def _recover_on_exit_codes(self) -> set[int]:
+        codes: set[int] = set()
+        for res in self.task.resources:
+            recovery = res.job_recovery or {}
+            if isinstance(recovery, dict):
+                codes |= {int(c) for c in recovery.get("recover_on_exit_codes") or []}
+        return codes
+
     def _max_restarts_on_errors(self) -> int:
         for res in self.task.resources:
             recovery = res.job_recovery or {}
@@ -349,10 +377,26 @@ class LocalRunner:
 # ------------------------------------------------------------------- helpers
 
 
+def signal_tree(pid: int, sig: signal.Signals) -> None:
+    """Signal a process, its group and every descendant. A vanished VM takes all of its
+    processes; torchrun starts its workers in sessions of their own, so signalling the process
+    group alone would leave them running."""
+    import psutil
+
+    try:
+        family = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+    for child in family:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            child.send_signal(sig)
+
+
 def _signal_groups(procs: list[subprocess.Popen], sig: signal.Signals) -> None:
     for p in procs:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(p.pid, sig)
+        signal_tree(p.pid, sig)
 
 
 def _signal_name(num: int) -> str:

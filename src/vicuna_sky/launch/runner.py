@@ -59,7 +59,7 @@ def launch_recipe(
             runs_dir=runs_dir, bucket_root=workdir / "buckets" if workdir else None
         )
         if spec is Spec.TRAIN:
-            _seed_demo_data(recipe, config)
+            seed_demo_data(recipe, config)
         job = run_locally(task, config)
         if spec is Spec.TRAIN and workdir is not None:
             run_name = task.envs.get("RUN_NAME", recipe.name)
@@ -71,7 +71,7 @@ def launch_recipe(
     return None
 
 
-def _seed_demo_data(recipe: Recipe, config: local_lib.LocalConfig) -> None:
+def seed_demo_data(recipe: Recipe, config: local_lib.LocalConfig) -> None:
     """The bundled tiny recipe trains on the packaged sample: put it in the local bucket when
     it is not there yet. Any other recipe's data is the user's to upload."""
     from vicuna_sky.tiny import TINY_MODEL, prepare_demo_data

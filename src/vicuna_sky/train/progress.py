@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -54,6 +55,7 @@ class Progress:
         if self.metrics:
             record = {
                 "step": step,
+                "time": time.time(),
                 "loss": loss,
                 "lr": lr,
                 "tokens_per_second": rate,
