@@ -206,6 +206,9 @@ def test_train_recipe_locally_end_to_end(cli, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(workdir / "export")
     assert model.config.num_hidden_layers == 2
     assert (workdir / "buckets" / "s3" / "vicuna-sky-tiny" / "data" / "demo_sharegpt.json").exists()
+    # The run is costed at catalog prices (the test catalog's are made up).
+    status = cli("status", "--local", "--runs-dir", str(workdir / "runs"))
+    assert "spot" in status.stdout and "on-demand" in status.stdout, status.stdout
 
 
 def test_bad_arguments_are_one_line(tmp_path):

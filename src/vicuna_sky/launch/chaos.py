@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vicuna_sky.errors import VicunaSkyError
-from vicuna_sky.launch import jobs
+from vicuna_sky.launch import cost, jobs
 from vicuna_sky.launch.local import LocalConfig, LocalRunner
 from vicuna_sky.launch.metadata_server import MetadataServer
 from vicuna_sky.launch.s3_server import LOCAL_AWS_ENV, LocalS3
@@ -73,6 +73,8 @@ class ChaosReport:
     reference_weights_sha256: str = ""
     identical_to_uninterrupted: bool = False
     only_committed_checkpoints_loaded: bool = True
+    cost: dict = field(default_factory=dict)
+    """The chaos run's realized cost at catalog prices (cost.RealizedCost), when known."""
     run_dir: str = ""
 
     def to_json(self) -> str:
@@ -182,6 +184,10 @@ class Chaos:
 
         run_name = f"{self.recipe.name}-chaos"
         runner = LocalRunner(self._task(run_name), local)
+        prices = _prices(self.recipe)
+        if prices:
+            runner.job.prices = asdict(prices)
+            runner.job.save()
         url = f"{self.recipe.bucket.rstrip('/')}/runs/{run_name}/{runner.job.task_id}"
         checkpoints = Checkpoints(open_store(url))
         kinds = [KINDS[i % 2] for i in range(self.config.preemptions)]
@@ -271,7 +277,16 @@ class Chaos:
                 p.seconds_to_resume = round(first[0]["time"] - after.started_at, 2)
             report.only_committed_checkpoints_loaded &= p.resumed_from == p.latest_committed
         report.steps = max((m["step"] for m in _metrics(job.attempts[-1])), default=0)
+        if prices:
+            report.cost = cost.realized(job, prices).to_dict()
         return report
+
+
+def _prices(recipe: Recipe) -> cost.Prices | None:
+    try:
+        return cost.prices_for(recipe)
+    except Exception:
+        return None
 
 
 def _wall(job: jobs.LocalJob) -> float:
@@ -315,6 +330,15 @@ def render(report: ChaosReport) -> list[object]:
         f"wall {report.wall_seconds:.1f}s vs {report.reference_wall_seconds:.1f}s "
         f"uninterrupted (+{overhead:.1f}s)",
         f"final weights {same} to the uninterrupted run's (sha256 {report.weights_sha256[:16]})",
+        *(
+            [
+                f"cost at {report.cost['basis']}: ${report.cost['spot_usd']:.5f} on spot vs "
+                f"${report.cost['on_demand_usd']:.5f} on demand for the same work; "
+                f"preemption overhead ${report.cost['overhead_usd']:.5f}"
+            ]
+            if report.cost
+            else []
+        ),
         "every resume loaded the newest committed checkpoint"
         if report.only_committed_checkpoints_loaded
         else "A RESUME DID NOT LOAD THE NEWEST COMMITTED CHECKPOINT",

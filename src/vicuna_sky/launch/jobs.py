@@ -51,6 +51,8 @@ class LocalJob:
     attempts: list[Attempt] = field(default_factory=list)
     recoveries: int = 0
     restarts_on_errors: int = 0
+    prices: dict = field(default_factory=dict)
+    """Catalog prices the run is costed at (cost.Prices fields); empty when unknown."""
 
     def save(self) -> None:
         path = Path(self.run_dir) / "job.json"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
@@ -10,11 +11,12 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from vicuna_sky.errors import VicunaSkyError
-from vicuna_sky.launch import jobs
+from vicuna_sky.launch import cost, jobs
 from vicuna_sky.launch import local as local_lib
 from vicuna_sky.launch.tasks import (
     Spec,
     load_task,
+    one_line,
     parse_env_overrides,
     resolve_recipe,
     resolved_yaml,
@@ -60,7 +62,7 @@ def launch_recipe(
         )
         if spec is Spec.TRAIN:
             seed_demo_data(recipe, config)
-        job = run_locally(task, config)
+        job = run_locally(task, config, _prices(recipe) if spec is Spec.TRAIN else None)
         if spec is Spec.TRAIN and workdir is not None:
             run_name = task.envs.get("RUN_NAME", recipe.name)
             fetch_export(config.bucket_dir(recipe.bucket), run_name, workdir / "export")
@@ -96,8 +98,23 @@ def fetch_export(bucket_dir: Path, run_name: str, destination: Path) -> None:
     console.print(f"exported model: {destination}")
 
 
-def run_locally(task: object, config: local_lib.LocalConfig) -> jobs.LocalJob:
+def _prices(recipe: Recipe) -> cost.Prices | None:
+    """Catalog prices to cost a run at; None (and the run goes uncosted) when the catalog
+    cannot say."""
+    try:
+        return cost.prices_for(recipe)
+    except Exception as e:
+        console.print(f"  [dim]run not costed: {one_line(e)}[/]")
+        return None
+
+
+def run_locally(
+    task: object, config: local_lib.LocalConfig, prices: cost.Prices | None = None
+) -> jobs.LocalJob:
     runner = local_lib.LocalRunner(task, config, on_event=lambda m: console.print(f"  {m}"))
+    if prices:
+        runner.job.prices = asdict(prices)
+        runner.job.save()
     console.print(f"[bold]{runner.job.name}[/] running locally in {runner.run_dir}")
     job = runner.run()
     logs = ", ".join(p.name for p in jobs.latest_logs(job))
@@ -164,7 +181,7 @@ def print_plan(recipe: Recipe, top: int = 5) -> None:
 
 def print_status(local: bool, runs_dir: Path) -> None:
     if local:
-        rows = [jobs.describe(j) for j in jobs.list_jobs(runs_dir)]
+        rows = [jobs.describe(j) | {"cost": _cost_cell(j)} for j in jobs.list_jobs(runs_dir)]
         title = f"local runs in {runs_dir}"
     else:
         from vicuna_sky.launch import cloud
@@ -178,6 +195,16 @@ def print_status(local: bool, runs_dir: Path) -> None:
     for row in rows:
         table.add_row(*[str(row[c]) for c in columns])
     console.print(table if rows else f"{title}: none")
+
+
+def _cost_cell(job: jobs.LocalJob) -> str:
+    if not job.prices:
+        return "-"
+    c = cost.realized(job, cost.Prices(**job.prices))
+    return (
+        f"${c.spot_usd:.4f} spot ({c.billed_hours * 60:.1f} node-min) vs "
+        f"${c.on_demand_usd:.4f} on-demand; preemption overhead ${c.overhead_usd:.4f}"
+    )
 
 
 def show_logs(name: str, kind: str, local: bool, runs_dir: Path) -> None:

@@ -1,0 +1,145 @@
+"""The realized cost of a run: what its machines were billed on spot, what the same work would
+have cost on demand, and what the preemptions added.
+
+`vicuna-sky plan` estimates before a run; this module measures after. The events are the run's
+attempts (one per machine: when it came up, when it went away) and, locally, the trainer's
+per-step metrics. Work is "kept" when a later attempt did not redo it: an attempt's steps up to
+the checkpoint the next attempt resumed from, and the whole of the last attempt. The on-demand
+cost of the same work is the kept time at the on-demand price; the overhead is everything else
+(restarts, lost steps) at the spot price.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from vicuna_sky.launch import jobs
+
+RESUMED = re.compile(r"resumed at step (\d+)")
+
+
+@dataclass(frozen=True)
+class Prices:
+    spot_hourly: float
+    """One node, per hour."""
+    on_demand_hourly: float
+    nodes: int
+    basis: str
+    """Where the prices come from (cloud, instance type, catalog)."""
+
+
+@dataclass(frozen=True)
+class RealizedCost:
+    attempts: int
+    preemptions: int
+    billed_hours: float
+    kept_hours: float
+    spot_usd: float
+    on_demand_usd: float
+    overhead_usd: float
+    basis: str
+
+    @property
+    def saving(self) -> float:
+        return 1 - self.spot_usd / self.on_demand_usd if self.on_demand_usd else 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def prices_for(recipe: object) -> Prices:
+    """The cheapest spot offer for the recipe's resources and the on-demand price of the same
+    instance type, from SkyPilot's catalog."""
+    from sky import catalog
+
+    r = recipe.resources
+    if r.accelerator:
+        from vicuna_sky.launch.plan import catalog_candidates
+
+        spot, on_demand = catalog_candidates(recipe, top=50)
+        if not spot or not on_demand:
+            raise ValueError(f"no catalog offer for {r.accelerator}:{r.gpus_per_node}")
+        best = spot[0]
+        same = [c for c in on_demand if c.instance_type == best.instance_type] or on_demand
+        return Prices(
+            best.hourly_usd,
+            same[0].hourly_usd,
+            r.nodes,
+            f"{best.cloud} {best.region} {best.instance_type} (SkyPilot catalog)",
+        )
+    cloud = (r.clouds or ["aws"])[0]
+    instance = catalog.get_default_instance_type(cpus=r.cpus, clouds=cloud)
+    if not instance:
+        raise ValueError(f"no {cloud} instance type with {r.cpus} CPUs in the catalog")
+    spot_price = catalog.get_hourly_cost(instance, True, None, None, clouds=cloud)
+    od_price = catalog.get_hourly_cost(instance, False, None, None, clouds=cloud)
+    return Prices(spot_price, od_price, r.nodes, f"{cloud} {instance} (SkyPilot catalog)")
+
+
+def _metrics(attempt: jobs.Attempt) -> list[dict]:
+    path = Path(attempt.workdir) / "metrics.jsonl"
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return out
+
+
+def _resumed_from(attempt: jobs.Attempt) -> int | None:
+    log = Path(attempt.workdir).parent / "run-rank0.log"
+    match = RESUMED.search(log.read_text(errors="replace")) if log.exists() else None
+    return int(match.group(1)) if match else None
+
+
+def kept_seconds(job: jobs.LocalJob) -> float:
+    """Time of the work no later attempt redid (see the module docstring)."""
+    attempts = [a for a in job.attempts if a.ended_at]
+    if not attempts:
+        return 0.0
+    kept = attempts[-1].ended_at - attempts[-1].started_at
+    for attempt, following in itertools.pairwise(attempts):
+        resumed = _resumed_from(following) or 0
+        kept += sum(m.get("seconds", 0.0) for m in _metrics(attempt) if m["step"] <= resumed)
+    return kept
+
+
+def realized(job: jobs.LocalJob, prices: Prices) -> RealizedCost:
+    """The realized cost of a local run, with the given (catalog) prices."""
+    billed = sum(a.ended_at - a.started_at for a in job.attempts if a.ended_at)
+    kept = min(kept_seconds(job), billed)
+    nodes = prices.nodes
+    billed_h, kept_h = billed / 3600 * nodes, kept / 3600 * nodes
+    return RealizedCost(
+        attempts=len(job.attempts),
+        preemptions=sum(a.status == "PREEMPTED" for a in job.attempts),
+        billed_hours=billed_h,
+        kept_hours=kept_h,
+        spot_usd=billed_h * prices.spot_hourly,
+        on_demand_usd=kept_h * prices.on_demand_hourly,
+        overhead_usd=(billed_h - kept_h) * prices.spot_hourly,
+        basis=prices.basis,
+    )
+
+
+def realized_from_managed_job(record: dict, prices: Prices) -> RealizedCost:
+    """A managed job from `sky.jobs.queue`: SkyPilot records the run's total duration and how
+    often it recovered, not per-step progress, so the overhead is not separated (0 here)."""
+    hours = float(record.get("job_duration") or 0.0) / 3600 * prices.nodes
+    recoveries = int(record.get("recovery_count") or 0)
+    return RealizedCost(
+        attempts=recoveries + 1,
+        preemptions=recoveries,
+        billed_hours=hours,
+        kept_hours=hours,
+        spot_usd=hours * prices.spot_hourly,
+        on_demand_usd=hours * prices.on_demand_hourly,
+        overhead_usd=0.0,
+        basis=prices.basis,
+    )
