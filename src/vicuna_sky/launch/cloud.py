@@ -55,11 +55,15 @@ def status() -> list[dict[str, str]]:
     rows = []
     for job in sky.get(sky.jobs.queue(refresh=False)):
         record = job if isinstance(job, dict) else job.model_dump()
+        duration = float(record.get("job_duration") or 0.0)
         rows.append(
             {
                 "kind": "job",
                 "name": str(record.get("job_name")),
                 "status": _name(record.get("status")),
+                # Realized cost needs prices: cost.realized_from_managed_job(record, prices).
+                "recoveries": str(record.get("recovery_count", "-")),
+                "hours": f"{duration / 3600:.2f}",
             }
         )
     for cluster in sky.get(sky.status()):

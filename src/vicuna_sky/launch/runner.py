@@ -189,11 +189,11 @@ def print_status(local: bool, runs_dir: Path) -> None:
         rows = cloud.status()
         title = "SkyPilot jobs, clusters and services"
     table = Table(title=title, title_justify="left")
-    columns = list(rows[0]) if rows else ["status"]
+    columns = list(dict.fromkeys(c for row in rows for c in row)) or ["status"]
     for col in columns:
         table.add_column(col)
     for row in rows:
-        table.add_row(*[str(row[c]) for c in columns])
+        table.add_row(*[str(row.get(c, "-")) for c in columns])
     console.print(table if rows else f"{title}: none")
 
 
