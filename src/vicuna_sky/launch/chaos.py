@@ -145,6 +145,7 @@ class Chaos:
                 "chaos runs put the recipe's bucket on a local S3 server: use an s3:// bucket"
             )
         os.environ.update(LOCAL_AWS_ENV)
+        os.environ.setdefault("SKYPILOT_DISABLE_USAGE_COLLECTION", "1")
         os.environ["VICUNA_SKY_NOTICE_POLL_SECONDS"] = "0.1"
         self.workdir.mkdir(parents=True, exist_ok=True)
         with LocalS3() as s3, MetadataServer() as metadata:

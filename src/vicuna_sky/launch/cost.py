@@ -53,10 +53,20 @@ class RealizedCost:
 
 def prices_for(recipe: object) -> Prices:
     """The cheapest spot offer for the recipe's resources and the on-demand price of the same
-    instance type, from SkyPilot's catalog."""
+    instance type, from SkyPilot's catalog as it is on this machine: a missing catalog is an
+    error here, never a download (local runs, tests and the demo stay off the network)."""
+    from sky.catalog import common
+
     from sky import catalog
 
     r = recipe.resources
+    for cloud in r.clouds or ["aws"]:
+        path = Path(common.get_catalog_path(f"{cloud}/vms.csv"))
+        if not path.exists():
+            raise ValueError(
+                f"no local SkyPilot catalog for {cloud} ({path}); "
+                "`vicuna-sky plan` fetches it when online"
+            )
     if r.accelerator:
         from vicuna_sky.launch.plan import catalog_candidates
 
