@@ -132,6 +132,18 @@ class PreemptionWatcher:
             self._thread.start()
         return self
 
+    def check_once(self) -> bool:
+        """Poll the current cloud's endpoint once (no thread); True on a notice."""
+        check = CHECKS.get(self.cloud)
+        if check is None:
+            return False
+        try:
+            if check(self.endpoints):
+                self.trigger(self.cloud)
+        except (OSError, ValueError) as e:
+            log.debug("notice poll failed: %s", e)
+        return self.triggered
+
     def stop(self) -> None:
         self._stop.set()
 

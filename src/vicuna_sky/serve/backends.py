@@ -1,0 +1,157 @@
+"""`Backend`: what a worker serves with. One worker app runs any of them.
+
+- `hf`: transformers on CPU or GPU, prompting through the data pipeline's templates.
+- `vllm`: vLLM's async engine on GPU (the `gpu` extra) — not built yet.
+- `echo`: a fixed answer at once, for routing benchmarks and failover tests only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from vicuna_sky.serve.protocol import ApiError, GenerateRequest
+
+
+class Backend(Protocol):
+    context_length: int
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[str]:
+        """Text deltas of the answer (after `request.prefix`, if any)."""
+
+    def count_tokens(self, text: str) -> int: ...
+
+    async def embed(self, texts: list[str]) -> list[list[float]]: ...
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    hits = [text.index(s) for s in stops if s and s in text]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+class EchoBackend:
+    """Answers "echo: <last user message>" in word deltas, instantly."""
+
+    context_length = 1_000_000
+    delay = 0.0
+    """Seconds per word; 0 for benchmarks, a little for tests that kill a worker mid-answer."""
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[str]:
+        last = (request.messages or [])[-1].content if request.messages else request.prompt or ""
+        words = f"echo: {last}".split(" ")
+        text = " ".join(words)
+        if request.prefix and text.startswith(request.prefix):
+            text = text[len(request.prefix) :]
+        for i, word in enumerate(text.split(" ")[: request.max_tokens]):
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            yield word if i == 0 else " " + word
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        return [[float(len(t)), float(sum(map(ord, t)) % 997)] for t in texts]
+
+
+class HFBackend:
+    """A transformers causal LM; generation runs in a thread and streams through a queue."""
+
+    def __init__(self, model_path: str, template: str = "vicuna_v1.1") -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from vicuna_sky.data.conversation import get_template
+
+        self.torch = torch
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        self.model.to(self.device).eval()
+        self.template = get_template(template, self.tokenizer)
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    def _prompt(self, request: GenerateRequest) -> tuple[str, bool]:
+        from vicuna_sky.data.conversation import Message
+
+        if request.messages is None:
+            return (request.prompt or "") + request.prefix, False
+        messages = [Message(m.role, m.content) for m in request.messages]
+        rendered = self.template.render(messages, add_generation_prompt=True)
+        # A continuation picks up after the text already sent, as the same assistant turn.
+        text = rendered.text + (" " + request.prefix if request.prefix else "")
+        return text, rendered.has_bos
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"])
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[str]:
+        from transformers import TextIteratorStreamer
+
+        prompt, has_bos = self._prompt(request)
+        ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=not has_bos)
+        n = ids["input_ids"].shape[1]
+        if n + request.max_tokens > self.context_length:
+            raise ApiError(
+                400,
+                f"this model's maximum context length is {self.context_length} "
+                f"tokens; the prompt has {n} and {request.max_tokens} were requested",
+                code="context_length_exceeded",
+            )
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        sample = request.temperature > 0
+        kwargs = dict(
+            **{k: v.to(self.device) for k, v in ids.items()},
+            streamer=streamer,
+            max_new_tokens=request.max_tokens,
+            do_sample=sample,
+            pad_token_id=self.tokenizer.eos_token_id,
+        )
+        if sample:
+            kwargs |= {"temperature": request.temperature, "top_p": request.top_p}
+        if request.seed is not None:
+            self.torch.manual_seed(request.seed)
+        thread = threading.Thread(target=self._run, args=(kwargs,), daemon=True)
+        thread.start()
+        stops = request.stop + [s for s in self.template.stop if s]
+        sent = ""
+        while True:
+            piece = await asyncio.to_thread(next, streamer, None)
+            if piece is None:
+                break
+            candidate, stopped = _cut_at_stop(sent + piece, stops)
+            if len(candidate) > len(sent):
+                yield candidate[len(sent) :]
+                sent = candidate
+            if stopped:
+                break
+
+    def _run(self, kwargs: dict) -> None:
+        with self.torch.no_grad():
+            self.model.generate(**kwargs)
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        def run() -> list[list[float]]:
+            out = []
+            with self.torch.no_grad():
+                for text in texts:
+                    ids = self.tokenizer(text, return_tensors="pt").to(self.device)
+                    hidden = self.model(**ids, output_hidden_states=True).hidden_states[-1]
+                    vector = hidden[0].mean(dim=0)
+                    out.append((vector / vector.norm()).float().cpu().tolist())
+            return out
+
+        return await asyncio.to_thread(run)
+
+
+def load_backend(kind: str, model_path: str, template: str) -> Backend:
+    if kind == "echo":
+        return EchoBackend()
+    if kind == "hf":
+        return HFBackend(model_path, template)
+    if kind == "vllm":
+        raise ApiError(400, "the vllm backend is not built yet: use hf")
+    raise ApiError(400, f"unknown backend {kind!r}: hf, vllm or echo")

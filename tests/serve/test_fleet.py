@@ -1,0 +1,168 @@
+"""The fleet with the official `openai` client: API surface, errors, failover, restart, drain."""
+
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+
+@pytest.fixture
+def hf_fleet(fleet, tiny_chat_model):
+    fleet.start_controller()
+    a = fleet.start_worker("hf", str(tiny_chat_model), "vicuna-tiny", "--model-name", "tiny")
+    b = fleet.start_worker("hf", str(tiny_chat_model), "vicuna-tiny")
+    fleet.wait_workers({a, b})
+    return fleet
+
+
+def test_openai_client_against_two_hf_workers(hf_fleet):
+    client = hf_fleet.client()
+    assert {m.id for m in client.models.list().data} == {"vicuna-tiny", "tiny"}
+    chat = client.chat.completions.create(
+        model="vicuna-tiny",
+        messages=[{"role": "user", "content": "Hello!"}],
+        max_tokens=8,
+        temperature=0,
+    )
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert chat.usage.completion_tokens > 0 and chat.choices[0].finish_reason in ("stop", "length")
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Hello!"}],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream)
+    assert streamed == chat.choices[0].message.content  # greedy: same answer, streamed
+    text = client.completions.create(model="tiny", prompt="Once upon", max_tokens=5, temperature=0)
+    assert text.object == "text_completion" and text.choices[0].text
+    emb = client.embeddings.create(model="tiny", input=["a cat", "a dog"])
+    assert len(emb.data) == 2 and len(emb.data[0].embedding) == 128
+
+
+def test_errors_are_openai_shaped_4xx(hf_fleet):
+    client = hf_fleet.client()
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model="tiny", messages=[])
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(
+            model="tiny", temperature=7, messages=[{"role": "user", "content": "x"}]
+        )
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model="tiny", prompt="word " * 2000, max_tokens=10)
+    r = httpx.post(
+        f"{hf_fleet.url}/v1/chat/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 400 and "error" in r.json()
+
+
+def test_wrong_registration_secret_is_rejected(fleet):
+    fleet.start_controller()
+    r = httpx.post(
+        f"{fleet.url}/workers/register",
+        json={
+            "address": "http://127.0.0.1:1",
+            "models": ["m"],
+            "max_concurrency": 1,
+            "secret": "wrong",
+        },
+    )
+    assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+    good = fleet.start_worker("echo", "echo", "echo")
+    bad = fleet.start_worker("echo", "echo", "sneaky", secret="wrong")
+    fleet.wait_workers({good})
+    time.sleep(1.5)
+    assert bad not in fleet.available()
+    assert {m.id for m in fleet.client().models.list().data} == {"echo"}
+
+
+def test_api_keys(fleet):
+    fleet.start_controller("--api-key", "k1")
+    fleet.wait_workers({fleet.start_worker("echo", "echo", "echo")})
+    with pytest.raises(openai.AuthenticationError):
+        fleet.client(api_key="wrong").models.list()
+    assert fleet.client(api_key="k1").models.list().data
+
+
+def ask(client, i: int) -> str:
+    r = client.chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": f"question {i}"}]
+    )
+    return r.choices[0].message.content
+
+
+def test_killing_a_worker_under_load_fails_no_request(fleet):
+    fleet.start_controller()
+    a = fleet.start_worker("echo", "echo", "echo", "--echo-delay", "0.01")
+    b = fleet.start_worker("echo", "echo", "echo", "--echo-delay", "0.01")
+    fleet.wait_workers({a, b})
+    client = fleet.client()
+    threading.Timer(0.5, lambda: fleet.workers[a].stop()).start()
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: ask(client, i), range(200)))
+    assert answers == [f"echo: question {i}" for i in range(200)]
+
+
+def test_a_stream_continues_on_another_worker_when_its_worker_dies(fleet):
+    fleet.start_controller()
+    a = fleet.start_worker("echo", "echo", "echo", "--echo-delay", "0.05")
+    fleet.wait_workers({a})
+    b = fleet.start_worker("echo", "echo", "echo", "--echo-delay", "0.05")
+    fleet.wait_workers({a, b})
+    words = " ".join(f"w{i}" for i in range(40))
+    stream = fleet.client().chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": words}], stream=True
+    )
+    received, killed = "", False
+    for chunk in stream:
+        received += chunk.choices[0].delta.content or ""
+        if not killed and len(received.split()) > 10:
+            busy = [w for w in fleet.workers if httpx.get(f"{w}/health").json()["in_flight"]]
+            fleet.workers[busy[0]].stop()  # the worker streaming this answer dies
+            killed = True
+    assert killed and received == f"echo: {words}"  # one unbroken answer
+
+
+def test_controller_restart_routes_again_within_two_seconds(fleet):
+    fleet.start_controller()
+    fleet.wait_workers({fleet.start_worker("echo", "echo", "echo")})
+    client = fleet.client()
+    assert ask(client, 1) == "echo: question 1"
+    fleet.controller.stop()
+    fleet.controller.start()
+    start = time.monotonic()
+    while time.monotonic() - start < 10:
+        try:
+            assert ask(client, 2) == "echo: question 2"
+            break
+        except (openai.APIConnectionError, openai.InternalServerError, openai.NotFoundError):
+            time.sleep(0.05)
+    assert time.monotonic() - start < 2.0
+
+
+def test_sigterm_drains_a_worker(fleet):
+    fleet.start_controller()
+    a = fleet.start_worker("echo", "echo", "echo", "--echo-delay", "0.05")
+    fleet.wait_workers({a})
+    b = fleet.start_worker("echo", "echo", "echo")
+    fleet.wait_workers({a, b})
+    client = fleet.client()
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(ask, client, i) for i in range(4)]
+        time.sleep(0.3)  # requests in flight on both workers
+        fleet.workers[a].signal(signal.SIGTERM)
+        answers = [f.result() for f in futures]
+        later = [ask(client, 100 + i) for i in range(10)]
+    assert answers == [f"echo: question {i}" for i in range(4)]  # in-flight ones finished
+    assert all(x.startswith("echo: question 1") for x in later)
+    assert fleet.workers[a].proc.wait(30) == 0  # it exits on its own after draining
+    assert a not in fleet.available()
