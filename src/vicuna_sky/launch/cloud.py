@@ -32,8 +32,13 @@ def launch(spec: Spec, task: sky.Task, name: str) -> Any:
 
 def launch_fleet(controller: sky.Task, worker: sky.Task, name: str, workers: int) -> str:
     """Controller on an on-demand CPU node, then `workers` spot workers registering with it."""
+    import secrets
+
     import sky
 
+    secret = secrets.token_urlsafe(24)
+    for task in (controller, worker):
+        task.update_secrets({"FLEET_SECRET": secret})
     launch(Spec.CONTROLLER, controller, f"{name}-controller")
     endpoints = sky.get(sky.endpoints(f"{name}-controller", port=CONTROLLER_PORT))
     url = (
