@@ -166,3 +166,24 @@ def test_sigterm_drains_a_worker(fleet):
     assert all(x.startswith("echo: question 1") for x in later)
     assert fleet.workers[a].proc.wait(30) == 0  # it exits on its own after draining
     assert a not in fleet.available()
+
+
+def test_a_preemption_notice_drains_a_worker(fleet):
+    from vicuna_sky.launch.metadata_server import MetadataServer
+
+    fleet.start_controller()
+    with MetadataServer() as metadata:
+        env = metadata.env("aws") | {"VICUNA_SKY_NOTICE_POLL_SECONDS": "0.1"}
+        a = fleet.start_worker("echo", "echo", "echo", "--echo-delay", "0.05", env=env)
+        fleet.wait_workers({a})
+        b = fleet.start_worker("echo", "echo", "echo")
+        fleet.wait_workers({a, b})
+        client = fleet.client()
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(ask, client, i) for i in range(2)]
+            time.sleep(0.2)
+            metadata.notice()
+            assert [f.result() for f in futures] == ["echo: question 0", "echo: question 1"]
+        assert fleet.workers[a].proc.wait(30) == 0
+        assert a not in fleet.available()
+        assert ask(client, 5) == "echo: question 5"

@@ -1,0 +1,140 @@
+"""A fleet on this machine: a controller and workers as processes on 127.0.0.1.
+
+Used by the demo, the tests and the benchmarks; the cloud fleet is sky/serve-*.yaml.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from vicuna_sky.launch.s3_server import free_port
+
+
+class Proc:
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.args, self.log, self.env = args, log, env or {}
+        self.start()
+
+    def start(self) -> None:
+        env = {**os.environ, "VICUNA_SKY_CLOUD": "", **self.env}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", *self.args],
+            stdout=self.log.open("a"),
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class LocalFleet:
+    def __init__(self, workdir: Path, secret: str = "local-fleet") -> None:
+        self.workdir, self.secret = Path(workdir), secret
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.procs: list[Proc] = []
+        self.workers: dict[str, Proc] = {}
+
+    def __enter__(self) -> LocalFleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start_controller(self, *extra: str) -> Proc:
+        args = [
+            "vicuna_sky.serve.controller",
+            "--port",
+            str(self.port),
+            "--secret",
+            self.secret,
+            "--db",
+            str(self.workdir / "registry.db"),
+            *extra,
+        ]
+        self.controller = Proc(args, self.workdir / "controller.log")
+        self.procs.append(self.controller)
+        self.wait_http(f"{self.url}/v1/models")
+        return self.controller
+
+    def start_worker(
+        self,
+        backend: str,
+        model: str,
+        name: str,
+        *extra: str,
+        secret: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> str:
+        port = free_port()
+        args = [
+            "vicuna_sky.serve.worker",
+            "--backend",
+            backend,
+            "--model-path",
+            model,
+            "--model-name",
+            name,
+            "--controller-url",
+            self.url,
+            "--secret",
+            self.secret if secret is None else secret,
+            "--port",
+            str(port),
+            "--heartbeat-seconds",
+            "0.5",
+            *extra,
+        ]
+        address = f"http://127.0.0.1:{port}"
+        proc = Proc(args, self.workdir / f"worker-{port}.log", env)
+        self.procs.append(proc)
+        self.workers[address] = proc
+        return address
+
+    @staticmethod
+    def wait_http(url: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(url, timeout=1)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise TimeoutError(url)
+
+    def available(self) -> set[str]:
+        workers = httpx.get(f"{self.url}/workers", timeout=5).json()["workers"]
+        return {w["address"] for w in workers if w["available"]}
+
+    def wait_workers(self, addresses: set[str], timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if addresses <= self.available():
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"workers {addresses} never registered")
+
+    def client(self, **kw: object):  # noqa: ANN201 (openai.OpenAI)
+        from openai import OpenAI
+
+        return OpenAI(
+            base_url=f"{self.url}/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw
+        )
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.stop()
