@@ -20,6 +20,8 @@ def test_demo_completes_and_summarises(cli, tmp_path):
     assert (workdir / "export" / "model.safetensors").is_file()
     logs = "".join(p.read_text() for p in workdir.glob("runs/*/attempt-*/run-rank0.log"))
     assert "emergency checkpoint" in logs and "resumed at step" in logs
+    # The trained model answered through the fleet's OpenAI API.
+    assert "3 questions answered" in out.stdout
     # Running it again reuses its own directory; a foreign non-empty one is refused.
     assert cli("demo", "--workdir", str(workdir)).returncode == 0
     foreign = tmp_path / "mine"

@@ -124,12 +124,42 @@ def stage_specs(ctx: Context) -> str:
     return f"{len(checked)} specs resolved and validated by SkyPilot: {', '.join(checked)}"
 
 
+def stage_serve(ctx: Context) -> str:
+    """The exported model behind a local fleet (controller + 2 hf workers), asked through the
+    OpenAI API with the official client."""
+    from vicuna_sky.serve.local_fleet import LocalFleet
+
+    export = ctx.outputs["export"]
+    name = ctx.recipe.serve.model_name
+    questions = ["What is a spot instance?", "Write a haiku about GPUs.", "Say hello."]
+    with LocalFleet(ctx.workdir / "serve") as fleet:
+        fleet.start_controller()
+        workers = {fleet.start_worker("hf", export, name) for _ in range(2)}
+        fleet.wait_workers(workers)
+        client = fleet.client()
+        answers = []
+        for q in questions:
+            r = client.chat.completions.create(
+                model=name,
+                messages=[{"role": "user", "content": q}],
+                max_tokens=16,
+                temperature=0,
+            )
+            answers.append(r.choices[0].message.content)
+    ctx.outputs["serve logs"] = str(ctx.workdir / "serve")
+    sample = answers[0].strip().replace("\n", " ")[:40]
+    return (
+        f"controller + 2 hf workers; {len(answers)} questions answered through /v1/chat/"
+        f"completions (a random-weight model rambles: {sample!r}...)"
+    )
+
+
 STAGES = [
     Stage("prepare", stage_assets),
     Stage("validate specs", stage_specs),
     Stage("clean + split data", stage_data),
     Stage("train (with a preemption)", stage_train),
-    Stage("serve", lambda ctx: "", needs="vicuna_sky.serve.controller"),
+    Stage("serve", stage_serve),
     Stage("evaluate", lambda ctx: "", needs="vicuna_sky.eval.judge"),
 ]
 
