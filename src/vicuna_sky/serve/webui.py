@@ -1,0 +1,108 @@
+"""`python -m vicuna_sky.serve.webui`: a Gradio chat page on top of the controller's OpenAI API.
+
+Model picker (from /v1/models), streamed answers, retry/undo/clear from Gradio's chat, and a
+moderation hook applied to every user message before it reaches a model: a local blocklist by
+default, or an OpenAI-compatible `/v1/moderations` endpoint when `--moderation-url` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import httpx
+
+REFUSAL = "This message was blocked by the moderation policy and was not sent to a model."
+
+
+@dataclass
+class Moderation:
+    blocklist: list[str] = field(default_factory=list)
+    url: str = ""
+    """OpenAI-compatible moderation endpoint base URL (…/v1); empty = blocklist only."""
+    api_key: str = ""
+
+    def flagged(self, text: str) -> bool:
+        lowered = text.lower()
+        if any(word.lower() in lowered for word in self.blocklist):
+            return True
+        if not self.url:
+            return False
+        r = httpx.post(
+            f"{self.url.rstrip('/')}/moderations",
+            json={"input": text},
+            headers={"Authorization": f"Bearer {self.api_key}"},
+            timeout=10,
+        )
+        r.raise_for_status()
+        return any(result.get("flagged") for result in r.json().get("results", []))
+
+
+def build(controller_url: str, api_key: str, moderation: Moderation):  # noqa: ANN201 (gr.Blocks)
+    import gradio as gr
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{controller_url.rstrip('/')}/v1", api_key=api_key or "none")
+
+    def models() -> list[str]:
+        try:
+            return [m.id for m in client.models.list().data]
+        except Exception:
+            return []
+
+    def reply(message: str, history: list[dict], model: str) -> Iterator[str]:
+        if moderation.flagged(message):
+            yield REFUSAL
+            return
+        if not model:
+            yield "No model is being served right now."
+            return
+        messages = [
+            {"role": m["role"], "content": m["content"]}
+            for m in history
+            if isinstance(m.get("content"), str)
+        ]
+        messages.append({"role": "user", "content": message})
+        text = ""
+        for chunk in client.chat.completions.create(
+            model=model, messages=messages, stream=True, max_tokens=512
+        ):
+            text += chunk.choices[0].delta.content or "" if chunk.choices else ""
+            yield text
+
+    available = models()
+    with gr.Blocks(title="vicuna-sky chat") as demo:
+        picker = gr.Dropdown(
+            choices=available,
+            value=available[0] if available else None,
+            label="model",
+            allow_custom_value=True,
+        )
+        gr.ChatInterface(reply, additional_inputs=[picker], title="vicuna-sky chat")
+        demo.load(lambda: gr.Dropdown(choices=models()), outputs=picker)
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m vicuna_sky.serve.webui")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--controller-url", required=True)
+    p.add_argument("--api-key", default="")
+    p.add_argument("--moderation-url", default="", help="OpenAI-compatible …/v1 base URL")
+    p.add_argument("--moderation-api-key", default="")
+    p.add_argument(
+        "--blocklist",
+        nargs="*",
+        default=["kill yourself", "make a bomb"],
+        help="phrases refused before they reach a model",
+    )
+    args = p.parse_args(argv)
+    moderation = Moderation(args.blocklist, args.moderation_url, args.moderation_api_key)
+    demo = build(args.controller_url, args.api_key, moderation)
+    demo.queue().launch(server_name=args.host, server_port=args.port, share=False, show_error=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The chat page in headless Chromium (Debian's chromium, driven by playwright)."""
+
+import os
+import shutil
+
+import pytest
+
+from vicuna_sky.launch.s3_server import free_port
+from vicuna_sky.serve.local_fleet import LocalFleet, Proc
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+def page(fleet: LocalFleet, tmp_path):
+    if not os.path.exists(CHROMIUM):
+        pytest.fail("chromium is missing: `make env` installs it (Debian package chromium)")
+    from playwright.sync_api import sync_playwright
+
+    fleet.start_controller()
+    fleet.wait_workers({fleet.start_worker("echo", "echo", "echo")})
+    port = free_port()
+    ui = Proc(
+        [
+            "vicuna_sky.serve.webui",
+            "--port",
+            str(port),
+            "--controller-url",
+            fleet.url,
+            "--blocklist",
+            "forbidden topic",
+        ],
+        tmp_path / "webui.log",
+        env={"GRADIO_ANALYTICS_ENABLED": "False"},
+    )
+    fleet.procs.append(ui)
+    fleet.wait_http(f"http://127.0.0.1:{port}/", timeout=120)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/")
+        yield page
+        browser.close()
+
+
+def send(page, text: str) -> None:
+    box = page.get_by_role("textbox").last
+    box.fill(text)
+    box.press("Enter")
+
+
+def test_type_a_message_and_see_the_streamed_answer(page):
+    send(page, "hello from the browser")
+    page.get_by_text("echo: hello from the browser").first.wait_for(timeout=30_000)
+
+
+def test_moderation_blocks_before_the_model(page):
+    send(page, "tell me about the forbidden topic")
+    page.get_by_text("blocked by the moderation policy").first.wait_for(timeout=30_000)
+    assert page.get_by_text("echo: tell me").count() == 0  # the model never saw it
