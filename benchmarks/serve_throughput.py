@@ -1,0 +1,184 @@
+"""Benchmark: requests/s and added latency through our controller vs FastChat's, same machine.
+
+Both sides serve one worker with an instant fixed answer (ours: `--backend echo`; FastChat's:
+its BaseModelWorker with the model replaced, benchmarks/fastchat_echo_worker.py), and take the
+same non-streamed chat completions from the same client (httpx, `--concurrency` at a time). Added
+latency is p50/p99 through the OpenAI endpoint minus p50 of calling the worker directly. FastChat
+(fschat 0.2.36) runs from its own venv, benchmarks/.venv-fastchat (created on first use).
+
+    .venv/bin/python benchmarks/serve_throughput.py [--requests 2000] [--concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+from vicuna_sky.launch.s3_server import free_port  # noqa: E402
+from vicuna_sky.serve.local_fleet import LocalFleet  # noqa: E402
+
+FASTCHAT_PY = HERE / ".venv-fastchat" / "bin" / "python"
+BODY = {"model": "echo", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
+
+
+async def load(url: str, body: dict, n: int, concurrency: int) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        queue = iter(range(n))
+
+        async def runner() -> None:
+            for _ in queue:
+                start = time.perf_counter()
+                r = await client.post(url, json=body)
+                r.raise_for_status()
+                latencies.append(time.perf_counter() - start)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(runner() for _ in range(concurrency)))
+        return n / (time.perf_counter() - start), latencies
+
+
+def serial_p50(url: str, body: dict, n: int = 300) -> float:
+    with httpx.Client(timeout=30) as client:
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            client.post(url, json=body).raise_for_status()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def report(name: str, rps: float, lat: list[float], serial: float, direct: float) -> None:
+    lat = sorted(lat)
+    p99 = lat[int(0.99 * (len(lat) - 1))]
+    print(
+        f"{name:<10} {rps:>9,.0f} req/s  p50 {statistics.median(lat) * 1e3:6.2f} ms  "
+        f"p99 {p99 * 1e3:6.2f} ms under load;  serial p50 {serial * 1e3:5.2f} ms, "
+        f"added over the worker {max(0.0, serial - direct) * 1e3:5.2f} ms"
+    )
+
+
+def wait(url: str, timeout: float = 60) -> None:
+    LocalFleet.wait_http(url, timeout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args()
+    if not FASTCHAT_PY.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(HERE / ".venv-fastchat")], check=True)
+    subprocess.run(
+        [str(FASTCHAT_PY), "-m", "pip", "install", "-q", "fschat==0.2.36"],
+        check=True,
+        capture_output=True,
+    )
+    with tempfile.TemporaryDirectory() as tmp, LocalFleet(Path(tmp) / "ours") as fleet:
+        fleet.start_controller()
+        worker = fleet.start_worker("echo", "echo", "echo", "--max-concurrency", "1000")
+        fleet.wait_workers({worker})
+        direct_body = {"model": "echo", "messages": BODY["messages"], "max_tokens": 16}
+        ours_direct = serial_p50(f"{worker}/generate", direct_body)
+        ours_serial = serial_p50(f"{fleet.url}/v1/chat/completions", BODY)
+        ours = asyncio.run(
+            load(f"{fleet.url}/v1/chat/completions", BODY, args.requests, args.concurrency)
+        )
+
+        ports = [free_port() for _ in range(3)]
+        controller = f"http://127.0.0.1:{ports[0]}"
+        logs = Path(tmp)
+        procs = [
+            subprocess.Popen(
+                [
+                    str(FASTCHAT_PY),
+                    "-m",
+                    "fastchat.serve.controller",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(ports[0]),
+                ],
+                cwd=tmp,
+                stdout=(logs / "fc-controller.log").open("w"),
+                stderr=subprocess.STDOUT,
+            ),
+        ]
+        try:
+            wait(f"{controller}/list_models")
+            procs.append(
+                subprocess.Popen(
+                    [
+                        str(FASTCHAT_PY),
+                        str(HERE / "fastchat_echo_worker.py"),
+                        "--controller-address",
+                        controller,
+                        "--port",
+                        str(ports[1]),
+                    ],
+                    cwd=tmp,
+                    stdout=(logs / "fc-worker.log").open("w"),
+                    stderr=subprocess.STDOUT,
+                )
+            )
+            procs.append(
+                subprocess.Popen(
+                    [
+                        str(FASTCHAT_PY),
+                        "-m",
+                        "fastchat.serve.openai_api_server",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(ports[2]),
+                        "--controller-address",
+                        controller,
+                    ],
+                    cwd=tmp,
+                    stdout=(logs / "fc-api.log").open("w"),
+                    stderr=subprocess.STDOUT,
+                )
+            )
+            api = f"http://127.0.0.1:{ports[2]}"
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(f"{api}/v1/models", timeout=2).json().get("data"):
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
+            fc_worker = f"http://127.0.0.1:{ports[1]}/worker_generate"
+            fc_direct = serial_p50(
+                fc_worker, {"model": "echo", "prompt": "hello", "max_new_tokens": 16}
+            )
+            fc_serial = serial_p50(f"{api}/v1/chat/completions", BODY)
+            theirs = asyncio.run(
+                load(f"{api}/v1/chat/completions", BODY, args.requests, args.concurrency)
+            )
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+    print(
+        f"{args.requests} non-streamed chat completions, {args.concurrency} concurrent, "
+        "instant worker, 127.0.0.1"
+    )
+    report("vicuna-sky", *ours, ours_serial, ours_direct)
+    report("FastChat", *theirs, fc_serial, fc_direct)
+    print(f"throughput: {ours[0] / theirs[0]:.1f}x FastChat's")
+
+
+if __name__ == "__main__":
+    main()
