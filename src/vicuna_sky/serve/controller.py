@@ -82,6 +82,21 @@ class Controller:
             tried.add(worker.address)
             payload = gen.model_copy(update={"prefix": sent}).model_dump()
             try:
+                if not gen.stream:
+                    response = await self.client.post(f"{worker.address}/generate", json=payload)
+                    if 400 <= response.status_code < 500:
+                        raise _worker_error(response.status_code, response.content)
+                    if response.status_code != 200:
+                        self.registry.mark(
+                            worker.address,
+                            failed=response.status_code != 503,
+                            draining=response.status_code == 503,
+                        )
+                        continue
+                    final = response.json()
+                    yield {"text": final.pop("text", "")}
+                    yield final
+                    return
                 async with self.client.stream(
                     "POST", f"{worker.address}/generate", json=payload
                 ) as response:
@@ -118,6 +133,17 @@ class Controller:
                 self.registry.release(worker)
 
 
+def _worker_error(status: int, content: bytes) -> ApiError:
+    """A worker's 4xx (the client's mistake, e.g. context length) passed on as it is."""
+    error = json.loads(content or b"{}").get("error", {})
+    return ApiError(
+        status,
+        error.get("message", "bad request"),
+        error.get("type", "invalid_request_error"),
+        error.get("code"),
+    )
+
+
 def _gen_request(req: SamplingParams, model: str, **fields: object) -> GenerateRequest:
     return GenerateRequest(
         model=model,
@@ -126,6 +152,7 @@ def _gen_request(req: SamplingParams, model: str, **fields: object) -> GenerateR
         top_p=req.top_p,
         stop=req.stop_list(),
         seed=req.seed,
+        stream=req.stream,
         **fields,
     )
 

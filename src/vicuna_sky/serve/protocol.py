@@ -77,6 +77,8 @@ class GenerateRequest(BaseModel):
     top_p: float = 1.0
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None
+    stream: bool = True
+    """False: the worker answers with one JSON object (cheaper for non-streamed requests)."""
 
 
 class Registration(BaseModel):

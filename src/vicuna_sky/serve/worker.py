@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, ORJSONResponse, StreamingResponse
 
 from vicuna_sky.serve.backends import Backend, load_backend
 from vicuna_sky.serve.protocol import ApiError, GenerateRequest, Registration
@@ -140,11 +140,18 @@ def create_app(worker: Worker) -> FastAPI:
             "draining": worker.draining,
         }
 
-    @app.post("/generate")
-    async def generate(request: GenerateRequest) -> StreamingResponse:
+    @app.post("/generate", response_model=None)
+    async def generate(request: GenerateRequest) -> StreamingResponse | ORJSONResponse:
         if worker.draining:
             raise ApiError(503, "worker is draining", kind="server_error")
         stream = worker.generate(request)
+        if not request.stream:
+            text, final = "", {}
+            async for line in stream:
+                event = json.loads(line)
+                text += event.get("text", "")
+                final = event if "finish_reason" in event else final
+            return ORJSONResponse(final | {"text": text})
         try:
             first = await anext(stream)  # errors before the first token become proper 4xx/5xx
         except StopAsyncIteration:
