@@ -36,3 +36,24 @@ def test_a_raising_backend_never_leaks_a_slot():
         await asyncio.wait_for(asyncio.gather(worker.slots.acquire(), worker.slots.acquire()), 1)
 
     asyncio.run(run())
+
+
+def test_hf_generation_stops_when_its_reader_goes_away(tiny_chat_model):
+    from vicuna_sky.serve.backends import HFBackend
+    from vicuna_sky.serve.protocol import ChatMessage
+
+    backend = HFBackend(str(tiny_chat_model))
+    backend.model.generation_config.eos_token_id = None  # it would run all 900 tokens (~1.6 s)
+    request = GenerateRequest(
+        model="m", messages=[ChatMessage(role="user", content="hi")], max_tokens=900, temperature=0
+    )
+
+    async def read_a_little() -> None:
+        stream = backend.generate(request)
+        async for _ in stream:
+            break
+        await stream.aclose()  # what a disconnected client amounts to
+
+    asyncio.run(read_a_little())
+    backend.last_thread.join(timeout=0.5)
+    assert not backend.last_thread.is_alive()

@@ -26,6 +26,16 @@ class Backend(Protocol):
     async def embed(self, texts: list[str]) -> list[list[float]]: ...
 
 
+class _Cancelled:
+    """A transformers stopping criterion that ends generation once `event` is set."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: object, scores: object, **kwargs: object) -> bool:
+        return self.event.is_set()
+
+
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     hits = [text.index(s) for s in stops if s and s in text]
     return (text[: min(hits)], True) if hits else (text, False)
@@ -73,6 +83,8 @@ class HFBackend:
         self.model.to(self.device).eval()
         self.template = get_template(template, self.tokenizer)
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.last_thread: threading.Thread | None = None
+        """The most recent generation thread (tests check that it stops when told)."""
 
     def _prompt(self, request: GenerateRequest) -> tuple[str, bool]:
         from vicuna_sky.data.conversation import Message
@@ -103,12 +115,14 @@ class HFBackend:
             )
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         sample = request.temperature > 0
+        cancel = threading.Event()
         kwargs = dict(
             **{k: v.to(self.device) for k, v in ids.items()},
             streamer=streamer,
             max_new_tokens=request.max_tokens,
             do_sample=sample,
             pad_token_id=self.tokenizer.eos_token_id,
+            stopping_criteria=[_Cancelled(cancel)],
         )
         if sample:
             kwargs |= {"temperature": request.temperature, "top_p": request.top_p}
@@ -118,16 +132,22 @@ class HFBackend:
         thread.start()
         stops = request.stop + [s for s in self.template.stop if s]
         sent = ""
-        while True:
-            piece = await asyncio.to_thread(next, streamer, None)
-            if piece is None:
-                break
-            candidate, stopped = _cut_at_stop(sent + piece, stops)
-            if len(candidate) > len(sent):
-                yield candidate[len(sent) :]
-                sent = candidate
-            if stopped:
-                break
+        try:
+            while True:
+                piece = await asyncio.to_thread(next, streamer, None)
+                if piece is None:
+                    break
+                candidate, stopped = _cut_at_stop(sent + piece, stops)
+                if len(candidate) > len(sent):
+                    yield candidate[len(sent) :]
+                    sent = candidate
+                if stopped:
+                    break
+        finally:
+            # A stop string, or a client that went away: the model stops at its next token
+            # instead of running on to max_tokens for nobody.
+            cancel.set()
+            self.last_thread = thread
 
     def _run(self, kwargs: dict) -> None:
         with self.torch.no_grad():
