@@ -7,11 +7,9 @@ collection is off so nothing leaves this machine.
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,23 +52,8 @@ os.environ.update(
 )
 BIN = Path(sys.executable).parent
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+# Imported after HOME is set above: the project's helpers pull in nothing that reads it early.
+from vicuna_sky.launch.s3_server import free_port, wait_for_port  # noqa: E402
 
 
 def _serve(command: list[str], port: int, env_var: str) -> Iterator[str]:
