@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,6 @@ from vicuna_sky.launch.s3_server import LOCAL_AWS_ENV, LocalS3
 from vicuna_sky.launch.tasks import Spec, load_task, parse_env_overrides, resolve_recipe
 from vicuna_sky.recipe import Recipe
 
-RESUMED = re.compile(r"resumed at step (\d+)")
 KINDS = ("kill", "notice")
 
 
@@ -94,24 +92,6 @@ def weights_hash(export_dir: Path) -> str:
             raw = tensors[name].contiguous().view(-1).view(torch.uint8)
             digest.update(raw.numpy().tobytes())
     return digest.hexdigest()
-
-
-def _metrics(attempt: jobs.Attempt) -> list[dict]:
-    path = Path(attempt.workdir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # the line being written when the machine died
-    return out
-
-
-def _rank0_log(attempt: jobs.Attempt) -> str:
-    path = Path(attempt.workdir).parent / "run-rank0.log"
-    return path.read_text(errors="replace") if path.exists() else ""
 
 
 class Chaos:
@@ -212,16 +192,18 @@ class Chaos:
                 # A random moment: 1 to 2 checkpoint intervals into this attempt's training.
                 while not finished():
                     attempt = attempt_now()
-                    if attempt and _metrics(attempt):
+                    if attempt and jobs.attempt_metrics(attempt):
                         break
                     time.sleep(0.05)
                 if finished():
                     return
                 attempt = attempt_now()
-                target = _metrics(attempt)[0]["step"] + self.rng.randint(0, 2 * interval - 1)
+                target = jobs.attempt_metrics(attempt)[0]["step"] + self.rng.randint(
+                    0, 2 * interval - 1
+                )
                 while (
                     not finished()
-                    and max((m["step"] for m in _metrics(attempt)), default=0) < target
+                    and max((m["step"] for m in jobs.attempt_metrics(attempt)), default=0) < target
                 ):
                     time.sleep(0.02)
                 if finished():
@@ -236,7 +218,7 @@ class Chaos:
                 runner.preempt(grace_seconds=0)  # the machine is gone
                 metadata.clear()
                 count = len(runner.job.attempts)
-                steps = [m["step"] for m in _metrics(attempt)]
+                steps = [m["step"] for m in jobs.attempt_metrics(attempt)]
                 done.append(
                     Preemption(
                         kind,
@@ -267,17 +249,16 @@ class Chaos:
         by_number = {a.number: a for a in job.attempts}
         for p in done:
             killed, after = by_number[p.attempt], by_number.get(p.attempt + 1)
-            p.emergency_checkpoint = "emergency checkpoint" in _rank0_log(killed)
+            p.emergency_checkpoint = "emergency checkpoint" in jobs.attempt_log(killed)
             if after is None:
                 continue
-            match = RESUMED.search(_rank0_log(after))
-            p.resumed_from = int(match.group(1)) if match else 0
+            p.resumed_from = jobs.resumed_from(after) or 0
             p.steps_lost = max(0, p.at_step - p.resumed_from)
-            first = _metrics(after)
+            first = jobs.attempt_metrics(after)
             if first:
                 p.seconds_to_resume = round(first[0]["time"] - after.started_at, 2)
             report.only_committed_checkpoints_loaded &= p.resumed_from == p.latest_committed
-        report.steps = max((m["step"] for m in _metrics(job.attempts[-1])), default=0)
+        report.steps = max((m["step"] for m in jobs.attempt_metrics(job.attempts[-1])), default=0)
         if prices:
             report.cost = cost.realized(job, prices).to_dict()
         return report

@@ -12,14 +12,10 @@ cost of the same work is the kept time at the on-demand price; the overhead is e
 from __future__ import annotations
 
 import itertools
-import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vicuna_sky.launch import jobs
-
-RESUMED = re.compile(r"resumed at step (\d+)")
 
 
 @dataclass(frozen=True)
@@ -90,24 +86,6 @@ def prices_for(recipe: object) -> Prices:
     return Prices(spot_price, od_price, r.nodes, f"{cloud} {instance} (SkyPilot catalog)")
 
 
-def _metrics(attempt: jobs.Attempt) -> list[dict]:
-    path = Path(attempt.workdir) / "metrics.jsonl"
-    out = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return out
-
-
-def _resumed_from(attempt: jobs.Attempt) -> int | None:
-    log = Path(attempt.workdir).parent / "run-rank0.log"
-    match = RESUMED.search(log.read_text(errors="replace")) if log.exists() else None
-    return int(match.group(1)) if match else None
-
-
 def kept_seconds(job: jobs.LocalJob) -> float:
     """Time of the work no later attempt redid (see the module docstring)."""
     attempts = [a for a in job.attempts if a.ended_at]
@@ -115,8 +93,10 @@ def kept_seconds(job: jobs.LocalJob) -> float:
         return 0.0
     kept = attempts[-1].ended_at - attempts[-1].started_at
     for attempt, following in itertools.pairwise(attempts):
-        resumed = _resumed_from(following) or 0
-        kept += sum(m.get("seconds", 0.0) for m in _metrics(attempt) if m["step"] <= resumed)
+        resumed = jobs.resumed_from(following) or 0
+        kept += sum(
+            m.get("seconds", 0.0) for m in jobs.attempt_metrics(attempt) if m["step"] <= resumed
+        )
     return kept
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from vicuna_sky.errors import VicunaSkyError
+
+RESUMED = re.compile(r"resumed at step (\d+)")
 
 
 class JobStatus(str, Enum):
@@ -100,3 +103,28 @@ def describe(job: LocalJob) -> dict[str, Any]:
         "zone": last.zone if last else "-",
         "run_dir": job.run_dir,
     }
+
+
+def attempt_metrics(attempt: Attempt) -> list[dict]:
+    """The trainer's per-step records (metrics.jsonl) in an attempt's working directory."""
+    path = Path(attempt.workdir) / "metrics.jsonl"
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # the line being written when the machine died
+    return out
+
+
+def attempt_log(attempt: Attempt) -> str:
+    """Node rank 0's run log of an attempt."""
+    path = Path(attempt.workdir).parent / "run-rank0.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def resumed_from(attempt: Attempt) -> int | None:
+    """The checkpoint step the attempt's trainer resumed from, per its log."""
+    match = RESUMED.search(attempt_log(attempt))
+    return int(match.group(1)) if match else None

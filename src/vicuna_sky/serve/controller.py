@@ -54,6 +54,10 @@ class Controller:
         if self.secret and secret != self.secret:
             raise ApiError(403, "wrong registration secret", kind="permission_error")
 
+    def out_of_rotation(self, address: str, status: int) -> None:
+        """A worker answered with a failure: 503 means it is draining, 5xx that it is broken."""
+        self.registry.mark(address, failed=status >= 500 and status != 503, draining=status == 503)
+
     async def generate(self, gen: GenerateRequest) -> AsyncIterator[dict]:
         """Deltas `{"text": ...}` then `{"finish_reason": ..., usage}`; failover inside."""
         if gen.model not in self.registry.models():
@@ -87,11 +91,7 @@ class Controller:
                     if 400 <= response.status_code < 500:
                         raise _worker_error(response.status_code, response.content)
                     if response.status_code != 200:
-                        self.registry.mark(
-                            worker.address,
-                            failed=response.status_code != 503,
-                            draining=response.status_code == 503,
-                        )
+                        self.out_of_rotation(worker.address, response.status_code)
                         continue
                     final = response.json()
                     yield {"text": final.pop("text", "")}
@@ -101,20 +101,9 @@ class Controller:
                     "POST", f"{worker.address}/generate", json=payload
                 ) as response:
                     if 400 <= response.status_code < 500:
-                        body = json.loads(await response.aread() or b"{}")
-                        error = body.get("error", {})
-                        raise ApiError(
-                            response.status_code,
-                            error.get("message", "bad request"),
-                            error.get("type", "invalid_request_error"),
-                            error.get("code"),
-                        )
+                        raise _worker_error(response.status_code, await response.aread())
                     if response.status_code != 200:
-                        self.registry.mark(
-                            worker.address,
-                            failed=response.status_code != 503,
-                            draining=response.status_code == 503,
-                        )
+                        self.out_of_rotation(worker.address, response.status_code)
                         continue
                     async for line in response.aiter_lines():
                         if not line:
@@ -314,7 +303,7 @@ def create_app(controller: Controller) -> FastAPI:
                         ],
                         "usage": {"prompt_tokens": data["tokens"], "total_tokens": data["tokens"]},
                     }
-                controller.registry.mark(worker.address, failed=r.status_code >= 500)
+                controller.out_of_rotation(worker.address, r.status_code)
             except httpx.TransportError:
                 controller.registry.mark(worker.address, failed=True)
             finally:
