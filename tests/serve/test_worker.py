@@ -39,7 +39,7 @@ def test_a_raising_backend_never_leaks_a_slot():
 
 
 def test_hf_generation_stops_when_its_reader_goes_away(tiny_chat_model):
-    from vicuna_sky.serve.backends import HFBackend
+    from vicuna_sky.serve.backends.hf import HFBackend
     from vicuna_sky.serve.protocol import ChatMessage
 
     backend = HFBackend(str(tiny_chat_model))

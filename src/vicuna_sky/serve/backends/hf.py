@@ -1,29 +1,13 @@
-"""`Backend`: what a worker serves with. One worker app runs any of them.
-
-- `hf`: transformers on CPU or GPU, prompting through the data pipeline's templates.
-- `vllm`: vLLM's async engine on GPU (the `gpu` extra) — not built yet.
-- `echo`: a fixed answer at once, for routing benchmarks and failover tests only.
-"""
+"""`hf`: a transformers causal LM on CPU or GPU, prompting through the data pipeline's templates."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 from collections.abc import AsyncIterator
-from typing import Protocol
 
+from vicuna_sky.serve.backends import cut_at_stop
 from vicuna_sky.serve.protocol import ApiError, GenerateRequest
-
-
-class Backend(Protocol):
-    context_length: int
-
-    def generate(self, request: GenerateRequest) -> AsyncIterator[str]:
-        """Text deltas of the answer (after `request.prefix`, if any)."""
-
-    def count_tokens(self, text: str) -> int: ...
-
-    async def embed(self, texts: list[str]) -> list[list[float]]: ...
 
 
 class _Cancelled:
@@ -34,36 +18,6 @@ class _Cancelled:
 
     def __call__(self, input_ids: object, scores: object, **kwargs: object) -> bool:
         return self.event.is_set()
-
-
-def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    hits = [text.index(s) for s in stops if s and s in text]
-    return (text[: min(hits)], True) if hits else (text, False)
-
-
-class EchoBackend:
-    """Answers "echo: <last user message>" in word deltas, instantly."""
-
-    context_length = 1_000_000
-    delay = 0.0
-    """Seconds per word; 0 for benchmarks, a little for tests that kill a worker mid-answer."""
-
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[str]:
-        last = (request.messages or [])[-1].content if request.messages else request.prompt or ""
-        words = f"echo: {last}".split(" ")
-        text = " ".join(words)
-        if request.prefix and text.startswith(request.prefix):
-            text = text[len(request.prefix) :]
-        for i, word in enumerate(text.split(" ")[: request.max_tokens]):
-            if self.delay:
-                await asyncio.sleep(self.delay)
-            yield word if i == 0 else " " + word
-
-    def count_tokens(self, text: str) -> int:
-        return len(text.split())
-
-    async def embed(self, texts: list[str]) -> list[list[float]]:
-        return [[float(len(t)), float(sum(map(ord, t)) % 997)] for t in texts]
 
 
 class HFBackend:
@@ -137,7 +91,7 @@ class HFBackend:
                 piece = await asyncio.to_thread(next, streamer, None)
                 if piece is None:
                     break
-                candidate, stopped = _cut_at_stop(sent + piece, stops)
+                candidate, stopped = cut_at_stop(sent + piece, stops)
                 if len(candidate) > len(sent):
                     yield candidate[len(sent) :]
                     sent = candidate
@@ -165,13 +119,3 @@ class HFBackend:
             return out
 
         return await asyncio.to_thread(run)
-
-
-def load_backend(kind: str, model_path: str, template: str) -> Backend:
-    if kind == "echo":
-        return EchoBackend()
-    if kind == "hf":
-        return HFBackend(model_path, template)
-    if kind == "vllm":
-        raise ApiError(400, "the vllm backend is not built yet: use hf")
-    raise ApiError(400, f"unknown backend {kind!r}: hf, vllm or echo")

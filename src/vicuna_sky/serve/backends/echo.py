@@ -1,0 +1,33 @@
+"""`echo`: a fixed answer at once, for routing benchmarks and failover tests only."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from vicuna_sky.serve.protocol import GenerateRequest
+
+
+class EchoBackend:
+    """Answers "echo: <last user message>" in word deltas, instantly."""
+
+    context_length = 1_000_000
+    delay = 0.0
+    """Seconds per word; 0 for benchmarks, a little for tests that kill a worker mid-answer."""
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[str]:
+        last = (request.messages or [])[-1].content if request.messages else request.prompt or ""
+        words = f"echo: {last}".split(" ")
+        text = " ".join(words)
+        if request.prefix and text.startswith(request.prefix):
+            text = text[len(request.prefix) :]
+        for i, word in enumerate(text.split(" ")[: request.max_tokens]):
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            yield word if i == 0 else " " + word
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        return [[float(len(t)), float(sum(map(ord, t)) % 997)] for t in texts]
