@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["train", "serve", "eval", "plan", "check", "status", "logs", "down", "demo"]
+COMMANDS = ["train", "serve", "eval", "delta", "plan", "check", "status", "logs", "down", "demo"]
 
 
 def test_help_lists_every_command(cli):

@@ -121,13 +121,20 @@ class ServeSection:
 @dataclass(frozen=True)
 class EvalSection:
     bench: str = "vicuna_bench"
-    """Question set: vicuna_bench, mt_bench, or a path to a question JSONL."""
+    """Question set: vicuna_bench, mt_bench (FastChat's files, fetched into the bucket once),
+    demo (the small set that ships with vicuna-sky), or a question JSONL (path or bucket key)."""
     judge_model: str = "gpt-4"
     """Model that judges the answers (any OpenAI-compatible endpoint)."""
     judge_api_base: str = ""
-    """Base URL of the judge's API; empty = the OpenAI default."""
+    """Base URL of the judge's API; empty = the OpenAI default; `local` = the model under test
+    judges (served on the eval VM; a smoke test, not an evaluation)."""
     baseline_model: str = "gpt-3.5-turbo"
-    """Model answers are compared against in pairwise judging."""
+    """Model answers are compared against in pairwise judging, and the 100 % of the report."""
+    baseline_path: str = ""
+    """Serve the baseline from this model path (or bucket key) on the eval VM; empty = ask the
+    judge's API for the baseline's answers."""
+    max_tokens: int = 1024
+    """Most new tokens per answer turn."""
 
 
 @dataclass(frozen=True)
@@ -274,6 +281,8 @@ class Recipe:
             "JUDGE_MODEL": e.judge_model,
             "JUDGE_API_BASE": e.judge_api_base,
             "BASELINE_MODEL": e.baseline_model,
+            "BASELINE_PATH": e.baseline_path,
+            "EVAL_MAX_TOKENS": str(e.max_tokens),
         }
 
 

@@ -1,0 +1,52 @@
+"""`vicuna-sky`: one thin command-line app. Parse, call one function, print.
+
+Every user-facing failure is a `VicunaSkyError`, printed as one line with exit status 2.
+Each command module registers its commands on the one click group in `app.py`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from vicuna_sky.cli import data, delta, evaluate, launch  # noqa: F401 (they register commands)
+from vicuna_sky.cli.app import app, err_console
+from vicuna_sky.errors import VicunaSkyError
+
+
+@app.command()
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=Path("runs/demo"),
+    show_default=True,
+    help="Where the demo writes its model, data, bucket and logs.",
+)
+def demo(workdir: Path) -> None:
+    """Run the pipeline on the tiny CPU recipe, locally, and summarise what ran."""
+    from vicuna_sky import demo as demo_lib
+
+    demo_lib.run(workdir)
+
+
+def main() -> None:
+    try:
+        app.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except VicunaSkyError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""`vicuna-sky eval`: answer a benchmark, judge the answers, report; or launch sky/eval.yaml."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import click
+
+from vicuna_sky.cli.app import app, console
+from vicuna_sky.cli.launch import launch_options
+from vicuna_sky.errors import VicunaSkyError
+
+QUESTIONS_HELP = "Question file in FastChat's format (`turns` or legacy `text`), or `demo`."
+KEY_HELP = "Bearer key [$OPENAI_API_KEY]."
+PATH = click.Path(path_type=Path)
+
+
+def RETRY_OPTIONS(fn: click.decorators.FC) -> click.decorators.FC:
+    fn = click.option(
+        "--backoff",
+        default=1.0,
+        show_default=True,
+        help="Seconds before the first retry of a failed request; doubled each time.",
+    )(fn)
+    return click.option(
+        "--retries", default=5, show_default=True, help="Retries of a failed request."
+    )(fn)
+
+
+@app.group(name="eval")
+def eval_() -> None:
+    """Evaluate with an LLM judge: answer, judge, report (or launch it all with sky/eval.yaml)."""
+
+
+@eval_.command(name="launch")
+@launch_options
+def eval_launch(
+    recipe: str,
+    envs: tuple[str, ...],
+    dryrun: bool,
+    local: bool,
+    name: str | None,
+    runs_dir: Path,
+    workdir: Path | None,
+) -> None:
+    """sky/eval.yaml: the trained model answers the benchmark and an LLM judges the answers."""
+    from vicuna_sky.launch import runner
+    from vicuna_sky.launch.tasks import Spec
+
+    runner.launch_recipe(
+        Spec.EVAL,
+        recipe,
+        envs,
+        dryrun=dryrun,
+        local=local,
+        name=name,
+        runs_dir=runs_dir,
+        workdir=workdir,
+    )
+
+
+def _fail_if(failed: dict, total: int, what: str) -> None:
+    if failed:
+        first_key, first = next(iter(failed.items()))
+        raise VicunaSkyError(
+            f"{len(failed)} of {total} {what} failed (first, {first_key}: {first}); "
+            "rerun the same command to resume"
+        )
+
+
+@eval_.command(name="answer")
+@click.option("--questions", required=True, help=QUESTIONS_HELP)
+@click.option("--model", required=True, help="Model name the endpoint serves.")
+@click.option("--base-url", default=None, help="OpenAI-compatible API, e.g. http://host:8000/v1.")
+@click.option(
+    "--api-key", envvar="OPENAI_API_KEY", default=None, help="Bearer key [$OPENAI_API_KEY]."
+)
+@click.option(
+    "--serve",
+    "serve_path",
+    default=None,
+    help="Instead of --base-url: serve this model path on 127.0.0.1 (a controller and one "
+    "worker) for the run.",
+)
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True)
+@click.option("--template", default="vicuna_v1.1", show_default=True, help="With --serve.")
+@click.option("-o", "--output", type=PATH, required=True, help="Answers JSONL (resumed).")
+@click.option("--concurrency", default=8, show_default=True)
+@click.option("--max-tokens", default=1024, show_default=True, help="Per turn.")
+@click.option(
+    "--temperature", type=float, default=None, help="One temperature instead of per category."
+)
+@RETRY_OPTIONS
+def eval_answer(
+    questions: str,
+    model: str,
+    base_url: str | None,
+    api_key: str | None,
+    serve_path: str | None,
+    backend: str,
+    template: str,
+    output: Path,
+    concurrency: int,
+    max_tokens: int,
+    temperature: float | None,
+    retries: int,
+    backoff: float,
+) -> None:
+    """Answer every question, turn after turn, through an OpenAI-compatible endpoint."""
+    from vicuna_sky.eval.answer import AnswerConfig, answer_questions
+    from vicuna_sky.eval.client import Endpoint
+    from vicuna_sky.eval.questions import load_questions
+
+    if (base_url is None) == (serve_path is None):
+        raise VicunaSkyError("give either --base-url or --serve")
+    items = load_questions(questions)
+    config = AnswerConfig(
+        output,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        concurrency=concurrency,
+        retries=retries,
+        backoff=backoff,
+    )
+    with ExitStack() as stack:
+        if serve_path is not None:
+            logs = output.parent / f".fleet-{model}"
+            served = _served(serve_path, model, backend, template, logs)
+            base_url = stack.enter_context(served)
+        endpoint = Endpoint(base_url, model, api_key)
+        summary = asyncio.run(answer_questions(items, endpoint, config))
+    console.print(
+        f"{summary.answered} answered, {summary.skipped} already in {output}, "
+        f"{len(summary.failed)} failed"
+    )
+    _fail_if(summary.failed, len(items), "questions")
+
+
+@contextmanager
+def _served(model_path: str, name: str, backend: str, template: str, logs: Path) -> Iterator[str]:
+    """A controller and one worker on 127.0.0.1 serving `model_path` as `name`; yields the API.
+    Their logs go to `logs`."""
+    from vicuna_sky.serve.local_fleet import LocalFleet
+
+    with LocalFleet(logs) as fleet:
+        fleet.start_controller()
+        worker = fleet.start_worker(backend, model_path, name, "--template", template)
+        fleet.wait_workers({worker}, timeout=600)
+        yield f"{fleet.url}/v1"
+
+
+@eval_.command(name="judge")
+@click.option("--mode", type=click.Choice(["single", "pairwise"]), required=True)
+@click.option("--questions", required=True, help=QUESTIONS_HELP)
+@click.option("--reference-answers", type=PATH, default=None, help="Answers JSONL of a reference.")
+@click.option("--answers", type=PATH, multiple=True, required=True, help="Answers JSONL (repeat).")
+@click.option("--model", "models", multiple=True, help="Models to judge (default: all answers).")
+@click.option("--baseline", default=None, help="pairwise: compare each model with this one.")
+@click.option("--judge-model", required=True)
+@click.option("--judge-base-url", default=None, help="OpenAI-compatible API of the judge.")
+@click.option(
+    "--judge-serve",
+    default=None,
+    help="Instead of --judge-base-url: serve this model path on 127.0.0.1 as the judge.",
+)
+@click.option("--template", default="vicuna_v1.1", show_default=True, help="With --judge-serve.")
+@click.option("--judge-api-key", envvar="OPENAI_API_KEY", default=None, help=KEY_HELP)
+@click.option("--judge-prompts", type=PATH, default=None, help="Prompts JSONL (FastChat format).")
+@click.option("-o", "--output", type=PATH, required=True, help="Judgments JSONL (resumed).")
+@click.option("--concurrency", default=8, show_default=True)
+@RETRY_OPTIONS
+@click.option("--redo-failed", is_flag=True, help="Judge again what had no readable verdict.")
+def eval_judge(
+    mode: str,
+    questions: str,
+    reference_answers: Path | None,
+    answers: tuple[Path, ...],
+    models: tuple[str, ...],
+    baseline: str | None,
+    judge_model: str,
+    judge_base_url: str | None,
+    judge_serve: str | None,
+    template: str,
+    judge_api_key: str | None,
+    judge_prompts: Path | None,
+    output: Path,
+    concurrency: int,
+    retries: int,
+    backoff: float,
+    redo_failed: bool,
+) -> None:
+    """Grade answers (single) or compare them in both orders (pairwise) with an LLM judge."""
+    from vicuna_sky.eval.client import Endpoint
+    from vicuna_sky.eval.judge import JudgeConfig, judge, load_answers
+    from vicuna_sky.eval.prompts import load_prompts
+    from vicuna_sky.eval.questions import load_questions
+
+    items = load_questions(questions, reference_answers)
+    by_model = load_answers(list(answers))
+    chosen = list(models) or [m for m in by_model if m != baseline]
+    config = JudgeConfig(
+        mode,
+        output,
+        baseline=baseline,
+        concurrency=concurrency,
+        retries=retries,
+        backoff=backoff,
+        redo_failed=redo_failed,
+    )
+    if (judge_base_url is None) == (judge_serve is None):
+        raise VicunaSkyError("give either --judge-base-url or --judge-serve")
+    with ExitStack() as stack:
+        if judge_serve is not None:
+            where = output.parent / f".fleet-judge-{judge_model}"
+            served = _served(judge_serve, judge_model, "hf", template, where)
+            judge_base_url = stack.enter_context(served)
+        endpoint = Endpoint(judge_base_url, judge_model, judge_api_key)
+        summary = judge(items, by_model, chosen, endpoint, load_prompts(judge_prompts), config)
+    console.print(
+        f"{summary.judged} judged ({summary.unparsed} without a readable verdict), "
+        f"{summary.skipped} already in {output}, {len(summary.failed)} failed, "
+        f"{summary.requests} requests"
+    )
+    _fail_if(summary.failed, summary.judged + len(summary.failed), "judgments")

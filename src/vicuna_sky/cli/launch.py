@@ -1,0 +1,219 @@
+"""Commands that launch or inspect SkyPilot tasks (or their local runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from vicuna_sky.cli.app import ENV_HELP, RUNS_HELP, app, console
+from vicuna_sky.errors import VicunaSkyError
+
+
+def launch_options(fn: click.decorators.FC) -> click.decorators.FC:
+    for option in reversed(
+        [
+            click.argument("recipe"),
+            click.option("--env", "envs", multiple=True, metavar="KEY=VALUE", help=ENV_HELP),
+            click.option(
+                "--dryrun",
+                is_flag=True,
+                help="Print the resolved task (and cost plan); launch nothing.",
+            ),
+            click.option(
+                "--local", is_flag=True, help="Run the spec on this machine (the local backend)."
+            ),
+            click.option(
+                "--name", default=None, help="Job/cluster/service name (default: from the recipe)."
+            ),
+            click.option(
+                "--runs-dir",
+                type=click.Path(path_type=Path),
+                default=Path("runs"),
+                show_default=True,
+                help=RUNS_HELP,
+            ),
+            click.option(
+                "--workdir",
+                type=click.Path(path_type=Path),
+                default=None,
+                help="With --local: one directory for runs, buckets and the exported model "
+                "(W/runs, W/buckets, W/export).",
+            ),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+@app.command()
+@launch_options
+def train(
+    recipe: str,
+    envs: tuple[str, ...],
+    dryrun: bool,
+    local: bool,
+    name: str | None,
+    runs_dir: Path,
+    workdir: Path | None,
+) -> None:
+    """Fine-tune: sky/train.yaml as a managed spot job (torchrun + FSDP, auto-recovery)."""
+    from vicuna_sky.launch import runner
+    from vicuna_sky.launch.tasks import Spec
+
+    runner.launch_recipe(
+        Spec.TRAIN,
+        recipe,
+        envs,
+        dryrun=dryrun,
+        local=local,
+        name=name,
+        runs_dir=runs_dir,
+        workdir=workdir,
+    )
+
+
+@app.command()
+@launch_options
+@click.option(
+    "--fleet", is_flag=True, help="Controller + worker clusters instead of a SkyServe service."
+)
+def serve(
+    recipe: str,
+    envs: tuple[str, ...],
+    dryrun: bool,
+    local: bool,
+    name: str | None,
+    runs_dir: Path,
+    workdir: Path | None,
+    fleet: bool,
+) -> None:
+    """Serve: sky/service.yaml on SkyServe, or with --fleet a controller and spot workers."""
+    from vicuna_sky.launch import runner
+    from vicuna_sky.launch.tasks import Spec
+
+    if fleet:
+        runner.launch_fleet(recipe, envs, dryrun=dryrun, local=local, name=name, runs_dir=runs_dir)
+    else:
+        runner.launch_recipe(
+            Spec.SERVICE,
+            recipe,
+            envs,
+            dryrun=dryrun,
+            local=local,
+            name=name,
+            runs_dir=runs_dir,
+            workdir=workdir,
+        )
+
+
+@app.command()
+@click.argument("recipe")
+@click.option("--top", default=5, show_default=True, help="Candidates listed per table.")
+def plan(recipe: str, top: int) -> None:
+    """Cost plan: cheapest spot and on-demand offers and the estimated $ for the run."""
+    from vicuna_sky.launch import runner
+
+    runner.print_plan(runner.load_recipe(recipe), top=top)
+
+
+@app.command()
+@click.argument("recipe")
+def check(recipe: str) -> None:
+    """Validate a recipe against every spec in sky/ (SkyPilot's own checks), offline."""
+    from vicuna_sky.launch import runner
+
+    runner.check_recipe(recipe)
+
+
+@app.command()
+@click.option(
+    "--local", is_flag=True, help="Local runs instead of SkyPilot's jobs, clusters and services."
+)
+@click.option(
+    "--runs-dir",
+    type=click.Path(path_type=Path),
+    default=Path("runs"),
+    show_default=True,
+    help=RUNS_HELP,
+)
+def status(local: bool, runs_dir: Path) -> None:
+    """Status of jobs, clusters and services (SkyPilot's status vocabulary)."""
+    from vicuna_sky.launch import runner
+
+    runner.print_status(local=local, runs_dir=runs_dir)
+
+
+@app.command()
+@click.argument("name")
+@click.option(
+    "--kind", type=click.Choice(["job", "cluster", "service"]), default="job", show_default=True
+)
+@click.option("--local", is_flag=True, help="A local run (its latest attempt's logs).")
+@click.option(
+    "--runs-dir",
+    type=click.Path(path_type=Path),
+    default=Path("runs"),
+    show_default=True,
+    help=RUNS_HELP,
+)
+def logs(name: str, kind: str, local: bool, runs_dir: Path) -> None:
+    """Show the logs of a job, cluster or service."""
+    from vicuna_sky.launch import runner
+
+    runner.show_logs(name, kind=kind, local=local, runs_dir=runs_dir)
+
+
+@app.command()
+@click.argument("name")
+@click.option(
+    "--kind", type=click.Choice(["job", "cluster", "service"]), default="job", show_default=True
+)
+def down(name: str, kind: str) -> None:
+    """Cancel a managed job, tear down a cluster, or take a service down."""
+    from vicuna_sky.launch import cloud
+
+    cloud.down(name, kind)
+
+
+@app.group()
+def chaos() -> None:
+    """Prove recovery: run a spec locally through repeated spot preemptions."""
+
+
+@chaos.command(name="train")
+@click.argument("recipe")
+@click.option("--preemptions", default=3, show_default=True, help="How many times to preempt.")
+@click.option("--seed", default=0, show_default=True, help="Seeds when and how preemptions hit.")
+@click.option(
+    "--notice-seconds",
+    default=5.0,
+    show_default=True,
+    help="Notice window before the machine is killed (clouds: AWS 120 s, GCP 30 s).",
+)
+@click.option("--env", "envs", multiple=True, metavar="KEY=VALUE", help=ENV_HELP)
+@click.option(
+    "--workdir", type=click.Path(path_type=Path), default=Path("runs/chaos"), show_default=True
+)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+def chaos_train(
+    recipe: str,
+    preemptions: int,
+    seed: int,
+    notice_seconds: float,
+    envs: tuple[str, ...],
+    workdir: Path,
+    json_path: Path | None,
+) -> None:
+    """sky/train.yaml on the local backend (bucket on a local S3), preempted K times, compared
+    with an uninterrupted run of the same recipe."""
+    from vicuna_sky.launch.chaos import Chaos, ChaosConfig, render
+
+    config = ChaosConfig(recipe, preemptions, seed, notice_seconds, workdir, envs)
+    report = Chaos(config).run()
+    for item in render(report):
+        console.print(item)
+    if json_path:
+        json_path.write_text(report.to_json())
+    if not (report.identical_to_uninterrupted and report.only_committed_checkpoints_loaded):
+        raise VicunaSkyError("recovery was not exact: see the report above")

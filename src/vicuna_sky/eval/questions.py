@@ -1,0 +1,108 @@
+"""Benchmark questions in FastChat's formats.
+
+- `turns` (vicuna_bench, mt_bench): `{"question_id", "category", "turns": [...], "reference"?}`
+- legacy `text` (the original Vicuna eval table): `{"question_id", "category", "text"}`
+
+Reference answers for the categories that are judged against one come either inline
+(`reference`) or from an answers file in the model-answer format (`choices[0].turns`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from vicuna_sky.errors import VicunaSkyError
+
+DEMO = "demo"
+"""The name of the small question set that ships with the package (used by the demo)."""
+
+REFERENCE_CATEGORIES = frozenset({"math", "reasoning", "coding"})
+"""Categories a judge grades against a reference answer, when one is available."""
+
+
+@dataclass(frozen=True)
+class Question:
+    question_id: int | str
+    category: str
+    turns: list[str]
+    reference: list[str] | None = field(default=None)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.category in REFERENCE_CATEGORIES
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file; a broken line is an error naming the file and line."""
+    if not path.is_file():
+        raise VicunaSkyError(f"{path}: no such file")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise VicunaSkyError(f"{path}:{number}: not JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise VicunaSkyError(f"{path}:{number}: expected a JSON object per line")
+            records.append(record)
+    return records
+
+
+def _question(record: dict, where: str) -> Question:
+    if "question_id" not in record:
+        raise VicunaSkyError(f"{where}: no question_id")
+    turns = record.get("turns")
+    if turns is None and "text" in record:
+        turns = [record["text"]]
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+        raise VicunaSkyError(f"{where}: expected `turns` (a list of strings) or `text`")
+    reference = record.get("reference")
+    if reference is not None and not (
+        isinstance(reference, list) and all(isinstance(t, str) for t in reference)
+    ):
+        raise VicunaSkyError(f"{where}: `reference` must be a list of strings")
+    return Question(record["question_id"], str(record.get("category", "general")), turns, reference)
+
+
+def demo_questions_path() -> Path:
+    return Path(str(resources.files("vicuna_sky.eval") / "demo_questions.jsonl"))
+
+
+def load_questions(path: Path | str, reference_answers: Path | None = None) -> list[Question]:
+    """Questions from a file (or `demo`), with reference answers merged in when given."""
+    path = demo_questions_path() if str(path) == DEMO else Path(path)
+    questions, seen = [], set()
+    for number, record in enumerate(read_jsonl(path), 1):
+        question = _question(record, f"{path}:{number}")
+        if question.question_id in seen:
+            raise VicunaSkyError(f"{path}:{number}: duplicate question_id {question.question_id}")
+        seen.add(question.question_id)
+        questions.append(question)
+    if not questions:
+        raise VicunaSkyError(f"{path}: no questions")
+    if reference_answers is not None:
+        references = load_reference_answers(reference_answers)
+        questions = [
+            Question(q.question_id, q.category, q.turns, references.get(q.question_id, q.reference))
+            for q in questions
+        ]
+    return questions
+
+
+def load_reference_answers(path: Path) -> dict[int | str, list[str]]:
+    """question_id -> answer turns, from a file in the model-answer format."""
+    references = {}
+    for number, record in enumerate(read_jsonl(path), 1):
+        try:
+            references[record["question_id"]] = list(record["choices"][0]["turns"])
+        except (KeyError, IndexError, TypeError):
+            raise VicunaSkyError(
+                f"{path}:{number}: expected question_id and choices[0].turns"
+            ) from None
+    return references

@@ -1,0 +1,40 @@
+"""Append-only JSONL logs: every finished record is on disk before the next starts, so a killed
+run loses at most the record in flight and a rerun picks up where it stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Hashable
+from pathlib import Path
+
+from vicuna_sky.eval.questions import read_jsonl
+
+
+class JsonlLog:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def records(self) -> list[dict]:
+        """What is already there. A last line cut short by a kill is removed, not fatal."""
+        if not self.path.exists():
+            return []
+        self._drop_torn_tail()
+        return read_jsonl(self.path)
+
+    def done(self, key: Callable[[dict], Hashable]) -> set[Hashable]:
+        return {key(record) for record in self.records()}
+
+    def append(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _drop_torn_tail(self) -> None:
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            # Only the line being written when the process died can lack its newline.
+            with self.path.open("r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)

@@ -1,0 +1,239 @@
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.eval.client import Endpoint
+from vicuna_sky.eval.judge import JudgeConfig, judge, load_answers, parse_grade, parse_verdict
+from vicuna_sky.eval.prompts import BUILTIN, load_prompts
+
+FASTCHAT_PROMPTS = (
+    Path(__file__).resolve().parents[2].parent / "shared/data/fastchat/judge_prompts.jsonl"
+)
+
+
+def grade_by_quality(server):
+    """A judge that likes answers containing GOOD."""
+
+    def reply(body):
+        text = server.user_text(body)
+        last = text.rsplit("### User", 1)[-1] if "### User" in text else text
+        return "Solid. Grade: [[9]]" if "GOOD" in last else "Weak. Grade: [[3]]"
+
+    return reply
+
+
+def run_judge(server, tmp_path, questions, answers, models, mode, **config):
+    out = config.pop("output", tmp_path / f"{mode}.jsonl")
+    prompts = config.pop("prompts", load_prompts(None))
+    cfg = JudgeConfig(mode, out, progress=False, backoff=0.01, **config)
+    summary = judge(questions, answers, models, Endpoint(server.url, "judge-1"), prompts, cfg)
+    lines = out.read_text().splitlines() if out.exists() else []
+    return summary, [json.loads(line) for line in lines]
+
+
+@pytest.fixture
+def two_models(tmp_path, mt_bench, write_answers):
+    good = write_answers(tmp_path / "good.jsonl", "good", mt_bench, lambda q, t: f"GOOD {t}")
+    bad = write_answers(tmp_path / "bad.jsonl", "bad", mt_bench, lambda q, t: f"meh {t}")
+    return load_answers([good, bad])
+
+
+def test_parsers():
+    assert parse_grade("reasons... Rating: [[7]]") == 7
+    assert parse_grade("[[2]] at first, then on reflection [[8.5]]") == 8.5
+    assert parse_grade("Rating: [6]") == 6
+    for bad in ("no verdict", "[[11]]", "[[0]]"):
+        with pytest.raises(ValueError):
+            parse_grade(bad)
+    assert parse_verdict("A is longer but [[B]] is right") == "B"
+    assert parse_verdict("[[C]]") == "C"
+    with pytest.raises(ValueError):
+        parse_verdict("assistant A wins")
+
+
+def test_single_grades_every_turn_with_references(openai_server, tmp_path, mt_bench, two_models):
+    openai_server.reply = grade_by_quality(openai_server)
+    summary, records = run_judge(
+        openai_server, tmp_path, mt_bench, two_models, ["good", "bad"], "single"
+    )
+    assert summary.judged == len(records) == 80 * 2 * 2 and summary.unparsed == 0
+    scores = {(r["model"], r["question_id"], r["turn"]): r["score"] for r in records}
+    assert {s for (m, *_), s in scores.items() if m == "good"} == {9.0}
+    assert {s for (m, *_), s in scores.items() if m == "bad"} == {3.0}
+    assert all(r["judge"] == "judge-1" and r["error"] is None for r in records)
+    by_prompt = Counter(r["prompt"] for r in records)
+    with_ref = sum(
+        1 for q in mt_bench if q.reference and q.category in ("math", "reasoning", "coding")
+    )
+    assert by_prompt["single-math-v1"] == by_prompt["single-math-v1-multi-turn"] == 2 * with_ref
+    assert by_prompt["single-v1"] == 2 * (80 - with_ref)
+    # What the judge was shown: the reference for math, both turns for turn 2.
+    q = next(q for q in mt_bench if q.category == "math" and q.reference)
+    asked = [b for b in openai_server.requests if q.turns[1] in openai_server.user_text(b)]
+    text = openai_server.user_text(asked[0])
+    assert q.reference[0] in text and q.reference[1] in text and q.turns[0] in text
+    assert all(b["temperature"] == 0 for b in openai_server.requests)
+
+
+def test_pairwise_asks_both_orders_and_counts_position_bias(
+    openai_server, tmp_path, mt_bench, two_models
+):
+    def prefers_good(body):
+        text = openai_server.user_text(body)
+        a = text.index("assistant A")
+        b = text.index("assistant B")
+        good_first = text.find("GOOD", a) < b
+        return "[[A]]" if good_first else "[[B]]"
+
+    openai_server.reply = prefers_good
+    questions = mt_bench[:10]
+    summary, records = run_judge(
+        openai_server, tmp_path, questions, two_models, ["good"], "pairwise", baseline="bad"
+    )
+    assert summary.judged == 20 and len(openai_server.requests) == 40
+    assert all(r["g1_winner"] == r["g2_winner"] == r["winner"] == "good" for r in records)
+
+    # A judge that always says "A": each order crowns the other model -> inconsistent.
+    openai_server.reply = lambda body: "First one. [[A]]"
+    _, records = run_judge(
+        openai_server,
+        tmp_path,
+        questions,
+        two_models,
+        ["good"],
+        "pairwise",
+        baseline="bad",
+        output=tmp_path / "biased.jsonl",
+    )
+    assert {(r["g1_winner"], r["g2_winner"], r["winner"]) for r in records} == {
+        ("good", "bad", "inconsistent")
+    }
+
+
+def test_unreadable_verdicts_are_recorded_and_redone_on_request(
+    openai_server, tmp_path, mt_bench, two_models
+):
+    questions = mt_bench[:4]
+    openai_server.reply = lambda body: "I cannot decide."
+    summary, records = run_judge(openai_server, tmp_path, questions, two_models, ["good"], "single")
+    assert summary.unparsed == summary.judged == 8
+    assert all(r["score"] is None and "no [[grade]]" in r["error"] for r in records)
+    assert records[0]["judgment"] == "I cannot decide."
+
+    openai_server.reply = lambda body: "[[6]]"
+    summary, _ = run_judge(openai_server, tmp_path, questions, two_models, ["good"], "single")
+    assert summary.skipped == 8 and summary.judged == 0  # a plain rerun does not pay again
+    summary, records = run_judge(
+        openai_server, tmp_path, questions, two_models, ["good"], "single", redo_failed=True
+    )
+    assert summary.judged == 8 and records[-1]["score"] == 6.0
+
+
+def test_transient_failures_are_retried(openai_server, tmp_path, mt_bench, two_models):
+    seen = Counter()
+
+    def flaky(body):
+        key = openai_server.user_text(body)
+        seen[key] += 1
+        if seen[key] == 1:
+            return (503, "overloaded")
+        if seen[key] == 2:
+            return (429, "slow down")
+        return "[[7]]"
+
+    openai_server.reply = flaky
+    summary, records = run_judge(
+        openai_server, tmp_path, mt_bench[:3], two_models, ["good"], "single"
+    )
+    assert summary.judged == 6 and not summary.failed
+    assert summary.requests == 18 and {r["score"] for r in records} == {7.0}
+
+
+def test_failing_requests_are_left_for_the_rerun(openai_server, tmp_path, mt_bench, two_models):
+    questions = mt_bench[:3]
+    target = questions[1].turns[0]
+    openai_server.reply = lambda body: (
+        (500, "boom") if target in openai_server.user_text(body) else "[[5]]"
+    )
+    summary, records = run_judge(
+        openai_server, tmp_path, questions, two_models, ["good"], "single", retries=1
+    )
+    assert len(summary.failed) == 2 and summary.judged == 4  # both turns mention the question
+    assert questions[1].question_id not in {r["question_id"] for r in records}
+    openai_server.reply = lambda body: "[[5]]"
+    summary, records = run_judge(openai_server, tmp_path, questions, two_models, ["good"], "single")
+    assert summary.judged == 2 and summary.skipped == 4 and len(records) == 6
+
+
+def test_a_client_error_is_not_retried(openai_server, tmp_path, mt_bench, two_models):
+    openai_server.reply = lambda body: (401, "bad key")
+    summary, _ = run_judge(openai_server, tmp_path, mt_bench[:1], two_models, ["good"], "single")
+    assert len(openai_server.requests) == 2 and len(summary.failed) == 2
+    assert "HTTP 401: bad key" in next(iter(summary.failed.values()))
+
+
+def test_fastchat_prompt_file_drops_in(openai_server, tmp_path, mt_bench, two_models):
+    openai_server.reply = lambda body: "Rating: [[4]]"
+    prompts = load_prompts(FASTCHAT_PROMPTS)
+    assert set(prompts) == set(BUILTIN)
+    cfg = JudgeConfig("single", tmp_path / "fc.jsonl", progress=False)
+    judge(mt_bench[:2], two_models, ["good"], Endpoint(openai_server.url, "j"), prompts, cfg)
+    assert "[[rating]]" in openai_server.requests[0]["messages"][1]["content"]
+
+
+def test_unknown_model_is_a_clear_error(openai_server, tmp_path, mt_bench, two_models):
+    with pytest.raises(VicunaSkyError, match="no answers from 'nobody'"):
+        run_judge(openai_server, tmp_path, mt_bench, two_models, ["nobody"], "single")
+
+
+def test_cli_resumes_after_a_kill(openai_server, tmp_path, mt_bench, write_answers, cli):
+    questions = mt_bench[:20]
+    good = write_answers(tmp_path / "good.jsonl", "good", questions, lambda q, t: f"GOOD {t}")
+    bad = write_answers(tmp_path / "bad.jsonl", "bad", questions, lambda q, t: f"meh {t}")
+    openai_server.reply = lambda body: "[[B]]"
+    openai_server.delay = 0.05
+    out = tmp_path / "pairs.jsonl"
+    args = [
+        "eval", "judge", "--mode", "pairwise",
+        "--questions", str(SHARED_MT), "--answers", str(good), "--answers", str(bad),
+        "--model", "good", "--baseline", "bad",
+        "--judge-model", "j", "--judge-base-url", openai_server.url,
+        "--concurrency", "2", "-o", str(out),
+    ]  # fmt: skip
+    exe = Path(sys.executable).parent / "vicuna-sky"
+    proc = subprocess.Popen(
+        [str(exe), *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if out.exists() and out.read_text().count("\n") >= 8:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = out.read_text().count("\n")
+    assert 8 <= first < 40
+    requests_before = len(openai_server.requests)
+
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    keys = Counter((r["question_id"], r["turn"]) for r in records)
+    assert len(keys) == 40 and set(keys.values()) == {1}  # each judged once, none twice
+    assert len(openai_server.requests) - requests_before == 2 * (40 - first)
+    assert re.search(rf"{40 - first} judged .* {first} already in", done.stdout)
+
+
+SHARED_MT = (
+    Path(__file__).resolve().parents[2].parent / "shared/data/fastchat/mt_bench/question.jsonl"
+)
