@@ -1,12 +1,13 @@
 """`vicuna-sky demo`: the pipeline on the tiny CPU recipe, on this machine.
 
-Stages run in order and each says what it produced. A stage whose component has not been
-built yet is listed as such rather than faked; the summary shows what ran and where.
+Stages run in order and each says what it produced: prepare, validate specs, clean + split
+data, train (preempted once, resumed from the bucket), serve (a local fleet asked through the
+OpenAI API), evaluate (sky/eval.yaml: answers, a judge, a report with plots). The summary shows
+what ran and where its outputs are.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import threading
@@ -44,8 +45,6 @@ class Context:
 class Stage:
     name: str
     fn: Callable[[Context], str]
-    needs: str = ""
-    """Module the stage runs; until it exists the stage is reported as not built yet."""
 
 
 def stage_assets(ctx: Context) -> str:
@@ -153,21 +152,52 @@ def stage_serve(ctx: Context) -> str:
     )
 
 
+def stage_evaluate(ctx: Context) -> str:
+    """sky/eval.yaml on the local backend: the fine-tuned and the untrained tiny Llama answer the
+    demo questions, a judge grades them (single and pairwise) and a report with plots is written.
+    The judge is VICUNA_SKY_JUDGE_BASE_URL / VICUNA_SKY_JUDGE_MODEL when set, else the fine-tuned
+    model itself: a smoke test of the machinery, not an evaluation."""
+    import json
+
+    from vicuna_sky.launch.local import LocalRunner
+
+    envs = {"SERVE_MODEL_PATH": ctx.outputs["export"], "BASELINE_PATH": ctx.outputs["model"]}
+    judge_url = os.environ.get("VICUNA_SKY_JUDGE_BASE_URL")
+    if judge_url:
+        envs |= {
+            "JUDGE_API_BASE": judge_url,
+            "JUDGE_MODEL": os.environ.get("VICUNA_SKY_JUDGE_MODEL", "gpt-4"),
+            "OPENAI_API_KEY": os.environ.get("OPENAI_API_KEY", ""),
+        }
+    task = load_task(Spec.EVAL, ctx.recipe, envs)
+    task.name = f"{ctx.recipe.name}-eval"
+    job = LocalRunner(task, ctx.local).run()
+    if job.status != "SUCCEEDED":
+        raise VicunaSkyError(f"demo evaluation ended {job.status}: see {job.run_dir}")
+    out = ctx.bucket_dir / "eval" / task.envs["RUN_NAME"] / task.envs["BENCH"]
+    report = json.loads((out / "report" / "report.json").read_text())
+    ctx.outputs["eval report"] = str(out / "report")
+    judge = (
+        f"judge {task.envs['JUDGE_MODEL']} at {judge_url}"
+        if judge_url
+        else f"judge: the fine-tuned model itself ({task.envs['JUDGE_MODEL']}, no judge "
+        "endpoint configured)"
+    )
+    relative = ", ".join(
+        f"{name} {m['relative']:.0%}" if m.get("relative") is not None else f"{name} n/a"
+        for name, m in report["models"].items()
+    )
+    return f"{judge}; quality relative to {report['reference']}: {relative}; report in {out}"
+
+
 STAGES = [
     Stage("prepare", stage_assets),
     Stage("validate specs", stage_specs),
     Stage("clean + split data", stage_data),
     Stage("train (with a preemption)", stage_train),
     Stage("serve", stage_serve),
-    Stage("evaluate", lambda ctx: "", needs="vicuna_sky.eval.judge"),
+    Stage("evaluate", stage_evaluate),
 ]
-
-
-def _available(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # a parent package does not exist yet
-        return False
 
 
 def run(workdir: Path) -> None:
@@ -185,10 +215,6 @@ def run(workdir: Path) -> None:
     console.rule(f"[bold]vicuna-sky demo[/] — {recipe.source}")
     results = []
     for stage in STAGES:
-        if stage.needs and not _available(stage.needs):
-            results.append((stage.name, "not built yet", f"needs {stage.needs}", 0.0))
-            console.print(f"[dim]- {stage.name}: not built yet[/]")
-            continue
         start = time.monotonic()
         with console.status(f"{stage.name}..."):
             detail = stage.fn(ctx)

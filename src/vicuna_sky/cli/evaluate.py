@@ -225,3 +225,40 @@ def eval_judge(
         f"{summary.requests} requests"
     )
     _fail_if(summary.failed, summary.judged + len(summary.failed), "judgments")
+
+
+@eval_.command(name="report")
+@click.option("--judgments", type=PATH, multiple=True, help="Judgments JSONL (repeatable).")
+@click.option(
+    "--legacy-reviews",
+    type=PATH,
+    default=None,
+    help="A directory of FastChat's review_<a>_<b>.jsonl files (the original Vicuna eval).",
+)
+@click.option("--questions", type=PATH, default=None, help="Question file for the categories.")
+@click.option(
+    "--reference", required=True, help="The model every other is measured against (its 100 %)."
+)
+@click.option("--json", "json_path", type=PATH, default=None, help="Write the report as JSON.")
+@click.option("--plots", type=PATH, default=None, help="Directory for the PNG plots.")
+def eval_report(
+    judgments: tuple[Path, ...],
+    legacy_reviews: Path | None,
+    questions: Path | None,
+    reference: str,
+    json_path: Path | None,
+    plots: Path | None,
+) -> None:
+    """Scores by category, win/tie/loss and quality relative to a reference, with plots."""
+    from vicuna_sky.eval.plots import draw_plots, render_report, write_json
+    from vicuna_sky.eval.report import build_report
+
+    report = build_report(
+        reference, judgments=judgments, legacy_reviews=legacy_reviews, questions=questions
+    )
+    render_report(report, console)
+    if json_path is not None:
+        console.print(f"report: {write_json(report, json_path)}")
+    if plots is not None:
+        for path in draw_plots(report, plots):
+            console.print(f"plot: {path}")

@@ -1,0 +1,228 @@
+"""Showing an evaluation report: rich tables for the terminal, a JSON document, PNG figures.
+
+Figures are `matplotlib.figure.Figure` objects made directly, without pyplot: no display, no
+global backend or figure registry to manage, and a figure is freed when it goes out of scope.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from dataclasses import asdict
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.eval.report import Report
+
+DPI = 120
+
+
+def ranked(report: Report) -> list[str]:
+    """Model names, best relative quality first; those without one last, by name."""
+    rel = {m: s.relative for m, s in report.models.items()}
+    return sorted(rel, key=lambda m: (rel[m] is None, -(rel[m] or 0.0), m))
+
+
+def _rounded(x: object) -> object:
+    """JSON-ready, floats to 4 decimals (0.9206 reads as 92.06 %)."""
+    if isinstance(x, float):
+        return round(x, 4)
+    if isinstance(x, dict):
+        return {str(k): _rounded(v) for k, v in x.items()}
+    return [_rounded(v) for v in x] if isinstance(x, list | tuple) else x
+
+
+def report_json(report: Report) -> dict:
+    """The report as JSON: models best first, each with `relative` (a fraction of the reference)."""
+    out = asdict(report)
+    out["models"] = {
+        name: out["models"][name] | {"win_rate": report.models[name].win_rate}
+        for name in ranked(report)
+    }
+    for pair, p in zip(out["pairs"], report.pairs, strict=True):
+        pair |= {"games": p.games, "position_bias": p.position_bias}
+    return _rounded(out)
+
+
+def write_json(report: Report, path: Path | str) -> Path:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report_json(report), indent=2) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise VicunaSkyError(f"{path}: cannot write the report ({e.strerror or e})") from None
+    return path
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def report_tables(report: Report) -> list[Table]:
+    """Per model (best first), mean score by category, and the pairs when there were games."""
+    names = ranked(report)
+    turns = sorted({t for s in report.models.values() for t in s.turns})
+    turns = turns if len(turns) > 1 else []  # one turn: the overall column says it all
+    summary = Table(
+        title=f"Quality relative to {report.reference}",
+        caption=f"judged by {', '.join(report.judges) or 'nobody'}; from {report.kind}",
+    )
+    columns = ["model", "relative", "overall", *(f"turn {t}" for t in turns), "grades"]
+    for column in [*columns, "W/T/L", "win rate", "failures"]:
+        summary.add_column(column, justify="left" if column == "model" else "right")
+    for name in names:
+        s = report.models[name]
+        summary.add_row(
+            name,
+            _pct(s.relative),
+            _num(s.overall),
+            *(_num(s.turns.get(t)) for t in turns),
+            str(s.n_scores),
+            f"{s.wins}/{s.ties}/{s.losses}",
+            _pct(s.win_rate),
+            str(s.failures),
+        )
+    tables = [summary]
+    if report.categories:
+        by_category = Table(title="Mean score by category")
+        by_category.add_column("category")
+        for name in names:
+            by_category.add_column(name, justify="right")
+        for c in report.categories:
+            by_category.add_row(c, *(_num(report.models[n].categories.get(c)) for n in names))
+        tables.append(by_category)
+    if report.pairs:
+        pairs = Table(title="Pairs", caption="inconsistent: the verdict flipped with the order")
+        for column in ["A", "B", "games", "A wins", "ties", "B wins", "inconsistent", "failures"]:
+            pairs.add_column(column, justify="left" if len(column) == 1 else "right")
+        for p in report.pairs:
+            bias = f"{p.inconsistent} ({_pct(p.position_bias)})"
+            counts = (p.games, p.wins_a, p.ties, p.wins_b)
+            pairs.add_row(p.model_a, p.model_b, *map(str, counts), bias, str(p.failures))
+        tables.append(pairs)
+    return tables
+
+
+def render_report(report: Report, console: Console) -> None:
+    for table in report_tables(report):
+        console.print(table)
+    for name in ranked(report):
+        if report.models[name].relative is None:
+            note = f"{name}: no relative quality ({report.models[name].relative_note})"
+            console.print(escape(note), style="yellow")
+    for note in report.notes:
+        console.print(f"note: {escape(note)}", style="yellow")
+
+
+def draw_plots(report: Report, directory: Path | str) -> list[Path]:
+    """Write the figures the report has data for into `directory`; return their paths."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise VicunaSkyError(
+            f"{directory}: cannot create the plot directory ({e.strerror})"
+        ) from None
+    drawers = [
+        ("relative_quality.png", plot_relative_quality),
+        ("scores_by_category.png", plot_scores_by_category),
+        ("win_tie_loss.png", plot_win_tie_loss),
+    ]
+    written = []
+    for filename, draw in drawers:
+        figure = draw(report)
+        if figure is not None:
+            figure.savefig(directory / filename, dpi=DPI)
+            written.append(directory / filename)
+    return written
+
+
+def _judged_by(report: Report) -> str:
+    return textwrap.fill(f"judged by {', '.join(report.judges)}", 90)
+
+
+def plot_relative_quality(report: Report) -> Figure | None:
+    """Horizontal bars: each model's total score as a % of the reference's (the blog's figure)."""
+    names = [n for n in reversed(ranked(report)) if report.models[n].relative is not None]
+    if len(names) < 2:
+        return None
+    values = [100 * report.models[n].relative for n in names]
+    fig = Figure(figsize=(8, 1.6 + 0.55 * len(names)), layout="constrained")
+    ax = fig.add_subplot()
+    colors = ["#9e9e9e" if n == report.reference else "#3b75af" for n in names]
+    bars = ax.barh(names, values, color=colors, height=0.6)
+    for text in ax.bar_label(bars, labels=[f"{v:.1f}%" for v in values], padding=4, fontsize=10):
+        text.set_bbox({"facecolor": "white", "edgecolor": "none", "pad": 1})  # over the 100 % line
+    ax.axvline(100, color="#555555", linestyle="--", linewidth=1)
+    ax.set_xlim(0, max(115, max(values) * 1.15))
+    ax.set_xlabel(f"total score as % of {report.reference}'s")
+    ax.set_title(f"Relative response quality vs {report.reference}", fontweight="bold")
+    ax.tick_params(axis="y", labelsize=11)
+    ax.spines[["top", "right"]].set_visible(False)
+    missing = [n for n in report.models if report.models[n].relative is None]
+    footer = _judged_by(report) + (f"\nno relative score: {', '.join(missing)}" if missing else "")
+    fig.supxlabel(footer, fontsize=8, color="#555555")
+    return fig
+
+
+def plot_scores_by_category(report: Report) -> Figure | None:
+    """Grouped bars: each model's mean score (1-10) in each category, and overall."""
+    names = [n for n in ranked(report) if report.models[n].n_scores]
+    if not names or not report.categories:
+        return None
+    groups = [*report.categories, "overall"]
+    width = 0.8 / len(names)
+    inches = min(18, max(8, 2 + 0.22 * len(groups) * (len(names) + 1)))
+    fig = Figure(figsize=(inches, 5.5), layout="constrained")
+    ax = fig.add_subplot()
+    for i, name in enumerate(names):
+        s = report.models[name]
+        heights = [s.categories.get(c, 0.0) for c in report.categories] + [s.overall or 0.0]
+        positions = [g + (i - (len(names) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(positions, heights, width=width, label=name)
+    ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right")
+    ax.set_ylim(0, 10.5)
+    ax.set_ylabel("mean score (1-10)")
+    ax.set_title("Mean score by category", fontweight="bold")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(ncols=min(len(names), 5), loc="upper center", bbox_to_anchor=(0.5, -0.22))
+    fig.supxlabel(_judged_by(report), fontsize=8, color="#555555")
+    return fig
+
+
+def plot_win_tie_loss(report: Report) -> Figure | None:
+    """Stacked bars per pair: the share of games A won, tied (incl. inconsistent) and lost."""
+    pairs = [p for p in report.pairs if p.games]
+    if not pairs:
+        return None
+    fig = Figure(figsize=(8, 1.6 + 0.55 * len(pairs)), layout="constrained")
+    ax = fig.add_subplot()
+    labels = [f"{p.model_a} vs {p.model_b}" for p in pairs]
+    left = [0.0] * len(pairs)
+    for part, color in (("wins_a", "#4c9a5b"), ("ties", "#bdbdbd"), ("wins_b", "#c8553d")):
+        counts = [getattr(p, part) for p in pairs]
+        shares = [100 * c / p.games for c, p in zip(counts, pairs, strict=True)]
+        label = {"wins_a": "A wins", "ties": "tie or inconsistent", "wins_b": "B wins"}[part]
+        bars = ax.barh(labels, shares, left=left, color=color, height=0.6, label=label)
+        texts = [str(c) if s >= 6 else "" for c, s in zip(counts, shares, strict=True)]
+        ax.bar_label(bars, labels=texts, label_type="center", fontsize=9)
+        left = [a + s for a, s in zip(left, shares, strict=True)]
+    ax.set_xlim(0, 100)
+    ax.invert_yaxis()
+    ax.set_xlabel("% of games (A is the first model)")
+    ax.set_title("Win / tie / loss per pair", fontweight="bold")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.supxlabel(_judged_by(report), fontsize=8, color="#555555")
+    return fig
