@@ -22,6 +22,19 @@ def test_demo_completes_and_summarises(cli, tmp_path):
     assert "emergency checkpoint" in logs and "resumed at step" in logs
     # The trained model answered through the fleet's OpenAI API.
     assert "3 questions answered" in out.stdout
+    # sky/eval.yaml ran locally: both tiny models answered the demo questions, a judge (the
+    # fine-tuned model itself, as no endpoint is configured) judged them, a report was written.
+    evaluation = workdir / "buckets" / "s3" / "vicuna-sky-tiny" / "eval" / "vicuna-tiny" / "demo"
+    for model in ("vicuna-tiny", "tiny-base"):
+        answers = (evaluation / "answers" / f"{model}.jsonl").read_text().splitlines()
+        assert len(answers) == 6 and all(
+            len(json.loads(a)["choices"][0]["turns"]) == 2 for a in answers
+        )
+    assert len((evaluation / "judgments" / "single.jsonl").read_text().splitlines()) == 24
+    assert len((evaluation / "judgments" / "pairwise.jsonl").read_text().splitlines()) == 12
+    report = json.loads((evaluation / "report" / "report.json").read_text())
+    assert report["judges"] == ["vicuna-tiny"] and report["reference"] == "tiny-base"
+    assert "no judge endpoint configured" in " ".join(out.stdout.split())
     # Running it again reuses its own directory; a foreign non-empty one is refused.
     assert cli("demo", "--workdir", str(workdir)).returncode == 0
     foreign = tmp_path / "mine"

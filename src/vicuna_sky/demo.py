@@ -183,11 +183,25 @@ def stage_evaluate(ctx: Context) -> str:
         else f"judge: the fine-tuned model itself ({task.envs['JUDGE_MODEL']}, no judge "
         "endpoint configured)"
     )
+    judgments = [
+        json.loads(line)
+        for path in sorted((out / "judgments").glob("*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
+    readable = sum(1 for j in judgments if not j.get("error"))
+    answered = {
+        path.stem: len(path.read_text().splitlines())
+        for path in sorted((out / "answers").glob("*.jsonl"))
+    }
     relative = ", ".join(
         f"{name} {m['relative']:.0%}" if m.get("relative") is not None else f"{name} n/a"
         for name, m in report["models"].items()
     )
-    return f"{judge}; quality relative to {report['reference']}: {relative}; report in {out}"
+    return (
+        f"answers to {', '.join(f'{n} questions from {m}' for m, n in answered.items())}; "
+        f"{judge}: {readable} of {len(judgments)} verdicts readable; quality relative to "
+        f"{report['reference']}: {relative}; report in {out / 'report'}"
+    )
 
 
 STAGES = [

@@ -135,6 +135,8 @@ class EvalSection:
     judge's API for the baseline's answers."""
     max_tokens: int = 1024
     """Most new tokens per answer turn."""
+    judge_max_tokens: int = 2048
+    """Most new tokens per judgment."""
 
 
 @dataclass(frozen=True)
@@ -283,6 +285,7 @@ class Recipe:
             "BASELINE_MODEL": e.baseline_model,
             "BASELINE_PATH": e.baseline_path,
             "EVAL_MAX_TOKENS": str(e.max_tokens),
+            "JUDGE_MAX_TOKENS": str(e.judge_max_tokens),
         }
 
 

@@ -170,6 +170,7 @@ def _served(model_path: str, name: str, backend: str, template: str, logs: Path)
 @click.option("--judge-api-key", envvar="OPENAI_API_KEY", default=None, help=KEY_HELP)
 @click.option("--judge-prompts", type=PATH, default=None, help="Prompts JSONL (FastChat format).")
 @click.option("-o", "--output", type=PATH, required=True, help="Judgments JSONL (resumed).")
+@click.option("--max-tokens", default=2048, show_default=True, help="Most tokens per judgment.")
 @click.option("--concurrency", default=8, show_default=True)
 @RETRY_OPTIONS
 @click.option("--redo-failed", is_flag=True, help="Judge again what had no readable verdict.")
@@ -187,6 +188,7 @@ def eval_judge(
     judge_api_key: str | None,
     judge_prompts: Path | None,
     output: Path,
+    max_tokens: int,
     concurrency: int,
     retries: int,
     backoff: float,
@@ -205,6 +207,7 @@ def eval_judge(
         mode,
         output,
         baseline=baseline,
+        max_tokens=max_tokens,
         concurrency=concurrency,
         retries=retries,
         backoff=backoff,

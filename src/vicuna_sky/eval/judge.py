@@ -232,7 +232,8 @@ class Judge:
             try:
                 record = await grade(job)
             except RequestFailed as e:
-                summary.failed[f"question {job.question.question_id} turn {job.turn}"] = str(e)
+                what = f"question {job.question.question_id} turn {job.turn} {'/'.join(job.models)}"
+                summary.failed[what] = str(e)
                 return
             log.append(
                 {
