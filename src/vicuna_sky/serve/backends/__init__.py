@@ -8,9 +8,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from vicuna_sky.serve.protocol import ApiError, GenerateRequest
+
+if TYPE_CHECKING:
+    from vicuna_sky.data.conversation import Template
 
 
 class Backend(Protocol):
@@ -30,6 +33,33 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
+def render_prompt(template: Template, request: GenerateRequest) -> tuple[str, bool]:
+    """The text a model generates from, and whether it already starts with the BOS token.
+
+    Chat messages go through the data pipeline's template, so the model is prompted exactly as it
+    was trained. A continuation (`request.prefix`) picks up after the text already sent, as the
+    same assistant turn."""
+    from vicuna_sky.data.conversation import Message
+
+    if request.messages is None:
+        return (request.prompt or "") + request.prefix, False
+    messages = [Message(m.role, m.content) for m in request.messages]
+    rendered = template.render(messages, add_generation_prompt=True)
+    text = rendered.text + (" " + request.prefix if request.prefix else "")
+    return text, rendered.has_bos
+
+
+def check_context_length(context_length: int, prompt_tokens: int, max_tokens: int) -> None:
+    """OpenAI's 400 `context_length_exceeded` when the prompt and the answer cannot both fit."""
+    if prompt_tokens + max_tokens > context_length:
+        raise ApiError(
+            400,
+            f"this model's maximum context length is {context_length} "
+            f"tokens; the prompt has {prompt_tokens} and {max_tokens} were requested",
+            code="context_length_exceeded",
+        )
+
+
 def load_backend(kind: str, model_path: str, template: str) -> Backend:
     if kind == "echo":
         from vicuna_sky.serve.backends.echo import EchoBackend
@@ -40,5 +70,7 @@ def load_backend(kind: str, model_path: str, template: str) -> Backend:
 
         return HFBackend(model_path, template)
     if kind == "vllm":
-        raise ApiError(400, "the vllm backend is not built yet: use hf")
+        from vicuna_sky.serve.backends.vllm import VLLMBackend
+
+        return VLLMBackend(model_path, template)
     raise ApiError(400, f"unknown backend {kind!r}: hf, vllm or echo")

@@ -6,8 +6,8 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator
 
-from vicuna_sky.serve.backends import cut_at_stop
-from vicuna_sky.serve.protocol import ApiError, GenerateRequest
+from vicuna_sky.serve.backends import check_context_length, cut_at_stop, render_prompt
+from vicuna_sky.serve.protocol import GenerateRequest
 
 
 class _Cancelled:
@@ -40,33 +40,16 @@ class HFBackend:
         self.last_thread: threading.Thread | None = None
         """The most recent generation thread (tests check that it stops when told)."""
 
-    def _prompt(self, request: GenerateRequest) -> tuple[str, bool]:
-        from vicuna_sky.data.conversation import Message
-
-        if request.messages is None:
-            return (request.prompt or "") + request.prefix, False
-        messages = [Message(m.role, m.content) for m in request.messages]
-        rendered = self.template.render(messages, add_generation_prompt=True)
-        # A continuation picks up after the text already sent, as the same assistant turn.
-        text = rendered.text + (" " + request.prefix if request.prefix else "")
-        return text, rendered.has_bos
-
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[str]:
         from transformers import TextIteratorStreamer
 
-        prompt, has_bos = self._prompt(request)
+        prompt, has_bos = render_prompt(self.template, request)
         ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=not has_bos)
         n = ids["input_ids"].shape[1]
-        if n + request.max_tokens > self.context_length:
-            raise ApiError(
-                400,
-                f"this model's maximum context length is {self.context_length} "
-                f"tokens; the prompt has {n} and {request.max_tokens} were requested",
-                code="context_length_exceeded",
-            )
+        check_context_length(self.context_length, n, request.max_tokens)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         sample = request.temperature > 0
         cancel = threading.Event()

