@@ -89,3 +89,12 @@ def test_local_run_status_and_logs(cli, tmp_path):
     assert status.returncode == 0 and "cli-probe" in status.stdout
     logs = cli("logs", "cli-probe", "--local")
     assert logs.returncode == 0 and "run-rank0.log" in logs.stdout
+
+
+def test_eval_launch_and_fleet_dryruns(cli):
+    out = cli("eval", "launch", "vicuna-7b", "--dryrun", "--env", "JUDGE_MODEL=gpt-4o")
+    assert out.returncode == 0, out.stderr
+    assert "JUDGE_MODEL: gpt-4o" in out.stdout and "vicuna-sky eval judge" in out.stdout
+    fleet = cli("serve", "tiny-cpu", "--fleet", "--dryrun")
+    assert fleet.returncode == 0, fleet.stderr
+    assert "vicuna_sky.serve.controller" in fleet.stdout

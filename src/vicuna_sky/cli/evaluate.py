@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from vicuna_sky.cli.app import app, console
-from vicuna_sky.cli.launch import launch_options
+from vicuna_sky.cli.launch import launch, launch_options
 from vicuna_sky.errors import VicunaSkyError
 
 QUESTIONS_HELP = "Question file in FastChat's format (`turns` or legacy `text`), or `demo`."
@@ -37,29 +37,9 @@ def eval_() -> None:
 
 @eval_.command(name="launch")
 @launch_options
-def eval_launch(
-    recipe: str,
-    envs: tuple[str, ...],
-    dryrun: bool,
-    local: bool,
-    name: str | None,
-    runs_dir: Path,
-    workdir: Path | None,
-) -> None:
+def eval_launch(**options: object) -> None:
     """sky/eval.yaml: the trained model answers the benchmark and an LLM judges the answers."""
-    from vicuna_sky.launch import runner
-    from vicuna_sky.launch.tasks import Spec
-
-    runner.launch_recipe(
-        Spec.EVAL,
-        recipe,
-        envs,
-        dryrun=dryrun,
-        local=local,
-        name=name,
-        runs_dir=runs_dir,
-        workdir=workdir,
-    )
+    launch("EVAL", **options)
 
 
 def _fail_if(failed: dict, total: int, what: str) -> None:

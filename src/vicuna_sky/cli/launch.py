@@ -46,31 +46,19 @@ def launch_options(fn: click.decorators.FC) -> click.decorators.FC:
     return fn
 
 
-@app.command()
-@launch_options
-def train(
-    recipe: str,
-    envs: tuple[str, ...],
-    dryrun: bool,
-    local: bool,
-    name: str | None,
-    runs_dir: Path,
-    workdir: Path | None,
-) -> None:
-    """Fine-tune: sky/train.yaml as a managed spot job (torchrun + FSDP, auto-recovery)."""
+def launch(spec: str, recipe: str, envs: tuple[str, ...], **options: object) -> None:
+    """Launch the spec `spec` (a `Spec` name) for a recipe, with the `launch_options`."""
     from vicuna_sky.launch import runner
     from vicuna_sky.launch.tasks import Spec
 
-    runner.launch_recipe(
-        Spec.TRAIN,
-        recipe,
-        envs,
-        dryrun=dryrun,
-        local=local,
-        name=name,
-        runs_dir=runs_dir,
-        workdir=workdir,
-    )
+    runner.launch_recipe(Spec[spec], recipe, envs, **options)
+
+
+@app.command()
+@launch_options
+def train(**options: object) -> None:
+    """Fine-tune: sky/train.yaml as a managed spot job (torchrun + FSDP, auto-recovery)."""
+    launch("TRAIN", **options)
 
 
 @app.command()
@@ -78,33 +66,15 @@ def train(
 @click.option(
     "--fleet", is_flag=True, help="Controller + worker clusters instead of a SkyServe service."
 )
-def serve(
-    recipe: str,
-    envs: tuple[str, ...],
-    dryrun: bool,
-    local: bool,
-    name: str | None,
-    runs_dir: Path,
-    workdir: Path | None,
-    fleet: bool,
-) -> None:
+def serve(fleet: bool, **options: object) -> None:
     """Serve: sky/service.yaml on SkyServe, or with --fleet a controller and spot workers."""
-    from vicuna_sky.launch import runner
-    from vicuna_sky.launch.tasks import Spec
-
     if fleet:
-        runner.launch_fleet(recipe, envs, dryrun=dryrun, local=local, name=name, runs_dir=runs_dir)
+        from vicuna_sky.launch import runner
+
+        options.pop("workdir")
+        runner.launch_fleet(options.pop("recipe"), options.pop("envs"), **options)
     else:
-        runner.launch_recipe(
-            Spec.SERVICE,
-            recipe,
-            envs,
-            dryrun=dryrun,
-            local=local,
-            name=name,
-            runs_dir=runs_dir,
-            workdir=workdir,
-        )
+        launch("SERVICE", **options)
 
 
 @app.command()
