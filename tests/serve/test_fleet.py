@@ -187,3 +187,14 @@ def test_a_preemption_notice_drains_a_worker(fleet):
         assert fleet.workers[a].proc.wait(30) == 0
         assert a not in fleet.available()
         assert ask(client, 5) == "echo: question 5"
+
+
+def test_finish_reason_says_why_the_answer_ended(hf_fleet):
+    client = hf_fleet.client()
+    ask = {"model": "tiny", "prompt": "Hello, my name is", "temperature": 0}
+    full = client.completions.create(max_tokens=24, **ask).choices[0]
+    # The random tiny model never says EOS this early: it runs into max_tokens.
+    assert full.finish_reason == "length" and len(full.text) > 12
+    stop = full.text[6:10]
+    cut = client.completions.create(max_tokens=24, stop=[stop], **ask).choices[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and len(cut.text) < len(full.text)

@@ -110,6 +110,11 @@ def test_completions_and_a_stop_string(fleet):
         .text
     )
     assert full.strip(), full
+    # The engine's own finish reason: 3 tokens are too few for the tiny model to reach EOS.
+    short = client.completions.create(
+        model="tiny-vllm", prompt="Once upon a time", max_tokens=3, temperature=0
+    ).choices[0]
+    assert short.finish_reason == "length" and full.startswith(short.text)
     stop = full[len(full) // 2 : len(full) // 2 + 2]
     cut = client.completions.create(
         model="tiny-vllm", prompt="Once upon a time", max_tokens=24, temperature=0, stop=[stop]

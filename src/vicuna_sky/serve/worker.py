@@ -25,7 +25,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, ORJSONResponse, StreamingResponse
 
-from vicuna_sky.serve.backends import Backend, load_backend
+from vicuna_sky.serve.backends import Backend, Finish, load_backend
 from vicuna_sky.serve.protocol import ApiError, GenerateRequest, Registration
 from vicuna_sky.spot import PreemptionWatcher
 
@@ -56,11 +56,16 @@ class Worker:
             try:
                 pieces = 0
                 text = ""
+                finish = None
                 async for delta in self.backend.generate(request):
+                    if isinstance(delta, Finish):
+                        finish = delta.reason
+                        continue
                     pieces += 1
                     text += delta
                     yield (json.dumps({"text": delta}) + "\n").encode()
-                finish = "length" if pieces >= request.max_tokens else "stop"
+                if finish is None:  # a backend that does not say: about one delta per token
+                    finish = "length" if pieces >= request.max_tokens else "stop"
                 prompt = " ".join(m.content for m in request.messages or []) or request.prompt
                 yield (
                     json.dumps(

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from vicuna_sky.serve.protocol import ApiError, GenerateRequest
@@ -16,11 +17,20 @@ if TYPE_CHECKING:
     from vicuna_sky.data.conversation import Template
 
 
+@dataclass(frozen=True)
+class Finish:
+    """What a backend may yield after its last delta: why the answer ended ("stop": the model
+    ended it or a stop string did; "length": max_tokens). Without it the worker guesses from
+    the number of deltas."""
+
+    reason: str
+
+
 class Backend(Protocol):
     context_length: int
 
-    def generate(self, request: GenerateRequest) -> AsyncIterator[str]:
-        """Text deltas of the answer (after `request.prefix`, if any)."""
+    def generate(self, request: GenerateRequest) -> AsyncIterator[str | Finish]:
+        """Text deltas of the answer (after `request.prefix`, if any), then maybe a `Finish`."""
 
     def count_tokens(self, text: str) -> int: ...
 

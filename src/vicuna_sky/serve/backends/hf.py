@@ -6,7 +6,7 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator
 
-from vicuna_sky.serve.backends import check_context_length, cut_at_stop, render_prompt
+from vicuna_sky.serve.backends import Finish, check_context_length, cut_at_stop, render_prompt
 from vicuna_sky.serve.protocol import GenerateRequest
 
 
@@ -43,7 +43,7 @@ class HFBackend:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[str]:
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[str | Finish]:
         from transformers import TextIteratorStreamer
 
         prompt, has_bos = render_prompt(self.template, request)
@@ -65,7 +65,8 @@ class HFBackend:
             kwargs |= {"temperature": request.temperature, "top_p": request.top_p}
         if request.seed is not None:
             self.torch.manual_seed(request.seed)
-        thread = threading.Thread(target=self._run, args=(kwargs,), daemon=True)
+        result: dict[str, int] = {}
+        thread = threading.Thread(target=self._run, args=(kwargs, result), daemon=True)
         thread.start()
         stops = request.stop + [s for s in self.template.stop if s]
         sent = ""
@@ -79,16 +80,22 @@ class HFBackend:
                     yield candidate[len(sent) :]
                     sent = candidate
                 if stopped:
-                    break
+                    yield Finish("stop")
+                    return
+            # The model ended the answer itself, or ran into max_tokens: its output says which.
+            await asyncio.to_thread(thread.join)
+            length = result.get("new_tokens", 0) >= request.max_tokens
+            yield Finish("length" if length else "stop")
         finally:
             # A stop string, or a client that went away: the model stops at its next token
             # instead of running on to max_tokens for nobody.
             cancel.set()
             self.last_thread = thread
 
-    def _run(self, kwargs: dict) -> None:
+    def _run(self, kwargs: dict, result: dict[str, int]) -> None:
         with self.torch.no_grad():
-            self.model.generate(**kwargs)
+            out = self.model.generate(**kwargs)
+        result["new_tokens"] = out.shape[1] - kwargs["input_ids"].shape[1]
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
         def run() -> list[list[float]]:

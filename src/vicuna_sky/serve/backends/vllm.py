@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from vicuna_sky.serve.backends import check_context_length, render_prompt
+from vicuna_sky.serve.backends import Finish, check_context_length, render_prompt
 from vicuna_sky.serve.protocol import ApiError, GenerateRequest
 
 CPU_KVCACHE_GIB = "1"
@@ -112,7 +112,7 @@ class VLLMBackend:
             return {"prompt_token_ids": ids}  # TokensPrompt
         return tokens_input(ids)
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[str]:
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[str | Finish]:
         prompt, has_bos = render_prompt(self.template, request)
         ids = list(self.tokenizer(prompt, add_special_tokens=not has_bos)["input_ids"])
         check_context_length(self.context_length, len(ids), request.max_tokens)
@@ -129,6 +129,8 @@ class VLLMBackend:
                 delta = out.outputs[0].text
                 if delta:
                     yield delta
+                if finished:
+                    yield Finish("length" if out.outputs[0].finish_reason == "length" else "stop")
         finally:
             if not finished and not self.engine.errored:
                 # The reader went away mid-answer: free the engine's slot now, not after
