@@ -258,6 +258,14 @@ def test_user_errors(tmp_path):
         apply_delta(base, delta, target, progress=False)
     (tmp_path / "out").mkdir()  # an existing empty directory is fine
     assert apply_delta(base, delta, tmp_path / "out", progress=False) == tmp_path / "out"
+    # JSON of the wrong shape is an error, not a traceback.
+    marker = delta / "delta_config.json"
+    marker.write_text(json.dumps(json.loads(marker.read_text()) | {"tensors": []}))
+    with pytest.raises(VicunaSkyError, match="not the JSON object expected"):
+        apply_delta(base, delta, tmp_path / "out2", progress=False)
+    (base / "config.json").write_text("[]")
+    with pytest.raises(VicunaSkyError, match="not the JSON object expected"):
+        make_delta(base, target, tmp_path / "d2", progress=False)
 
 
 PEAK_SCRIPT = textwrap.dedent(

@@ -77,11 +77,15 @@ def _require_dir(path: Path, role: str) -> None:
         raise VicunaSkyError(f"{role} directory not found: {path}")
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path, *nested: str) -> dict[str, Any]:
+    """A JSON object from `path`; the keys in `nested` must hold objects too when present."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise VicunaSkyError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict) or any(not isinstance(data.get(k, {}), dict) for k in nested):
+        raise VicunaSkyError(f"{path}: not the JSON object expected here")
+    return data
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -92,7 +96,7 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 def _shard_files(root: Path, role: str) -> list[Path]:
     for index, single in _LAYOUTS:
         if (root / index).is_file():
-            weight_map = _read_json(root / index).get("weight_map", {})
+            weight_map = _read_json(root / index, "weight_map").get("weight_map", {})
             return [root / name for name in sorted(set(weight_map.values()))]
         if (root / single).is_file():
             return [root / single]
@@ -248,8 +252,8 @@ def _plan_apply(base: _Source, delta: _Source, entries: Entries) -> None:
 
 def _read_marker(delta: Path) -> dict[str, Any]:
     _require_dir(delta, "delta")
-    marker = _read_json(delta / MARKER) if (delta / MARKER).is_file() else {}
-    if not isinstance(marker, dict) or marker.get("format") != FORMAT:
+    marker = _read_json(delta / MARKER, "tensors") if (delta / MARKER).is_file() else {}
+    if marker.get("format") != FORMAT:
         raise VicunaSkyError(f"{delta} is not a delta directory (no valid {MARKER})")
     if marker.get("version") != VERSION:
         raise VicunaSkyError(f"{delta}: delta format version {marker.get('version')} unsupported")
@@ -342,7 +346,9 @@ def make_delta(
     config and tokenizer files and the marker apply_delta needs. Returns `out`."""
     base, target, out = Path(base), Path(target), Path(out)
     base_src, target_src = _Source(base, "base"), _Source(target, "target")
-    config = _read_json(base / "config.json") if (base / "config.json").is_file() else {}
+    config = (
+        _read_json(base / "config.json", "text_config") if (base / "config.json").is_file() else {}
+    )
     vocab = config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
     entries = _plan_make(base_src, target_src, vocab)
     metas = {name: (shape, "float64") for name, (shape, _) in target_src.meta.items()}

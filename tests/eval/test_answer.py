@@ -74,7 +74,8 @@ def test_failures_are_not_written_and_a_rerun_finishes(openai_server, tmp_path):
 
 def test_one_file_per_model(openai_server, tmp_path):
     out = tmp_path / "answers.jsonl"
-    out.write_text(json.dumps({"question_id": 1, "model_id": "other", "choices": []}) + "\n")
+    other = {"question_id": 1, "model_id": "other", "choices": [{"index": 0, "turns": ["a"]}]}
+    out.write_text(json.dumps(other) + "\n")
     with pytest.raises(VicunaSkyError, match="holds answers of 'other', not 'm'"):
         run(openai_server, tmp_path, load_questions(DEMO), output=out)
 
@@ -97,3 +98,15 @@ def test_cli_answers_with_a_served_tiny_llama(cli, tmp_path):
 def test_cli_needs_exactly_one_endpoint(cli, tmp_path):
     result = cli("eval", "answer", "--questions", "demo", "--model", "m", "-o", "x.jsonl")
     assert result.returncode == 2 and "give either --base-url or --serve" in result.stderr
+
+
+def test_a_whole_last_line_without_newline_is_kept(openai_server, tmp_path):
+    questions = load_questions(DEMO)
+    openai_server.reply = lambda body: "fine"
+    out = tmp_path / "answers.jsonl"
+    run(openai_server, tmp_path, questions[:2], output=out)
+    out.write_bytes(out.read_bytes().rstrip(b"\n"))  # e.g. written by another tool
+    openai_server.requests.clear()
+    summary, records = run(openai_server, tmp_path, questions[:3], output=out)
+    assert summary.skipped == 2 and summary.answered == 1 and len(records) == 3
+    assert len(openai_server.requests) == 2  # only the third question's two turns

@@ -38,7 +38,8 @@ def test_demo_set_ships_with_the_package():
     ("lines", "message"),
     [
         (["not json"], r"q.jsonl:1: not JSON"),
-        ([json.dumps({"category": "x", "turns": ["a"]})], "no question_id"),
+        ([json.dumps({"category": "x", "turns": ["a"]})], "question_id must be"),
+        ([json.dumps({"question_id": [1], "turns": ["a"]})], "question_id must be"),
         ([json.dumps({"question_id": 1, "turns": []})], "expected `turns`"),
         ([json.dumps({"question_id": 1, "turns": [3]})], "expected `turns`"),
         ([json.dumps({"question_id": 1, "text": "a"})] * 2, "duplicate question_id 1"),

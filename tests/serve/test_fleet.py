@@ -131,6 +131,25 @@ def test_a_stream_continues_on_another_worker_when_its_worker_dies(fleet):
             killed = True
     assert killed and received == f"echo: {words}"  # one unbroken answer
 
+    # A continuation only has what is left of max_tokens, and usage counts both workers.
+    c = fleet.start_worker("echo", "echo", "echo", "--echo-delay", "0.05")
+    fleet.wait_workers({c})
+    stream = fleet.client().chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": words}], stream=True, max_tokens=20
+    )
+    received, killed, last = "", False, None
+    for chunk in stream:
+        received += chunk.choices[0].delta.content or ""
+        last = chunk
+        if not killed and len(received.split()) > 10:
+            busy = [
+                w for w in fleet.workers if w != a and httpx.get(f"{w}/health").json()["in_flight"]
+            ]
+            fleet.workers[busy[0]].stop()
+            killed = True
+    assert killed and received == " ".join(f"echo: {words}".split()[:20])
+    assert last.choices[0].finish_reason == "length" and last.usage.completion_tokens == 20
+
 
 def test_controller_restart_routes_again_within_two_seconds(fleet):
     fleet.start_controller()

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from vicuna_sky.cli import data, delta, evaluate, launch  # noqa: F401 (they register commands)
 from vicuna_sky.cli.app import app, err_console
@@ -41,7 +42,7 @@ def main() -> None:
         e.show()
         sys.exit(e.exit_code)
     except VicunaSkyError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -24,7 +24,7 @@ def delta_make(base: Path, target: Path, out: Path) -> None:
     """Write target - base (in a wider dtype), with the target's tokenizer and config."""
     from vicuna_sky.delta import make_delta
 
-    console.print(f"delta written to {make_delta(base, target, out)}")
+    console.print(f"delta written to {make_delta(base, target, out)}", markup=False)
 
 
 @delta.command(name="apply")
@@ -35,4 +35,4 @@ def delta_apply(base: Path, delta_dir: Path, out: Path) -> None:
     """Rebuild the fine-tuned model: base + delta, in the target's dtype."""
     from vicuna_sky.delta import apply_delta
 
-    console.print(f"model written to {apply_delta(base, delta_dir, out)}")
+    console.print(f"model written to {apply_delta(base, delta_dir, out)}", markup=False)

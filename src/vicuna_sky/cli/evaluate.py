@@ -18,15 +18,26 @@ KEY_HELP = "Bearer key [$OPENAI_API_KEY]."
 PATH = click.Path(path_type=Path)
 
 
-def RETRY_OPTIONS(fn: click.decorators.FC) -> click.decorators.FC:
+def REQUEST_OPTIONS(fn: click.decorators.FC) -> click.decorators.FC:
     fn = click.option(
         "--backoff",
         default=1.0,
         show_default=True,
         help="Seconds before the first retry of a failed request; doubled each time.",
     )(fn)
+    fn = click.option(
+        "--concurrency",
+        type=click.IntRange(min=1),
+        default=8,
+        show_default=True,
+        help="Requests in flight at once.",
+    )(fn)
     return click.option(
-        "--retries", default=5, show_default=True, help="Retries of a failed request."
+        "--retries",
+        type=click.IntRange(min=0),
+        default=5,
+        show_default=True,
+        help="Retries of a failed request.",
     )(fn)
 
 
@@ -68,12 +79,11 @@ def _fail_if(failed: dict, total: int, what: str) -> None:
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True)
 @click.option("--template", default="vicuna_v1.1", show_default=True, help="With --serve.")
 @click.option("-o", "--output", type=PATH, required=True, help="Answers JSONL (resumed).")
-@click.option("--concurrency", default=8, show_default=True)
 @click.option("--max-tokens", default=1024, show_default=True, help="Per turn.")
 @click.option(
     "--temperature", type=float, default=None, help="One temperature instead of per category."
 )
-@RETRY_OPTIONS
+@REQUEST_OPTIONS
 def eval_answer(
     questions: str,
     model: str,
@@ -114,7 +124,8 @@ def eval_answer(
         summary = asyncio.run(answer_questions(items, endpoint, config))
     console.print(
         f"{summary.answered} answered, {summary.skipped} already in {output}, "
-        f"{len(summary.failed)} failed"
+        f"{len(summary.failed)} failed",
+        markup=False,
     )
     _fail_if(summary.failed, len(items), "questions")
 
@@ -151,8 +162,7 @@ def _served(model_path: str, name: str, backend: str, template: str, logs: Path)
 @click.option("--judge-prompts", type=PATH, default=None, help="Prompts JSONL (FastChat format).")
 @click.option("-o", "--output", type=PATH, required=True, help="Judgments JSONL (resumed).")
 @click.option("--max-tokens", default=2048, show_default=True, help="Most tokens per judgment.")
-@click.option("--concurrency", default=8, show_default=True)
-@RETRY_OPTIONS
+@REQUEST_OPTIONS
 @click.option("--redo-failed", is_flag=True, help="Judge again what had no readable verdict.")
 def eval_judge(
     mode: str,
@@ -205,7 +215,8 @@ def eval_judge(
     console.print(
         f"{summary.judged} judged ({summary.unparsed} without a readable verdict), "
         f"{summary.skipped} already in {output}, {len(summary.failed)} failed, "
-        f"{summary.requests} requests"
+        f"{summary.requests} requests",
+        markup=False,
     )
     _fail_if(summary.failed, summary.judged + len(summary.failed), "judgments")
 
@@ -241,7 +252,7 @@ def eval_report(
     )
     render_report(report, console)
     if json_path is not None:
-        console.print(f"report: {write_json(report, json_path)}")
+        console.print(f"report: {write_json(report, json_path)}", markup=False)
     if plots is not None:
         for path in draw_plots(report, plots):
-            console.print(f"plot: {path}")
+            console.print(f"plot: {path}", markup=False)

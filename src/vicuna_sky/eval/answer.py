@@ -17,7 +17,7 @@ from pathlib import Path
 from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.eval.client import ChatClient, Endpoint, RequestFailed
 from vicuna_sky.eval.progress import run_all
-from vicuna_sky.eval.questions import Question
+from vicuna_sky.eval.questions import Question, read_answer
 from vicuna_sky.eval.records import JsonlLog
 
 TEMPERATURES = {"writing": 0.7, "roleplay": 0.7, "stem": 0.1, "humanities": 0.1}
@@ -69,15 +69,17 @@ async def _answer(client: ChatClient, question: Question, config: AnswerConfig) 
     return answers
 
 
-def answered_by(log: JsonlLog, model: str) -> set[int | str]:
+def answered_by(log: JsonlLog, model: str) -> set[str]:
+    """The question ids (as text) already answered in `log`, which must be `model`'s."""
     done = set()
-    for record in log.records():
-        if record.get("model_id") != model:
+    for number, record in enumerate(log.records(), 1):
+        author, qid, _ = read_answer(record, f"{log.path}:{number}")
+        if author != model:
             raise VicunaSkyError(
-                f"{log.path} holds answers of {record.get('model_id')!r}, not {model!r}: "
+                f"{log.path} holds answers of {author!r}, not {model!r}: "
                 "use one output file per model"
             )
-        done.add(record["question_id"])
+        done.add(qid)
     return done
 
 
@@ -86,7 +88,7 @@ async def answer_questions(
 ) -> AnswerSummary:
     log = JsonlLog(config.output)
     done = answered_by(log, endpoint.model)
-    todo = [q for q in questions if q.question_id not in done]
+    todo = [q for q in questions if q.key not in done]
     summary = AnswerSummary(skipped=len(questions) - len(todo))
 
     async with ChatClient(

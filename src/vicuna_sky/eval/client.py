@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from vicuna_sky.errors import VicunaSkyError
+
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
@@ -36,7 +38,8 @@ class ChatClient:
         max_backoff: float = 60.0,
         concurrency: int = 8,
     ) -> None:
-        self.endpoint, self.retries = endpoint, retries
+        _check_url(endpoint.base_url)
+        self.endpoint, self.retries = endpoint, max(0, retries)
         self.backoff, self.max_backoff = backoff, max_backoff
         headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
         self.http = httpx.AsyncClient(
@@ -82,6 +85,15 @@ class ChatClient:
             delay = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.8, 1.2)
             await asyncio.sleep(wait if wait is not None else delay)
         raise RequestFailed(f"{error} (after {self.retries + 1} attempts)")
+
+
+def _check_url(url: str) -> None:
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as e:
+        raise VicunaSkyError(f"not a URL: {url!r} ({e})") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise VicunaSkyError(f"not an http(s) URL: {url!r} (e.g. http://127.0.0.1:8000/v1)")
 
 
 def _content(response: httpx.Response) -> str:

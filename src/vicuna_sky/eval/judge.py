@@ -28,7 +28,7 @@ from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.eval.client import ChatClient, Endpoint, RequestFailed
 from vicuna_sky.eval.progress import run_all
 from vicuna_sky.eval.prompts import JudgePrompt, prompt_name
-from vicuna_sky.eval.questions import Question, read_jsonl
+from vicuna_sky.eval.questions import Question, read_answer, read_jsonl
 from vicuna_sky.eval.records import JsonlLog
 
 MODES = ("single", "pairwise")
@@ -72,18 +72,16 @@ class Job:
     """One model (single) or (model_a, model_b) (pairwise)."""
 
 
-def load_answers(paths: list[Path]) -> dict[str, dict[int | str, list[str]]]:
-    """model -> question_id -> answer turns, from model-answer JSONL files."""
-    answers: dict[str, dict[int | str, list[str]]] = {}
+Answers = dict[str, dict[str, list[str]]]
+"""model -> question_id (as text) -> answer turns."""
+
+
+def load_answers(paths: list[Path]) -> Answers:
+    """Every answer in model-answer JSONL files, by model and question."""
+    answers: Answers = {}
     for path in paths:
         for number, record in enumerate(read_jsonl(Path(path)), 1):
-            try:
-                model, qid = record["model_id"], record["question_id"]
-                turns = list(record["choices"][0]["turns"])
-            except (KeyError, IndexError, TypeError):
-                raise VicunaSkyError(
-                    f"{path}:{number}: expected model_id, question_id and choices[0].turns"
-                ) from None
+            model, qid, turns = read_answer(record, f"{path}:{number}")
             answers.setdefault(model, {})[qid] = turns
     if not answers:
         raise VicunaSkyError("no answers to judge")
@@ -110,7 +108,7 @@ def parse_verdict(text: str) -> str:
 
 def plan_jobs(
     questions: list[Question],
-    answers: dict[str, dict[int | str, list[str]]],
+    answers: Answers,
     models: list[str],
     mode: str,
     baseline: str | None,
@@ -130,9 +128,11 @@ def plan_jobs(
     jobs = []
     for question in questions:
         for group in groups:
-            if all(question.question_id in answers[m] for m in group):
+            if all(question.key in answers[m] for m in group):
                 for turn in range(1, min(2, len(question.turns)) + 1):
                     jobs.append(Job(question, turn, group))
+    if not jobs:
+        raise VicunaSkyError("no question has answers from the models to judge (question_ids?)")
     return jobs
 
 
@@ -157,22 +157,30 @@ class Judge:
         self,
         client: ChatClient,
         prompts: dict[str, JudgePrompt],
-        answers: dict[str, dict[int | str, list[str]]],
+        answers: Answers,
         config: JudgeConfig,
     ) -> None:
         self.client, self.prompts, self.answers, self.config = client, prompts, answers, config
         self.judge = client.endpoint.model
 
     def key(self, record: dict) -> Hashable:
-        models = (record["model"],) if "model" in record else (record["model_a"], record["model_b"])
-        return (record["question_id"], record["turn"], models, record["judge"])
+        """What a record judged; a pair is the same comparison in either order."""
+        try:
+            if record.get("mode") != self.config.mode:
+                raise KeyError("mode")
+            names = ("model",) if self.config.mode == "single" else ("model_a", "model_b")
+            models = tuple(sorted(str(record[n]) for n in names))
+            return (str(record["question_id"]), record["turn"], models, record["judge"])
+        except KeyError:
+            raise VicunaSkyError(
+                f"{self.config.output} holds records that are not {self.config.mode} judgments"
+            ) from None
 
     def job_key(self, job: Job) -> Hashable:
-        return (job.question.question_id, job.turn, job.models, self.judge)
+        return (job.question.key, job.turn, tuple(sorted(job.models)), self.judge)
 
     def _prompt(self, job: Job) -> JudgePrompt:
-        with_reference = job.question.needs_reference and bool(job.question.reference)
-        name = prompt_name(self.config.mode, job.turn, with_reference)
+        name = prompt_name(self.config.mode, job.turn, job.question.reference_for(job.turn))
         if name not in self.prompts:
             raise VicunaSkyError(f"no judge prompt named {name!r}")
         return self.prompts[name]
@@ -185,7 +193,7 @@ class Judge:
     async def single(self, job: Job) -> dict:
         (model,) = job.models
         prompt = self._prompt(job)
-        answer = self.answers[model][job.question.question_id]
+        answer = self.answers[model][job.question.key]
         judgment = await self._ask(prompt, _values(job.question, job.turn, {"": answer}))
         record = {"model": model, "prompt": prompt.name, "score": None, "judgment": judgment}
         try:
@@ -196,7 +204,7 @@ class Judge:
 
     async def pairwise(self, job: Job) -> dict:
         a, b = job.models
-        prompt, qid = self._prompt(job), job.question.question_id
+        prompt, qid = self._prompt(job), job.question.key
         first, second = self.answers[a][qid], self.answers[b][qid]
         g1, g2 = await asyncio.gather(
             self._ask(prompt, _values(job.question, job.turn, {"_a": first, "_b": second})),
@@ -263,7 +271,7 @@ class Judge:
 
 def judge(
     questions: list[Question],
-    answers: dict[str, dict[int | str, list[str]]],
+    answers: Answers,
     models: list[str],
     endpoint: Endpoint,
     prompts: dict[str, JudgePrompt],

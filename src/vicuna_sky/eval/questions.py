@@ -31,8 +31,17 @@ class Question:
     reference: list[str] | None = field(default=None)
 
     @property
+    def key(self) -> str:
+        """The id as text: answer and reference files may write 1 where the questions say "1"."""
+        return str(self.question_id)
+
+    @property
     def needs_reference(self) -> bool:
         return self.category in REFERENCE_CATEGORIES
+
+    def reference_for(self, turn: int) -> bool:
+        """Whether a reference answer covers turns 1..`turn` (else the judge goes without)."""
+        return self.needs_reference and len(self.reference or []) >= turn
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -55,8 +64,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def _question(record: dict, where: str) -> Question:
-    if "question_id" not in record:
-        raise VicunaSkyError(f"{where}: no question_id")
+    if not isinstance(record.get("question_id"), int | str):
+        raise VicunaSkyError(f"{where}: question_id must be an integer or a string")
     turns = record.get("turns")
     if turns is None and "text" in record:
         turns = [record["text"]]
@@ -80,29 +89,41 @@ def load_questions(path: Path | str, reference_answers: Path | None = None) -> l
     questions, seen = [], set()
     for number, record in enumerate(read_jsonl(path), 1):
         question = _question(record, f"{path}:{number}")
-        if question.question_id in seen:
+        if str(question.question_id) in seen:
             raise VicunaSkyError(f"{path}:{number}: duplicate question_id {question.question_id}")
-        seen.add(question.question_id)
+        seen.add(str(question.question_id))
         questions.append(question)
     if not questions:
         raise VicunaSkyError(f"{path}: no questions")
     if reference_answers is not None:
         references = load_reference_answers(reference_answers)
         questions = [
-            Question(q.question_id, q.category, q.turns, references.get(q.question_id, q.reference))
+            Question(q.question_id, q.category, q.turns, references.get(q.key, q.reference))
             for q in questions
         ]
     return questions
 
 
-def load_reference_answers(path: Path) -> dict[int | str, list[str]]:
-    """question_id -> answer turns, from a file in the model-answer format."""
+def read_answer(record: dict, where: str) -> tuple[str, str, list[str]]:
+    """(model_id, question_id as text, answer turns) of a model-answer record."""
+    try:
+        model, qid, turns = record["model_id"], record["question_id"], record["choices"][0]["turns"]
+    except (KeyError, IndexError, TypeError):
+        raise VicunaSkyError(
+            f"{where}: expected model_id, question_id and choices[0].turns"
+        ) from None
+    if not isinstance(model, str) or not isinstance(qid, int | str):
+        raise VicunaSkyError(f"{where}: model_id must be a string, question_id an int or string")
+    if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
+        raise VicunaSkyError(f"{where}: choices[0].turns must be a list of strings")
+    return model, str(qid), turns
+
+
+def load_reference_answers(path: Path) -> dict[str, list[str]]:
+    """question_id (as text) -> answer turns, from a file in the model-answer format."""
     references = {}
     for number, record in enumerate(read_jsonl(path), 1):
-        try:
-            references[record["question_id"]] = list(record["choices"][0]["turns"])
-        except (KeyError, IndexError, TypeError):
-            raise VicunaSkyError(
-                f"{path}:{number}: expected question_id and choices[0].turns"
-            ) from None
+        record.setdefault("model_id", "reference")
+        _, qid, turns = read_answer(record, f"{path}:{number}")
+        references[qid] = turns
     return references

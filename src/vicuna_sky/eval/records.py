@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable, Hashable
 from pathlib import Path
 
+from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.eval.questions import read_jsonl
 
 
@@ -19,22 +20,37 @@ class JsonlLog:
         """What is already there. A last line cut short by a kill is removed, not fatal."""
         if not self.path.exists():
             return []
-        self._drop_torn_tail()
+        try:
+            self._drop_torn_tail()
+        except OSError as e:
+            raise VicunaSkyError(f"{self.path}: {e.strerror}") from None
         return read_jsonl(self.path)
 
     def done(self, key: Callable[[dict], Hashable]) -> set[Hashable]:
         return {key(record) for record in self.records()}
 
     def append(self, record: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise VicunaSkyError(f"{self.path}: {e.strerror}") from None
 
     def _drop_torn_tail(self) -> None:
         data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            # Only the line being written when the process died can lack its newline.
+        if not data or data.endswith(b"\n"):
+            return
+        # Only the line being written when the process died can lack its newline: dropped if it
+        # was cut short, kept (and ended) if it is whole.
+        cut = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[cut:])
+        except ValueError:
             with self.path.open("r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
+                f.truncate(cut)
+        else:
+            with self.path.open("ab") as f:
+                f.write(b"\n")

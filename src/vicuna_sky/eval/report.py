@@ -178,7 +178,9 @@ def _judgment_key(r: dict, where: str) -> tuple:
         raise VicunaSkyError(
             f"{where}: needs two different models and a winner: one of them, tie, inconsistent"
         )
-    return (r["mode"], r["question_id"], r["turn"], r["judge"], *(r[f] for f in names))
+    # A pair is the same comparison in either order (resumed runs may list the files reversed).
+    models = sorted(r[f] for f in names)
+    return (r["mode"], str(r["question_id"]), r["turn"], r["judge"], *models)
 
 
 def _read_judgments(paths: list[Path], questions: Path | None) -> _Evidence:

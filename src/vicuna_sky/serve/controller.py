@@ -16,6 +16,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -46,7 +47,11 @@ class Controller:
         self, registry: Registry, secret: str, api_keys: list[str], request_timeout: float = 600.0
     ) -> None:
         self.registry, self.secret, self.api_keys = registry, secret, set(api_keys)
-        self.timeout = aiohttp.ClientTimeout(total=request_timeout, sock_connect=2.0)
+        # No limit on a whole answer (a long healthy stream is fine); a worker silent for
+        # `request_timeout` between two reads, or not accepting within 2 s, has failed.
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=2.0, sock_read=request_timeout
+        )
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -58,6 +63,10 @@ class Controller:
             connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
             self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout)
         return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
     async def post(self, url: str, payload: dict) -> tuple[int, bytes]:
         async with self.http.post(url, data=orjson.dumps(payload), headers=JSON) as response:
@@ -88,6 +97,9 @@ class Controller:
             )
         tried: set[str] = set()
         sent = ""
+        # Deltas already sent (about one per token): a continuation may only use the rest of
+        # max_tokens, and the usage it reports is added to them.
+        pieces = 0
         while True:
             worker = self.registry.pick(gen.model, tried)
             if worker is None:
@@ -104,7 +116,13 @@ class Controller:
                     503, f"no worker for {gen.model!r} is available", kind="server_error"
                 )
             tried.add(worker.address)
-            payload = gen.model_copy(update={"prefix": sent}).model_dump()
+            carried = pieces
+            left = gen.max_tokens - carried
+            if left <= 0:
+                self.registry.release(worker)
+                yield {"finish_reason": "length", "completion_tokens": carried}
+                return
+            payload = gen.model_copy(update={"prefix": sent, "max_tokens": left}).model_dump()
             try:
                 if not gen.stream:
                     status, content = await self.post(f"{worker.address}/generate", payload)
@@ -121,7 +139,11 @@ class Controller:
                     f"{worker.address}/generate", data=orjson.dumps(payload), headers=JSON
                 ) as response:
                     if 400 <= response.status < 500:
-                        raise _worker_error(response.status, await response.read())
+                        error = _worker_error(response.status, await response.read())
+                        if sent:  # the answer has begun: the client hears it in the stream
+                            yield {"error": error}
+                            return
+                        raise error
                     if response.status != 200:
                         self.out_of_rotation(worker.address, response.status)
                         continue
@@ -132,9 +154,12 @@ class Controller:
                         event = orjson.loads(line)
                         if "text" in event:
                             sent += event["text"]
-                        yield event
+                            pieces += 1
                         if "finish_reason" in event:
+                            event["completion_tokens"] = event.get("completion_tokens", 0) + carried
+                            yield event
                             return
+                        yield event
                 # The stream ended without its final line: the worker died mid-answer.
                 self.registry.mark(worker.address, failed=True)
             except WORKER_FAILURES:
@@ -173,7 +198,12 @@ def _usage(final: dict) -> dict:
 
 
 def create_app(controller: Controller) -> FastAPI:
-    app = FastAPI(title="vicuna-sky controller")
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await controller.close()
+
+    app = FastAPI(title="vicuna-sky controller", lifespan=lifespan)
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, e: ApiError) -> JSONResponse:

@@ -17,14 +17,17 @@ class EchoBackend:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[str]:
         last = (request.messages or [])[-1].content if request.messages else request.prompt or ""
+        # One delta per word ("echo:", " w1", " w2", ...); a continuation starts after the prefix.
         words = f"echo: {last}".split(" ")
-        text = " ".join(words)
-        if request.prefix and text.startswith(request.prefix):
-            text = text[len(request.prefix) :]
-        for i, word in enumerate(text.split(" ")[: request.max_tokens]):
+        deltas = [words[0], *(" " + w for w in words[1:])]
+        if request.prefix:
+            sent = ""
+            while deltas and request.prefix.startswith(sent + deltas[0]):
+                sent += deltas.pop(0)
+        for delta in deltas[: request.max_tokens]:
             if self.delay:
                 await asyncio.sleep(self.delay)
-            yield word if i == 0 else " " + word
+            yield delta
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())
