@@ -33,7 +33,7 @@ def test_demo_completes_and_summarises(cli, tmp_path):
     assert len((evaluation / "judgments" / "single.jsonl").read_text().splitlines()) == 24
     assert len((evaluation / "judgments" / "pairwise.jsonl").read_text().splitlines()) == 12
     report = json.loads((evaluation / "report" / "report.json").read_text())
-    assert report["judges"] == ["vicuna-tiny"] and report["reference"] == "tiny-base"
+    assert report["judges"] == ["vicuna-tiny (local model)"] and report["reference"] == "tiny-base"
     assert "no judge endpoint configured" in " ".join(out.stdout.split())
     # Running it again reuses its own directory; a foreign non-empty one is refused.
     assert cli("demo", "--workdir", str(workdir)).returncode == 0

@@ -317,3 +317,13 @@ def test_cli_error_text_is_printed_verbatim(cli, tmp_path):
                  "--base-url", "http://127.0.0.1:9/v1", "-o", "a.jsonl")  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "q[bold].jsonl:1: expected a JSON object per line" in " ".join(result.stderr.split())
+
+
+def test_records_name_a_local_judge_as_such(openai_server, tmp_path, mt_bench, two_models):
+    openai_server.reply = lambda body: "[[5]]"
+    _, records = run_judge(
+        openai_server, tmp_path, mt_bench[:1], two_models, ["good"], "single",
+        judge_label="judge-1 (local model)",
+    )  # fmt: skip
+    assert {r["judge"] for r in records} == {"judge-1 (local model)"}
+    assert {b["model"] for b in openai_server.requests} == {"judge-1"}  # asked by its name

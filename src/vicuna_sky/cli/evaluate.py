@@ -202,6 +202,8 @@ def eval_judge(
         retries=retries,
         backoff=backoff,
         redo_failed=redo_failed,
+        # A model served here for want of a judge endpoint: the report should say so.
+        judge_label=f"{judge_model} (local model)" if judge_serve else None,
     )
     if (judge_base_url is None) == (judge_serve is None):
         raise VicunaSkyError("give either --judge-base-url or --judge-serve")

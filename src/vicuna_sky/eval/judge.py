@@ -48,6 +48,8 @@ class JudgeConfig:
     retries: int = 5
     backoff: float = 1.0
     """Seconds before the first retry; doubled on each further one."""
+    judge_label: str | None = None
+    """How records name the judge (default: its model name), e.g. to say it was a local model."""
     redo_failed: bool = False
     """Judge again what was recorded with an unparseable verdict."""
     progress: bool = True
@@ -161,7 +163,7 @@ class Judge:
         config: JudgeConfig,
     ) -> None:
         self.client, self.prompts, self.answers, self.config = client, prompts, answers, config
-        self.judge = client.endpoint.model
+        self.judge = config.judge_label or client.endpoint.model
 
     def key(self, record: dict) -> Hashable:
         """What a record judged; a pair is the same comparison in either order."""
