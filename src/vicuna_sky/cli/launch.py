@@ -9,6 +9,14 @@ import click
 from vicuna_sky.cli.app import ENV_HELP, RUNS_HELP, app, console
 from vicuna_sky.errors import VicunaSkyError
 
+RUNS_DIR = click.option(
+    "--runs-dir",
+    type=click.Path(path_type=Path),
+    default=Path("runs"),
+    show_default=True,
+    help=RUNS_HELP,
+)
+
 
 def launch_options(fn: click.decorators.FC) -> click.decorators.FC:
     for option in reversed(
@@ -26,13 +34,7 @@ def launch_options(fn: click.decorators.FC) -> click.decorators.FC:
             click.option(
                 "--name", default=None, help="Job/cluster/service name (default: from the recipe)."
             ),
-            click.option(
-                "--runs-dir",
-                type=click.Path(path_type=Path),
-                default=Path("runs"),
-                show_default=True,
-                help=RUNS_HELP,
-            ),
+            RUNS_DIR,
             click.option(
                 "--workdir",
                 type=click.Path(path_type=Path),
@@ -100,13 +102,7 @@ def check(recipe: str) -> None:
 @click.option(
     "--local", is_flag=True, help="Local runs instead of SkyPilot's jobs, clusters and services."
 )
-@click.option(
-    "--runs-dir",
-    type=click.Path(path_type=Path),
-    default=Path("runs"),
-    show_default=True,
-    help=RUNS_HELP,
-)
+@RUNS_DIR
 def status(local: bool, runs_dir: Path) -> None:
     """Status of jobs, clusters and services (SkyPilot's status vocabulary)."""
     from vicuna_sky.launch import runner
@@ -120,13 +116,7 @@ def status(local: bool, runs_dir: Path) -> None:
     "--kind", type=click.Choice(["job", "cluster", "service"]), default="job", show_default=True
 )
 @click.option("--local", is_flag=True, help="A local run (its latest attempt's logs).")
-@click.option(
-    "--runs-dir",
-    type=click.Path(path_type=Path),
-    default=Path("runs"),
-    show_default=True,
-    help=RUNS_HELP,
-)
+@RUNS_DIR
 def logs(name: str, kind: str, local: bool, runs_dir: Path) -> None:
     """Show the logs of a job, cluster or service."""
     from vicuna_sky.launch import runner
