@@ -87,14 +87,15 @@ class Controller:
         """A worker answered with a failure: 503 means it is draining, 5xx that it is broken."""
         self.registry.mark(address, failed=status >= 500 and status != 503, draining=status == 503)
 
+    def require_model(self, model: str) -> None:
+        if model not in self.registry.models():
+            raise ApiError(
+                404, f"the model {model!r} does not exist or has no worker", code="model_not_found"
+            )
+
     async def generate(self, gen: GenerateRequest) -> AsyncIterator[dict]:
         """Deltas `{"text": ...}` then `{"finish_reason": ..., usage}`; failover inside."""
-        if gen.model not in self.registry.models():
-            raise ApiError(
-                404,
-                f"the model {gen.model!r} does not exist or has no worker",
-                code="model_not_found",
-            )
+        self.require_model(gen.model)
         tried: set[str] = set()
         sent = ""
         # Deltas already sent (about one per token): a continuation may only use the rest of
@@ -332,12 +333,7 @@ def create_app(controller: Controller) -> FastAPI:
     async def embeddings(req: EmbeddingRequest, request: Request) -> dict:
         controller.check_key(request)
         texts = [req.input] if isinstance(req.input, str) else req.input
-        if req.model not in controller.registry.models():
-            raise ApiError(
-                404,
-                f"the model {req.model!r} does not exist or has no worker",
-                code="model_not_found",
-            )
+        controller.require_model(req.model)
         tried: set[str] = set()
         refused: ApiError | None = None
         while (worker := controller.registry.pick(req.model, tried)) is not None:
