@@ -112,6 +112,25 @@ def test_killing_a_worker_under_load_fails_no_request(fleet):
     assert answers == [f"echo: question {i}" for i in range(200)]
 
 
+def stream_killing_its_worker(fleet, words: str, **kw):
+    """Stream an echo of `words`; after 10 words the worker streaming it dies. Returns the text
+    the client received and the last chunk."""
+    stream = fleet.client().chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": words}], stream=True, **kw
+    )
+    received, killed, last = "", False, None
+    for chunk in stream:
+        received += chunk.choices[0].delta.content or ""
+        last = chunk
+        if not killed and len(received.split()) > 10:
+            alive = [w for w, p in fleet.workers.items() if p.proc.poll() is None]
+            busy = [w for w in alive if httpx.get(f"{w}/health").json()["in_flight"]]
+            fleet.workers[busy[0]].stop()
+            killed = True
+    assert killed
+    return received, last
+
+
 def test_a_stream_continues_on_another_worker_when_its_worker_dies(fleet):
     fleet.start_controller()
     a = fleet.start_worker("echo", "echo", "echo", "--echo-delay", "0.05")
@@ -119,35 +138,13 @@ def test_a_stream_continues_on_another_worker_when_its_worker_dies(fleet):
     b = fleet.start_worker("echo", "echo", "echo", "--echo-delay", "0.05")
     fleet.wait_workers({a, b})
     words = " ".join(f"w{i}" for i in range(40))
-    stream = fleet.client().chat.completions.create(
-        model="echo", messages=[{"role": "user", "content": words}], stream=True
-    )
-    received, killed = "", False
-    for chunk in stream:
-        received += chunk.choices[0].delta.content or ""
-        if not killed and len(received.split()) > 10:
-            busy = [w for w in fleet.workers if httpx.get(f"{w}/health").json()["in_flight"]]
-            fleet.workers[busy[0]].stop()  # the worker streaming this answer dies
-            killed = True
-    assert killed and received == f"echo: {words}"  # one unbroken answer
+    received, _ = stream_killing_its_worker(fleet, words)
+    assert received == f"echo: {words}"  # one unbroken answer
 
     # A continuation only has what is left of max_tokens, and usage counts both workers.
-    c = fleet.start_worker("echo", "echo", "echo", "--echo-delay", "0.05")
-    fleet.wait_workers({c})
-    stream = fleet.client().chat.completions.create(
-        model="echo", messages=[{"role": "user", "content": words}], stream=True, max_tokens=20
-    )
-    received, killed, last = "", False, None
-    for chunk in stream:
-        received += chunk.choices[0].delta.content or ""
-        last = chunk
-        if not killed and len(received.split()) > 10:
-            busy = [
-                w for w in fleet.workers if w != a and httpx.get(f"{w}/health").json()["in_flight"]
-            ]
-            fleet.workers[busy[0]].stop()
-            killed = True
-    assert killed and received == " ".join(f"echo: {words}".split()[:20])
+    fleet.wait_workers({fleet.start_worker("echo", "echo", "echo", "--echo-delay", "0.05")})
+    received, last = stream_killing_its_worker(fleet, words, max_tokens=20)
+    assert received == " ".join(f"echo: {words}".split()[:20])
     assert last.choices[0].finish_reason == "length" and last.usage.completion_tokens == 20
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Hashable
 from pathlib import Path
 
 from vicuna_sky.errors import VicunaSkyError
@@ -25,9 +24,6 @@ class JsonlLog:
         except OSError as e:
             raise VicunaSkyError(f"{self.path}: {e.strerror}") from None
         return read_jsonl(self.path)
-
-    def done(self, key: Callable[[dict], Hashable]) -> set[Hashable]:
-        return {key(record) for record in self.records()}
 
     def append(self, record: dict) -> None:
         try:
