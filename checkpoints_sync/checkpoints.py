@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from checkpoints_sync import manifest as mf
+from checkpoints_sync.atomic import atomic_dir
 from checkpoints_sync.store import NotFound, Store, StoreError
 
 log = logging.getLogger("checkpoints_sync")
@@ -44,6 +45,8 @@ class Checkpoints:
         self, directory: Path, step: int, manifest: mf.Manifest | None = None
     ) -> mf.Manifest:
         """Upload a local checkpoint directory as `step-N`, files in parallel, manifest last."""
+        if type(step) is not int or step < 0:
+            raise ValueError(f"step must be a whole number >= 0, not {step!r}")
         manifest = manifest or mf.build(Path(directory), step)
         self.uncommit(step)
         self.upload_files(directory, step, manifest.files)
@@ -97,7 +100,7 @@ class Checkpoints:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / mf.NAME
             self.store.get_file(f"{step_dir(step)}/{mf.NAME}", path)
-            return mf.Manifest.from_json(path.read_text(), step=step)
+            return mf.Manifest.from_json(path.read_bytes(), step=step)
 
     def committed(self) -> list[int]:
         """Committed steps, oldest first (a manifest that does not parse does not count)."""
@@ -114,14 +117,16 @@ class Checkpoints:
         steps = self.committed()
         return steps[-1] if steps else None
 
-    def download(self, step: int, destination: Path) -> mf.Manifest:
-        """Download a committed step into `destination` (replaced whole), verifying every file;
-        CorruptCheckpoint if a file is missing or differs from the manifest."""
-        manifest = self.read_manifest(step)
+    def download(self, step: int, destination: Path, replace: bool = False) -> mf.Manifest:
+        """Download a committed step into `destination`, verifying every file; CorruptCheckpoint
+        if a file is missing or differs from the manifest. `destination` must be new or an empty
+        directory: what is there is never deleted, unless `replace` (for a caller that owns it,
+        the trainer's own half-saved step directory)."""
         destination = Path(destination)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}."))
-        try:
+        if not replace:
+            _check_destination(destination)
+        manifest = self.read_manifest(step)
+        with atomic_dir(destination) as staging:
 
             def fetch(entry: mf.FileEntry) -> None:
                 target = staging / entry.path
@@ -139,11 +144,10 @@ class Checkpoints:
                 for future in [pool.submit(fetch, e) for e in manifest.files]:
                     future.result()
             (staging / mf.NAME).write_text(manifest.to_json())
-            if destination.exists():
+            if replace and destination.is_dir() and not destination.is_symlink():
                 shutil.rmtree(destination)
-            staging.rename(destination)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            elif replace and destination.exists():
+                destination.unlink()
         return manifest
 
     def restore_latest(self, destination: Path) -> int | None:
@@ -176,3 +180,16 @@ class Checkpoints:
             self.store.delete([f"{base}/{mf.NAME}"])
             self.store.delete([o.key for o in objects if o.key.startswith(f"{base}/")])
         return sorted(doomed)
+
+
+def _check_destination(destination: Path) -> None:
+    if destination.is_dir():
+        if any(destination.iterdir()):
+            raise StoreError(
+                f"{destination} is not empty: pull into a new or empty directory "
+                "(nothing in it was touched)"
+            )
+    elif destination.exists() or destination.is_symlink():
+        raise StoreError(f"{destination} exists and is not a directory")
+    elif destination.parent.exists() and not destination.parent.is_dir():
+        raise StoreError(f"{destination.parent} is not a directory")

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from checkpoints_sync.checkpoints import Checkpoints, parse_step
+from checkpoints_sync.local import LocalStore
 from checkpoints_sync.manifest import InvalidManifest, local_files
 from checkpoints_sync.store import StoreError, open_store
 from checkpoints_sync.uploader import AsyncUploader
@@ -17,8 +21,26 @@ from checkpoints_sync.uploader import AsyncUploader
 log = logging.getLogger("checkpoints_sync")
 
 
-def _checkpoints(url: str, workers: int) -> Checkpoints:
-    return Checkpoints(open_store(url, max_concurrency=workers), max_workers=workers)
+def _checkpoints(url: str, workers: int, must_exist: bool = False) -> Checkpoints:
+    store = open_store(url, max_concurrency=workers)
+    # A local "bucket" that is not there lists as empty; for ls and gc that is a typo, not an
+    # empty bucket (S3 and GCS say NoSuchBucket themselves).
+    if must_exist and isinstance(store, LocalStore) and not store.root.is_dir():
+        raise StoreError(f"{url}: no such bucket directory")
+    return Checkpoints(store, max_workers=workers)
+
+
+def _number(kind: type, low: float, strict: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number >= low (> low when strict)."""
+
+    def parse(text: str) -> float:
+        value = kind(text)
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"{text} is not {'>' if strict else '>='} {low}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
+    return parse
 
 
 def _step_of(directory: Path, step: int | None) -> int:
@@ -47,20 +69,22 @@ def cmd_pull(args: argparse.Namespace) -> int:
         if step is None:
             raise StoreError(f"no committed checkpoint under {args.url}")
     else:
-        step = int(args.step)
+        step = parse_step(f"step-{args.step}")
+        if step is None:
+            raise StoreError(f"--step must be a whole number >= 0 or latest, not {args.step!r}")
         cps.download(step, Path(args.dir))
     print(f"step-{step} -> {args.dir}")
     return 0
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    for step in _checkpoints(args.url, args.workers).committed():
+    for step in _checkpoints(args.url, args.workers, must_exist=True).committed():
         print(f"step-{step}")
     return 0
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    deleted = _checkpoints(args.url, args.workers).gc(args.keep)
+    deleted = _checkpoints(args.url, args.workers, must_exist=True).gc(args.keep)
     print(f"deleted {len(deleted)} step(s)" + (f": {deleted}" if deleted else ""))
     return 0
 
@@ -79,6 +103,8 @@ def _ready(directory: Path, ready_file: str, settle: float) -> bool:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     root = Path(args.dir)
+    if not root.is_dir():
+        raise StoreError(f"{root}: no such directory to watch")
     cps = _checkpoints(args.url, args.workers)
     uploader = AsyncUploader(cps, keep=args.keep)
     done = set(cps.committed())
@@ -108,15 +134,25 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, as every other error of this tool (argparse would add the whole usage).
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m checkpoints_sync", description=__doc__)
-    p.add_argument("--workers", type=int, default=8, help="parallel transfers (default 8)")
+    p = _Parser(prog="python -m checkpoints_sync", description=__doc__)
+    p.add_argument(
+        "--workers", type=_number(int, 1), default=8, help="parallel transfers (default 8)"
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
     push = sub.add_parser("push", help="commit a local step-N directory to URL")
     push.add_argument("dir")
     push.add_argument("url")
-    push.add_argument("--step", type=int, default=None, help="default: from DIR's name step-N")
+    push.add_argument(
+        "--step", type=_number(int, 0), default=None, help="default: from DIR's name step-N"
+    )
     push.set_defaults(fn=cmd_push)
     pull = sub.add_parser("pull", help="download a committed step, verified")
     pull.add_argument("url")
@@ -128,16 +164,18 @@ def parser() -> argparse.ArgumentParser:
     ls.set_defaults(fn=cmd_ls)
     gc = sub.add_parser("gc", help="keep the newest K committed steps")
     gc.add_argument("url")
-    gc.add_argument("--keep", type=int, required=True)
+    gc.add_argument("--keep", type=_number(int, 1), required=True)
     gc.set_defaults(fn=cmd_gc)
     watch = sub.add_parser("watch", help="upload each new DIR/step-N as it appears")
     watch.add_argument("dir")
     watch.add_argument("url")
-    watch.add_argument("--keep", type=int, default=2)
-    watch.add_argument("--interval", type=float, default=5.0, help="seconds between scans")
+    watch.add_argument("--keep", type=_number(int, 1), default=2)
+    watch.add_argument(
+        "--interval", type=_number(float, 0, strict=True), default=5.0, help="seconds between scans"
+    )
     watch.add_argument(
         "--settle",
-        type=float,
+        type=_number(float, 0),
         default=10.0,
         help="seconds without changes that make a directory ready",
     )

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 NAME = ".checkpoint-manifest.json"
 FORMAT = 1
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class InvalidManifest(ValueError):
@@ -49,23 +52,42 @@ class Manifest:
         )
 
     @classmethod
-    def from_json(cls, text: str, step: int | None = None) -> Manifest:
+    def from_json(cls, text: str | bytes, step: int | None = None) -> Manifest:
+        """Parse and check every field: one bad manifest must be one bad step (InvalidManifest),
+        never an arbitrary exception that takes down listing the whole bucket."""
         try:
             raw = json.loads(text)
-            files = tuple(
-                FileEntry(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in raw["files"]
-            )
-            manifest = cls(int(raw["step"]), float(raw["time"]), files)
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
             raise InvalidManifest(f"unreadable manifest: {e}") from None
+        if not isinstance(raw, dict):
+            raise InvalidManifest(f"manifest is a JSON {type(raw).__name__}, not an object")
         if raw.get("format") != FORMAT:
             raise InvalidManifest(f"manifest format {raw.get('format')!r} is not {FORMAT}")
+        if not _count(raw.get("step")):
+            raise InvalidManifest(f"manifest step {raw.get('step')!r} is not a whole number >= 0")
+        stamp = raw.get("time")
+        if type(stamp) not in (int, float) or not math.isfinite(stamp):
+            raise InvalidManifest(f"manifest time {stamp!r} is not a finite number")
+        if not isinstance(raw.get("files"), list):
+            raise InvalidManifest("manifest files is not a list")
+        files = []
+        for f in raw["files"]:
+            ok = isinstance(f, dict) and isinstance(f.get("path"), str) and _count(f.get("size"))
+            if not ok or not isinstance(f.get("sha256"), str) or not SHA256.match(f["sha256"]):
+                raise InvalidManifest(f"manifest lists a bad file entry {str(f)[:200]}")
+            files.append(FileEntry(f["path"], f["size"], f["sha256"]))
+        manifest = cls(raw["step"], float(stamp), tuple(files))
         if step is not None and manifest.step != step:
             raise InvalidManifest(f"manifest says step {manifest.step}, directory step {step}")
         for f in files:
             if f.path.startswith("/") or ".." in f.path.split("/") or f.path == NAME:
                 raise InvalidManifest(f"manifest lists an unsafe path {f.path!r}")
         return manifest
+
+
+def _count(value: object) -> bool:
+    """A JSON whole number >= 0 (1e999 parses to inf, 3.0 and true are not counts)."""
+    return type(value) is int and value >= 0
 
 
 def sha256_file(path: Path, block: int = 8 * 1024 * 1024) -> str:

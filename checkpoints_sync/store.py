@@ -8,12 +8,12 @@ S3-compatible store (boto3; `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` honoured)
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from checkpoints_sync.atomic import atomic_file
 
 
 class StoreError(Exception):
@@ -76,13 +76,7 @@ def join(prefix: str, key: str) -> str:
 
 def write_atomically(path: Path, fill: Callable[[str], None]) -> None:
     """`fill(tmp)` writes a temporary file beside `path`, which then replaces `path` whole: a
-    reader never sees a half-written file, and a failure leaves nothing behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        fill(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    reader never sees a half-written file, and a failure leaves nothing behind (a kill leaves a
+    `.part` that the next write of the same path removes)."""
+    with atomic_file(Path(path), suffix=".part") as tmp:
+        fill(str(tmp))

@@ -76,7 +76,7 @@ class CheckpointManager:
                 if best_local is not None and best_local >= step:
                     break
                 try:
-                    self.remote.download(step, self.root / f"step-{step}")
+                    self.remote.download(step, self.root / f"step-{step}", replace=True)
                     choice = step
                     log.info("downloaded step-%d from %s", step, self.url)
                     break
