@@ -5,6 +5,7 @@ any test imports `sky`. Subprocesses (the CLI) inherit the same HOME and catalog
 collection is off so nothing leaves this machine.
 """
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -17,13 +18,28 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 CATALOG = Path(__file__).parent / "fixtures" / "catalog"
 SESSION_HOME = Path(tempfile.mkdtemp(prefix="vicuna-sky-test-home-"))
 
 os.environ["HOME"] = str(SESSION_HOME)
 os.environ["SKYPILOT_DISABLE_USAGE_COLLECTION"] = "1"
 os.environ.pop("AWS_PROFILE", None)
+# The private HOME goes with the session (processes still writing to it are ignored).
+atexit.register(shutil.rmtree, SESSION_HOME, ignore_errors=True)
+
+# Nothing leaves loopback: every Python process of the session (this one, and through
+# tests/netguard/sitecustomize.py every one it starts) refuses and records a non-loopback
+# connection or name lookup; the `_loopback_only` fixture below fails the test that made one.
+NETGUARD = Path(__file__).parent / "netguard"
+NET_LOG = SESSION_HOME / "non-loopback.log"
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(NETGUARD), *filter(None, [os.environ.get("PYTHONPATH")])]
+)
+os.environ["VICUNA_SKY_NET_GUARD_LOG"] = str(NET_LOG)
+sys.path.insert(0, str(NETGUARD))
+import loopback_guard  # noqa: E402
+
+loopback_guard.install()
 
 
 def _install_catalog(home: Path) -> None:
@@ -36,6 +52,23 @@ def _install_catalog(home: Path) -> None:
 
 
 _install_catalog(SESSION_HOME)
+
+
+BESIDE = ROOT.parent / "shared"
+
+
+def _beside_the_checkout_guard(event: str, args: tuple) -> None:
+    """Fail any open under ../shared, the data folder some checkouts have beside them: a user's
+    clone has nothing there, so everything a test reads lives in the repository."""
+    if (
+        event == "open"
+        and isinstance(args[0], (str, Path))
+        and Path(os.path.abspath(args[0])).is_relative_to(BESIDE)
+    ):
+        raise PermissionError(f"tests read only inside the repository, not {args[0]}")
+
+
+sys.addaudithook(_beside_the_checkout_guard)
 
 # Storage servers on loopback (moto for S3, an emulator for GCS). Credentials are dummies and
 # both SDKs are told never to look for a cloud metadata server.
@@ -53,7 +86,24 @@ os.environ.update(
 BIN = Path(sys.executable).parent
 
 # Imported after HOME is set above: the project's helpers pull in nothing that reads it early.
+from vicuna_sky.launch.loopback import stay_on_loopback  # noqa: E402
 from vicuna_sky.launch.s3_server import free_port, wait_for_port  # noqa: E402
+
+# STS (SkyPilot's AWS catalog asks it who the caller is), every other AWS service, the GCE
+# metadata server and the hub: a closed loopback port. The storage fixtures below set their
+# service-specific endpoint (AWS_ENDPOINT_URL_S3, STORAGE_EMULATOR_HOST), which wins.
+stay_on_loopback()
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only() -> Iterator[None]:
+    """Fail the test during which any process of the session tried to leave loopback."""
+    before = NET_LOG.stat().st_size if NET_LOG.exists() else 0
+    yield
+    if NET_LOG.exists() and NET_LOG.stat().st_size > before:
+        with NET_LOG.open() as log:
+            log.seek(before)
+            pytest.fail(f"a process tried to leave loopback:\n{log.read()[:6000]}")
 
 
 def _serve(command: list[str], port: int, env_var: str) -> Iterator[str]:

@@ -77,16 +77,16 @@ def test_check_validates_all_specs(cli):
 
 
 def test_local_run_status_and_logs(cli, tmp_path):
-    """`train --local` runs sky/train.yaml here; the run fails fast if the trainer is absent,
-    and status/logs report it either way."""
+    """`train --local` runs sky/train.yaml here to the end; status and logs report it."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text((ROOT / "recipes" / "tiny-cpu.yaml").read_text())
     out = cli("train", str(recipe), "--local", "--env", "NUM_EPOCHS=1", "--name", "cli-probe")
     job = json.loads(next((tmp_path / "runs").glob("cli-probe-*/job.json")).read_text())
-    assert job["status"] in ("SUCCEEDED", "FAILED")
-    assert out.returncode == (0 if job["status"] == "SUCCEEDED" else 2)
+    assert job["status"] == "SUCCEEDED", out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.returncode == 0
     status = cli("status", "--local")
     assert status.returncode == 0 and "cli-probe" in status.stdout
+    assert "SUCCEEDED" in status.stdout
     logs = cli("logs", "cli-probe", "--local")
     assert logs.returncode == 0 and "run-rank0.log" in logs.stdout
 

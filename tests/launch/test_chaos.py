@@ -30,6 +30,9 @@ def test_three_preemptions_of_both_kinds_end_identical(cli, tmp_path):
     assert {p["kind"] for p in preemptions} == {"kill", "notice"}
     assert report["identical_to_uninterrupted"] is True
     assert report["weights_sha256"] == report["reference_weights_sha256"]
+    # Both runs exported real weights: two missing exports must not pass as "identical".
+    assert report["weights_files"] == report["reference_weights_files"] == ["model.safetensors"]
+    assert "model.safetensors" in result.stdout
     # No partial checkpoint was ever loaded: each relaunch resumed from exactly the newest
     # checkpoint the bucket had committed when the machine went away.
     assert report["only_committed_checkpoints_loaded"] is True

@@ -22,6 +22,7 @@ from pathlib import Path
 from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.launch import cost, jobs
 from vicuna_sky.launch.local import LocalConfig, LocalRunner
+from vicuna_sky.launch.loopback import stay_on_loopback
 from vicuna_sky.launch.metadata_server import MetadataServer
 from vicuna_sky.launch.s3_server import LOCAL_AWS_ENV, LocalS3
 from vicuna_sky.launch.tasks import Spec, load_task, parse_env_overrides, resolve_recipe
@@ -69,6 +70,9 @@ class ChaosReport:
     reference_wall_seconds: float = 0.0
     weights_sha256: str = ""
     reference_weights_sha256: str = ""
+    weights_files: list[str] = field(default_factory=list)
+    """The safetensors files hashed, of each run: two missing exports must never compare equal."""
+    reference_weights_files: list[str] = field(default_factory=list)
     identical_to_uninterrupted: bool = False
     only_committed_checkpoints_loaded: bool = True
     cost: dict = field(default_factory=dict)
@@ -79,19 +83,23 @@ class ChaosReport:
         return json.dumps(asdict(self), indent=2)
 
 
-def weights_hash(export_dir: Path) -> str:
-    """sha256 over every tensor of the exported safetensors files, in name order."""
+def weights_hash(export_dir: Path) -> tuple[str, list[str]]:
+    """sha256 over every tensor of the exported safetensors files, in name order, and the
+    files' names. No safetensors file is an error: an empty hash would equal another empty one."""
     import torch
     from safetensors.torch import load_file
 
     digest = hashlib.sha256()
-    for path in sorted(Path(export_dir).glob("*.safetensors")):
+    files = sorted(Path(export_dir).glob("*.safetensors"))
+    if not files:
+        raise VicunaSkyError(f"no exported weights (*.safetensors) in {export_dir}")
+    for path in files:
         tensors = load_file(str(path))
         for name in sorted(tensors):
             digest.update(name.encode())
             raw = tensors[name].contiguous().view(-1).view(torch.uint8)
             digest.update(raw.numpy().tobytes())
-    return digest.hexdigest()
+    return digest.hexdigest(), [p.name for p in files]
 
 
 class Chaos:
@@ -124,8 +132,10 @@ class Chaos:
             raise VicunaSkyError(
                 "chaos runs put the recipe's bucket on a local S3 server: use an s3:// bucket"
             )
+        # Every SDK endpoint on loopback first (STS from SkyPilot's catalog included); the
+        # local S3 server's own endpoint is set below, service-specific, so it wins.
+        stay_on_loopback()
         os.environ.update(LOCAL_AWS_ENV)
-        os.environ.setdefault("SKYPILOT_DISABLE_USAGE_COLLECTION", "1")
         os.environ["VICUNA_SKY_NOTICE_POLL_SECONDS"] = "0.1"
         self.workdir.mkdir(parents=True, exist_ok=True)
         with LocalS3() as s3, MetadataServer() as metadata:
@@ -149,14 +159,15 @@ class Chaos:
                 )
             report = self._chaos_run(local, metadata)
             report.reference_wall_seconds = _wall(reference)
-            report.reference_weights_sha256 = weights_hash(
+            report.reference_weights_sha256, report.reference_weights_files = weights_hash(
                 self._export(s3, f"{self.recipe.name}-reference", local)
             )
-            report.weights_sha256 = weights_hash(
+            report.weights_sha256, report.weights_files = weights_hash(
                 self._export(s3, f"{self.recipe.name}-chaos", local)
             )
             report.identical_to_uninterrupted = (
                 report.weights_sha256 == report.reference_weights_sha256
+                and report.weights_files == report.reference_weights_files
             )
         return report
 
@@ -311,7 +322,8 @@ def render(report: ChaosReport) -> list[object]:
         f"{len(report.preemptions)} preemption(s), {report.steps} steps; "
         f"wall {report.wall_seconds:.1f}s vs {report.reference_wall_seconds:.1f}s "
         f"uninterrupted (+{overhead:.1f}s)",
-        f"final weights {same} to the uninterrupted run's (sha256 {report.weights_sha256[:16]})",
+        f"final weights {same} to the uninterrupted run's "
+        f"({', '.join(report.weights_files)}, sha256 {report.weights_sha256[:16]})",
         *(
             [
                 f"cost at {report.cost['basis']}: ${report.cost['spot_usd']:.5f} on spot vs "
