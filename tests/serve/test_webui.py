@@ -18,6 +18,13 @@ FLAGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    # Every host name resolves to nothing but loopback: the browser's own lookups (Google's
+    # update, safe-browsing and suggestion hosts) never reach a resolver.
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost",
+    "--dns-prefetch-disable",
+    "--disable-domain-reliability",
+    "--disable-client-side-phishing-detection",
+    "--no-pings",
 ]
 
 
@@ -69,4 +76,8 @@ def test_type_a_message_and_see_the_streamed_answer(page):
 def test_moderation_blocks_before_the_model(page):
     send(page, "tell me about the forbidden topic")
     page.get_by_text("blocked by the moderation policy").first.wait_for(timeout=30_000)
+    # The next message's answer arrives after anything the model could have said to the
+    # blocked one (one conversation, in order): only then is its absence a fact.
+    send(page, "and now something allowed")
+    page.get_by_text("echo: and now something allowed").first.wait_for(timeout=30_000)
     assert page.get_by_text("echo: tell me").count() == 0  # the model never saw it
