@@ -124,14 +124,28 @@ def test_round_trip_reproduces_the_target(tmp_path, dtype):
     assert torch.equal(_logits(out), _logits(target))
 
 
-def test_float32_delta_would_not_be_enough_for_bf16():
+def test_bf16_weights_that_cross_zero_come_back_exactly(tmp_path):
     """Why the delta is float64: a bf16 weight that ends near zero (|t| < 2^-16 |b|) is not
-    reproduced through a float32 delta, and is through a float64 one."""
-    base = torch.tensor([0.0234375, -1.5, 0.75], dtype=torch.bfloat16)
-    target = torch.tensor([3.0e-9, 1.1e-7, -2.0e-6], dtype=torch.bfloat16)
-    for wide, exact in ((torch.float32, False), (torch.float64, True)):
-        delta = target.to(wide) - base.to(wide)
-        assert torch.equal((base.to(wide) + delta).to(torch.bfloat16), target) is exact
+    reproduced through a float32 delta (round(float32(t - b) + b) != t for these three), so
+    make_delta and apply_delta must give them back bit for bit and count none as inexact."""
+    base_values = torch.tensor([0.0234375, -1.5, 0.75], dtype=torch.bfloat16)
+    target_values = torch.tensor([3.0e-9, 1.1e-7, -2.0e-6], dtype=torch.bfloat16)
+    wide32 = (target_values.float() - base_values.float() + base_values.float()).bfloat16()
+    assert not torch.equal(wide32, target_values)  # the case float32 gets wrong
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(_config()).to(torch.bfloat16)
+    name = "model.layers.0.mlp.up_proj.weight"
+    with torch.no_grad():
+        base.get_parameter(name).view(-1)[:3] = base_values
+    base.save_pretrained(tmp_path / "base")
+    target = copy.deepcopy(base)
+    with torch.no_grad():
+        target.get_parameter(name).view(-1)[:3] = target_values
+    target.save_pretrained(tmp_path / "target")
+    out = _round_trip(tmp_path, tmp_path / "base", tmp_path / "target")
+    assert json.loads((tmp_path / "delta" / MARKER).read_text())["inexact_elements"] == 0
+    assert torch.equal(_tensors(out)[name].view(-1)[:3], target_values)
+    _assert_same(out, tmp_path / "target")
 
 
 def test_single_output_shard_and_float32_weights_shrunk_too_far(tmp_path, capsys):

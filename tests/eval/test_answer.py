@@ -91,8 +91,12 @@ def test_cli_answers_with_a_served_tiny_llama(cli, tmp_path):
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 6 and all(len(r["choices"][0]["turns"]) == 2 for r in records)
-    assert "6 answered" in result.stdout
-    assert "1 answered" not in cli(*args).stdout  # all there: nothing asked again
+    assert "6 answered, 0 already in" in result.stdout
+    before = out.read_text()
+    again = cli(*args)  # all there: nothing asked again, nothing written twice
+    assert again.returncode == 0, again.stderr
+    assert "0 answered, 6 already in" in again.stdout
+    assert out.read_text() == before and len(before.splitlines()) == 6
 
 
 def test_cli_needs_exactly_one_endpoint(cli, tmp_path):
