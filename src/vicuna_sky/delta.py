@@ -24,7 +24,6 @@ import json
 import math
 import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -37,6 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors import safe_open
 
 from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.output import check_output_dir, writing_dir
 
 FORMAT = "vicuna-sky-delta"
 VERSION = 1
@@ -261,20 +261,13 @@ def _read_marker(delta: Path) -> dict[str, Any]:
 
 
 @contextmanager
-def _staging(out: Path) -> Iterator[Path]:
+def _staging(out: Path, *inputs: Path) -> Iterator[Path]:
     """A temporary sibling of `out`, renamed to `out` only if the block succeeds, so a failure
-    never leaves a half-written directory that looks complete."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise VicunaSkyError(f"output {out} already exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
-    try:
+    never leaves a half-written directory that looks complete. `out` must be new or empty and
+    apart from the inputs (see vicuna_sky.output)."""
+    check_output_dir(out, inputs, offer_overwrite=False)
+    with writing_dir(out) as tmp:
         yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
-        tmp.replace(out)  # rename(2) also replaces an existing empty directory
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _header(metas: dict[str, Meta]) -> bytes:
@@ -352,7 +345,7 @@ def make_delta(
     vocab = config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
     entries = _plan_make(base_src, target_src, vocab)
     metas = {name: (shape, "float64") for name, (shape, _) in target_src.meta.items()}
-    with _staging(out) as tmp:
+    with _staging(out, base, target) as tmp:
         fill = partial(_subtract, base_src, target_src, entries)
         _write_shards(tmp, metas, fill, max_shard_bytes, "make delta", progress)
         inexact = sum(entry.pop("inexact") for entry in entries.values())
@@ -382,7 +375,7 @@ def apply_delta(
     base_src, delta_src = _Source(base, "base"), _Source(delta, "delta")
     _plan_apply(base_src, delta_src, entries)
     metas = {name: (shape, entries[name]["dtype"]) for name, (shape, _) in delta_src.meta.items()}
-    with _staging(out) as tmp:
+    with _staging(out, base, delta) as tmp:
         fill = partial(_add, base_src, delta_src, entries)
         _write_shards(tmp, metas, fill, max_shard_bytes, "apply delta", progress)
         _copy_side_files(delta, tmp)

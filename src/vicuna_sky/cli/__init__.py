@@ -6,6 +6,7 @@ Each command module registers its commands on the one click group in `app.py`.
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -32,12 +33,31 @@ def demo(workdir: Path) -> None:
     demo_lib.run(workdir)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so every `with` and `finally` on the way out runs:
+    a local fleet is stopped, temporaries removed, worker pools shut down."""
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise Terminated(signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app.main(standalone_mode=False)
     except click.exceptions.Abort:
         err_console.print("aborted")
         sys.exit(130)
+    except click.UsageError as e:
+        # One line, like every other error: the usage is one `--help` away.
+        where = f" (see {e.ctx.command_path} --help)" if e.ctx else ""
+        err_console.print(
+            f"[bold red]error:[/] {escape(e.format_message())}{where}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(e.exit_code)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
@@ -47,6 +67,9 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
+    except Terminated:
+        err_console.print("terminated")
+        sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from vicuna_sky.cli.app import app, console
+from vicuna_sky.output import OVERWRITE_HELP
 
 
 @app.group()
@@ -15,8 +16,13 @@ def data() -> None:
 
 
 def _data_io(fn: click.decorators.FC) -> click.decorators.FC:
+    fn = click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)(fn)
     fn = click.option(
-        "--workers", default=0, show_default=True, help="Worker processes (0 = all cores)."
+        "--workers",
+        type=click.IntRange(min=0),
+        default=0,
+        show_default=True,
+        help="Worker processes (0 = all cores; never more than the cores).",
     )(fn)
     fn = click.option("-o", "--output", type=click.Path(path_type=Path), required=True)(fn)
     return click.argument("input_path", metavar="IN.json", type=click.Path(path_type=Path))(fn)
@@ -30,12 +36,19 @@ def _data_io(fn: click.decorators.FC) -> click.decorators.FC:
     show_default=True,
     help="Comma-separated words; a conversation containing one is dropped ('' = none).",
 )
-@click.option("--min-chars", default=16, show_default=True, help="Drop shorter conversations.")
+@click.option(
+    "--min-chars",
+    type=click.IntRange(min=0),
+    default=16,
+    show_default=True,
+    help="Drop shorter conversations.",
+)
 @click.option("--lang", default=None, help="Keep one language only (ISO 639-1, e.g. en).")
 def data_clean(
     input_path: Path,
     output: Path,
     workers: int,
+    overwrite: bool,
     blocked_words: str,
     min_chars: int,
     lang: str | None,
@@ -46,13 +59,15 @@ def data_clean(
 
     words = tuple(w.strip().lower() for w in blocked_words.split(",") if w.strip())
     config = CleanConfig(blocked_words=words, min_chars=min_chars, lang=lang, workers=workers)
-    clean_file(input_path, output, config)
+    clean_file(input_path, output, config, overwrite=overwrite)
 
 
 @data.command(name="split")
 @_data_io
 @click.option("--tokenizer", required=True, help="Tokenizer path or hub id of the model.")
-@click.option("--max-length", type=int, required=True, help="Context length in tokens.")
+@click.option(
+    "--max-length", type=click.IntRange(min=1), required=True, help="Context length in tokens."
+)
 @click.option("--template", default="vicuna_v1.1", show_default=True)
 @click.option(
     "--overlong",
@@ -65,6 +80,7 @@ def data_split(
     input_path: Path,
     output: Path,
     workers: int,
+    overwrite: bool,
     tokenizer: str,
     max_length: int,
     template: str,
@@ -75,13 +91,13 @@ def data_split(
     from vicuna_sky.data.split import SplitConfig
 
     config = SplitConfig(tokenizer, max_length, template, overlong, workers)
-    split_file(input_path, output, config)
+    split_file(input_path, output, config, overwrite=overwrite)
 
 
 @data.command(name="stats")
 @click.argument("input_path", metavar="IN.json", type=click.Path(path_type=Path))
 @click.option("--tokenizer", required=True, help="Tokenizer path or hub id of the model.")
-@click.option("--max-length", type=int, default=2048, show_default=True)
+@click.option("--max-length", type=click.IntRange(min=1), default=2048, show_default=True)
 @click.option("--template", default="vicuna_v1.1", show_default=True)
 def data_stats(input_path: Path, tokenizer: str, max_length: int, template: str) -> None:
     """Tokens per epoch as the trainer sees them (the recipe's data.tokens)."""

@@ -2,19 +2,53 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import signal
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, TypeVar
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 T = TypeVar("T")
 R = TypeVar("R")
 
 
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel kills this worker when the process that forked it dies, even by
+    SIGKILL (nothing else would: the worker would go on burning a core for nobody)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
+
+
+def _init_worker(parent: int, initializer: Callable[..., Any] | None, initargs: tuple) -> None:
+    # Ctrl-C reaches the whole process group; it is the parent's to handle (it stops the pool).
+    # A worker that raised KeyboardInterrupt itself would break the pool mid-shutdown.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(parent)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Stop now: queued chunks cancelled, workers killed and reaped (no orphans, no hang)."""
+    processes = list((pool._processes or {}).values())  # no public API lists them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        with contextlib.suppress(OSError, ValueError):
+            process.kill()
+    for process in processes:
+        with contextlib.suppress(OSError, ValueError, AssertionError):
+            process.join(5)
 
 
 def _run_chunk(fn: Callable[[T], R], chunk: Sequence[T]) -> list[R]:
@@ -35,7 +69,10 @@ def parallel_map(
     trip per chunk, not per sample). `initializer(*initargs)` prepares each worker process;
     with `workers=1` everything runs in this process, which the caller has prepared itself.
     `fn` and `initializer` must be picklable (module-level functions or partials of them)."""
-    workers = workers or default_workers()
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0 (0 = all cores), not {workers}")
+    # More processes than cores only adds start-up time and memory.
+    workers = min(workers or default_workers(), default_workers())
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -54,8 +91,17 @@ def parallel_map(
         size = max(1, min(256, len(items) // (workers * 8) or 1))
         chunks = [items[i : i + size] for i in range(0, len(items), size)]
         results = []
-        with ProcessPoolExecutor(workers, initializer=initializer, initargs=initargs) as pool:
+        pool = ProcessPoolExecutor(
+            min(workers, len(chunks)),
+            initializer=_init_worker,
+            initargs=(os.getpid(), initializer, initargs),
+        )
+        try:
             for done in pool.map(_run_chunk, [fn] * len(chunks), chunks):
                 results.extend(done)
                 progress.advance(task, len(done))
+        except BaseException:
+            _stop(pool)
+            raise
+        pool.shutdown()
         return results

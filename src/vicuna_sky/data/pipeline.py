@@ -21,6 +21,7 @@ from vicuna_sky.data.conversation import get_template
 from vicuna_sky.data.sharegpt import Problem, Report
 from vicuna_sky.data.tokenize import Tokenized, tokenize_sample
 from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.output import check_output_file
 
 console = Console()
 err_console = Console(stderr=True)
@@ -65,7 +66,10 @@ def _run(
     title: str,
     rules: tuple[str, ...],
     quiet: bool,
+    overwrite: bool,
 ) -> Report:
+    # Before any work: the output is never the input, nor an existing file unless asked.
+    check_output_file(dst, [src], overwrite=overwrite)
     samples, problems = _read(src)
     report = stage(samples)
     report.counts["malformed"] += len(problems)
@@ -79,7 +83,13 @@ def _run(
     return report
 
 
-def clean_file(src: Path, dst: Path, config: clean_lib.CleanConfig, quiet: bool = False) -> Report:
+def clean_file(
+    src: Path,
+    dst: Path,
+    config: clean_lib.CleanConfig,
+    quiet: bool = False,
+    overwrite: bool = False,
+) -> Report:
     return _run(
         src,
         dst,
@@ -87,10 +97,17 @@ def clean_file(src: Path, dst: Path, config: clean_lib.CleanConfig, quiet: bool 
         f"cleaned {src} -> {dst}",
         clean_lib.RULES,
         quiet,
+        overwrite,
     )
 
 
-def split_file(src: Path, dst: Path, config: split_lib.SplitConfig, quiet: bool = False) -> Report:
+def split_file(
+    src: Path,
+    dst: Path,
+    config: split_lib.SplitConfig,
+    quiet: bool = False,
+    overwrite: bool = False,
+) -> Report:
     return _run(
         src,
         dst,
@@ -98,6 +115,7 @@ def split_file(src: Path, dst: Path, config: split_lib.SplitConfig, quiet: bool 
         f"split {src} -> {dst} (max {config.max_length} tokens, {config.template})",
         ("conversations_split", "rounds_truncated", "rounds_dropped", "ids_renamed"),
         quiet,
+        overwrite,
     )
 
 
@@ -112,6 +130,8 @@ class Stats:
 
 def stats_file(src: Path, tokenizer: str, template: str, max_length: int) -> Stats:
     """Tokens per epoch as the trainer sees them: what a recipe's `data.tokens` should say."""
+    if max_length < 1:
+        raise VicunaSkyError(f"--max-length must be at least 1, not {max_length}")
     samples, problems = _read(src)
     _report_problems(problems, quiet=False)
     tok = split_lib.load_tokenizer(tokenizer)

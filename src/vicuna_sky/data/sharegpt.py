@@ -8,14 +8,13 @@ id and field and skipped; the rest of the file still goes through.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.output import writing
 
 HUMAN, GPT, SYSTEM = "human", "gpt", "system"
 ROLES = (HUMAN, GPT, SYSTEM)
@@ -112,15 +111,8 @@ def load(path: Path) -> tuple[list[dict], list[Problem]]:
 
 
 def write(samples: list[dict], path: Path) -> None:
-    """Write atomically: a crash mid-write never leaves a truncated file (or input) behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(samples, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write atomically, with ordinary permissions: a crash mid-write never leaves a truncated
+    file (or input) behind, and a kill's temporary is removed by the next write."""
+    with writing(Path(path)) as tmp, tmp.open("w", encoding="utf-8") as f:
+        json.dump(samples, f, indent=2, ensure_ascii=False)
+        f.write("\n")

@@ -17,6 +17,7 @@ import functools
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from vicuna_sky.data.conversation import Template, from_sharegpt, get_template
@@ -91,6 +92,8 @@ def split_sample(
     body = turns[len(system) :]
     if len(body) % 2 or any(t["from"] != (HUMAN, GPT)[i % 2] for i, t in enumerate(body)):
         raise VicunaSkyError("roles must be human/gpt pairs; run `vicuna-sky data clean` first")
+    if not body:  # a sample with nothing to learn from is skipped, never written
+        raise VicunaSkyError("no human/gpt round")
     if measure(turns) <= max_length:
         return [_segment(sample, turns, 0, whole=True)], counts
     segments: list[dict] = []
@@ -156,9 +159,13 @@ def load_tokenizer(name: str) -> Any:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    if Path(name).is_file():
+        raise VicunaSkyError(
+            f"--tokenizer {name} is a file: give the directory that holds it (or a hub id)"
+        )
     try:
         return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # transformers raises many kinds for a bad directory
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VicunaSkyError(f"cannot load tokenizer {name!r}: {first}") from None
 
