@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DUMMY = ROOT.parent / "shared" / "data" / "fastchat" / "dummy_conversation.json"
+DUMMY = ROOT / "tests" / "fixtures" / "fastchat" / "dummy_conversation.json"
 
 
 def build_model(size: str, out: Path) -> Path:

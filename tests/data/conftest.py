@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-LLAMA2 = SHARED / "tokenizers" / "llama2"
-DUMMY = SHARED / "fastchat" / "dummy_conversation.json"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+LLAMA2 = FIXTURES / "tokenizers" / "llama2"
+DUMMY = FIXTURES / "fastchat" / "dummy_conversation.json"
 
 
 def _llama2(legacy: bool):

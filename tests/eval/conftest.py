@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "fastchat"
+FASTCHAT = Path(__file__).resolve().parents[1] / "fixtures" / "fastchat"
 
 
 class ScriptedOpenAI:
@@ -105,5 +105,6 @@ def mt_bench():
     from vicuna_sky.eval.questions import load_questions
 
     return load_questions(
-        SHARED / "mt_bench" / "question.jsonl", SHARED / "mt_bench" / "reference_answer_gpt-4.jsonl"
+        FASTCHAT / "mt_bench" / "question.jsonl",
+        FASTCHAT / "mt_bench" / "reference_answer_gpt-4.jsonl",
     )

@@ -15,9 +15,8 @@ from vicuna_sky.eval.client import Endpoint
 from vicuna_sky.eval.judge import JudgeConfig, judge, load_answers, parse_grade, parse_verdict
 from vicuna_sky.eval.prompts import BUILTIN, load_prompts
 
-FASTCHAT_PROMPTS = (
-    Path(__file__).resolve().parents[2].parent / "shared/data/fastchat/judge_prompts.jsonl"
-)
+FASTCHAT = Path(__file__).resolve().parents[1] / "fixtures" / "fastchat"
+FASTCHAT_PROMPTS = FASTCHAT / "judge_prompts.jsonl"
 
 
 def grade_by_quality(server):
@@ -206,7 +205,7 @@ def test_cli_resumes_after_a_kill(openai_server, tmp_path, mt_bench, write_answe
     out = tmp_path / "pairs.jsonl"
     args = [
         "eval", "judge", "--mode", "pairwise",
-        "--questions", str(SHARED_MT), "--answers", str(good), "--answers", str(bad),
+        "--questions", str(MT_BENCH), "--answers", str(good), "--answers", str(bad),
         "--model", "good", "--baseline", "bad",
         "--judge-model", "j", "--judge-base-url", openai_server.url,
         "--concurrency", "2", "-o", str(out),
@@ -236,9 +235,7 @@ def test_cli_resumes_after_a_kill(openai_server, tmp_path, mt_bench, write_answe
     assert re.search(rf"{40 - first} judged .* {first} already in", done.stdout)
 
 
-SHARED_MT = (
-    Path(__file__).resolve().parents[2].parent / "shared/data/fastchat/mt_bench/question.jsonl"
-)
+MT_BENCH = FASTCHAT / "mt_bench" / "question.jsonl"
 
 
 def test_a_pair_is_the_same_in_either_order(openai_server, tmp_path, mt_bench, two_models):
@@ -327,3 +324,79 @@ def test_records_name_a_local_judge_as_such(openai_server, tmp_path, mt_bench, t
     )  # fmt: skip
     assert {r["judge"] for r in records} == {"judge-1 (local model)"}
     assert {b["model"] for b in openai_server.requests} == {"judge-1"}  # asked by its name
+
+
+def test_guided_choice_asks_for_exactly_the_verdicts_the_parsers_read(
+    openai_server, tmp_path, mt_bench, two_models
+):
+    from vicuna_sky.eval.judge import GRADE_CHOICES, VERDICT_CHOICES
+
+    def pick(body):  # a judge that can only say one of the strings it was offered
+        allowed = body.get("guided_choice") or ["no verdict at all"]
+        return allowed[len(server_text(body)) % len(allowed)]
+
+    server_text = openai_server.user_text
+    openai_server.reply = pick
+    few = mt_bench[:5]
+    summary, records = run_judge(
+        openai_server, tmp_path, few, two_models, ["good", "bad"], "single", guided_choice=True
+    )
+    assert summary.unparsed == 0 and len(records) == 5 * 2 * 2
+    assert {r["score"] for r in records} <= set(range(1, 11))
+    assert all(b["guided_choice"] == GRADE_CHOICES for b in openai_server.requests)
+    assert [f"[[{n}]]" for n in range(1, 11)] == GRADE_CHOICES
+    summary, records = run_judge(
+        openai_server, tmp_path, few, two_models, ["good", "bad"], "pairwise", guided_choice=True
+    )
+    assert summary.unparsed == 0 and len(records) == 5 * 2
+    assert openai_server.requests[-1]["guided_choice"] == VERDICT_CHOICES
+    # Off (the default for an endpoint that may not know the extension): not asked, and this
+    # judge then has no readable verdict.
+    openai_server.requests.clear()
+    summary, _ = run_judge(
+        openai_server, tmp_path, few, two_models, ["good"], "single", output=tmp_path / "x.jsonl"
+    )
+    assert summary.unparsed == summary.judged == 10
+    assert not any("guided_choice" in b for b in openai_server.requests)
+
+
+def test_a_locally_served_judge_always_gives_a_readable_verdict(cli, tmp_path, write_answers):
+    """--judge-serve: a random-weight tiny Llama as the judge, its verdicts constrained to the
+    allowed strings by the fleet's hf worker."""
+    from vicuna_sky.eval.questions import load_questions
+    from vicuna_sky.tiny import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path / "tiny")
+    questions = load_questions("demo")[:2]
+    a = write_answers(tmp_path / "a.jsonl", "a", questions, lambda q, t: f"a answer {t}")
+    b = write_answers(tmp_path / "b.jsonl", "b", questions, lambda q, t: f"b answer {t}")
+    for mode, extra in (("single", []), ("pairwise", ["--baseline", "b"])):
+        out = tmp_path / f"{mode}.jsonl"
+        result = cli(
+            "eval",
+            "judge",
+            "--mode",
+            mode,
+            "--questions",
+            "demo",
+            "--answers",
+            str(a),
+            "--answers",
+            str(b),
+            *extra,
+            "--judge-model",
+            "tiny",
+            "--judge-serve",
+            str(model),
+            "--max-tokens",
+            "8",
+            "-o",
+            str(out),
+            "--concurrency",
+            "2",
+        )
+        assert result.returncode == 0, result.stderr
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        assert records and all(r["error"] is None for r in records)
+    assert len((tmp_path / "single.jsonl").read_text().splitlines()) == 2 * 2 * 2
+    assert len((tmp_path / "pairwise.jsonl").read_text().splitlines()) == 2 * 2

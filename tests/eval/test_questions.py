@@ -2,15 +2,16 @@ import json
 
 import pytest
 
+from vicuna_sky.assets import EVAL_TABLE
 from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.eval.questions import DEMO, load_questions
 
-from .conftest import SHARED
+from .conftest import FASTCHAT
 
 
 def test_the_standard_files_load():
-    vicuna = load_questions(SHARED / "vicuna_bench" / "question.jsonl")
-    legacy = load_questions(SHARED / "eval_table" / "question.jsonl")
+    vicuna = load_questions(FASTCHAT / "vicuna_bench" / "question.jsonl")
+    legacy = load_questions(EVAL_TABLE / "question.jsonl")
     assert len(vicuna) == len(legacy) == 80
     # The legacy `text` field becomes a one-turn question; both files ask the same things.
     assert [q.turns for q in legacy] == [q.turns for q in vicuna]
@@ -18,9 +19,9 @@ def test_the_standard_files_load():
 
 
 def test_mt_bench_references_inline_and_from_a_file():
-    path = SHARED / "mt_bench" / "question.jsonl"
+    path = FASTCHAT / "mt_bench" / "question.jsonl"
     inline = {q.question_id: q.reference for q in load_questions(path) if q.reference}
-    merged = load_questions(path, SHARED / "mt_bench" / "reference_answer_gpt-4.jsonl")
+    merged = load_questions(path, FASTCHAT / "mt_bench" / "reference_answer_gpt-4.jsonl")
     assert all(len(q.turns) == 2 for q in merged)
     with_ref = {q.question_id for q in merged if q.reference}
     assert set(range(101, 131)) <= with_ref and set(inline) <= with_ref

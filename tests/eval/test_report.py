@@ -9,14 +9,13 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
+from vicuna_sky.assets import BLOG_REVIEWS as BLOG
+from vicuna_sky.assets import EVAL_TABLE
 from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.eval.plots import draw_plots, render_report, report_tables, write_json
 from vicuna_sky.eval.report import build_report
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-EVAL_TABLE = SHARED / "fastchat" / "eval_table"
 REVIEWS = EVAL_TABLE / "review"
-BLOG = REVIEWS / "vicuna-13b_20230322-clean-lang"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTS = ["relative_quality.png", "scores_by_category.png", "win_tie_loss.png"]
 

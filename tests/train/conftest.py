@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +23,7 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def train_data(tmp_path_factory) -> Path:
     """64 real conversations: 8 optimizer steps per epoch at a global batch of 8."""
-    samples = json.loads((SHARED / "fastchat" / "dummy_conversation.json").read_text())[:64]
+    samples = json.loads((FIXTURES / "fastchat" / "dummy_conversation.json").read_text())[:64]
     path = tmp_path_factory.mktemp("data") / "train.json"
     path.write_text(json.dumps(samples))
     return path

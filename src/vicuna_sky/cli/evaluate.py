@@ -164,6 +164,12 @@ def _served(model_path: str, name: str, backend: str, template: str, logs: Path)
 @click.option("--max-tokens", default=2048, show_default=True, help="Most tokens per judgment.")
 @REQUEST_OPTIONS
 @click.option("--redo-failed", is_flag=True, help="Judge again what had no readable verdict.")
+@click.option(
+    "--guided-choice/--no-guided-choice",
+    default=None,
+    help="Ask for the verdict as one of its allowed strings (vLLM's guided_choice; our fleet "
+    "has it). Default: on with --judge-serve, off for other endpoints.",
+)
 def eval_judge(
     mode: str,
     questions: str,
@@ -183,6 +189,7 @@ def eval_judge(
     retries: int,
     backoff: float,
     redo_failed: bool,
+    guided_choice: bool | None,
 ) -> None:
     """Grade answers (single) or compare them in both orders (pairwise) with an LLM judge."""
     from vicuna_sky.eval.client import Endpoint
@@ -204,6 +211,7 @@ def eval_judge(
         redo_failed=redo_failed,
         # A model served here for want of a judge endpoint: the report should say so.
         judge_label=f"{judge_model} (local model)" if judge_serve else None,
+        guided_choice=judge_serve is not None if guided_choice is None else guided_choice,
     )
     if (judge_base_url is None) == (judge_serve is None):
         raise VicunaSkyError("give either --judge-base-url or --judge-serve")

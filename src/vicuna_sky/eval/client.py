@@ -58,13 +58,20 @@ class ChatClient:
         await self.http.aclose()
 
     async def chat(
-        self, messages: list[dict[str, str]], *, temperature: float, max_tokens: int
+        self,
+        messages: list[dict[str, str]],
+        *,
+        temperature: float,
+        max_tokens: int,
+        extra: dict | None = None,
     ) -> str:
+        """The answer's text; `extra` adds request fields beyond OpenAI's (guided_choice)."""
         body = {
             "model": self.endpoint.model,
             "messages": messages,
             "temperature": temperature,
             "max_tokens": max_tokens,
+            **(extra or {}),
         }
         for attempt in range(self.retries + 1):
             self.attempts += 1

@@ -34,6 +34,10 @@ from vicuna_sky.eval.records import JsonlLog
 MODES = ("single", "pairwise")
 _GRADE = [re.compile(r"\[\[(\d+(?:\.\d+)?)\]\]"), re.compile(r"\[(\d+(?:\.\d+)?)\]")]
 _VERDICT = re.compile(r"\[\[([ABC])\]\]")
+# What a judge may answer when its endpoint supports guided_choice: exactly the strings the
+# parsers below read, so every verdict is readable (FastChat's prompts ask for these forms).
+GRADE_CHOICES = [f"[[{n}]]" for n in range(1, 11)]
+VERDICT_CHOICES = ["[[A]]", "[[B]]", "[[C]]"]
 
 
 @dataclass
@@ -52,6 +56,9 @@ class JudgeConfig:
     """How records name the judge (default: its model name), e.g. to say it was a local model."""
     redo_failed: bool = False
     """Judge again what was recorded with an unparseable verdict."""
+    guided_choice: bool = False
+    """Constrain the verdict to GRADE_CHOICES / VERDICT_CHOICES (vLLM's request extension,
+    which our fleet's workers honour): for judges that cannot follow the format on their own."""
     progress: bool = True
 
 
@@ -188,8 +195,12 @@ class Judge:
         return self.prompts[name]
 
     async def _ask(self, prompt: JudgePrompt, values: dict[str, str]) -> str:
+        extra = None
+        if self.config.guided_choice:
+            choices = GRADE_CHOICES if self.config.mode == "single" else VERDICT_CHOICES
+            extra = {"guided_choice": choices}
         return await self.client.chat(
-            prompt.render(values), temperature=0.0, max_tokens=self.config.max_tokens
+            prompt.render(values), temperature=0.0, max_tokens=self.config.max_tokens, extra=extra
         )
 
     async def single(self, job: Job) -> dict:

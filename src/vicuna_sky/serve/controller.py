@@ -189,6 +189,7 @@ def _gen_request(req: SamplingParams, model: str, **fields: object) -> GenerateR
         stop=req.stop_list(),
         seed=req.seed,
         stream=req.stream,
+        guided_choice=req.guided_choice,
         **fields,
     )
 

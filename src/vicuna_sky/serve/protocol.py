@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
+
+MAX_GUIDED_CHOICES = 256
 
 
 class ApiError(Exception):
@@ -29,6 +31,17 @@ class ApiError(Exception):
         }
 
 
+def check_choices(choices: list[str] | None) -> list[str] | None:
+    """guided_choice: 1 to MAX_GUIDED_CHOICES distinct, non-empty strings."""
+    if choices is None:
+        return None
+    if not 1 <= len(choices) <= MAX_GUIDED_CHOICES:
+        raise ValueError(f"must list 1 to {MAX_GUIDED_CHOICES} strings, got {len(choices)}")
+    if any(not c for c in choices) or len(set(choices)) != len(choices):
+        raise ValueError("must list distinct, non-empty strings")
+    return choices
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str
@@ -42,6 +55,13 @@ class SamplingParams(BaseModel):
     seed: int | None = None
     stream: bool = False
     user: str | None = None
+    guided_choice: list[str] | None = None
+    """vLLM's extension: the answer is one of these strings (the most likely one)."""
+
+    @field_validator("guided_choice")
+    @classmethod
+    def _choices(cls, value: list[str] | None) -> list[str] | None:
+        return check_choices(value)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -79,6 +99,13 @@ class GenerateRequest(BaseModel):
     seed: int | None = None
     stream: bool = True
     """False: the worker answers with one JSON object (cheaper for non-streamed requests)."""
+    guided_choice: list[str] | None = None
+    """The answer is the most likely of these strings under the model (vLLM's extension)."""
+
+    @field_validator("guided_choice")
+    @classmethod
+    def _choices(cls, value: list[str] | None) -> list[str] | None:
+        return check_choices(value)
 
 
 class Registration(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from vicuna_sky.serve.protocol import GenerateRequest
+from vicuna_sky.serve.protocol import ApiError, GenerateRequest
 
 
 class EchoBackend:
@@ -16,6 +16,8 @@ class EchoBackend:
     """Seconds per word; 0 for benchmarks, a little for tests that kill a worker mid-answer."""
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[str]:
+        if request.guided_choice:
+            raise ApiError(400, "guided_choice needs a model: the echo backend has none")
         last = (request.messages or [])[-1].content if request.messages else request.prompt or ""
         # One delta per word ("echo:", " w1", " w2", ...); a continuation starts after the prefix.
         words = f"echo: {last}".split(" ")

@@ -7,7 +7,7 @@ import threading
 from collections.abc import AsyncIterator
 
 from vicuna_sky.serve.backends import Finish, check_context_length, cut_at_stop, render_prompt
-from vicuna_sky.serve.protocol import GenerateRequest
+from vicuna_sky.serve.protocol import ApiError, GenerateRequest
 
 
 class _Cancelled:
@@ -46,6 +46,10 @@ class HFBackend:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[str | Finish]:
         from transformers import TextIteratorStreamer
 
+        if request.guided_choice:
+            async for piece in self._guided(request):
+                yield piece
+            return
         prompt, has_bos = render_prompt(self.template, request)
         ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=not has_bos)
         n = ids["input_ids"].shape[1]
@@ -91,6 +95,48 @@ class HFBackend:
             # instead of running on to max_tokens for nobody.
             cancel.set()
             self.last_thread = thread
+
+    async def _guided(self, request: GenerateRequest) -> AsyncIterator[str | Finish]:
+        """vLLM's `guided_choice`: the allowed string the model finds most likely. A
+        continuation after a failover keeps to the choices that start with the text sent."""
+        choices = [c for c in request.guided_choice if c.startswith(request.prefix)]
+        if not choices:
+            raise ApiError(400, "no guided_choice string continues the text already sent")
+        prompt, has_bos = render_prompt(self.template, request.model_copy(update={"prefix": ""}))
+        best = await asyncio.to_thread(self.most_likely, prompt, has_bos, choices)
+        yield best[len(request.prefix) :]
+        yield Finish("stop")
+
+    def most_likely(self, prompt: str, has_bos: bool, choices: list[str]) -> str:
+        """The choice with the highest log-likelihood (summed over its tokens) after `prompt`.
+        The prompt runs once; each choice is scored on its KV cache, cropped back after it."""
+        torch = self.torch
+        ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=not has_bos)
+        ids = ids["input_ids"].to(self.device)
+        n = ids.shape[1]
+        check_context_length(self.context_length, n, self._longest(choices))
+        with torch.no_grad():
+            out = self.model(input_ids=ids, use_cache=True)
+            cache, first = out.past_key_values, torch.log_softmax(out.logits[0, -1].float(), -1)
+            scores = []
+            for choice in choices:
+                tokens = self._choice_ids(choice).to(self.device)
+                score = first[tokens[0]]
+                if len(tokens) > 1:
+                    logits = self.model(
+                        input_ids=tokens[None, :-1], past_key_values=cache, use_cache=True
+                    ).logits[0]
+                    logp = torch.log_softmax(logits.float(), -1)
+                    score = score + logp.gather(1, tokens[1:, None]).sum()
+                    cache.crop(n)
+                scores.append(float(score))
+        return choices[max(range(len(choices)), key=scores.__getitem__)]
+
+    def _choice_ids(self, choice: str) -> object:
+        return self.tokenizer(choice, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+
+    def _longest(self, choices: list[str]) -> int:
+        return max(len(self._choice_ids(c)) for c in choices)
 
     def _run(self, kwargs: dict, result: dict[str, int]) -> None:
         with self.torch.no_grad():

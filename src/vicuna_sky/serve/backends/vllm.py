@@ -102,7 +102,22 @@ class VLLMBackend:
             stop=stops,
             skip_special_tokens=True,
             output_kind=RequestOutputKind.DELTA,
+            **self._guided(request),
         )
+
+    @staticmethod
+    def _guided(request: GenerateRequest) -> dict[str, Any]:
+        """guided_choice passed to vLLM's structured outputs (constrained decoding); the
+        parameter was `guided_decoding` before vLLM 0.11."""
+        if not request.guided_choice:
+            return {}
+        try:
+            from vllm.sampling_params import StructuredOutputsParams
+        except ImportError:
+            from vllm.sampling_params import GuidedDecodingParams
+
+            return {"guided_decoding": GuidedDecodingParams(choice=request.guided_choice)}
+        return {"structured_outputs": StructuredOutputsParams(choice=request.guided_choice)}
 
     @staticmethod
     def _engine_prompt(ids: list[int]) -> Any:
