@@ -1,5 +1,6 @@
 """The fleet with the official `openai` client: API surface, errors, failover, restart, drain."""
 
+import re
 import signal
 import threading
 import time
@@ -100,16 +101,61 @@ def ask(client, i: int) -> str:
     return r.choices[0].message.content
 
 
-def test_killing_a_worker_under_load_fails_no_request(fleet):
-    fleet.start_controller()
-    a = fleet.start_worker("echo", "echo", "echo", "--echo-delay", "0.01")
-    b = fleet.start_worker("echo", "echo", "echo", "--echo-delay", "0.01")
+def ask_model(client, i: int, max_tokens: int = 8) -> str:
+    """A greedy answer of the tiny hf model: the same from every worker, so a reference."""
+    r = client.chat.completions.create(
+        model="vicuna-tiny",
+        messages=[{"role": "user", "content": f"question {i}"}],
+        max_tokens=max_tokens,
+        temperature=0,
+    )
+    return r.choices[0].message.content
+
+
+def when_busy(fleet, address: str, then) -> threading.Thread:
+    """Call `then()` as soon as the worker at `address` has a request in flight."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if httpx.get(f"{address}/health", timeout=5).json()["in_flight"]:
+                then()
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_killing_a_worker_under_load_fails_no_request(hf_fleet):
+    a, b = list(hf_fleet.workers)
+    client = hf_fleet.client()
+    expected = [ask_model(client, i) for i in range(24)]
+    assert len(set(expected)) > 1  # answers that differ: a mix-up between requests would show
+    watcher = when_busy(hf_fleet, a, hf_fleet.workers[a].stop)  # killed in the middle of it
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda i: ask_model(client, i), range(24)))
+    watcher.join(5)
+    assert hf_fleet.workers[a].proc.poll() is not None, "the worker was never killed"
+    assert answers == expected
+    assert hf_fleet.available() == {b}
+
+
+def test_a_failed_worker_leaves_rotation_at_once(fleet):
+    """Expiry is a minute here: only the controller marking the dead worker failed, on the
+    first request that finds it gone, can take it out of rotation within the test."""
+    fleet.start_controller("--expiry-seconds", "60")
+    a = fleet.start_worker("echo", "echo", "echo")
+    fleet.wait_workers({a})  # registered first: the first one picked while loads are equal
+    b = fleet.start_worker("echo", "echo", "echo")
     fleet.wait_workers({a, b})
+    fleet.workers[a].stop()
     client = fleet.client()
-    threading.Timer(0.5, lambda: fleet.workers[a].stop()).start()
-    with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda i: ask(client, i), range(200)))
-    assert answers == [f"echo: question {i}" for i in range(200)]
+    assert [ask(client, i) for i in range(3)] == [f"echo: question {i}" for i in range(3)]
+    workers = {w["address"]: w for w in httpx.get(f"{fleet.url}/workers").json()["workers"]}
+    assert workers[a]["failed"] and not workers[a]["available"]
+    assert workers[b]["available"]
 
 
 def stream_killing_its_worker(fleet, words: str, **kw):
@@ -148,40 +194,49 @@ def test_a_stream_continues_on_another_worker_when_its_worker_dies(fleet):
     assert last.choices[0].finish_reason == "length" and last.usage.completion_tokens == 20
 
 
-def test_controller_restart_routes_again_within_two_seconds(fleet):
+def test_the_only_worker_dying_mid_stream_is_an_error_to_the_client(fleet):
+    """No other worker can continue the answer: the client must hear it as an error, never as
+    a clean end of a shorter answer."""
     fleet.start_controller()
-    fleet.wait_workers({fleet.start_worker("echo", "echo", "echo")})
+    fleet.wait_workers({fleet.start_worker("echo", "echo", "echo", "--echo-delay", "0.05")})
+    words = " ".join(f"w{i}" for i in range(40))
+    with pytest.raises(openai.APIError, match="no other worker could continue"):
+        stream_killing_its_worker(fleet, words)
+
+
+def test_controller_restart_routes_from_its_registry(fleet, tiny_chat_model):
+    """The worker heartbeats once in ten minutes and the registry keeps it for a minute, so
+    after the restart only the controller's SQLite registry can know the worker."""
+    fleet.start_controller("--expiry-seconds", "60")
+    model = str(tiny_chat_model)
+    fleet.wait_workers(
+        {fleet.start_worker("hf", model, "vicuna-tiny", "--heartbeat-seconds", "600")}
+    )
     client = fleet.client()
-    assert ask(client, 1) == "echo: question 1"
+    before = ask_model(client, 1)
     fleet.controller.stop()
     fleet.controller.start()
-    start = time.monotonic()
-    while time.monotonic() - start < 10:
-        try:
-            assert ask(client, 2) == "echo: question 2"
-            break
-        except (openai.APIConnectionError, openai.InternalServerError, openai.NotFoundError):
-            time.sleep(0.05)
-    assert time.monotonic() - start < 2.0
+    fleet.wait_http(f"{fleet.url}/workers")
+    assert ask_model(client, 1) == before  # the first request after the restart is served
 
 
-def test_sigterm_drains_a_worker(fleet):
-    fleet.start_controller()
-    a = fleet.start_worker("echo", "echo", "echo", "--echo-delay", "0.05")
-    fleet.wait_workers({a})
-    b = fleet.start_worker("echo", "echo", "echo")
-    fleet.wait_workers({a, b})
-    client = fleet.client()
+def test_sigterm_drains_a_worker(hf_fleet):
+    a, b = list(hf_fleet.workers)
+    client = hf_fleet.client()
+    expected = {i: ask_model(client, i, max_tokens=48) for i in (*range(4), *range(100, 104))}
     with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(ask, client, i) for i in range(4)]
-        time.sleep(0.3)  # requests in flight on both workers
-        fleet.workers[a].signal(signal.SIGTERM)
-        answers = [f.result() for f in futures]
-        later = [ask(client, 100 + i) for i in range(10)]
-    assert answers == [f"echo: question {i}" for i in range(4)]  # in-flight ones finished
-    assert all(x.startswith("echo: question 1") for x in later)
-    assert fleet.workers[a].proc.wait(30) == 0  # it exits on its own after draining
-    assert a not in fleet.available()
+        watcher = when_busy(hf_fleet, a, lambda: hf_fleet.workers[a].signal(signal.SIGTERM))
+        futures = {i: pool.submit(ask_model, client, i, 48) for i in range(4)}
+        watcher.join(60)
+        # In flight on the draining worker or not, every one is answered in full.
+        assert {i: f.result() for i, f in futures.items()} == {i: expected[i] for i in range(4)}
+    assert hf_fleet.workers[a].proc.wait(30) == 0  # it exits on its own after draining
+    drained = re.search(r"draining \(SIGTERM\): (\d+) request", hf_fleet.workers[a].log.read_text())
+    assert drained and int(drained[1]) >= 1  # it had work in flight when told to go
+    assert hf_fleet.available() == {b}
+    assert {i: ask_model(client, i, 48) for i in range(100, 104)} == {
+        i: expected[i] for i in range(100, 104)
+    }
 
 
 def test_a_preemption_notice_drains_a_worker(fleet):
