@@ -18,8 +18,11 @@ from rich.table import Table
 
 from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.eval.report import Report
+from vicuna_sky.output import write_text, writing
 
 DPI = 120
+PLOT_FILES = ("relative_quality.png", "scores_by_category.png", "win_tie_loss.png")
+"""What `draw_plots` may write, so a command can check the places before it starts."""
 
 
 def ranked(report: Report) -> list[str]:
@@ -50,13 +53,12 @@ def report_json(report: Report) -> dict:
 
 
 def write_json(report: Report, path: Path | str) -> Path:
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report_json(report), indent=2) + "\n", encoding="utf-8")
-    except OSError as e:
-        raise VicunaSkyError(f"{path}: cannot write the report ({e.strerror or e})") from None
-    return path
+    """Atomically; the caller checked the place (`vicuna_sky.output.check_output_file`)."""
+    try:  # NaN is not JSON: a reader would reject the whole file
+        text = json.dumps(report_json(report), indent=2, allow_nan=False) + "\n"
+    except ValueError as e:
+        raise VicunaSkyError(f"{path}: the report has a number JSON cannot hold ({e})") from None
+    return write_text(Path(path), text)
 
 
 def _pct(x: float | None) -> str:
@@ -126,22 +128,13 @@ def render_report(report: Report, console: Console) -> None:
 def draw_plots(report: Report, directory: Path | str) -> list[Path]:
     """Write the figures the report has data for into `directory`; return their paths."""
     directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise VicunaSkyError(
-            f"{directory}: cannot create the plot directory ({e.strerror})"
-        ) from None
-    drawers = [
-        ("relative_quality.png", plot_relative_quality),
-        ("scores_by_category.png", plot_scores_by_category),
-        ("win_tie_loss.png", plot_win_tie_loss),
-    ]
+    drawers = (plot_relative_quality, plot_scores_by_category, plot_win_tie_loss)
     written = []
-    for filename, draw in drawers:
+    for filename, draw in zip(PLOT_FILES, drawers, strict=True):
         figure = draw(report)
         if figure is not None:
-            figure.savefig(directory / filename, dpi=DPI)
+            with writing(directory / filename) as tmp:
+                figure.savefig(tmp, dpi=DPI, format="png")
             written.append(directory / filename)
     return written
 

@@ -49,18 +49,29 @@ def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         raise VicunaSkyError(f"{path}: no such file")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise VicunaSkyError(f"{path}:{number}: not JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise VicunaSkyError(f"{path}:{number}: expected a JSON object per line")
-            records.append(record)
+    try:
+        lines = path.read_bytes().decode("utf-8").split("\n")  # not splitlines(): U+2028
+    except UnicodeDecodeError as e:
+        raise VicunaSkyError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise VicunaSkyError(f"{path}: {e.strerror or e}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line, parse_constant=_no_constant)
+        except ValueError as e:
+            raise VicunaSkyError(f"{path}:{number}: not JSON ({e})") from None
+        if not isinstance(record, dict):
+            raise VicunaSkyError(f"{path}:{number}: expected a JSON object per line")
+        records.append(record)
     return records
+
+
+def _no_constant(name: str) -> float:
+    # NaN and Infinity are not JSON; Python's parser accepts them, and a NaN score would
+    # poison every mean it enters.
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _question(record: dict, where: str) -> Question:

@@ -10,6 +10,7 @@ against vicuna-13b and vicuna-13b against ChatGPT; this reproduces its "% of Cha
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -171,8 +172,11 @@ def _judgment_key(r: dict, where: str) -> tuple:
         raise VicunaSkyError(f"{where}: a {r['mode']} judgment needs {', '.join(missing)}")
     if not isinstance(r["question_id"], int | str) or not isinstance(r.setdefault("turn", 1), int):
         raise VicunaSkyError(f"{where}: question_id must be an integer or string, turn an integer")
-    if r["mode"] == "single" and type(r.get("score")) not in (int, float, type(None)):
-        raise VicunaSkyError(f"{where}: score must be a number or null, not {r['score']!r}")
+    if not all(isinstance(r[f], str) for f in ("judge", *names)):
+        raise VicunaSkyError(f"{where}: {', '.join(('judge', *names))} must be strings (names)")
+    score = r.get("score")
+    if r["mode"] == "single" and not (score is None or _finite(score)):
+        raise VicunaSkyError(f"{where}: score must be a number or null, not {score!r}")
     winners = (None, TIE, INCONSISTENT, r.get("model_a"), r.get("model_b"))
     if r["mode"] == "pairwise" and (r["model_a"] == r["model_b"] or r.get("winner") not in winners):
         raise VicunaSkyError(
@@ -181,6 +185,11 @@ def _judgment_key(r: dict, where: str) -> tuple:
     # A pair is the same comparison in either order (resumed runs may list the files reversed).
     models = sorted(r[f] for f in names)
     return (r["mode"], str(r["question_id"]), r["turn"], r["judge"], *models)
+
+
+def _finite(x: object) -> bool:
+    """A JSON number that means one: 1e999 parses to inf, and true is not a score."""
+    return type(x) in (int, float) and math.isfinite(x)
 
 
 def _read_judgments(paths: list[Path], questions: Path | None) -> _Evidence:
@@ -217,7 +226,7 @@ def _read_reviews(directory: Path, questions: Path | None) -> _Evidence:
         reviews: dict[int | str, tuple[str, dict]] = {}  # the last review of a question counts
         for n, r in enumerate(read_jsonl(path), 1):
             s = r.get("score")
-            ok = isinstance(s, list) and len(s) == 2 and {type(x) for x in s} <= {int, float}
+            ok = isinstance(s, list) and len(s) == 2 and all(_finite(x) for x in s)
             if not ok or not isinstance(r.get("question_id"), int | str):
                 raise VicunaSkyError(f"{path}: record {n}: expected question_id and score [s1, s2]")
             reviews[r["question_id"]] = (f"{path}: record {n}", r)

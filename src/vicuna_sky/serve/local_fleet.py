@@ -18,6 +18,10 @@ import httpx
 from vicuna_sky.launch.s3_server import free_port
 
 
+class FleetError(RuntimeError):
+    """A process of the fleet exited while it was being started."""
+
+
 class Proc:
     def __init__(
         self,
@@ -41,6 +45,16 @@ class Proc:
             # processes outlive a SIGKILLed worker otherwise).
             start_new_session=True,
         )
+
+    def check_alive(self, what: str) -> None:
+        """FleetError, with the last line of its log, when the process has exited: nothing is
+        gained by waiting for a dead process to answer."""
+        if self.proc.poll() is None:
+            return
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        lines = text.strip().splitlines()
+        last = lines[-1][:300] if lines else "no output"
+        raise FleetError(f"{what} exited ({self.proc.returncode}): {last} (log: {self.log})")
 
     def signal(self, sig: signal.Signals) -> None:
         self.proc.send_signal(sig)
@@ -80,7 +94,7 @@ class LocalFleet:
         ]
         self.controller = Proc(args, self.workdir / "controller.log")
         self.procs.append(self.controller)
-        self.wait_http(f"{self.url}/v1/models")
+        self.wait_http(f"{self.url}/v1/models", proc=self.controller)
         return self.controller
 
     def start_worker(
@@ -119,9 +133,11 @@ class LocalFleet:
         return address
 
     @staticmethod
-    def wait_http(url: str, timeout: float = 60) -> None:
+    def wait_http(url: str, timeout: float = 60, proc: Proc | None = None) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if proc is not None:
+                proc.check_alive("the process serving " + url)
             try:
                 httpx.get(url, timeout=1)
                 return
@@ -136,6 +152,11 @@ class LocalFleet:
     def wait_workers(self, addresses: set[str], timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            for address in addresses:
+                if address in self.workers:
+                    self.workers[address].check_alive(f"the worker {address}")
+            if controller := getattr(self, "controller", None):
+                controller.check_alive("the controller")
             if addresses <= self.available():
                 return
             time.sleep(0.1)
