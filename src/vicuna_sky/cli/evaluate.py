@@ -9,9 +9,10 @@ from pathlib import Path
 
 import click
 
-from vicuna_sky.cli.app import app, console
+from vicuna_sky.cli.app import Finite, app, console
 from vicuna_sky.cli.launch import launch, launch_options
 from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.output import OVERWRITE_HELP, check_output_file
 
 QUESTIONS_HELP = "Question file in FastChat's format (`turns` or legacy `text`), or `demo`."
 KEY_HELP = "Bearer key [$OPENAI_API_KEY]."
@@ -21,6 +22,7 @@ PATH = click.Path(path_type=Path)
 def REQUEST_OPTIONS(fn: click.decorators.FC) -> click.decorators.FC:
     fn = click.option(
         "--backoff",
+        type=Finite(0),
         default=1.0,
         show_default=True,
         help="Seconds before the first retry of a failed request; doubled each time.",
@@ -79,9 +81,14 @@ def _fail_if(failed: dict, total: int, what: str) -> None:
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True)
 @click.option("--template", default="vicuna_v1.1", show_default=True, help="With --serve.")
 @click.option("-o", "--output", type=PATH, required=True, help="Answers JSONL (resumed).")
-@click.option("--max-tokens", default=1024, show_default=True, help="Per turn.")
 @click.option(
-    "--temperature", type=float, default=None, help="One temperature instead of per category."
+    "--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True, help="Per turn."
+)
+@click.option(
+    "--temperature",
+    type=Finite(0, 2),
+    default=None,
+    help="One temperature instead of per category.",
 )
 @REQUEST_OPTIONS
 def eval_answer(
@@ -106,6 +113,8 @@ def eval_answer(
 
     if (base_url is None) == (serve_path is None):
         raise VicunaSkyError("give either --base-url or --serve")
+    # Its own record is resumed (checked before anything is appended); an input never is.
+    check_output_file(output, [questions], resumable=True)
     items = load_questions(questions)
     config = AnswerConfig(
         output,
@@ -134,12 +143,16 @@ def eval_answer(
 def _served(model_path: str, name: str, backend: str, template: str, logs: Path) -> Iterator[str]:
     """A controller and one worker on 127.0.0.1 serving `model_path` as `name`; yields the API.
     Their logs go to `logs`."""
-    from vicuna_sky.serve.local_fleet import LocalFleet
+    from vicuna_sky.serve.local_fleet import FleetError, LocalFleet
 
+    # The fleet is stopped on every way out: an error, Ctrl-C, SIGTERM (see cli.main).
     with LocalFleet(logs) as fleet:
-        fleet.start_controller()
-        worker = fleet.start_worker(backend, model_path, name, "--template", template)
-        fleet.wait_workers({worker}, timeout=600)
+        try:
+            fleet.start_controller()
+            worker = fleet.start_worker(backend, model_path, name, "--template", template)
+            fleet.wait_workers({worker}, timeout=600)
+        except (FleetError, TimeoutError) as e:
+            raise VicunaSkyError(f"cannot serve {model_path}: {e}") from None
         yield f"{fleet.url}/v1"
 
 
@@ -161,7 +174,13 @@ def _served(model_path: str, name: str, backend: str, template: str, logs: Path)
 @click.option("--judge-api-key", envvar="OPENAI_API_KEY", default=None, help=KEY_HELP)
 @click.option("--judge-prompts", type=PATH, default=None, help="Prompts JSONL (FastChat format).")
 @click.option("-o", "--output", type=PATH, required=True, help="Judgments JSONL (resumed).")
-@click.option("--max-tokens", default=2048, show_default=True, help="Most tokens per judgment.")
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=2048,
+    show_default=True,
+    help="Most tokens per judgment.",
+)
 @REQUEST_OPTIONS
 @click.option("--redo-failed", is_flag=True, help="Judge again what had no readable verdict.")
 @click.option(
@@ -197,6 +216,8 @@ def eval_judge(
     from vicuna_sky.eval.prompts import load_prompts
     from vicuna_sky.eval.questions import load_questions
 
+    inputs = [questions, reference_answers, *answers, judge_prompts]
+    check_output_file(output, inputs, resumable=True)
     items = load_questions(questions, reference_answers)
     by_model = load_answers(list(answers))
     chosen = list(models) or [m for m in by_model if m != baseline]
@@ -245,6 +266,7 @@ def eval_judge(
 )
 @click.option("--json", "json_path", type=PATH, default=None, help="Write the report as JSON.")
 @click.option("--plots", type=PATH, default=None, help="Directory for the PNG plots.")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 def eval_report(
     judgments: tuple[Path, ...],
     legacy_reviews: Path | None,
@@ -252,11 +274,20 @@ def eval_report(
     reference: str,
     json_path: Path | None,
     plots: Path | None,
+    overwrite: bool,
 ) -> None:
     """Scores by category, win/tie/loss and quality relative to a reference, with plots."""
-    from vicuna_sky.eval.plots import draw_plots, render_report, write_json
+    from vicuna_sky.eval.plots import PLOT_FILES, draw_plots, render_report, write_json
     from vicuna_sky.eval.report import build_report
 
+    inputs = [*judgments, legacy_reviews, questions]
+    outputs = [json_path] if json_path is not None else []
+    if plots is not None:
+        if plots.exists() and not plots.is_dir():
+            raise VicunaSkyError(f"--plots {plots} is a file, not a directory")
+        outputs += [plots / name for name in PLOT_FILES]
+    for path in outputs:
+        check_output_file(path, inputs, overwrite=overwrite)
     report = build_report(
         reference, judgments=judgments, legacy_reviews=legacy_reviews, questions=questions
     )
