@@ -97,6 +97,16 @@ def check_output_dir(
     return path
 
 
+def check_dir_place(path: Path) -> Path:
+    """A directory a command fills itself (the demo's workdir, with its own rules for what may
+    already be there): it is not a file, and it can be created where it is."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise VicunaSkyError(f"{path} is a file, not a directory")
+    _check_place(path / "x" if path.is_dir() else path)
+    return path
+
+
 @contextlib.contextmanager
 def writing(path: Path) -> Iterator[Path]:
     """A temporary beside `path` to write; it becomes `path` (with the mode of the file it

@@ -7,8 +7,10 @@ is reported as one `RecipeError` line that names the key, so the CLI never shows
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -353,10 +355,8 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         return [_coerce(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if tp is float and isinstance(value, str):
         # PyYAML reads `2e-5` (no dot) as a string; a person means the number.
-        try:
-            return float(value)
-        except ValueError:
-            pass
+        with contextlib.suppress(ValueError):
+            value = float(value)
     # bool is an int in Python; a recipe saying `epochs: true` is a mistake, not 1.
     ok = {
         str: isinstance(value, str),
@@ -367,4 +367,7 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     if not ok:
         names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
         raise RecipeError(f"{source}: '{key}' must be {names[tp]}, got {value!r}")
+    if tp is float and not math.isfinite(float(value)):
+        # 1e400 reads as inf, .nan as nan: every check against them passes, every plan breaks.
+        raise RecipeError(f"{source}: '{key}' must be a finite number, got {value!r}")
     return float(value) if tp is float else value

@@ -28,6 +28,9 @@ from vicuna_sky.errors import VicunaSkyError
 )
 def demo(workdir: Path) -> None:
     """Run the pipeline on the tiny CPU recipe, locally, and summarise what ran."""
+    from vicuna_sky.output import check_dir_place
+
+    check_dir_place(workdir)  # a file, under a file, unwritable: one line, not a traceback
     from vicuna_sky import demo as demo_lib
 
     demo_lib.run(workdir)

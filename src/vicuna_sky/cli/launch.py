@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import click
 
-from vicuna_sky.cli.app import ENV_HELP, RUNS_HELP, app, console
+from vicuna_sky.cli.app import ENV_HELP, RUNS_HELP, Finite, app, console
 from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.output import OVERWRITE_HELP, check_output_file, write_text
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 RUNS_DIR = click.option(
     "--runs-dir",
     type=click.Path(path_type=Path),
@@ -16,6 +19,16 @@ RUNS_DIR = click.option(
     show_default=True,
     help=RUNS_HELP,
 )
+
+
+def _one_segment(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A name becomes a directory (runs/<name>-<time>) and a cloud resource name: letters,
+    digits, '-', '_' and '.' only, so it can never climb out of the runs directory."""
+    if value is not None and not NAME.fullmatch(value):
+        raise click.BadParameter(
+            f"{value!r} must be letters, digits, '-', '_' or '.', starting with a letter or digit"
+        )
+    return value
 
 
 def launch_options(fn: click.decorators.FC) -> click.decorators.FC:
@@ -32,7 +45,10 @@ def launch_options(fn: click.decorators.FC) -> click.decorators.FC:
                 "--local", is_flag=True, help="Run the spec on this machine (the local backend)."
             ),
             click.option(
-                "--name", default=None, help="Job/cluster/service name (default: from the recipe)."
+                "--name",
+                default=None,
+                callback=_one_segment,
+                help="Job/cluster/service name (default: from the recipe).",
             ),
             RUNS_DIR,
             click.option(
@@ -58,6 +74,11 @@ def launch(spec: str, recipe: str, envs: tuple[str, ...], **options: object) -> 
 
 @app.command()
 @launch_options
+@click.option(
+    "--over-budget",
+    is_flag=True,
+    help="Launch even when the cheapest plan costs more than the recipe's budget_usd.",
+)
 def train(**options: object) -> None:
     """Fine-tune: sky/train.yaml as a managed spot job (torchrun + FSDP, auto-recovery)."""
     launch("TRAIN", **options)
@@ -81,7 +102,9 @@ def serve(fleet: bool, **options: object) -> None:
 
 @app.command()
 @click.argument("recipe")
-@click.option("--top", default=5, show_default=True, help="Candidates listed per table.")
+@click.option(
+    "--top", type=click.IntRange(min=1), default=5, show_default=True, help="Candidates per table."
+)
 def plan(recipe: str, top: int) -> None:
     """Cost plan: cheapest spot and on-demand offers and the estimated $ for the run."""
     from vicuna_sky.launch import runner
@@ -143,10 +166,17 @@ def chaos() -> None:
 
 @chaos.command(name="train")
 @click.argument("recipe")
-@click.option("--preemptions", default=3, show_default=True, help="How many times to preempt.")
+@click.option(
+    "--preemptions",
+    type=click.IntRange(min=0),
+    default=3,
+    show_default=True,
+    help="How many times to preempt.",
+)
 @click.option("--seed", default=0, show_default=True, help="Seeds when and how preemptions hit.")
 @click.option(
     "--notice-seconds",
+    type=Finite(0),
     default=5.0,
     show_default=True,
     help="Notice window before the machine is killed (clouds: AWS 120 s, GCP 30 s).",
@@ -156,6 +186,7 @@ def chaos() -> None:
     "--workdir", type=click.Path(path_type=Path), default=Path("runs/chaos"), show_default=True
 )
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 def chaos_train(
     recipe: str,
     preemptions: int,
@@ -164,16 +195,19 @@ def chaos_train(
     envs: tuple[str, ...],
     workdir: Path,
     json_path: Path | None,
+    overwrite: bool,
 ) -> None:
     """sky/train.yaml on the local backend (bucket on a local S3), preempted K times, compared
     with an uninterrupted run of the same recipe."""
     from vicuna_sky.launch.chaos import Chaos, ChaosConfig, render
 
+    if json_path:  # checked before the long run, not after
+        check_output_file(json_path, [recipe], overwrite=overwrite)
     config = ChaosConfig(recipe, preemptions, seed, notice_seconds, workdir, envs)
     report = Chaos(config).run()
     for item in render(report):
         console.print(item)
     if json_path:
-        json_path.write_text(report.to_json())
+        write_text(json_path, report.to_json())
     if not (report.identical_to_uninterrupted and report.only_committed_checkpoints_loaded):
         raise VicunaSkyError("recovery was not exact: see the report above")

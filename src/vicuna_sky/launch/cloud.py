@@ -7,6 +7,8 @@ goes through SkyPilot's API server, which starts itself on first use.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from vicuna_sky.launch.tasks import Spec
@@ -53,12 +55,45 @@ def launch_fleet(controller: sky.Task, worker: sky.Task, name: str, workers: int
     return url
 
 
+def _or_none(request: Callable[[], Any]) -> list:
+    """A listing whose controller was never started is empty, not an error."""
+    import sky
+
+    try:
+        return sky.get(request())
+    except sky.exceptions.ClusterNotUpError:
+        return []
+
+
+@contextlib.contextmanager
+def _api_server_for_this_call() -> Iterator[None]:
+    """SkyPilot's SDK starts a local API server on first use and leaves it running; one that a
+    look at the status started is stopped again (a launch's is left: its jobs need it)."""
+    from sky.server import common
+
+    local = common.is_api_server_local()
+    was_up = local and common.get_api_server_status().status == common.ApiServerStatus.HEALTHY
+    try:
+        yield
+    finally:
+        if local and not was_up:
+            import sky
+
+            with contextlib.suppress(Exception):
+                sky.api_stop()
+
+
 def status() -> list[dict[str, str]]:
     """Managed jobs, clusters and services, in one list of rows."""
+    with _api_server_for_this_call():
+        return _status()
+
+
+def _status() -> list[dict[str, str]]:
     import sky
 
     rows = []
-    for job in sky.get(sky.jobs.queue(refresh=False)):
+    for job in _or_none(lambda: sky.jobs.queue(refresh=False)):
         record = job if isinstance(job, dict) else job.model_dump()
         duration = float(record.get("job_duration") or 0.0)
         rows.append(
@@ -71,7 +106,7 @@ def status() -> list[dict[str, str]]:
                 "hours": f"{duration / 3600:.2f}",
             }
         )
-    for cluster in sky.get(sky.status()):
+    for cluster in _or_none(sky.status):
         record = cluster if isinstance(cluster, dict) else cluster.model_dump()
         rows.append(
             {
@@ -80,7 +115,7 @@ def status() -> list[dict[str, str]]:
                 "status": _name(record.get("status")),
             }
         )
-    for service in sky.get(sky.serve.status(None)):
+    for service in _or_none(lambda: sky.serve.status(None)):
         rows.append(
             {
                 "kind": "service",

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.output import write_text
 
 RESUMED = re.compile(r"resumed at step (\d+)")
 
@@ -58,10 +59,9 @@ class LocalJob:
     """Catalog prices the run is costed at (cost.Prices fields); empty when unknown."""
 
     def save(self) -> None:
-        path = Path(self.run_dir) / "job.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        tmp.replace(path)  # readers never see half a status file
+        # Atomic: readers never see half a status file, and a killed writer's temporary is
+        # removed by the next save.
+        write_text(Path(self.run_dir) / "job.json", json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, run_dir: Path) -> LocalJob:
@@ -73,7 +73,8 @@ class LocalJob:
 def list_jobs(runs_dir: Path) -> list[LocalJob]:
     jobs = []
     for status in sorted(Path(runs_dir).glob("*/job.json")):
-        with contextlib.suppress(ValueError, TypeError, KeyError):
+        # Not a status this code wrote (a directory, another format): not a job, not a crash.
+        with contextlib.suppress(ValueError, TypeError, KeyError, OSError):
             jobs.append(LocalJob.load(status.parent))
     return jobs
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.launch.jobs import Attempt, JobStatus, LocalJob
 
 if TYPE_CHECKING:
@@ -80,6 +81,9 @@ class LocalRunner:
         self._preempting = False
         stamp = dt.datetime.now().strftime("%Y-%m-%d-%H-%M-%S-%f")
         name = task.name or "task"
+        if Path(name).name != name or name in (".", ".."):
+            # It names a directory under runs_dir: one path segment, or it escapes runs_dir.
+            raise VicunaSkyError(f"task name {name!r} must be one path segment")
         self.cluster_name = f"local-{name}"
         run_dir = Path(self.config.runs_dir).resolve() / f"{name}-{stamp}"
         run_dir.mkdir(parents=True, exist_ok=False)

@@ -21,6 +21,7 @@ from vicuna_sky.launch.tasks import (
     resolve_recipe,
     resolved_yaml,
 )
+from vicuna_sky.output import check_output_dir, writing_dir
 from vicuna_sky.recipe import Recipe
 
 console = Console()
@@ -41,6 +42,7 @@ def launch_recipe(
     runs_dir: Path,
     local_config: local_lib.LocalConfig | None = None,
     workdir: Path | None = None,
+    over_budget: bool = False,
 ) -> jobs.LocalJob | None:
     """Launch a spec for a recipe: on the cloud, or with `local` on this machine (`workdir`
     then holds the runs, the buckets and, after training, the exported model in `export/`)."""
@@ -54,6 +56,8 @@ def launch_recipe(
         if spec is Spec.TRAIN and recipe.resources.accelerator:
             print_plan(recipe)
         return None
+    if spec is Spec.TRAIN and not local:
+        check_budget(recipe, over_budget)
     if local:
         if workdir is not None:
             runs_dir = workdir / "runs"
@@ -79,6 +83,15 @@ def seed_demo_data(recipe: Recipe, config: local_lib.LocalConfig) -> None:
     from vicuna_sky.tiny import TINY_MODEL, prepare_demo_data
 
     target = config.bucket_dir(recipe.bucket) / recipe.data.path
+    if _user_data(recipe.data.path):
+        # Only the bundled sample's own path is seeded: a mistyped path must fail here, not
+        # quietly become the demo sample.
+        if not target.exists():
+            raise VicunaSkyError(
+                f"{recipe.source}: data.path {recipe.data.path!r} is not in the bucket "
+                f"({target}): upload the data there or fix the path"
+            )
+        return
     if recipe.model.path != TINY_MODEL or target.exists() or Path(recipe.data.path).is_absolute():
         return
     stats = prepare_demo_data(target, recipe.data.max_length, recipe.model.template)
@@ -87,14 +100,42 @@ def seed_demo_data(recipe: Recipe, config: local_lib.LocalConfig) -> None:
     )
 
 
+def _user_data(data_path: str) -> bool:
+    from vicuna_sky.tiny import DEMO_DATA
+
+    return Path(data_path) != Path("data") / DEMO_DATA
+
+
+def check_budget(recipe: Recipe, over_budget: bool) -> None:
+    """Refuse a cloud training run whose cheapest plan costs more than the recipe's budget."""
+    if recipe.budget_usd is None or not recipe.resources.accelerator:
+        return
+    from vicuna_sky.launch.plan import make_plan
+
+    try:
+        plan = make_plan(recipe, top=1)
+    except ValueError as e:
+        raise VicunaSkyError(str(e)) from None
+    if plan.over_budget and plan.cheapest is not None:
+        message = (
+            f"{recipe.source}: the cheapest plan costs ${plan.cost(plan.cheapest):,.0f}, over the "
+            f"budget of ${recipe.budget_usd:,.0f} (see `vicuna-sky plan`)"
+        )
+        if not over_budget:
+            raise VicunaSkyError(message + "; pass --over-budget to launch anyway")
+        console.print(f"[yellow]warning:[/] {message}; launching (--over-budget)")
+
+
 def fetch_export(bucket_dir: Path, run_name: str, destination: Path) -> None:
     """The trained model, from where sky/train.yaml exports it ($BUCKET_URL/models/$RUN_NAME)."""
     source = bucket_dir / "models" / run_name
     if not (source / "config.json").exists():
         raise VicunaSkyError(f"the run succeeded but left no exported model in {source}")
-    if destination.exists():
-        shutil.rmtree(destination)
-    shutil.copytree(source, destination)
+    # Replaced only when it is an earlier export (a model directory): never a user's files.
+    earlier = (destination / "config.json").is_file()
+    check_output_dir(destination, [source], overwrite=earlier)
+    with writing_dir(destination, overwrite=earlier) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
     console.print(f"exported model: {destination}")
 
 

@@ -1,0 +1,78 @@
+"""Bad input never loses data or escapes: `vicuna-sky train|check|status|logs` with names that
+are paths, recipes with impossible numbers or a mistyped data path, budgets, broken job records
+(issue #20)."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def one_line_error(result: subprocess.CompletedProcess, text: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert text in " ".join(result.stderr.split()), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def recipe(tmp_path: Path, base: str, old: str, new: str) -> Path:
+    text = (ROOT / "recipes" / f"{base}.yaml").read_text()
+    assert old in text
+    path = tmp_path / f"{base}-changed.yaml"
+    path.write_text(text.replace(old, new))
+    return path
+
+
+@pytest.mark.parametrize("name", ["../../escape", "a/b", "..", "/tmp/x", ".hidden", ""])
+def test_a_name_is_one_path_segment(cli, tmp_path, name):
+    work = tmp_path / "deep" / "work"
+    work.mkdir(parents=True)
+    result = cli("train", "tiny-cpu", "--local", "--name", name, "--runs-dir", "runs", cwd=work)
+    one_line_error(result, "Invalid value for '--name'")
+    assert [p.name for p in tmp_path.iterdir()] == ["deep"] and list(work.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["1e400", ".nan", ".inf"])
+def test_recipe_numbers_must_be_finite(cli, tmp_path, value):
+    path = recipe(tmp_path, "tiny-cpu", "epochs: 4", f"epochs: {value}")
+    one_line_error(cli("check", str(path)), "'train.epochs' must be a finite number")
+
+
+def test_a_mistyped_data_path_is_not_replaced_by_the_demo_sample(cli, tmp_path):
+    path = recipe(tmp_path, "tiny-cpu", "path: data/demo_sharegpt.json",
+                  "path: data/demo_sharegpt.jsn")  # fmt: skip
+    result = cli("train", str(path), "--local", "--workdir", str(tmp_path / "w"), timeout=600)
+    one_line_error(result, "data.path 'data/demo_sharegpt.jsn' is not in the bucket")
+    assert not list((tmp_path / "w").rglob("demo_sharegpt.js*"))
+    assert not list((tmp_path / "w").rglob("job.json"))
+
+
+def test_train_refuses_a_plan_over_budget(cli, tmp_path, clouds_enabled):
+    path = recipe(tmp_path, "vicuna-7b", "budget_usd: 300", "budget_usd: 1")
+    refused = cli("train", str(path))
+    one_line_error(refused, "over the budget of $1")
+    assert "pass --over-budget" in refused.stderr
+    dry = cli("train", str(path), "--dryrun")
+    assert dry.returncode == 0 and "OVER BUDGET" in dry.stdout
+
+
+def test_a_job_record_that_is_a_directory(cli, tmp_path):
+    runs = tmp_path / "runs"
+    (runs / "odd-2026" / "job.json").mkdir(parents=True)
+    (runs / "torn-2026").mkdir()
+    (runs / "torn-2026" / "job.json").write_text('{"name": "torn", "ta')
+    status = cli("status", "--local", "--runs-dir", str(runs))
+    assert status.returncode == 0 and "Traceback" not in status.stderr
+    assert "none" in status.stdout
+    one_line_error(cli("logs", "odd", "--local", "--runs-dir", str(runs)), "no local job named")
+    assert (runs / "torn-2026" / "job.json").read_text() == '{"name": "torn", "ta'
+
+
+def test_demo_workdir_that_cannot_be_a_directory(cli, tmp_path):
+    (tmp_path / "file").write_text("mine")
+    one_line_error(cli("demo", "--workdir", str(tmp_path / "file")), "is a file, not a directory")
+    result = cli("demo", "--workdir", str(tmp_path / "file" / "sub"))
+    one_line_error(result, "is a file, not a directory")
+    assert (tmp_path / "file").read_text() == "mine"
