@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,20 +14,6 @@ from vicuna_sky.train.config import TrainConfig
 from vicuna_sky.train.dist import World
 
 log = logging.getLogger("vicuna_sky.train")
-
-
-def resolve_model_path(name: str, cache: Path) -> str:
-    """`tiny-llama` is the built-in test model (random weights, built locally, same every time)."""
-    from vicuna_sky.tiny import TINY_MODEL
-
-    if name == TINY_MODEL and not Path(name).exists():
-        target = cache / TINY_MODEL
-        if not (target / "config.json").exists():
-            from vicuna_sky.tiny import build_tiny_llama
-
-            build_tiny_llama(target)
-        return str(target)
-    return name
 
 
 def attention_implementation(world: World) -> str:
@@ -64,6 +49,9 @@ def load(config: TrainConfig, path: str, world: World) -> tuple[nn.Module, str]:
     except (OSError, ValueError) as e:
         raise VicunaSkyError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from None
     model.config.use_cache = False
+    # from_pretrained returns the model in eval mode, where transformers skips both dropout and
+    # activation checkpointing (each asks `self.training`): training needs train mode.
+    model.train()
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora_r:
