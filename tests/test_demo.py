@@ -3,11 +3,13 @@ from pathlib import Path
 
 
 def test_demo_completes_and_summarises(cli, tmp_path):
+    """The demo's stages on the tiny recipe (the default, SmolLM2, runs the same code with a real
+    model in a few minutes: `make demo`)."""
     workdir = tmp_path / "demo"
-    out = cli("demo", "--workdir", str(workdir))
+    out = cli("demo", "--workdir", str(workdir), "--recipe", "tiny-cpu")
     assert out.returncode == 0, out.stderr
     assert "demo summary" in out.stdout
-    assert (workdir / "tiny-llama" / "model.safetensors").is_file()
+    assert (workdir / "models" / "tiny-llama" / "model.safetensors").is_file()
     data = workdir / "buckets" / "s3" / "vicuna-sky-tiny" / "data" / "demo_sharegpt.json"
     segments = json.loads(data.read_text())
     assert len(segments) >= 10
@@ -20,8 +22,10 @@ def test_demo_completes_and_summarises(cli, tmp_path):
     assert (workdir / "export" / "model.safetensors").is_file()
     logs = "".join(p.read_text() for p in workdir.glob("runs/*/attempt-*/run-rank0.log"))
     assert "emergency checkpoint" in logs and "resumed at step" in logs
-    # The trained model answered through the fleet's OpenAI API.
-    assert "3 questions answered" in out.stdout
+    # The trained model answered through the fleet's OpenAI API; the summary quotes it.
+    text = " ".join(out.stdout.split())
+    assert "3 questions answered" in text
+    assert '"What is the capital of France?" -> "' in text
     # sky/eval.yaml ran locally: both tiny models answered the demo questions, a judge (the
     # fine-tuned model itself, as no endpoint is configured) judged them, a report was written.
     evaluation = workdir / "buckets" / "s3" / "vicuna-sky-tiny" / "eval" / "vicuna-tiny" / "demo"
@@ -30,13 +34,26 @@ def test_demo_completes_and_summarises(cli, tmp_path):
         assert len(answers) == 6 and all(
             len(json.loads(a)["choices"][0]["turns"]) == 2 for a in answers
         )
-    assert len((evaluation / "judgments" / "single.jsonl").read_text().splitlines()) == 24
-    assert len((evaluation / "judgments" / "pairwise.jsonl").read_text().splitlines()) == 12
+    judgments = {
+        mode: [json.loads(x) for x in (evaluation / "judgments" / f"{mode}.jsonl").open()]
+        for mode in ("single", "pairwise")
+    }
+    assert len(judgments["single"]) == 24 and len(judgments["pairwise"]) == 12
+    # The local judge's verdicts are constrained to the allowed strings: every one is readable.
+    assert all(j["error"] is None for js in judgments.values() for j in js)
+    assert "36 of 36 verdicts readable" in text and "not a quality measure" in text
     report = json.loads((evaluation / "report" / "report.json").read_text())
     assert report["judges"] == ["vicuna-tiny (local model)"] and report["reference"] == "tiny-base"
-    assert "no judge endpoint configured" in " ".join(out.stdout.split())
-    # Running it again reuses its own directory; a foreign non-empty one is refused.
-    assert cli("demo", "--workdir", str(workdir)).returncode == 0
+    assert all(1 <= m["overall"] <= 10 for m in report["models"].values())
+    assert {p.name for p in (evaluation / "report").glob("*.png")} >= {"scores_by_category.png"}
+    assert "no judge endpoint configured" in text
+    # The blog's chart, from the published reviews.
+    assert (workdir / "blog" / "relative_quality.png").stat().st_size > 10_000
+    assert "vicuna-13b 92%" in text and "llama-13b 68%" in text
+    # Running it again reuses its own directory and the model it made; a foreign non-empty
+    # directory is refused.
+    again = cli("demo", "--workdir", str(workdir), "--recipe", "tiny-cpu")
+    assert again.returncode == 0 and "(cached)" in again.stdout
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("precious")

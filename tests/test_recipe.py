@@ -14,13 +14,24 @@ def load(text: str) -> Recipe:
 
 
 def test_bundled_recipes_load():
-    assert {p.stem for p in RECIPES} == {"vicuna-7b", "vicuna-13b", "tiny-cpu"}
+    names = {"vicuna-7b": "vicuna-7b", "vicuna-13b": "vicuna-13b"}
+    names |= {"tiny-cpu": "vicuna-tiny", "smollm2-cpu": "vicuna-smol"}
+    assert {p.stem for p in RECIPES} == set(names)
     for path in RECIPES:
         recipe = Recipe.from_yaml(path)
         assert recipe.source == str(path)
-        assert (
-            recipe.envs()["RUN_NAME"] == recipe.name == path.stem.replace("tiny-cpu", "vicuna-tiny")
-        )
+        assert recipe.envs()["RUN_NAME"] == recipe.name == names[path.stem]
+
+
+def test_lora_and_packing_reach_the_trainer():
+    smol = Recipe.from_yaml(ROOT / "recipes" / "smollm2-cpu.yaml")
+    assert (smol.envs()["LORA_R"], smol.envs()["PACKING"]) == ("16", "false")
+    assert smol.model.template == "chat_template" and smol.model.path == "smollm2-135m"
+    train_spec = (ROOT / "sky" / "train.yaml").read_text()
+    assert '--lora-r "$LORA_R"' in train_spec and '--packing "$PACKING"' in train_spec
+    bad = (ROOT / "recipes" / "tiny-cpu.yaml").read_text().replace("  seed: 0", "  lora_r: -1")
+    with pytest.raises(RecipeError, match="train.lora_r"):
+        Recipe.from_text(bad)
 
 
 @pytest.mark.parametrize("name", ["vicuna-7b", "vicuna-13b"])

@@ -1,9 +1,11 @@
-"""`vicuna-sky demo`: the pipeline on the tiny CPU recipe, on this machine.
+"""`vicuna-sky demo`: the pipeline on a CPU recipe, on this machine.
 
-Stages run in order and each says what it produced: prepare, validate specs, clean + split
-data, train (preempted once, resumed from the bucket), serve (a local fleet asked through the
-OpenAI API), evaluate (sky/eval.yaml: answers, a judge, a report with plots). The summary shows
-what ran and where its outputs are.
+The default recipe (`smollm2-cpu`) fine-tunes a real small model, SmolLM2-135M-Instruct, with
+LoRA; `--recipe tiny-cpu` runs the same stages on a random tiny Llama in a fraction of the time.
+Stages run in order and each says what it produced: prepare the model, validate specs, clean +
+split data, train (preempted once, resumed from the bucket), serve (a local fleet asked through
+the OpenAI API), evaluate (sky/eval.yaml: answers, a judge, a report with plots), and the Vicuna
+blog's chart drawn from the published GPT-4 reviews. The summary shows what ran and where.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from vicuna_sky.launch.tasks import Spec, load_task, resolve_recipe
 from vicuna_sky.recipe import Recipe
 
 console = Console()
-RECIPE = "tiny-cpu"
+RECIPE = "smollm2-cpu"
+KEEP = ("models",)
+"""Kept when the demo runs again in its directory: converting SmolLM2 takes half a minute."""
 
 
 @dataclass
@@ -48,11 +52,21 @@ class Stage:
 
 
 def stage_assets(ctx: Context) -> str:
-    from vicuna_sky.tiny import build_tiny_llama
+    """The recipe's built-in model, made once and kept in `models/` across reruns."""
+    from vicuna_sky.models import SMOLLM2, resolve_model_path
 
-    model_dir = build_tiny_llama(ctx.workdir / "tiny-llama")
-    ctx.outputs["model"] = str(model_dir)
-    return f"tiny Llama (random weights) + tokenizer built in {model_dir}"
+    name = ctx.recipe.model.path
+    cached = (ctx.workdir / "models" / name / "config.json").exists()
+    model_dir = resolve_model_path(name, ctx.workdir / "models")
+    if model_dir == name:
+        raise VicunaSkyError(f"the demo runs a built-in model; {ctx.recipe.source} names {name}")
+    ctx.outputs["model"] = model_dir
+    what = (
+        "SmolLM2-135M-Instruct, converted from the packaged GGUF to safetensors"
+        if name == SMOLLM2
+        else "tiny Llama (random weights) + tokenizer built"
+    )
+    return f"{what}{' (cached)' if cached else ''} in {model_dir}"
 
 
 def stage_data(ctx: Context) -> str:
@@ -60,12 +74,15 @@ def stage_data(ctx: Context) -> str:
     from vicuna_sky.tiny import prepare_demo_data
 
     target = ctx.bucket_dir / ctx.recipe.data.path
-    stats = prepare_demo_data(target, ctx.recipe.data.max_length, ctx.recipe.model.template)
+    stats = prepare_demo_data(
+        target, ctx.recipe.data.max_length, ctx.recipe.model.template, ctx.outputs["model"]
+    )
     ctx.outputs["data"] = str(target)
     removed = ", ".join(f"{n} {rule}" for rule, n in stats["removed"].items())
     return (
         f"{stats['kept']} of {stats['conversations']} conversations kept ({removed}); "
-        f"{stats['segments']} segments of <= {ctx.recipe.data.max_length} tokens; "
+        f"{stats['segments']} segments of <= {ctx.recipe.data.max_length} tokens "
+        f"({ctx.recipe.model.template}); "
         f"{stats['tokens']} tokens, {stats['trainable_tokens']} trained on; in the bucket"
     )
 
@@ -125,38 +142,43 @@ def stage_specs(ctx: Context) -> str:
 
 def stage_serve(ctx: Context) -> str:
     """The exported model behind a local fleet (controller + 2 hf workers), asked through the
-    OpenAI API with the official client."""
+    OpenAI API with the official client; the summary quotes one answer."""
     from vicuna_sky.serve.local_fleet import LocalFleet
 
     export = ctx.outputs["export"]
     name = ctx.recipe.serve.model_name
-    questions = ["What is a spot instance?", "Write a haiku about GPUs.", "Say hello."]
+    questions = ["What is the capital of France?", "What is a spot instance?", "Say hello."]
+    template = ("--template", ctx.recipe.model.template)
     with LocalFleet(ctx.workdir / "serve") as fleet:
         fleet.start_controller()
-        workers = {fleet.start_worker("hf", export, name) for _ in range(2)}
+        workers = {fleet.start_worker("hf", export, name, *template) for _ in range(2)}
         fleet.wait_workers(workers)
         client = fleet.client()
-        tokens = []
+        answers = []
         for q in questions:
             r = client.chat.completions.create(
                 model=name,
                 messages=[{"role": "user", "content": q}],
-                max_tokens=16,
+                max_tokens=48,
                 temperature=0,
             )
-            tokens.append(r.usage.completion_tokens)
+            answers.append((q, r.choices[0].message.content, r.usage.completion_tokens))
     ctx.outputs["serve logs"] = str(ctx.workdir / "serve")
+    first, text, _ = answers[0]
+    quoted = " ".join(text.split())
     return (
-        f"controller + 2 hf workers; {len(tokens)} questions answered through /v1/chat/"
-        f"completions ({', '.join(map(str, tokens))} tokens: a tiny model after 8 steps)"
+        f"controller + 2 hf workers; {len(answers)} questions answered through /v1/chat/"
+        f"completions ({', '.join(str(n) for *_, n in answers)} tokens). "
+        f'"{first}" -> "{quoted}"'
     )
 
 
 def stage_evaluate(ctx: Context) -> str:
-    """sky/eval.yaml on the local backend: the fine-tuned and the untrained tiny Llama answer the
+    """sky/eval.yaml on the local backend: the fine-tuned model and the base model answer the
     demo questions, a judge grades them (single and pairwise) and a report with plots is written.
     The judge is VICUNA_SKY_JUDGE_BASE_URL / VICUNA_SKY_JUDGE_MODEL when set, else the fine-tuned
-    model itself: a smoke test of the machinery, not an evaluation."""
+    model itself with its verdicts constrained to the allowed strings (guided_choice): a smoke
+    test of the machinery, not a quality measure."""
     import json
 
     from vicuna_sky.launch.local import LocalRunner
@@ -180,8 +202,9 @@ def stage_evaluate(ctx: Context) -> str:
     judge = (
         f"judge {task.envs['JUDGE_MODEL']} at {judge_url}"
         if judge_url
-        else f"judge: the fine-tuned model itself ({task.envs['JUDGE_MODEL']}, no judge "
-        "endpoint configured)"
+        else f"judge: the fine-tuned model itself ({task.envs['JUDGE_MODEL']}, no judge endpoint "
+        "configured; verdicts constrained with guided_choice; a model this small as a judge is "
+        "a smoke test of the machinery, not a quality measure)"
     )
     judgments = [
         json.loads(line)
@@ -193,15 +216,40 @@ def stage_evaluate(ctx: Context) -> str:
         path.stem: len(path.read_text().splitlines())
         for path in sorted((out / "answers").glob("*.jsonl"))
     }
+    scores = ", ".join(
+        f"{name} {m['overall']:.1f}/10" if m.get("overall") is not None else f"{name} n/a"
+        for name, m in report["models"].items()
+    )
     relative = ", ".join(
         f"{name} {m['relative']:.0%}" if m.get("relative") is not None else f"{name} n/a"
         for name, m in report["models"].items()
     )
+    plots = sorted(p.name for p in (out / "report").glob("*.png"))
     return (
         f"answers to {', '.join(f'{n} questions from {m}' for m, n in answered.items())}; "
-        f"{judge}: {readable} of {len(judgments)} verdicts readable; quality relative to "
-        f"{report['reference']}: {relative}; report in {out / 'report'}"
+        f"{judge}: {readable} of {len(judgments)} verdicts readable; mean scores {scores}; "
+        f"quality relative to {report['reference']}: {relative}; plots {', '.join(plots)}"
     )
+
+
+def stage_blog(ctx: Context) -> str:
+    """The Vicuna blog's headline chart from the published GPT-4 reviews (they ship with the
+    package), drawn by the same report code: what a capable judge says about real models."""
+    from vicuna_sky.assets import BLOG_REVIEWS
+    from vicuna_sky.eval.plots import draw_plots, write_json
+    from vicuna_sky.eval.report import build_report
+
+    report = build_report("gpt35", legacy_reviews=BLOG_REVIEWS)
+    out = ctx.workdir / "blog"
+    draw_plots(report, out)
+    write_json(report, out / "report.json")
+    ctx.outputs["blog chart"] = str(out / "relative_quality.png")
+    relative = ", ".join(
+        f"{name} {m.relative:.0%}"
+        for name, m in sorted(report.models.items(), key=lambda kv: kv[1].relative or 0)
+        if m.relative is not None and name != report.reference
+    )
+    return f"response quality relative to ChatGPT (GPT-4 as judge): {relative}"
 
 
 STAGES = [
@@ -211,19 +259,26 @@ STAGES = [
     Stage("train (with a preemption)", stage_train),
     Stage("serve", stage_serve),
     Stage("evaluate", stage_evaluate),
+    Stage("the Vicuna blog's chart", stage_blog),
 ]
 
 
-def run(workdir: Path) -> None:
+def run(workdir: Path, recipe_name: str = RECIPE) -> None:
     # Nothing in the demo leaves this machine, SkyPilot's usage reporting included.
     os.environ.setdefault("SKYPILOT_DISABLE_USAGE_COLLECTION", "1")
     workdir = workdir.resolve()
     if workdir.exists() and any(workdir.iterdir()) and not (workdir / ".vicuna-demo").exists():
         raise VicunaSkyError(f"{workdir} is not empty and not a demo directory; pick another")
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
+    recipe = Recipe.from_yaml(resolve_recipe(recipe_name))
+    workdir.mkdir(parents=True, exist_ok=True)
+    for old in workdir.iterdir():  # a previous demo's outputs; the converted model stays
+        if old.name in KEEP:
+            continue
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
     (workdir / ".vicuna-demo").touch()
-    recipe = Recipe.from_yaml(resolve_recipe(RECIPE))
     local = LocalConfig(runs_dir=workdir / "runs", bucket_root=workdir / "buckets")
     ctx = Context(workdir=workdir, recipe=recipe, local=local, outputs={})
     console.rule(f"[bold]vicuna-sky demo[/] — {recipe.source}")

@@ -71,6 +71,10 @@ class TrainSection:
     """Parameter/compute dtype on GPU: bf16, fp16 or fp32 (CPU always runs fp32)."""
     gradient_checkpointing: bool = True
     """Recompute activations per decoder layer to fit long contexts."""
+    packing: bool = False
+    """Pack several conversations into each sequence (attention kept per conversation)."""
+    lora_r: int = 0
+    """LoRA rank on the attention projections (merged into the export); 0 = full fine-tuning."""
     checkpoint_every_steps: int = 100
     """Optimizer steps between checkpoints; on spot this bounds the work a preemption loses."""
     seed: int = 42
@@ -207,6 +211,8 @@ class Recipe:
         for key, value in (("train.lr", t.lr), ("train.epochs", t.epochs)):
             if value <= 0:
                 fail(key, f"must be positive, got {value}")
+        if t.lora_r < 0:
+            fail("train.lora_r", f"must be 0 (full fine-tuning) or a positive rank, got {t.lora_r}")
         if not 0 <= t.warmup_ratio < 1:
             fail("train.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
         _one_of(self.source, "train.precision", t.precision, PRECISIONS)
@@ -274,6 +280,8 @@ class Recipe:
             "MICRO_BATCH_SIZE": str(t.micro_batch_size),
             "PRECISION": t.precision,
             "GRADIENT_CHECKPOINTING": str(t.gradient_checkpointing).lower(),
+            "PACKING": str(t.packing).lower(),
+            "LORA_R": str(t.lora_r),
             "CHECKPOINT_EVERY_STEPS": str(t.checkpoint_every_steps),
             "SEED": str(t.seed),
             "CPU_PROCS_PER_NODE": str(self.resources.cpu_procs_per_node),

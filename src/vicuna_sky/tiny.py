@@ -86,9 +86,12 @@ def build_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def prepare_demo_data(target: Path, max_length: int, template: str = "vicuna_v1.1") -> dict:
-    """The packaged HTML sample, cleaned and split for the tiny model, written to `target`
-    (where a recipe's data path points in the local bucket). Returns counts for a summary."""
+def prepare_demo_data(
+    target: Path, max_length: int, template: str = "vicuna_v1.1", tokenizer: str | None = None
+) -> dict:
+    """The packaged HTML sample, cleaned and split to `max_length` tokens of `tokenizer` (a
+    model directory; default: the tiny model's), written to `target` (where a recipe's data
+    path points in the local bucket). Returns counts for a summary."""
     import tempfile
 
     from vicuna_sky.data.clean import CleanConfig
@@ -99,7 +102,7 @@ def prepare_demo_data(target: Path, max_length: int, template: str = "vicuna_v1.
         tmp = Path(tmp)
         raw = tmp / "sharegpt_html.json"
         raw.write_text(json.dumps(demo_conversations(), ensure_ascii=False))
-        tokenizer = str(build_tokenizer(tmp / "tokenizer"))
+        tokenizer = tokenizer or str(build_tokenizer(tmp / "tokenizer"))
         kept = clean_file(raw, tmp / "clean.json", CleanConfig(workers=1), quiet=True)
         config = SplitConfig(tokenizer, max_length, template, workers=1)
         split = split_file(tmp / "clean.json", target, config, quiet=True)

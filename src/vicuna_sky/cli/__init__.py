@@ -26,14 +26,21 @@ from vicuna_sky.errors import VicunaSkyError
     show_default=True,
     help="Where the demo writes its model, data, bucket and logs.",
 )
-def demo(workdir: Path) -> None:
-    """Run the pipeline on the tiny CPU recipe, locally, and summarise what ran."""
+@click.option(
+    "--recipe",
+    default="smollm2-cpu",
+    show_default=True,
+    help="A CPU recipe of a built-in model: smollm2-cpu (SmolLM2-135M, LoRA) or tiny-cpu "
+    "(a random tiny Llama, fast).",
+)
+def demo(workdir: Path, recipe: str) -> None:
+    """Run the whole pipeline locally on a CPU recipe and summarise what ran."""
     from vicuna_sky.output import check_dir_place
 
     check_dir_place(workdir)  # a file, under a file, unwritable: one line, not a traceback
     from vicuna_sky import demo as demo_lib
 
-    demo_lib.run(workdir)
+    demo_lib.run(workdir, recipe)
 
 
 class Terminated(BaseException):

@@ -65,7 +65,8 @@ def launch_recipe(
             runs_dir=runs_dir, bucket_root=workdir / "buckets" if workdir else None
         )
         if spec is Spec.TRAIN:
-            seed_demo_data(recipe, config)
+            builtin_model(recipe, task, config)
+            seed_demo_data(recipe, task, config)
         job = run_locally(task, config, _prices(recipe) if spec is Spec.TRAIN else None)
         if spec is Spec.TRAIN and workdir is not None:
             run_name = task.envs.get("RUN_NAME", recipe.name)
@@ -77,10 +78,23 @@ def launch_recipe(
     return None
 
 
-def seed_demo_data(recipe: Recipe, config: local_lib.LocalConfig) -> None:
-    """The bundled tiny recipe trains on the packaged sample: put it in the local bucket when
-    it is not there yet. Any other recipe's data is the user's to upload."""
-    from vicuna_sky.tiny import TINY_MODEL, prepare_demo_data
+def builtin_model(recipe: Recipe, task: object, config: local_lib.LocalConfig) -> None:
+    """A built-in model (tiny-llama, smollm2-135m) is made once per runs directory and the run
+    points at it, instead of every attempt's fresh directory making its own."""
+    from vicuna_sky.models import BUILTIN, resolve_model_path
+
+    if task.envs.get("MODEL_PATH") in BUILTIN:
+        with console.status(f"making the built-in model {task.envs['MODEL_PATH']}..."):
+            path = resolve_model_path(task.envs["MODEL_PATH"], config.runs_dir / "models")
+        task.update_envs({"MODEL_PATH": path})
+
+
+def seed_demo_data(recipe: Recipe, task: object, config: local_lib.LocalConfig) -> None:
+    """A recipe of a built-in model trains on the packaged sample: put it in the local bucket,
+    split for that model's tokenizer, when it is not there yet. Any other recipe's data is the
+    user's to upload."""
+    from vicuna_sky.models import BUILTIN
+    from vicuna_sky.tiny import prepare_demo_data
 
     target = config.bucket_dir(recipe.bucket) / recipe.data.path
     if _user_data(recipe.data.path):
@@ -92,9 +106,11 @@ def seed_demo_data(recipe: Recipe, config: local_lib.LocalConfig) -> None:
                 f"({target}): upload the data there or fix the path"
             )
         return
-    if recipe.model.path != TINY_MODEL or target.exists() or Path(recipe.data.path).is_absolute():
+    if recipe.model.path not in BUILTIN or target.exists() or Path(recipe.data.path).is_absolute():
         return
-    stats = prepare_demo_data(target, recipe.data.max_length, recipe.model.template)
+    stats = prepare_demo_data(
+        target, recipe.data.max_length, recipe.model.template, task.envs["MODEL_PATH"]
+    )
     console.print(
         f"  seeded the local bucket with the demo sample: {stats['segments']} segments -> {target}"
     )

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from vicuna_sky.data.tokenize import IGNORE_INDEX
 from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.models import resolve_model_path
 from vicuna_sky.spot import PREEMPTED_EXIT_CODE, PreemptionWatcher
 from vicuna_sky.train import dist
 from vicuna_sky.train import model as model_lib
@@ -80,9 +81,9 @@ class Trainer:
 
         cache = Path(c.checkpoint_dir).parent / "models"
         if world.local_rank == 0:  # one process per node builds the built-in model, once
-            model_lib.resolve_model_path(c.model_path, cache)
+            resolve_model_path(c.model_path, cache)
         torch_dist.barrier()
-        path = model_lib.resolve_model_path(c.model_path, cache)
+        path = resolve_model_path(c.model_path, cache)
         tokenizer = AutoTokenizer.from_pretrained(path)
         dataset = load_dataset(Path(c.data_path), tokenizer, c.template, c.max_length, c.packing)
         per_step = c.micro_batch_size * world.size

