@@ -12,8 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from checkpoints_sync.checkpoints import Checkpoints, parse_step
+from checkpoints_sync.checkpoints import Checkpoints, parse_step, step_dir
 from checkpoints_sync.local import LocalStore
+from checkpoints_sync.manifest import NAME as MANIFEST
 from checkpoints_sync.manifest import InvalidManifest, local_files
 from checkpoints_sync.store import StoreError, open_store
 from checkpoints_sync.uploader import AsyncUploader
@@ -57,7 +58,11 @@ def cmd_push(args: argparse.Namespace) -> int:
     if not directory.is_dir():
         raise StoreError(f"{directory} is not a directory")
     step = _step_of(directory, args.step)
-    manifest = _checkpoints(args.url, args.workers).commit(directory, step)
+    cps = _checkpoints(args.url, args.workers)
+    if not args.overwrite and cps.store.exists(f"{step_dir(step)}/{MANIFEST}"):
+        # Re-committing replaces a committed checkpoint: the user says so, or it stays.
+        raise StoreError(f"step-{step} is already committed in {args.url}: pass --overwrite")
+    manifest = cps.commit(directory, step)
     print(f"committed step-{step}: {len(manifest.files)} files, {manifest.total_bytes} bytes")
     return 0
 
@@ -152,6 +157,9 @@ def parser() -> argparse.ArgumentParser:
     push.add_argument("url")
     push.add_argument(
         "--step", type=_number(int, 0), default=None, help="default: from DIR's name step-N"
+    )
+    push.add_argument(
+        "--overwrite", action="store_true", help="replace the step if it is already committed"
     )
     push.set_defaults(fn=cmd_push)
     pull = sub.add_parser("pull", help="download a committed step, verified")

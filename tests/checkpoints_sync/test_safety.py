@@ -171,3 +171,13 @@ def test_a_live_writers_temporary_is_left_alone(tmp_path):
         tmp.write_text("mine")
         assert sweep_litter(target, ".tmp") == [] and tmp.exists()
     assert target.read_text() == "mine"
+
+
+def test_push_over_a_committed_step_needs_overwrite(bucket, tmp_path):
+    before = snapshot(bucket)
+    other = make_checkpoint(tmp_path / "other", 2)
+    one_line_error(run("push", str(other), str(bucket)), "step-2 is already committed")
+    assert snapshot(bucket) == before
+    replaced = run("push", str(other), str(bucket), "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert snapshot(bucket)["step-2/shards/__0_0.distcp"] == snapshot(other)["shards/__0_0.distcp"]

@@ -67,9 +67,10 @@ def _run(
     rules: tuple[str, ...],
     quiet: bool,
     overwrite: bool,
+    inputs: tuple[str, ...] = (),
 ) -> Report:
-    # Before any work: the output is never the input, nor an existing file unless asked.
-    check_output_file(dst, [src], overwrite=overwrite)
+    # Before any work: the output is never an input, nor an existing file unless asked.
+    check_output_file(dst, [src, *inputs], overwrite=overwrite)
     samples, problems = _read(src)
     report = stage(samples)
     report.counts["malformed"] += len(problems)
@@ -116,6 +117,7 @@ def split_file(
         ("conversations_split", "rounds_truncated", "rounds_dropped", "ids_renamed"),
         quiet,
         overwrite,
+        inputs=(config.tokenizer,),  # a tokenizer directory (or file) is read too
     )
 
 
