@@ -92,14 +92,17 @@ def stage_train(ctx: Context) -> str:
     the relaunch (a fresh directory, another "zone") resumes from the bucket."""
     from checkpoints_sync import Checkpoints, open_store
     from vicuna_sky.launch.local import LocalRunner
-    from vicuna_sky.launch.runner import fetch_export
+    from vicuna_sky.launch.runner import fetch_export, fresh_tag
 
-    task = load_task(Spec.TRAIN, ctx.recipe, {"MODEL_PATH": ctx.outputs["model"]})
+    # A fresh RUN_TAG: the demo shows a run from step 0, not a resume of an earlier demo's.
+    overrides = {"MODEL_PATH": ctx.outputs["model"], "RUN_TAG": fresh_tag()}
+    task = load_task(Spec.TRAIN, ctx.recipe, overrides)
     task.name = f"{ctx.recipe.name}-train"
     runner = LocalRunner(task, ctx.local)
     run_name = task.envs["RUN_NAME"]
+    # Where sky/train.yaml commits them (tasks.checkpoint_url), in the local bucket.
     checkpoints = Checkpoints(
-        open_store(f"file://{ctx.bucket_dir}/runs/{run_name}/{runner.job.task_id}")
+        open_store(f"file://{ctx.bucket_dir}/runs/{run_name}/{task.envs['RUN_TAG']}")
     )
     preempted: list[int] = []
 
@@ -189,8 +192,7 @@ def stage_evaluate(ctx: Context) -> str:
         envs |= {
             "JUDGE_API_BASE": judge_url,
             "JUDGE_MODEL": os.environ.get("VICUNA_SKY_JUDGE_MODEL", "gpt-4"),
-            "OPENAI_API_KEY": os.environ.get("OPENAI_API_KEY", ""),
-        }
+        }  # OPENAI_API_KEY is a secret of the spec: load_task takes it from the environment
     task = load_task(Spec.EVAL, ctx.recipe, envs)
     task.name = f"{ctx.recipe.name}-eval"
     job = LocalRunner(task, ctx.local).run()

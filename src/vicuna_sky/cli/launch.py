@@ -79,6 +79,12 @@ def launch(spec: str, recipe: str, envs: tuple[str, ...], **options: object) -> 
     is_flag=True,
     help="Launch even when the cheapest plan costs more than the recipe's budget_usd.",
 )
+@click.option(
+    "--fresh",
+    is_flag=True,
+    help="Start from step 0 under a new RUN_TAG instead of resuming from the newest committed "
+    "checkpoint of the run name.",
+)
 def train(**options: object) -> None:
     """Fine-tune: sky/train.yaml as a managed spot job (torchrun + FSDP, auto-recovery)."""
     launch("TRAIN", **options)
@@ -139,12 +145,18 @@ def status(local: bool, runs_dir: Path) -> None:
     "--kind", type=click.Choice(["job", "cluster", "service"]), default="job", show_default=True
 )
 @click.option("--local", is_flag=True, help="A local run (its latest attempt's logs).")
+@click.option(
+    "--replica",
+    type=click.IntRange(min=1),
+    default=None,
+    help="A service's replica id (default: the newest ready one).",
+)
 @RUNS_DIR
-def logs(name: str, kind: str, local: bool, runs_dir: Path) -> None:
+def logs(name: str, kind: str, local: bool, replica: int | None, runs_dir: Path) -> None:
     """Show the logs of a job, cluster or service."""
     from vicuna_sky.launch import runner
 
-    runner.show_logs(name, kind=kind, local=local, runs_dir=runs_dir)
+    runner.show_logs(name, kind=kind, local=local, runs_dir=runs_dir, replica=replica)
 
 
 @app.command()

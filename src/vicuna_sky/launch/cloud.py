@@ -1,29 +1,42 @@
 """The cloud runner: the SkyPilot SDK calls behind `vicuna-sky train|serve|eval|status|logs|down`.
 
-Managed jobs (training, evaluation) go to `sky.jobs.launch`, the SkyServe service to
-`sky.serve.up`, and the controller/worker fleet to `sky.launch` clusters. Everything here
-goes through SkyPilot's API server, which starts itself on first use.
+Managed jobs (training, evaluation, fleet workers) go to `sky.jobs.launch`, the SkyServe service
+to `sky.serve.up`, and the fleet's controller to a `sky.launch` cluster (on-demand, it must
+outlive the workers). Everything here goes through SkyPilot's API server, which starts itself on
+first use; tests replace the SDK functions at this boundary.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import secrets
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vicuna_sky.launch.tasks import Spec
+from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.launch.tasks import Spec, one_line
 
 if TYPE_CHECKING:
     import sky
 
 CONTROLLER_PORT = 8000
+ENDPOINT_WAIT_SECONDS = 900.0
+"""How long a fleet launch waits for the controller's port to be exposed."""
 
 
 def launch(spec: Spec, task: sky.Task, name: str) -> Any:
     """Launch one task the way its spec is meant to run; returns SkyPilot's result."""
     import sky
 
-    if spec in (Spec.TRAIN, Spec.EVAL):
+    if spec in (Spec.TRAIN, Spec.EVAL, Spec.WORKER):
+        # Fleet workers too: a managed job is relaunched after a preemption (job_recovery in
+        # sky/serve-worker.yaml) and torn down when its setup fails, where a plain spot cluster
+        # would stay down, or stay up billing.
         request = sky.jobs.launch(task, name=name)
     elif spec is Spec.SERVICE:
         request = sky.serve.up(task, service_name=name)
@@ -32,27 +45,162 @@ def launch(spec: Spec, task: sky.Task, name: str) -> Any:
     return sky.stream_and_get(request)
 
 
-def launch_fleet(controller: sky.Task, worker: sky.Task, name: str, workers: int) -> str:
-    """Controller on an on-demand CPU node, then `workers` spot workers registering with it."""
-    import secrets
+def state_dir() -> Path:
+    """Where the launcher keeps what it must remember between runs (a fleet's secret)."""
+    return Path(os.environ.get("VICUNA_SKY_STATE_DIR") or Path.home() / ".vicuna-sky")
 
-    import sky
 
-    secret = secrets.token_urlsafe(24)
+@dataclass
+class FleetState:
+    """What a re-run of `serve --fleet` needs: the secret the controller runs with, and the URL
+    the workers were given. Kept in a 0600 file, never in a task's envs."""
+
+    secret: str = ""
+    controller_url: str = ""
+
+    @staticmethod
+    def path(name: str) -> Path:
+        return state_dir() / "fleets" / f"{name}.json"
+
+    @classmethod
+    def load(cls, name: str) -> FleetState:
+        try:
+            raw = json.loads(cls.path(name).read_text())
+            return cls(str(raw.get("secret", "")), str(raw.get("controller_url", "")))
+        except (OSError, ValueError, AttributeError):
+            return cls()
+
+    def save(self, name: str) -> None:
+        path = self.path(name)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"secret": self.secret, "controller_url": self.controller_url}, f)
+        os.replace(tmp, path)
+
+
+@dataclass
+class FleetLaunch:
+    """What `launch_fleet` did."""
+
+    url: str
+    controller_reused: bool
+    launched: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+
+
+def launch_fleet(
+    controller: sky.Task,
+    worker: sky.Task,
+    name: str,
+    workers: int,
+    wait_seconds: float = ENDPOINT_WAIT_SECONDS,
+    poll_seconds: float = 5.0,
+) -> FleetLaunch:
+    """An on-demand controller (reused when it is already up, with its secret), then managed
+    spot jobs `<name>-worker-<i>` up to `workers`, registering with it.
+
+    The fleet secret is the one this fleet was launched with, else VICUNA_SKY_FLEET_SECRET from
+    the user's environment, else a new one; it reaches both tasks as a SkyPilot secret."""
+    cluster = f"{name}-controller"
+    state = FleetState.load(name)
+    reused = _cluster_status(cluster) == "UP"
+    secret = state.secret or controller.secrets.get("VICUNA_SKY_FLEET_SECRET")
+    secret = secret.get_secret_value() if hasattr(secret, "get_secret_value") else secret
+    if reused and not secret:
+        raise VicunaSkyError(
+            f"{cluster} is running but its fleet secret is not known here: export "
+            "VICUNA_SKY_FLEET_SECRET=<its secret>, or take it down "
+            f"(vicuna-sky down {cluster} --kind cluster)"
+        )
+    state.secret = secret or secrets.token_urlsafe(24)
+    state.save(name)  # before the launch: an interrupted launch can still be re-run
     for task in (controller, worker):
-        task.update_secrets({"FLEET_SECRET": secret})
-    launch(Spec.CONTROLLER, controller, f"{name}-controller")
-    endpoints = sky.get(sky.endpoints(f"{name}-controller", port=CONTROLLER_PORT))
-    url = (
-        endpoints[CONTROLLER_PORT]
-        if CONTROLLER_PORT in endpoints
-        else endpoints[str(CONTROLLER_PORT)]
-    )
-    url = url if url.startswith("http") else f"http://{url}"
+        task.update_secrets({"VICUNA_SKY_FLEET_SECRET": state.secret})
+    if not reused:
+        launch(Spec.CONTROLLER, controller, cluster)
+    url = wait_for_endpoint(cluster, CONTROLLER_PORT, wait_seconds, poll_seconds)
+    result = FleetLaunch(url=url, controller_reused=reused)
+    live = _live_jobs(f"{name}-worker-")
+    if state.controller_url and state.controller_url != url:
+        # Workers keep the CONTROLLER_URL they were launched with: after the controller moved
+        # they would register with nobody.
+        for job in sorted(live):
+            import sky
+
+            sky.stream_and_get(sky.jobs.cancel(name=job))
+            result.cancelled.append(job)
+        live = set()
+    state.controller_url = url
+    state.save(name)
     worker.update_envs({"CONTROLLER_URL": url})
     for i in range(workers):
-        launch(Spec.WORKER, worker, f"{name}-worker-{i}")
-    return url
+        job = f"{name}-worker-{i}"
+        if job in live:
+            result.kept.append(job)
+            continue
+        launch(Spec.WORKER, worker, job)
+        result.launched.append(job)
+    return result
+
+
+def wait_for_endpoint(
+    cluster: str,
+    port: int,
+    wait_seconds: float = ENDPOINT_WAIT_SECONDS,
+    poll_seconds: float = 5.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> str:
+    """The URL of `port` on `cluster`, once SkyPilot has exposed it: `sky.endpoints` answers
+    {} (or raises) until the cloud's firewall rule is in place."""
+    import sky
+
+    deadline = time.monotonic() + wait_seconds
+    why = "no endpoint yet"
+    while True:
+        try:
+            endpoints = sky.get(sky.endpoints(cluster, port=port)) or {}
+        except (ValueError, RuntimeError, sky.exceptions.ClusterNotUpError) as e:
+            endpoints, why = {}, one_line(e)
+        url = endpoints.get(port) or endpoints.get(str(port))
+        if url:
+            return url if url.startswith(("http://", "https://")) else f"http://{url}"
+        if time.monotonic() >= deadline:
+            raise VicunaSkyError(
+                f"{cluster}: port {port} not exposed after {wait_seconds:.0f} s ({why})"
+            )
+        sleep(poll_seconds)
+
+
+def _cluster_status(cluster: str) -> str | None:
+    """SkyPilot's status of one cluster (UP, INIT, STOPPED), None when there is none."""
+    import sky
+
+    for record in _or_none(lambda: sky.status(cluster_names=[cluster])):
+        record = record if isinstance(record, dict) else record.model_dump()
+        if record.get("name") == cluster:
+            return _name(record.get("status"))
+    return None
+
+
+def _live_jobs(prefix: str) -> set[str]:
+    """Names of managed jobs starting with `prefix` that are not finished."""
+    return {
+        str(r.get("job_name"))
+        for r in _job_records(skip_finished=True)
+        if str(r.get("job_name", "")).startswith(prefix)
+    }
+
+
+def _job_records(skip_finished: bool = False) -> list[dict]:
+    import sky
+
+    answer = _or_none(lambda: sky.jobs.queue_v2(refresh=False, skip_finished=skip_finished))
+    # queue_v2 answers (records, total, status counts, total unfiltered).
+    records = answer[0] if isinstance(answer, tuple) else answer
+    return [r if isinstance(r, dict) else r.model_dump() for r in records or []]
 
 
 def _or_none(request: Callable[[], Any]) -> list:
@@ -83,22 +231,48 @@ def _api_server_for_this_call() -> Iterator[None]:
                 sky.api_stop()
 
 
-def status() -> list[dict[str, str]]:
-    """Managed jobs, clusters and services, in one list of rows."""
+@dataclass
+class Section:
+    """One part of `vicuna-sky status`: its rows, or why it has none."""
+
+    title: str
+    rows: list[dict[str, str]] = field(default_factory=list)
+    note: str = ""
+
+
+def status() -> list[Section]:
+    """Managed jobs, clusters and services, each section on its own: a controller that is not
+    running (a user who only trained has no serve controller) says so in its own section."""
     with _api_server_for_this_call():
-        return _status()
+        return [
+            _section("managed jobs", "jobs controller", _job_rows),
+            _section("clusters", "", _cluster_rows),
+            _section("services", "serve controller", _service_rows),
+        ]
 
 
-def _status() -> list[dict[str, str]]:
+def _section(title: str, controller: str, rows: Callable[[], list[dict[str, str]]]) -> Section:
     import sky
 
+    try:
+        return Section(title, rows())
+    except sky.exceptions.ClusterNotUpError:
+        return Section(title, note=f"{controller} not running")
+    except Exception as e:  # the API server, the network: this section only
+        return Section(title, note=f"unavailable: {one_line(e)}")
+
+
+def _job_rows() -> list[dict[str, str]]:
+    import sky
+
+    answer = sky.get(sky.jobs.queue_v2(refresh=False))
+    records = answer[0] if isinstance(answer, tuple) else answer
     rows = []
-    for job in _or_none(lambda: sky.jobs.queue(refresh=False)):
+    for job in records or []:
         record = job if isinstance(job, dict) else job.model_dump()
         duration = float(record.get("job_duration") or 0.0)
         rows.append(
             {
-                "kind": "job",
                 "name": str(record.get("job_name")),
                 "status": _name(record.get("status")),
                 # Realized cost needs prices: cost.realized_from_managed_job(record, prices).
@@ -106,35 +280,65 @@ def _status() -> list[dict[str, str]]:
                 "hours": f"{duration / 3600:.2f}",
             }
         )
-    for cluster in _or_none(sky.status):
+    return rows
+
+
+def _cluster_rows() -> list[dict[str, str]]:
+    import sky
+
+    rows = []
+    for cluster in sky.get(sky.status()) or []:
         record = cluster if isinstance(cluster, dict) else cluster.model_dump()
+        rows.append({"name": str(record.get("name")), "status": _name(record.get("status"))})
+    return rows
+
+
+def _service_rows() -> list[dict[str, str]]:
+    import sky
+
+    rows = []
+    for service in sky.get(sky.serve.status(None)) or []:
+        replicas = service.get("replica_info") or []
+        ready = sum(1 for r in replicas if _name(r.get("status")) == "READY")
         rows.append(
             {
-                "kind": "cluster",
-                "name": str(record.get("name")),
-                "status": _name(record.get("status")),
-            }
-        )
-    for service in _or_none(lambda: sky.serve.status(None)):
-        rows.append(
-            {
-                "kind": "service",
                 "name": str(service.get("name")),
                 "status": _name(service.get("status")),
+                "replicas": f"{ready}/{len(replicas)} ready",
+                "endpoint": str(service.get("endpoint") or "-"),
             }
         )
     return rows
 
 
-def logs(name: str, kind: str) -> None:
+def logs(name: str, kind: str, replica: int | None = None) -> None:
     import sky
 
     if kind == "job":
         sky.jobs.tail_logs(name=name, follow=True)
     elif kind == "service":
-        sky.serve.tail_logs(name, target="replica", replica_id=1, follow=True)
+        replica_id = replica if replica is not None else pick_replica(name)
+        sky.serve.tail_logs(name, target="replica", replica_id=replica_id, follow=True)
     else:
         sky.tail_logs(name, job_id=None, follow=True)
+
+
+def pick_replica(service: str) -> int:
+    """A live replica of `service`: the newest READY one, else the newest of any status.
+    Replica ids are not stable: a preempted replica is replaced under a new id."""
+    import sky
+
+    try:
+        records = sky.get(sky.serve.status(service)) or []
+    except sky.exceptions.ClusterNotUpError:
+        raise VicunaSkyError(
+            f"no service {service!r}: the serve controller is not running"
+        ) from None
+    replicas = [r for record in records for r in record.get("replica_info") or []]
+    if not replicas:
+        raise VicunaSkyError(f"service {service!r} has no replicas (yet): see `vicuna-sky status`")
+    ready = [r for r in replicas if _name(r.get("status")) == "READY"]
+    return int(max(ready or replicas, key=lambda r: int(r["replica_id"]))["replica_id"])
 
 
 def down(name: str, kind: str) -> None:

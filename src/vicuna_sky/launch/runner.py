@@ -15,7 +15,9 @@ from vicuna_sky.launch import cost, jobs
 from vicuna_sky.launch import local as local_lib
 from vicuna_sky.launch.tasks import (
     Spec,
+    checkpoint_url,
     load_task,
+    missing_secrets,
     one_line,
     parse_env_overrides,
     resolve_recipe,
@@ -43,19 +45,38 @@ def launch_recipe(
     local_config: local_lib.LocalConfig | None = None,
     workdir: Path | None = None,
     over_budget: bool = False,
+    fresh: bool = False,
 ) -> jobs.LocalJob | None:
     """Launch a spec for a recipe: on the cloud, or with `local` on this machine (`workdir`
-    then holds the runs, the buckets and, after training, the exported model in `export/`)."""
+    then holds the runs, the buckets and, after training, the exported model in `export/`).
+    `fresh` gives a training run a new RUN_TAG, so it starts from step 0 instead of resuming
+    from the checkpoints of the run name."""
     recipe = load_recipe(recipe_arg)
-    task = load_task(spec, recipe, parse_env_overrides(envs))
+    overrides = parse_env_overrides(envs)
+    if fresh:
+        overrides.setdefault("RUN_TAG", fresh_tag())
+    task = load_task(spec, recipe, overrides)
     name = name or f"{recipe.name}-{spec.name.lower()}"
     task.name = name
     if dryrun:
         console.rule(f"[bold]{spec.value}[/] with {recipe.source}")
         console.print(Syntax(resolved_yaml(task), "yaml", word_wrap=True))
+        for key in missing_secrets(spec, task):
+            console.print(f"[yellow]warning:[/] {key} is not set in your environment")
         if spec is Spec.TRAIN and recipe.resources.accelerator:
-            print_plan(recipe)
+            try:
+                print_plan(recipe)
+            except Exception as e:  # offline, no catalog: the task above still stands
+                console.print(f"cost plan: unavailable ({one_line(e)})")
         return None
+    missing = missing_secrets(spec, task)
+    if missing:
+        raise VicunaSkyError(
+            f"{spec.value} needs {', '.join(missing)}: export it in your environment "
+            "(it travels as a SkyPilot secret)"
+        )
+    if spec is Spec.TRAIN and "RUN_TAG" in task.envs:
+        console.print(f"checkpoints: {checkpoint_url(task)} (resumes from the newest there)")
     if spec is Spec.TRAIN and not local:
         check_budget(recipe, over_budget)
     if local:
@@ -76,6 +97,13 @@ def launch_recipe(
 
     cloud.launch(spec, task, name)
     return None
+
+
+def fresh_tag() -> str:
+    """A RUN_TAG no earlier run has used: the UTC time to the second."""
+    import time
+
+    return "fresh-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
 
 def builtin_model(recipe: Recipe, task: object, config: local_lib.LocalConfig) -> None:
@@ -196,8 +224,9 @@ def launch_fleet(
     recipe = load_recipe(recipe_arg)
     overrides = parse_env_overrides(envs)
     controller = load_task(Spec.CONTROLLER, recipe, overrides)
+    # The controller's URL is known only once it is up; the dry run shows a placeholder.
     worker = load_task(
-        Spec.WORKER, recipe, {"CONTROLLER_URL": "http://127.0.0.1:8000", **overrides}
+        Spec.WORKER, recipe, {"CONTROLLER_URL": "http://CONTROLLER:8000", **overrides}
     )
     if dryrun:
         for spec, task in ((Spec.CONTROLLER, controller), (Spec.WORKER, worker)):
@@ -208,8 +237,16 @@ def launch_fleet(
         raise VicunaSkyError("--fleet --local: run `vicuna-sky serve RECIPE --local` instead")
     from vicuna_sky.launch import cloud
 
-    url = cloud.launch_fleet(controller, worker, name or recipe.name, recipe.serve.workers)
-    console.print(f"controller at {url}; {recipe.serve.workers} worker(s) launched")
+    fleet = cloud.launch_fleet(controller, worker, name or recipe.name, recipe.serve.workers)
+    how = "reused (already up)" if fleet.controller_reused else "launched"
+    console.print(f"controller {how} at {fleet.url}")
+    for what, jobs_ in (
+        ("worker job(s) launched", fleet.launched),
+        ("running worker job(s) kept", fleet.kept),
+        ("worker job(s) cancelled (they pointed at the old controller)", fleet.cancelled),
+    ):
+        if jobs_:
+            console.print(f"{what}: {', '.join(jobs_)}")
 
 
 def check_recipe(recipe_arg: str) -> None:
@@ -237,14 +274,20 @@ def print_plan(recipe: Recipe, top: int = 5) -> None:
 
 
 def print_status(local: bool, runs_dir: Path) -> None:
-    if local:
-        rows = [jobs.describe(j) | {"cost": _cost_cell(j)} for j in jobs.list_jobs(runs_dir)]
-        title = f"local runs in {runs_dir}"
-    else:
+    if not local:
         from vicuna_sky.launch import cloud
 
-        rows = cloud.status()
-        title = "SkyPilot jobs, clusters and services"
+        for section in cloud.status():
+            if section.note:
+                console.print(f"{section.title}: {section.note}")
+            else:
+                _print_rows(f"SkyPilot {section.title}", section.rows)
+        return
+    rows = [jobs.describe(j) | {"cost": _cost_cell(j)} for j in jobs.list_jobs(runs_dir)]
+    _print_rows(f"local runs in {runs_dir}", rows)
+
+
+def _print_rows(title: str, rows: list[dict[str, str]]) -> None:
     table = Table(title=title, title_justify="left")
     columns = list(dict.fromkeys(c for row in rows for c in row)) or ["status"]
     for col in columns:
@@ -264,11 +307,13 @@ def _cost_cell(job: jobs.LocalJob) -> str:
     )
 
 
-def show_logs(name: str, kind: str, local: bool, runs_dir: Path) -> None:
+def show_logs(
+    name: str, kind: str, local: bool, runs_dir: Path, replica: int | None = None
+) -> None:
     if not local:
         from vicuna_sky.launch import cloud
 
-        cloud.logs(name, kind)
+        cloud.logs(name, kind, replica=replica)
         return
     job = jobs.find_job(runs_dir, name)
     for log in jobs.latest_logs(job):

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import re
+from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -114,16 +116,49 @@ def resources_config(spec: Spec, recipe: Recipe, base: dict[str, Any]) -> dict[s
     return res
 
 
-def load_task(spec: Spec, recipe: Recipe, overrides: dict[str, str] | None = None) -> sky.Task:
-    """Load `spec`, apply the recipe (envs + resources) and `--env` overrides, validate."""
+def service_config(recipe: Recipe, base: dict[str, Any]) -> dict[str, Any]:
+    """The spec's `service:` with the recipe's worker count and spot choice applied."""
+    service = copy.deepcopy(base)
+    policy = service.setdefault("replica_policy", {})
+    workers = recipe.serve.workers
+    policy["min_replicas"] = workers
+    if "max_replicas" in policy:
+        policy["max_replicas"] = max(int(policy["max_replicas"]), workers)
+    if not recipe.serve.spot:
+        # SkyPilot allows an on-demand fallback only for spot replicas (validate_service_task:
+        # "`use_ondemand_fallback` is only supported for spot resources"); on-demand replicas
+        # need none.
+        policy.pop("dynamic_ondemand_fallback", None)
+        policy.pop("base_ondemand_fallback_replicas", None)
+    return service
+
+
+def load_task(
+    spec: Spec,
+    recipe: Recipe,
+    overrides: dict[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> sky.Task:
+    """Load `spec`, apply the recipe (envs + resources) and `--env` overrides, validate.
+
+    The spec's `secrets:` are filled from `environ` (the user's environment by default), as
+    `sky launch --secret KEY` takes them: SkyPilot keeps secrets out of its job records and logs,
+    where envs are stored in plain text. A secret given as an override is refused for the same
+    reason (it would sit in shell history and `ps`)."""
     import sky
 
     path = spec_path(spec)
     config = read_spec(spec)
     declared = dict(config.get("envs") or {})
+    declared_secrets = dict(config.get("secrets") or {})
     envs = {k: v for k, v in recipe.envs().items() if k in declared}
     for key in overrides or {}:
-        if key not in declared and key not in (config.get("secrets") or {}):
+        if key in declared_secrets:
+            raise SpecError(
+                f"{key} is a secret: export it in your environment and it travels as a "
+                "SkyPilot secret (never as an env or on the command line)"
+            )
+        if key not in declared:
             hint = difflib.get_close_matches(key, list(declared), n=1)
             tail = f" (did you mean '{hint[0]}'?)" if hint else ""
             raise SpecError(f"{path.name} declares no env '{key}'{tail}")
@@ -131,10 +166,13 @@ def load_task(spec: Spec, recipe: Recipe, overrides: dict[str, str] | None = Non
     if spec is Spec.TRAIN:
         config["num_nodes"] = recipe.resources.nodes
     config["resources"] = resources_config(spec, recipe, config.get("resources") or {})
+    if spec is Spec.SERVICE:
+        config["service"] = service_config(recipe, config.get("service") or {})
     if config.get("workdir") == "." and (PROJECT_ROOT / "pyproject.toml").is_file():
         # Ship this checkout whatever directory the launcher was started from.
         config["workdir"] = str(PROJECT_ROOT)
-    secrets = [(k, v) for k, v in envs.items() if k in (config.get("secrets") or {})]
+    source = os.environ if environ is None else environ
+    secrets = [(k, source.get(k) or str(v or "")) for k, v in declared_secrets.items()]
     env_list = [(k, v) for k, v in envs.items() if k in declared]
     try:
         task = sky.Task.from_yaml_config(
@@ -153,7 +191,32 @@ def resolved_yaml(task: sky.Task) -> str:
     """The task as SkyPilot would run it, in YAML, as `sky launch --dryrun` shows it."""
     config = task.to_yaml_config()
     config.pop("_user_specified_yaml", None)
+    # SkyPilot's to_yaml_config() writes secret values in clear; a dry run shows only which
+    # secrets are set.
+    if isinstance(config.get("secrets"), dict):
+        config["secrets"] = {
+            k: "<set, redacted>" if v else "<not set>" for k, v in config["secrets"].items()
+        }
     return yaml.safe_dump(config, sort_keys=False, width=100)
+
+
+def missing_secrets(spec: Spec, task: sky.Task) -> list[str]:
+    """Secrets this task cannot run without, that are not set: the judge's OPENAI_API_KEY when
+    the judge is OpenAI's API (JUDGE_API_BASE empty). Another endpoint may need no key."""
+    if spec is not Spec.EVAL:
+        return []
+    needs_openai = task.envs.get("JUDGE_API_BASE", "") == ""
+    key = task.secrets.get("OPENAI_API_KEY")
+    if needs_openai and not (key and key.get_secret_value()):
+        return ["OPENAI_API_KEY"]
+    return []
+
+
+def checkpoint_url(task: sky.Task) -> str:
+    """Where sky/train.yaml commits this run's checkpoints: keyed by the run name and its tag,
+    the same after any recovery or jobs-controller restart."""
+    envs = task.envs
+    return f"{envs['BUCKET_URL'].rstrip('/')}/runs/{envs['RUN_NAME']}/{envs['RUN_TAG']}"
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
