@@ -25,7 +25,13 @@ from vicuna_sky.launch.local import LocalConfig, LocalRunner
 from vicuna_sky.launch.loopback import stay_on_loopback
 from vicuna_sky.launch.metadata_server import MetadataServer
 from vicuna_sky.launch.s3_server import LOCAL_AWS_ENV, LocalS3
-from vicuna_sky.launch.tasks import Spec, load_task, parse_env_overrides, resolve_recipe
+from vicuna_sky.launch.tasks import (
+    Spec,
+    checkpoint_url,
+    load_task,
+    parse_env_overrides,
+    resolve_recipe,
+)
 from vicuna_sky.recipe import Recipe
 
 KINDS = ("kill", "notice")
@@ -180,7 +186,7 @@ class Chaos:
         if prices:
             runner.job.prices = asdict(prices)
             runner.job.save()
-        url = f"{self.recipe.bucket.rstrip('/')}/runs/{run_name}/{runner.job.task_id}"
+        url = checkpoint_url(runner.task)  # where sky/train.yaml commits (runs/NAME/TAG)
         checkpoints = Checkpoints(open_store(url))
         kinds = [KINDS[i % 2] for i in range(self.config.preemptions)]
         self.rng.shuffle(kinds)
