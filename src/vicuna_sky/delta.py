@@ -338,6 +338,7 @@ def make_delta(
     """Write `target - base` to the new directory `out`, tensor by tensor, with the target's
     config and tokenizer files and the marker apply_delta needs. Returns `out`."""
     base, target, out = Path(base), Path(target), Path(out)
+    check_output_dir(out, (base, target), offer_overwrite=False)  # before any reading
     base_src, target_src = _Source(base, "base"), _Source(target, "target")
     config = (
         _read_json(base / "config.json", "text_config") if (base / "config.json").is_file() else {}
@@ -371,6 +372,7 @@ def apply_delta(
     """Write `base + delta` to the new directory `out`: a Hugging Face model directory
     (safetensors, in the target's dtypes, with its config and tokenizer). Returns `out`."""
     base, delta, out = Path(base), Path(delta), Path(out)
+    check_output_dir(out, (base, delta), offer_overwrite=False)  # before any reading
     entries: Entries = _read_marker(delta).get("tensors", {})
     base_src, delta_src = _Source(base, "base"), _Source(delta, "delta")
     _plan_apply(base_src, delta_src, entries)

@@ -215,3 +215,15 @@ def test_sigterm_while_the_fleet_starts_stops_it(tmp_path):
     assert "Traceback" not in err.decode()
     assert _fleet_processes(logs) == []
     assert os.listdir(tmp_path) == [".fleet-m"]
+
+
+def test_judge_serve_a_model_that_is_not_there_fails_fast(cli, tmp_path, write_answers):
+    from vicuna_sky.eval.questions import load_questions
+
+    answers = write_answers(tmp_path / "a.jsonl", "m", load_questions("demo"), lambda q, t: "x")
+    result = cli("eval", "judge", "--mode", "single", "--questions", "demo", "--answers",
+                 str(answers), "--judge-model", "j", "--judge-serve", "/nope",
+                 "-o", str(tmp_path / "j.jsonl"), timeout=240)  # fmt: skip
+    one_line_error(result, "cannot serve /nope: the worker")
+    assert _fleet_processes(tmp_path / ".fleet-judge-j") == []
+    assert not (tmp_path / "j.jsonl").exists()
