@@ -72,10 +72,11 @@ def test_wrong_registration_secret_is_rejected(fleet):
         f"{fleet.url}/workers/register",
         json={
             "address": "http://127.0.0.1:1",
+            "worker_id": "a-worker-id",
             "models": ["m"],
             "max_concurrency": 1,
-            "secret": "wrong",
         },
+        headers={"Authorization": "Bearer wrong"},
     )
     assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
     good = fleet.start_worker("echo", "echo", "echo")
@@ -87,7 +88,7 @@ def test_wrong_registration_secret_is_rejected(fleet):
 
 
 def test_api_keys(fleet):
-    fleet.start_controller("--api-key", "k1")
+    fleet.start_controller(env={"VICUNA_SKY_API_KEYS": "k1"})
     fleet.wait_workers({fleet.start_worker("echo", "echo", "echo")})
     with pytest.raises(openai.AuthenticationError):
         fleet.client(api_key="wrong").models.list()
@@ -153,7 +154,7 @@ def test_a_failed_worker_leaves_rotation_at_once(fleet):
     fleet.workers[a].stop()
     client = fleet.client()
     assert [ask(client, i) for i in range(3)] == [f"echo: question {i}" for i in range(3)]
-    workers = {w["address"]: w for w in httpx.get(f"{fleet.url}/workers").json()["workers"]}
+    workers = {w["address"]: w for w in fleet.worker_states()}
     assert workers[a]["failed"] and not workers[a]["available"]
     assert workers[b]["available"]
 

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from vicuna_sky.serve.protocol import GenerateRequest, Registration
-from vicuna_sky.serve.worker import Worker
+from vicuna_sky.serve.worker import GenerationFailed, Worker
 
 
 class Raising:
@@ -20,11 +20,13 @@ class Raising:
 
 
 def test_a_raising_backend_never_leaks_a_slot():
-    reg = Registration(address="http://127.0.0.1:1", models=["m"], max_concurrency=2)
+    reg = Registration(
+        address="http://127.0.0.1:1", worker_id="w-12345678", models=["m"], max_concurrency=2
+    )
     worker = Worker(Raising(), reg, "http://127.0.0.1:1")
 
     async def once() -> None:
-        with pytest.raises(RuntimeError):
+        with pytest.raises(GenerationFailed, match="RuntimeError"):
             async for _ in worker.generate(GenerateRequest(model="m", prompt="x")):
                 pass
 

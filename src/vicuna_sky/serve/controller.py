@@ -2,29 +2,50 @@
 
 Clients call `/v1/models`, `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings` here; the
 controller picks the least-loaded worker in rotation for the model and streams its answer back.
-A worker that fails before its first token (refused, reset, 5xx, timeout) is taken out of
-rotation and the request goes to another, invisibly. A worker that dies mid-stream is replaced
-by another that continues after the text already sent (the client sees one answer); when no
-worker can, the stream ends with an error event.
+
+What counts as whose failure:
+- A bad request is the client's: it is refused here (validation) or by the worker (a 4xx, e.g.
+  the context length), and the worker stays in rotation.
+- A broken worker leaves rotation: refused or reset connections, a garbled answer, no first
+  token within `first_token_timeout` or no next one within `inter_token_timeout`, missed
+  heartbeats, or the worker reporting itself unhealthy (its engine stuck). Requests in flight
+  to it are failed over at once: retried on another worker before the answer has begun,
+  continued by another after the text already sent (the client sees one answer), or ended with
+  an error event when no worker can.
+- A worker's other 5xx is retried once elsewhere; it stays in rotation, so a request that
+  breaks every worker it reaches cannot take a model down.
+
+Every port is authenticated: clients with an API key (`--api-key-file` or
+VICUNA_SKY_API_KEYS), workers and admins (`/workers`, `/openapi.json`) with the fleet secret
+(`--secret-file` or VICUNA_SKY_FLEET_SECRET) or an admin key. Secrets never travel on the
+command line, and a controller reachable from other machines refuses to start without one.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import hmac
+import ipaddress
 import json
+import struct
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from vicuna_sky.serve.auth import BodyLimit, bearer, read_secret, read_secrets
 from vicuna_sky.serve.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -38,21 +59,35 @@ from vicuna_sky.serve.registry import Registry
 
 DEFAULT_MAX_TOKENS = 256
 JSON = {"Content-Type": "application/json"}
-WORKER_FAILURES = (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError)
-"""Refused, reset, cut short, timed out or garbled: the worker is out of rotation."""
+T = TypeVar("T")
+
+
+class WorkerFailed(Exception):
+    """The worker is broken for this request (the reason is the message)."""
 
 
 class Controller:
     def __init__(
-        self, registry: Registry, secret: str, api_keys: list[str], request_timeout: float = 600.0
+        self,
+        registry: Registry,
+        secret: str,
+        api_keys: list[str],
+        admin_keys: list[str] | None = None,
+        *,
+        first_token_timeout: float = 120.0,
+        inter_token_timeout: float = 60.0,
+        request_timeout: float = 600.0,
     ) -> None:
-        self.registry, self.secret, self.api_keys = registry, secret, set(api_keys)
-        # No limit on a whole answer (a long healthy stream is fine); a worker silent for
-        # `request_timeout` between two reads, or not accepting within 2 s, has failed.
-        self.timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=2.0, sock_read=request_timeout
-        )
+        self.registry, self.secret = registry, secret
+        self.api_keys, self.admin_keys = list(api_keys), list(admin_keys or [])
+        self.first_token_timeout = first_token_timeout
+        self.inter_token_timeout = inter_token_timeout
+        self.request_timeout = request_timeout
+        """A whole non-streamed answer (a hung worker is caught sooner by its heartbeats)."""
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0)
         self._session: aiohttp.ClientSession | None = None
+        self._gone: dict[str, asyncio.Event] = {}
+        """Set when a worker is found dead or unhealthy: its in-flight requests fail over."""
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -61,31 +96,31 @@ class Controller:
         benchmarks/serve_throughput.py). Made inside the server's event loop, on first use."""
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout)
+            headers = {"Authorization": f"Bearer {self.secret}"} if self.secret else {}
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=self.timeout, headers=headers
+            )
         return self._session
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
 
-    async def post(self, url: str, payload: dict) -> tuple[int, bytes]:
-        async with self.http.post(url, data=orjson.dumps(payload), headers=JSON) as response:
-            return response.status, await response.read()
-
+    # -- who may do what -------------------------------------------------------------------
     def check_key(self, request: Request) -> None:
-        if not self.api_keys:
-            return
-        header = request.headers.get("authorization", "")
-        if not header.startswith("Bearer ") or header[7:] not in self.api_keys:
+        if self.api_keys and not _matches(bearer(request), self.api_keys):
             raise ApiError(401, "invalid API key", code="invalid_api_key")
 
-    def check_secret(self, secret: str) -> None:
-        if self.secret and secret != self.secret:
-            raise ApiError(403, "wrong registration secret", kind="permission_error")
+    def check_worker(self, request: Request) -> None:
+        """Registration, heartbeats and drains carry the fleet secret."""
+        if self.secret and not _matches(bearer(request), [self.secret]):
+            raise ApiError(403, "wrong fleet secret", kind="permission_error")
 
-    def out_of_rotation(self, address: str, status: int) -> None:
-        """A worker answered with a failure: 503 means it is draining, 5xx that it is broken."""
-        self.registry.mark(address, failed=status >= 500 and status != 503, draining=status == 503)
+    def check_admin(self, request: Request) -> None:
+        """The worker list (addresses) and the schema: the fleet secret or an admin key."""
+        allowed = [s for s in [self.secret, *self.admin_keys] if s]
+        if allowed and not _matches(bearer(request), allowed):
+            raise ApiError(401, "the fleet secret or an admin key is required", code="unauthorized")
 
     def require_model(self, model: str) -> None:
         if model not in self.registry.models():
@@ -93,25 +128,60 @@ class Controller:
                 404, f"the model {model!r} does not exist or has no worker", code="model_not_found"
             )
 
+    # -- failing over ------------------------------------------------------------------------
+    async def watch_workers(self, every: float = 0.2) -> None:
+        """Fail over the requests in flight to a worker that stopped heartbeating or says it is
+        unhealthy, and forget workers long gone."""
+        while True:
+            for address, gone in list(self._gone.items()):
+                alive = self.registry.alive(address)
+                if not alive and not gone.is_set():
+                    gone.set()
+                elif alive and gone.is_set():
+                    self._gone[address] = asyncio.Event()
+            self.registry.forget_expired()
+            await asyncio.sleep(every)
+
+    async def guarded(self, address: str, step: Awaitable[T], timeout: float | None) -> T:
+        """`step` (a read from the worker) unless the worker is found gone or `timeout` passes
+        first: then WorkerFailed."""
+        gone = self._gone.setdefault(address, asyncio.Event())
+        if gone.is_set():
+            raise WorkerFailed("the worker stopped heartbeating")
+        task = asyncio.ensure_future(step)
+        watch = asyncio.ensure_future(gone.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {task, watch}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            watch.cancel()
+            if not task.done():
+                task.cancel()
+                with suppress(asyncio.CancelledError, Exception):
+                    await task
+        if task in done:
+            return task.result()
+        if watch in done:
+            raise WorkerFailed("the worker stopped heartbeating or reported itself unhealthy")
+        raise WorkerFailed(f"no answer within {timeout:g} s")
+
     async def generate(self, gen: GenerateRequest) -> AsyncIterator[dict]:
-        """Deltas `{"text": ...}` then `{"finish_reason": ..., usage}`; failover inside."""
+        """Deltas `{"text": ...}` then `{"finish_reason": ..., usage}`, or `{"error": ApiError}`
+        once the answer has begun; failover inside."""
         self.require_model(gen.model)
         tried: set[str] = set()
         sent = ""
         # Deltas already sent (about one per token): a continuation may only use the rest of
         # max_tokens, and the usage it reports is added to them.
         pieces = 0
+        server_errors = 0
         while True:
             worker = self.registry.pick(gen.model, tried)
             if worker is None:
                 if sent:
-                    yield {
-                        "error": ApiError(
-                            503,
-                            "the worker died mid-answer and no other worker could continue it",
-                            kind="server_error",
-                        )
-                    }
+                    what = "the worker failed mid-answer and no other worker could continue it"
+                    yield {"error": ApiError(503, what, kind="server_error")}
                     return
                 raise ApiError(
                     503, f"no worker for {gen.model!r} is available", kind="server_error"
@@ -124,35 +194,42 @@ class Controller:
                 yield {"finish_reason": "length", "completion_tokens": carried}
                 return
             payload = gen.model_copy(update={"prefix": sent, "max_tokens": left}).model_dump()
+            url = f"{worker.address}/generate"
             try:
-                if not gen.stream:
-                    status, content = await self.post(f"{worker.address}/generate", payload)
-                    if 400 <= status < 500:
-                        raise _worker_error(status, content)
-                    if status != 200:
-                        self.out_of_rotation(worker.address, status)
+                async with self.http.post(url, data=orjson.dumps(payload), headers=JSON) as r:
+                    if r.status != 200:
+                        error = _worker_error(r.status, await r.read())
+                        if r.status == 503:  # draining: no new work, in-flight work goes on
+                            self.registry.mark(worker.address, draining=True)
+                        elif r.status >= 500:
+                            server_errors += 1
+                            if server_errors > 1:  # it fails wherever it goes: give up
+                                error = ApiError(502, f"workers failed: {error.message}",
+                                                 kind="server_error")  # fmt: skip
+                        if r.status < 500 or server_errors > 1:
+                            if sent:  # the answer has begun: the client hears it in the stream
+                                yield {"error": error}
+                                return
+                            raise error
                         continue
-                    final = orjson.loads(content)
-                    yield {"text": final.pop("text", "")}
-                    yield final
-                    return
-                async with self.http.post(
-                    f"{worker.address}/generate", data=orjson.dumps(payload), headers=JSON
-                ) as response:
-                    if 400 <= response.status < 500:
-                        error = _worker_error(response.status, await response.read())
-                        if sent:  # the answer has begun: the client hears it in the stream
-                            yield {"error": error}
-                            return
-                        raise error
-                    if response.status != 200:
-                        self.out_of_rotation(worker.address, response.status)
-                        continue
-                    async for raw in response.content:
-                        line = raw.strip()
-                        if not line:
+                    if not gen.stream:
+                        content = await self.guarded(worker.address, r.read(), self.request_timeout)
+                        final = _final(content)
+                        yield {"text": final.pop("text")}
+                        yield final
+                        return
+                    timeout = self.first_token_timeout
+                    while True:
+                        raw = await self.guarded(worker.address, r.content.readline(), timeout)
+                        if not raw:
+                            raise WorkerFailed("the stream ended without its final line")
+                        timeout = self.inter_token_timeout
+                        event = _event(raw)
+                        if event is None:
                             continue
-                        event = orjson.loads(line)
+                        if "error" in event:  # the generation failed after it began
+                            yield {"error": _error_event(event)}
+                            return
                         if "text" in event:
                             sent += event["text"]
                             pieces += 1
@@ -161,29 +238,83 @@ class Controller:
                             yield event
                             return
                         yield event
-                # The stream ended without its final line: the worker died mid-answer.
-                self.registry.mark(worker.address, failed=True)
-            except WORKER_FAILURES:
+            except (WorkerFailed, aiohttp.ClientError, asyncio.TimeoutError, ValueError):
                 self.registry.mark(worker.address, failed=True)
             finally:
                 self.registry.release(worker)
 
 
+def _matches(given: str | None, allowed: list[str]) -> bool:
+    """Constant-time comparison against every allowed secret (no early exit on a match)."""
+    if given is None:
+        return False
+    found = False
+    for secret in allowed:
+        found |= hmac.compare_digest(given.encode(), secret.encode())
+    return found
+
+
 def _worker_error(status: int, content: bytes) -> ApiError:
-    """A worker's 4xx (the client's mistake, e.g. context length) passed on as it is."""
-    error = json.loads(content or b"{}").get("error", {})
-    return ApiError(
-        status,
-        error.get("message", "bad request"),
-        error.get("type", "invalid_request_error"),
-        error.get("code"),
-    )
+    """A worker's error as the client should see it (4xx: the client's mistake, passed on)."""
+    try:
+        error = orjson.loads(content or b"{}").get("error", {})
+        message = str(error.get("message", "worker error"))
+    except (ValueError, AttributeError):
+        error, message = {}, f"worker answered HTTP {status}"
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return ApiError(status, message, str(error.get("type") or kind), error.get("code"))
+
+
+def _final(content: bytes) -> dict:
+    """A non-streamed answer from a worker; anything else means the worker is broken."""
+    final = orjson.loads(content)
+    if not isinstance(final, dict) or not isinstance(final.get("text"), str):
+        raise ValueError("a malformed answer")
+    if "error" in final:
+        raise ValueError("the worker failed the generation")
+    return {
+        "text": final["text"],
+        "finish_reason": str(final.get("finish_reason", "stop")),
+        "prompt_tokens": _count(final.get("prompt_tokens")),
+        "completion_tokens": _count(final.get("completion_tokens")),
+    }
+
+
+def _event(raw: bytes) -> dict | None:
+    line = raw.strip()
+    if not line:
+        return None
+    event = orjson.loads(line)
+    if not isinstance(event, dict) or ("text" in event and not isinstance(event["text"], str)):
+        raise ValueError("a malformed stream line")
+    for key in ("prompt_tokens", "completion_tokens"):
+        if key in event:
+            event[key] = _count(event[key])
+    return event
+
+
+def _error_event(event: dict) -> ApiError:
+    error = event.get("error") if isinstance(event.get("error"), dict) else {}
+    message = str(error.get("message", "the generation failed"))
+    return ApiError(500, message, kind="server_error")
+
+
+def _encoded(vector: list[float], req: EmbeddingRequest) -> list[float] | str:
+    if req.encoding_format == "float":
+        return vector
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
+def _count(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**31:
+        raise ValueError("a malformed token count")
+    return value
 
 
 def _gen_request(req: SamplingParams, model: str, **fields: object) -> GenerateRequest:
     return GenerateRequest(
         model=model,
-        max_tokens=req.max_tokens or DEFAULT_MAX_TOKENS,
+        max_tokens=req.answer_limit() or DEFAULT_MAX_TOKENS,
         temperature=req.temperature,
         top_p=req.top_p,
         stop=req.stop_list(),
@@ -194,18 +325,45 @@ def _gen_request(req: SamplingParams, model: str, **fields: object) -> GenerateR
     )
 
 
-def _usage(final: dict) -> dict:
-    p, c = final.get("prompt_tokens", 0), final.get("completion_tokens", 0)
+def _usage(finals: list[dict]) -> dict:
+    p = max((f.get("prompt_tokens", 0) for f in finals), default=0)
+    c = sum(f.get("completion_tokens", 0) for f in finals)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def create_app(controller: Controller) -> FastAPI:
+def _with_source_host(reg: Registration, request: Request) -> Registration:
+    """A worker that announces 0.0.0.0 (or ::) is reached at the address its registration came
+    from: the one address the controller knows reaches it, whatever its cloud calls it."""
+    url = urlsplit(reg.address)
+    try:
+        unspecified = ipaddress.ip_address(url.hostname or "").is_unspecified
+    except ValueError:
+        unspecified = False
+    if not unspecified or request.client is None:
+        return reg
+    host = request.client.host
+    netloc = f"[{host}]:{url.port}" if ":" in host else f"{host}:{url.port}"
+    return reg.model_copy(update={"address": urlunsplit((url.scheme, netloc, "", "", ""))})
+
+
+def create_app(controller: Controller, max_body: int | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        watcher = asyncio.create_task(controller.watch_workers())
         yield
+        watcher.cancel()
         await controller.close()
 
-    app = FastAPI(title="vicuna-sky controller", lifespan=lifespan)
+    # No public docs: the schema lists every route; admins fetch it with a key.
+    app = FastAPI(
+        title="vicuna-sky controller",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    if max_body:
+        app.add_middleware(BodyLimit, limit=max_body)
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, e: ApiError) -> JSONResponse:
@@ -215,42 +373,55 @@ def create_app(controller: Controller) -> FastAPI:
     async def invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", [])[1:])
-        message = f"{where}: {first.get('msg', 'invalid request')}" if where else "invalid request"
-        return JSONResponse(ApiError(400, message).body(), status_code=400)
+        what = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        return JSONResponse(ApiError(400, f"{where}: {what}" if where else what).body(), 400)
 
     # -- workers ---------------------------------------------------------------------------
-    @app.post("/workers/register")
-    async def register(reg: Registration) -> dict:
-        controller.check_secret(reg.secret)
-        controller.registry.register(reg)
-        return {"ok": True}
+    # Who may call comes first (dependencies run before the body is validated): a caller
+    # without the secret learns nothing about what a valid request would be.
+    worker_only = [Depends(controller.check_worker)]
+    admin_only = [Depends(controller.check_admin)]
+    clients_only = [Depends(controller.check_key)]
 
-    @app.post("/workers/heartbeat")
+    @app.post("/workers/register", dependencies=worker_only)
+    async def register(reg: Registration, request: Request) -> dict:
+        reg = _with_source_host(reg, request)
+        outcome = controller.registry.register(reg)
+        if outcome == "taken":
+            raise ApiError(409, f"{reg.address} is registered by another worker", code="taken")
+        if outcome == "full":
+            raise ApiError(429, "the registry is full", code="registry_full")
+        return {"ok": True, "address": reg.address}
+
+    @app.post("/workers/heartbeat", dependencies=worker_only)
     async def heartbeat(payload: dict) -> dict:
-        controller.check_secret(str(payload.get("secret", "")))
-        if not controller.registry.heartbeat(str(payload.get("address"))):
+        known = controller.registry.heartbeat(
+            str(payload.get("address")),
+            str(payload.get("worker_id")),
+            healthy=payload.get("healthy", True) is not False,
+        )
+        if not known:
             raise ApiError(404, "unknown worker: register again", code="unknown_worker")
         return {"ok": True}
 
-    @app.post("/workers/drain")
+    @app.post("/workers/drain", dependencies=worker_only)
     async def drain(payload: dict) -> dict:
-        controller.check_secret(str(payload.get("secret", "")))
-        controller.registry.mark(str(payload.get("address")), draining=True)
+        address, worker_id = str(payload.get("address")), str(payload.get("worker_id"))
+        if not controller.registry.mark(address, draining=True, worker_id=worker_id):
+            raise ApiError(404, "unknown worker", code="unknown_worker")
         return {"ok": True}
 
-    @app.get("/workers")
+    @app.get("/workers", dependencies=admin_only)
     async def workers() -> dict:
-        reg = controller.registry
-        return {
-            "workers": [
-                w.__dict__ | {"available": w.available(reg.expiry)} for w in reg.workers.values()
-            ]
-        }
+        return {"workers": controller.registry.snapshot()}
+
+    @app.get("/openapi.json", dependencies=admin_only, include_in_schema=False)
+    async def schema() -> dict:
+        return app.openapi()
 
     # -- OpenAI API ------------------------------------------------------------------------
-    @app.get("/v1/models")
-    async def models(request: Request) -> dict:
-        controller.check_key(request)
+    @app.get("/v1/models", dependencies=clients_only)
+    async def models() -> dict:
         return {
             "object": "list",
             "data": [
@@ -265,74 +436,84 @@ def create_app(controller: Controller) -> FastAPI:
             ],
         }
 
-    async def respond(gen: GenerateRequest, stream: bool, kind: str) -> object:
+    async def collect(gen: GenerateRequest) -> tuple[str, dict]:
+        text, final = "", {}
+        async for event in controller.generate(gen):
+            if "error" in event:
+                raise event["error"]
+            text += event.get("text", "")
+            final = event if "finish_reason" in event else final
+        return text, final
+
+    async def respond(req: SamplingParams, gen: GenerateRequest, kind: str) -> object:
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
-        events = controller.generate(gen)
-        first = await anext(events)  # 4xx/5xx before anything is sent are plain HTTP errors
 
-        def choice(text: str, finish: str | None) -> dict:
+        def choice(index: int, text: str, finish: str | None) -> dict:
             if kind == "chat":
-                key = "delta" if stream else "message"
+                key = "delta" if req.stream else "message"
                 return {
-                    "index": 0,
+                    "index": index,
                     key: {"role": "assistant", "content": text},
                     "finish_reason": finish,
                 }
-            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
 
         obj = {"chat": "chat.completion", "text": "text_completion"}[kind]
-        if not stream:
-            text, final = "", {}
-            async for event in _chain(first, events):
-                if "error" in event:
-                    raise event["error"]
-                text += event.get("text", "")
-                final = event if "finish_reason" in event else final
+        if not req.stream:
+            # n answers, each its own generation (a seed, if given, moves on by one for each).
+            gens = [
+                gen.model_copy(update={"seed": None if gen.seed is None else gen.seed + i})
+                for i in range(req.n)
+            ]
+            results = await asyncio.gather(*(collect(g) for g in gens))
             return {
                 "id": rid,
                 "object": obj,
                 "created": created,
                 "model": gen.model,
-                "choices": [choice(text, final.get("finish_reason", "stop"))],
-                "usage": _usage(final),
+                "choices": [
+                    choice(i, text, final.get("finish_reason", "stop"))
+                    for i, (text, final) in enumerate(results)
+                ],
+                "usage": _usage([final for _, final in results]),
             }
+        events = controller.generate(gen)
+        first = await anext(events)  # 4xx/5xx before anything is sent are plain HTTP errors
 
         async def sse() -> AsyncIterator[bytes]:
             chunk_obj = obj + ".chunk" if kind == "chat" else obj
             async for event in _chain(first, events):
                 if "error" in event:
+                    # The answer broke off: the error is the stream's last word, with no
+                    # [DONE] after it, so no client takes the text so far for a whole answer.
                     yield f"data: {json.dumps(event['error'].body())}\n\n".encode()
-                    break
+                    return
                 finish = event.get("finish_reason")
                 body = {
                     "id": rid,
                     "object": chunk_obj,
                     "created": created,
                     "model": gen.model,
-                    "choices": [choice(event.get("text", ""), finish)],
+                    "choices": [choice(0, event.get("text", ""), finish)],
                 }
                 if finish:
-                    body["usage"] = _usage(event)
+                    body["usage"] = _usage([event])
                 yield f"data: {json.dumps(body)}\n\n".encode()
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest, request: Request) -> object:
-        controller.check_key(request)
-        gen = _gen_request(req, req.model, messages=req.messages)
-        return await respond(gen, req.stream, "chat")
+    @app.post("/v1/chat/completions", dependencies=clients_only)
+    async def chat(req: ChatCompletionRequest) -> object:
+        return await respond(req, _gen_request(req, req.model, messages=req.messages), "chat")
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request) -> object:
-        controller.check_key(request)
-        return await respond(_gen_request(req, req.model, prompt=req.prompt), req.stream, "text")
+    @app.post("/v1/completions", dependencies=clients_only)
+    async def completions(req: CompletionRequest) -> object:
+        return await respond(req, _gen_request(req, req.model, prompt=req.prompt), "text")
 
-    @app.post("/v1/embeddings")
-    async def embeddings(req: EmbeddingRequest, request: Request) -> dict:
-        controller.check_key(request)
+    @app.post("/v1/embeddings", dependencies=clients_only)
+    async def embeddings(req: EmbeddingRequest) -> dict:
         texts = [req.input] if isinstance(req.input, str) else req.input
         controller.require_model(req.model)
         tried: set[str] = set()
@@ -340,24 +521,34 @@ def create_app(controller: Controller) -> FastAPI:
         while (worker := controller.registry.pick(req.model, tried)) is not None:
             tried.add(worker.address)
             try:
-                status, content = await controller.post(f"{worker.address}/embed", {"input": texts})
-                if 400 <= status < 500:
+                url = f"{worker.address}/embed"
+                async with controller.http.post(
+                    url, data=orjson.dumps({"input": texts}), headers=JSON
+                ) as r:
+                    content = await controller.guarded(
+                        worker.address, r.read(), controller.request_timeout
+                    )
+                if 400 <= r.status < 500:
                     # This worker cannot embed (e.g. a vLLM generation worker); another might.
-                    refused = _worker_error(status, content)
+                    refused = _worker_error(r.status, content)
                     continue
-                if status == 200:
+                if r.status == 200:
                     data = orjson.loads(content)
+                    vectors, tokens = data["data"], _count(data["tokens"])
+                    if not isinstance(vectors, list) or len(vectors) != len(texts):
+                        raise ValueError("a malformed answer")
                     return {
                         "object": "list",
                         "model": req.model,
                         "data": [
-                            {"object": "embedding", "index": i, "embedding": v}
-                            for i, v in enumerate(data["data"])
+                            {"object": "embedding", "index": i, "embedding": _encoded(v, req)}
+                            for i, v in enumerate(vectors)
                         ],
-                        "usage": {"prompt_tokens": data["tokens"], "total_tokens": data["tokens"]},
+                        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
                     }
-                controller.out_of_rotation(worker.address, status)
-            except WORKER_FAILURES:
+                if r.status == 503:
+                    controller.registry.mark(worker.address, draining=True)
+            except (WorkerFailed, aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError):
                 controller.registry.mark(worker.address, failed=True)
             finally:
                 controller.registry.release(worker)
@@ -377,21 +568,57 @@ async def _chain(first: dict, rest: AsyncIterator[dict]) -> AsyncIterator[dict]:
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
-    p = argparse.ArgumentParser(prog="python -m vicuna_sky.serve.controller")
+    from vicuna_sky.serve.auth import (
+        ADMIN_KEYS_ENV,
+        API_KEYS_ENV,
+        FLEET_SECRET_ENV,
+        MAX_BODY_BYTES,
+        ConfigError,
+        require_secret_off_loopback,
+    )
+
+    p = argparse.ArgumentParser(prog="python -m vicuna_sky.serve.controller", allow_abbrev=False)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--secret", default="", help="workers must present it to register")
-    p.add_argument("--api-key", action="append", default=[], help="accepted Bearer key")
+    p.add_argument(
+        "--secret-file", type=Path, default=None, help=f"fleet secret (else ${FLEET_SECRET_ENV})"
+    )
+    p.add_argument(
+        "--api-key-file", type=Path, default=None, help=f"client keys (else ${API_KEYS_ENV})"
+    )
+    p.add_argument(
+        "--admin-key-file", type=Path, default=None, help=f"admin keys (else ${ADMIN_KEYS_ENV})"
+    )
     p.add_argument("--db", type=Path, default=None, help="SQLite file for the worker registry")
     p.add_argument(
-        "--expiry-seconds",
-        type=float,
-        default=3.0,
-        help="a worker silent this long leaves rotation",
+        "--expiry-seconds", type=float, default=3.0, help="a worker silent this long fails over"
     )
+    p.add_argument(
+        "--forget-seconds", type=float, default=60.0, help="a worker silent this long is removed"
+    )
+    p.add_argument("--max-workers", type=int, default=1024, help="registry size")
+    p.add_argument("--first-token-timeout", type=float, default=120.0)
+    p.add_argument("--inter-token-timeout", type=float, default=60.0)
+    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
     args = p.parse_args(argv)
-    registry = Registry(args.db, args.expiry_seconds)
-    app = create_app(Controller(registry, args.secret, args.api_key))
+    try:
+        secret = read_secret(args.secret_file, FLEET_SECRET_ENV)
+        api_keys = read_secrets(args.api_key_file, API_KEYS_ENV)
+        admin_keys = read_secrets(args.admin_key_file, ADMIN_KEYS_ENV)
+        require_secret_off_loopback(args.host, secret, "the controller")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    registry = Registry(args.db, args.expiry_seconds, args.forget_seconds, args.max_workers)
+    controller = Controller(
+        registry,
+        secret,
+        api_keys,
+        admin_keys,
+        first_token_timeout=args.first_token_timeout,
+        inter_token_timeout=args.inter_token_timeout,
+    )
+    app = create_app(controller, args.max_body_bytes)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 
 from vicuna_sky.launch.s3_server import free_port
+from vicuna_sky.serve.auth import FLEET_SECRET_ENV
 
 
 class FleetError(RuntimeError):
@@ -81,18 +82,18 @@ class LocalFleet:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def start_controller(self, *extra: str) -> Proc:
+    def start_controller(self, *extra: str, env: dict[str, str] | None = None) -> Proc:
+        """The controller, with the fleet secret (and anything in `env`) in its environment."""
         args = [
             "vicuna_sky.serve.controller",
             "--port",
             str(self.port),
-            "--secret",
-            self.secret,
             "--db",
             str(self.workdir / "registry.db"),
             *extra,
         ]
-        self.controller = Proc(args, self.workdir / "controller.log")
+        env = {FLEET_SECRET_ENV: self.secret, **(env or {})}
+        self.controller = Proc(args, self.workdir / "controller.log", env)
         self.procs.append(self.controller)
         self.wait_http(f"{self.url}/v1/models", proc=self.controller)
         return self.controller
@@ -118,8 +119,6 @@ class LocalFleet:
             name,
             "--controller-url",
             self.url,
-            "--secret",
-            self.secret if secret is None else secret,
             "--port",
             str(port),
             "--heartbeat-seconds",
@@ -127,6 +126,7 @@ class LocalFleet:
             *extra,
         ]
         address = f"http://127.0.0.1:{port}"
+        env = {FLEET_SECRET_ENV: self.secret if secret is None else secret, **(env or {})}
         proc = Proc(args, self.workdir / f"worker-{port}.log", env, python)
         self.procs.append(proc)
         self.workers[address] = proc
@@ -145,9 +145,15 @@ class LocalFleet:
                 time.sleep(0.1)
         raise TimeoutError(url)
 
+    def worker_states(self) -> list[dict]:
+        """The controller's registry (`GET /workers`, with the fleet secret)."""
+        headers = {"Authorization": f"Bearer {self.secret}"}
+        response = httpx.get(f"{self.url}/workers", timeout=5, headers=headers)
+        response.raise_for_status()
+        return response.json()["workers"]
+
     def available(self) -> set[str]:
-        workers = httpx.get(f"{self.url}/workers", timeout=5).json()["workers"]
-        return {w["address"] for w in workers if w["available"]}
+        return {w["address"] for w in self.worker_states() if w["available"]}
 
     def wait_workers(self, addresses: set[str], timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout

@@ -1,8 +1,10 @@
 """The controller's worker registry, persisted in SQLite so a restarted controller routes at once.
 
-A worker is in rotation while it heartbeats; it leaves rotation at once when it misses
-`expiry_seconds` of heartbeats, fails a request, or says it is draining, and comes back with its
-next good heartbeat or registration.
+A worker is in rotation while it heartbeats and says it is healthy; it leaves rotation at once
+when it misses `expiry_seconds` of heartbeats, fails a request, reports its engine stuck or says
+it is draining, and comes back with its next good heartbeat. One silent for `forget_seconds` is
+removed. An address belongs to the worker process that registered it (its `worker_id`): another
+cannot take it over, heartbeat for it or drain it while the owner is alive.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import json
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from vicuna_sky.serve.protocol import Registration
 
@@ -20,6 +23,7 @@ from vicuna_sky.serve.protocol import Registration
 @dataclass
 class WorkerState:
     address: str
+    worker_id: str
     models: list[str]
     max_concurrency: int
     context_length: int
@@ -27,15 +31,29 @@ class WorkerState:
     in_flight: int = 0
     """Requests this controller has sent and not finished (the least-load key)."""
     failed: bool = False
+    healthy: bool = True
+    """What the worker said in its last heartbeat (False: its engine is stuck)."""
     draining: bool = False
 
+    def alive(self, expiry: float) -> bool:
+        """Heartbeating and healthy: requests in flight to it may go on."""
+        return self.healthy and time.monotonic() - self.last_seen <= expiry
+
     def available(self, expiry: float) -> bool:
-        return not self.failed and not self.draining and time.monotonic() - self.last_seen <= expiry
+        """In rotation: it may take new requests."""
+        return self.alive(expiry) and not self.failed and not self.draining
 
 
 class Registry:
-    def __init__(self, db: Path | None, expiry_seconds: float = 3.0) -> None:
-        self.expiry = expiry_seconds
+    def __init__(
+        self,
+        db: Path | None,
+        expiry_seconds: float = 3.0,
+        forget_seconds: float = 60.0,
+        max_workers: int = 1024,
+    ) -> None:
+        self.expiry, self.max_workers = expiry_seconds, max_workers
+        self.forget = max(forget_seconds, expiry_seconds)
         self.workers: dict[str, WorkerState] = {}
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(db), check_same_thread=False) if db else None
@@ -45,45 +63,76 @@ class Registry:
                 "registration TEXT NOT NULL)"
             )
             for address, raw in self._db.execute("SELECT address, registration FROM workers"):
-                reg = json.loads(raw)
+                try:
+                    reg = Registration.model_validate(json.loads(raw))
+                except ValueError:
+                    continue  # a row from an older version: its worker registers again
                 # Known from before a restart: trusted until it misses heartbeats as usual.
-                self.workers[address] = WorkerState(
-                    address, reg["models"], reg["max_concurrency"], reg["context_length"]
-                )
+                self.workers[address] = _state(reg)
 
-    def register(self, reg: Registration) -> None:
+    def register(self, reg: Registration) -> Literal["ok", "taken", "full"]:
         with self._lock:
-            self.workers[reg.address] = WorkerState(
-                reg.address, reg.models, reg.max_concurrency, reg.context_length
-            )
+            old = self.workers.get(reg.address)
+            if old is not None and old.worker_id != reg.worker_id and old.alive(self.expiry):
+                return "taken"
+            if old is None and len(self.workers) >= self.max_workers:
+                return "full"
+            self.workers[reg.address] = _state(reg)
             if self._db:
-                data = reg.model_dump(exclude={"secret"})
                 self._db.execute(
-                    "INSERT OR REPLACE INTO workers VALUES (?, ?)", (reg.address, json.dumps(data))
+                    "INSERT OR REPLACE INTO workers VALUES (?, ?)",
+                    (reg.address, reg.model_dump_json()),
                 )
                 self._db.commit()
+            return "ok"
 
-    def heartbeat(self, address: str) -> bool:
+    def heartbeat(self, address: str, worker_id: str, healthy: bool = True) -> bool:
+        """False when the controller does not know this worker (it registers again)."""
         with self._lock:
             worker = self.workers.get(address)
-            if worker is None:
+            if worker is None or worker.worker_id != worker_id:
                 return False
-            worker.last_seen, worker.failed = time.monotonic(), False
+            worker.last_seen, worker.failed, worker.healthy = time.monotonic(), False, healthy
             return True
 
-    def remove(self, address: str) -> None:
-        with self._lock:
-            self.workers.pop(address, None)
-            if self._db:
-                self._db.execute("DELETE FROM workers WHERE address = ?", (address,))
-                self._db.commit()
-
-    def mark(self, address: str, failed: bool = False, draining: bool = False) -> None:
+    def mark(
+        self,
+        address: str,
+        failed: bool = False,
+        draining: bool = False,
+        worker_id: str | None = None,
+    ) -> bool:
+        """Take a worker out of rotation; `worker_id`, when given, must be the owner's."""
         with self._lock:
             worker = self.workers.get(address)
-            if worker:
-                worker.failed |= failed
-                worker.draining |= draining
+            if worker is None or (worker_id is not None and worker.worker_id != worker_id):
+                return False
+            worker.failed |= failed
+            worker.draining |= draining
+            return True
+
+    def alive(self, address: str) -> bool:
+        with self._lock:
+            worker = self.workers.get(address)
+            return worker is not None and worker.alive(self.expiry)
+
+    def forget_expired(self) -> list[str]:
+        """Remove the workers silent for `forget_seconds` (drained ones included)."""
+        now = time.monotonic()
+        with self._lock:
+            gone = [a for a, w in self.workers.items() if now - w.last_seen > self.forget]
+            for address in gone:
+                del self.workers[address]
+            if self._db and gone:
+                self._db.executemany("DELETE FROM workers WHERE address = ?", [(a,) for a in gone])
+                self._db.commit()
+        return gone
+
+    def snapshot(self) -> list[dict]:
+        with self._lock:
+            return [
+                asdict(w) | {"available": w.available(self.expiry)} for w in self.workers.values()
+            ]
 
     def models(self) -> dict[str, int]:
         """Served model names -> context length, over the workers in rotation."""
@@ -112,3 +161,9 @@ class Registry:
     def release(self, worker: WorkerState) -> None:
         with self._lock:
             worker.in_flight = max(0, worker.in_flight - 1)
+
+
+def _state(reg: Registration) -> WorkerState:
+    return WorkerState(
+        reg.address, reg.worker_id, reg.models, reg.max_concurrency, reg.context_length
+    )

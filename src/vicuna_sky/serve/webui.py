@@ -8,10 +8,15 @@ default, or an OpenAI-compatible `/v1/moderations` endpoint when `--moderation-u
 from __future__ import annotations
 
 import argparse
+import hmac
+import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import httpx
+
+from vicuna_sky.serve.auth import is_loopback
 
 REFUSAL = "This message was blocked by the moderation policy and was not sent to a model."
 
@@ -84,14 +89,20 @@ def build(controller_url: str, api_key: str, moderation: Moderation):  # noqa: A
     return demo
 
 
+UI_API_KEY_ENV = "VICUNA_SKY_UI_API_KEY"
+"""The key the chat UI presents to the controller."""
+MODERATION_KEY_ENV = "VICUNA_SKY_MODERATION_API_KEY"
+UI_PASSWORD_ENV = "VICUNA_SKY_UI_PASSWORD"
+"""Required when the page is reachable from other machines (a login form before the chat)."""
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m vicuna_sky.serve.webui")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--controller-url", required=True)
-    p.add_argument("--api-key", default="")
+    # Keys from the environment (SkyPilot secrets arrive there), never the command line.
     p.add_argument("--moderation-url", default="", help="OpenAI-compatible …/v1 base URL")
-    p.add_argument("--moderation-api-key", default="")
     p.add_argument(
         "--blocklist",
         nargs="*",
@@ -99,9 +110,29 @@ def main(argv: list[str] | None = None) -> None:
         help="phrases refused before they reach a model",
     )
     args = p.parse_args(argv)
-    moderation = Moderation(args.blocklist, args.moderation_url, args.moderation_api_key)
-    demo = build(args.controller_url, args.api_key, moderation)
-    demo.queue().launch(server_name=args.host, server_port=args.port, share=False, show_error=True)
+    password = os.environ.get(UI_PASSWORD_ENV, "")
+    if not password and not is_loopback(args.host):
+        print(
+            f"error: the chat UI on {args.host} reaches a model from other machines: set "
+            f"{UI_PASSWORD_ENV}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    api_key = os.environ.get(UI_API_KEY_ENV, "")
+    moderation_key = os.environ.get(MODERATION_KEY_ENV, "")
+    moderation = Moderation(args.blocklist, args.moderation_url, moderation_key)
+    demo = build(args.controller_url, api_key, moderation)
+
+    def login(_user: str, given: str) -> bool:  # any user name, the one password
+        return hmac.compare_digest(given.encode(), password.encode())
+
+    demo.queue().launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=False,
+        show_error=True,
+        auth=login if password else None,
+    )
 
 
 if __name__ == "__main__":

@@ -2,12 +2,17 @@
 controller.
 
 The controller calls `POST /generate` (NDJSON: `{"text": delta}` lines, then a final line with
-`finish_reason` and token counts), `POST /embed`, `GET /health`. Concurrency is bounded by a
-semaphore held in `async with`, so a raising backend can never leak a slot. The worker registers
-with the controller, heartbeats every `heartbeat_seconds`, and registers again at once when the
-controller says it does not know it (a restarted controller). On SIGTERM or a spot preemption
-notice it drains: it tells the controller, refuses new work (503), finishes what it has within
-the notice window, and exits.
+`finish_reason` and token counts, or an `{"error": ...}` line when the generation fails after it
+began), `POST /embed`, `GET /health`; both model routes require the fleet secret
+(VICUNA_SKY_FLEET_SECRET or --secret-file), and a worker reachable from other machines refuses
+to start without one. Concurrency is bounded by a semaphore held in `async with`, so a raising
+backend can never leak a slot. A request the template cannot render is the client's (400); a
+generation that raises ends its request with an error and frees its slot. The worker registers
+with the controller, heartbeats every `heartbeat_seconds` (saying whether it is healthy: a
+generation with no progress for `stuck_seconds` means its engine is stuck), and registers again
+at once when the controller does not know it (a restarted controller). On SIGTERM or a spot
+preemption notice it drains: it tells the controller, refuses new work (503), finishes what it
+has within the notice window, and exits.
 """
 
 from __future__ import annotations
@@ -15,16 +20,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
+import secrets
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, ORJSONResponse, StreamingResponse
 
+from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.serve.auth import (
+    FLEET_SECRET_ENV,
+    MAX_BODY_BYTES,
+    BodyLimit,
+    ConfigError,
+    bearer,
+    read_secret,
+    require_secret_off_loopback,
+)
 from vicuna_sky.serve.backends import Backend, Finish, load_backend
 from vicuna_sky.serve.protocol import ApiError, GenerateRequest, Registration
 from vicuna_sky.spot import PreemptionWatcher
@@ -42,42 +62,77 @@ class Worker:
         drain_seconds: float = 30.0,
     ) -> None:
         self.backend, self.registration = backend, registration
+        self.address = registration.address
+        """As announced (0.0.0.0: the controller fills in the address it sees us at)."""
         self.controller_url = controller_url.rstrip("/")
         self.heartbeat_seconds, self.drain_seconds = heartbeat_seconds, drain_seconds
         self.slots = asyncio.Semaphore(registration.max_concurrency)
         self.in_flight = 0
         self.draining = False
         self.stopped = asyncio.Event()
+        self.secret = ""
+        """The fleet secret: required on the model routes, sent to the controller."""
+        self.stuck_seconds = 120.0
+        self._progress: dict[int, float] = {}
+        """In-flight generation -> when it last produced something (or started)."""
+
+    @property
+    def healthy(self) -> bool:
+        """False when a generation has made no progress for `stuck_seconds`: the engine is
+        stuck, and the controller fails its requests over."""
+        now = time.monotonic()
+        return all(now - t < self.stuck_seconds for t in self._progress.values())
+
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.secret}"} if self.secret else {}
 
     # -- the work --------------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[bytes]:
         async with self.slots:
             self.in_flight += 1
+            key = id(request)
+            self._progress[key] = time.monotonic()
             try:
                 pieces = 0
                 text = ""
                 finish = None
-                async for delta in self.backend.generate(request):
-                    if isinstance(delta, Finish):
-                        finish = delta.reason
-                        continue
-                    pieces += 1
-                    text += delta
-                    yield (json.dumps({"text": delta}) + "\n").encode()
+                try:
+                    async for delta in self.backend.generate(request):
+                        self._progress[key] = time.monotonic()
+                        if isinstance(delta, Finish):
+                            finish = delta.reason
+                            continue
+                        pieces += 1
+                        text += delta
+                        yield (json.dumps({"text": delta}) + "\n").encode()
+                except VicunaSkyError as e:  # the request does not fit the model's template
+                    raise ApiError(400, str(e)) from None
+                except (ApiError, asyncio.CancelledError, GeneratorExit):
+                    raise
+                except Exception as e:
+                    log.exception("generation failed")
+                    raise GenerationFailed(f"the generation failed: {type(e).__name__}") from e
                 if finish is None:  # a backend that does not say: about one delta per token
                     finish = "length" if pieces >= request.max_tokens else "stop"
                 prompt = " ".join(m.content for m in request.messages or []) or request.prompt
+                counts = await asyncio.to_thread(
+                    lambda: (
+                        self.backend.count_tokens(prompt or ""),
+                        self.backend.count_tokens(text, special=False),
+                    )
+                )
                 yield (
                     json.dumps(
                         {
                             "finish_reason": finish,
-                            "prompt_tokens": self.backend.count_tokens(prompt or ""),
-                            "completion_tokens": self.backend.count_tokens(text),
+                            "prompt_tokens": counts[0],
+                            "completion_tokens": counts[1],
                         }
                     )
                     + "\n"
                 ).encode()
             finally:
+                self._progress.pop(key, None)
                 self.in_flight -= 1
 
     # -- the controller --------------------------------------------------------------------
@@ -90,18 +145,23 @@ class Worker:
                         r = await client.post(
                             f"{self.controller_url}/workers/register",
                             json=self.registration.model_dump(),
+                            headers=self._auth(),
                         )
                         registered = r.status_code == 200
-                        if r.status_code == 403:
-                            log.error("the controller refused the registration secret")
+                        if registered:  # the address the controller reaches us at
+                            self.registration.address = r.json().get("address", self.address)
+                        elif r.status_code in (403, 409, 422, 429):
+                            log.error("the controller refused the registration: %s", r.text)
                     else:
                         r = await client.post(
                             f"{self.controller_url}/workers/heartbeat",
                             json={
                                 "address": self.registration.address,
+                                "worker_id": self.registration.worker_id,
                                 "in_flight": self.in_flight,
-                                "secret": self.registration.secret,
+                                "healthy": self.healthy,
                             },
+                            headers=self._auth(),
                         )
                         registered = r.status_code == 200  # 404: unknown, register again now
                         if not registered:
@@ -122,7 +182,11 @@ class Worker:
             async with httpx.AsyncClient(timeout=5.0) as client:
                 await client.post(
                     f"{self.controller_url}/workers/drain",
-                    json={"address": self.registration.address, "secret": self.registration.secret},
+                    json={
+                        "address": self.registration.address,
+                        "worker_id": self.registration.worker_id,
+                    },
+                    headers=self._auth(),
                 )
         deadline = time.monotonic() + self.drain_seconds
         while self.in_flight and time.monotonic() < deadline:
@@ -130,12 +194,35 @@ class Worker:
         self.stopped.set()
 
 
-def create_app(worker: Worker) -> FastAPI:
-    app = FastAPI(title="vicuna-sky worker")
+class GenerationFailed(Exception):
+    """The backend raised while generating (the worker stays up; the request ends)."""
+
+
+def create_app(worker: Worker, max_body: int | None = None) -> FastAPI:
+    app = FastAPI(title="vicuna-sky worker", docs_url=None, redoc_url=None, openapi_url=None)
+    if max_body:
+        app.add_middleware(BodyLimit, limit=max_body)
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(GenerationFailed)
+    async def failed(_request: Request, e: GenerationFailed) -> JSONResponse:
+        error = ApiError(500, str(e), kind="server_error")
+        return JSONResponse(error.body(), status_code=500)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", [])[1:])
+        return JSONResponse(ApiError(400, f"{where}: {first.get('msg')}").body(), 400)
+
+    def check_secret(request: Request) -> None:
+        if worker.secret and not hmac.compare_digest(
+            (bearer(request) or "").encode(), worker.secret.encode()
+        ):
+            raise ApiError(403, "the fleet secret is required", kind="permission_error")
 
     @app.get("/health")
     async def health() -> dict:
@@ -143,9 +230,10 @@ def create_app(worker: Worker) -> FastAPI:
             "models": worker.registration.models,
             "in_flight": worker.in_flight,
             "draining": worker.draining,
+            "healthy": worker.healthy,
         }
 
-    @app.post("/generate", response_model=None)
+    @app.post("/generate", response_model=None, dependencies=[Depends(check_secret)])
     async def generate(request: GenerateRequest) -> StreamingResponse | ORJSONResponse:
         if worker.draining:
             raise ApiError(503, "worker is draining", kind="server_error")
@@ -165,19 +253,26 @@ def create_app(worker: Worker) -> FastAPI:
         async def body() -> AsyncIterator[bytes]:
             if first:
                 yield first
-            async for chunk in stream:
-                yield chunk
+            try:
+                async for chunk in stream:
+                    yield chunk
+            except (GenerationFailed, ApiError) as e:
+                error = e if isinstance(e, ApiError) else ApiError(500, str(e), "server_error")
+                yield (json.dumps(error.body()) + "\n").encode()
 
         return StreamingResponse(body(), media_type="application/x-ndjson")
 
-    @app.post("/embed")
+    @app.post("/embed", dependencies=[Depends(check_secret)])
     async def embed(payload: dict) -> dict:
-        texts = payload.get("input") or []
+        texts = payload.get("input")
+        if not isinstance(texts, list) or not all(isinstance(x, str) for x in texts):
+            raise ApiError(400, "input: a list of strings")
         async with worker.slots:
-            return {
-                "data": await worker.backend.embed(list(texts)),
-                "tokens": sum(worker.backend.count_tokens(t) for t in texts),
-            }
+            vectors = await worker.backend.embed(texts)
+            tokens = await asyncio.to_thread(
+                lambda: sum(worker.backend.count_tokens(x) for x in texts)
+            )
+            return {"data": vectors, "tokens": tokens}
 
     return app
 
@@ -192,16 +287,18 @@ async def serve(args: argparse.Namespace) -> None:
     address = args.worker_address or f"http://{args.host}:{args.port}"
     registration = Registration(
         address=address,
+        worker_id=secrets.token_hex(12),
         models=names,
         max_concurrency=args.max_concurrency,
         context_length=backend.context_length,
-        secret=args.secret,
     )
     worker = Worker(
         backend, registration, args.controller_url, args.heartbeat_seconds, args.drain_seconds
     )
+    worker.secret, worker.stuck_seconds = args.secret, args.stuck_seconds
+    app = create_app(worker, args.max_body_bytes)
     server = uvicorn.Server(
-        uvicorn.Config(create_app(worker), host=args.host, port=args.port, log_level="warning")
+        uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
     )
     server.install_signal_handlers = lambda: None  # SIGTERM means drain, handled below
     loop = asyncio.get_running_loop()
@@ -225,13 +322,22 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m vicuna_sky.serve.worker")
+    p = argparse.ArgumentParser(prog="python -m vicuna_sky.serve.worker", allow_abbrev=False)
     p.add_argument("--backend", choices=["hf", "vllm", "echo"], default="hf")
     p.add_argument("--model-path", "--model", dest="model_path", required=True)
     p.add_argument("--model-name", action="append", help="name clients use (repeatable)")
     p.add_argument("--template", default="vicuna_v1.1")
     p.add_argument("--controller-url", "--controller", dest="controller_url", required=True)
-    p.add_argument("--secret", default="")
+    p.add_argument(
+        "--secret-file", type=Path, default=None, help=f"fleet secret (else ${FLEET_SECRET_ENV})"
+    )
+    p.add_argument(
+        "--stuck-seconds",
+        type=float,
+        default=120.0,
+        help="a generation with no progress this long makes the worker report itself unhealthy",
+    )
+    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=21002)
     p.add_argument("--worker-address", default="", help="URL the controller reaches us at")
@@ -245,6 +351,19 @@ def main(argv: list[str] | None = None) -> None:
         help="echo backend: seconds per word (failover tests)",
     )
     args = p.parse_args(argv)
+    try:
+        args.secret = read_secret(args.secret_file, FLEET_SECRET_ENV)
+        require_secret_off_loopback(args.host, args.secret, "the worker")
+        Registration(
+            address=args.worker_address or f"http://{args.host}:{args.port}",
+            worker_id="x" * 8,
+            models=args.model_name or ["m"],
+            max_concurrency=args.max_concurrency,
+        )
+    except (ConfigError, ValueError) as e:
+        print(f"error: {str(e).splitlines()[0] if isinstance(e, ConfigError) else e}",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     asyncio.run(serve(args))

@@ -32,9 +32,20 @@ class Backend(Protocol):
     def generate(self, request: GenerateRequest) -> AsyncIterator[str | Finish]:
         """Text deltas of the answer (after `request.prefix`, if any), then maybe a `Finish`."""
 
-    def count_tokens(self, text: str) -> int: ...
+    def count_tokens(self, text: str, special: bool = True) -> int:
+        """Tokens in `text`; `special=False` leaves out what the tokenizer adds (BOS), as for
+        generated text."""
 
     async def embed(self, texts: list[str]) -> list[list[float]]: ...
+
+
+GREEDY_BELOW = 1e-4
+"""A temperature this low samples like greedy decoding, and dividing the logits by it can
+overflow to inf and break the sampler: such requests decode greedily."""
+
+
+def sampling(temperature: float) -> bool:
+    return temperature >= GREEDY_BELOW
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:

@@ -31,7 +31,7 @@ class EchoBackend:
                 await asyncio.sleep(self.delay)
             yield delta
 
-    def count_tokens(self, text: str) -> int:
+    def count_tokens(self, text: str, special: bool = True) -> int:
         return len(text.split())
 
     async def embed(self, texts: list[str]) -> list[list[float]]:

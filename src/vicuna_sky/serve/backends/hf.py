@@ -6,7 +6,13 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator
 
-from vicuna_sky.serve.backends import Finish, check_context_length, cut_at_stop, render_prompt
+from vicuna_sky.serve.backends import (
+    Finish,
+    check_context_length,
+    cut_at_stop,
+    render_prompt,
+    sampling,
+)
 from vicuna_sky.serve.protocol import ApiError, GenerateRequest
 
 
@@ -40,8 +46,8 @@ class HFBackend:
         self.last_thread: threading.Thread | None = None
         """The most recent generation thread (tests check that it stops when told)."""
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text)["input_ids"])
+    def count_tokens(self, text: str, special: bool = True) -> int:
+        return len(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[str | Finish]:
         from transformers import TextIteratorStreamer
@@ -50,12 +56,13 @@ class HFBackend:
             async for piece in self._guided(request):
                 yield piece
             return
-        prompt, has_bos = render_prompt(self.template, request)
-        ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=not has_bos)
+        # Rendering and tokenizing a long prompt takes a while: off the event loop, which must
+        # keep answering heartbeats and other requests meanwhile.
+        ids = await asyncio.to_thread(self._prompt_ids, request)
         n = ids["input_ids"].shape[1]
         check_context_length(self.context_length, n, request.max_tokens)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        sample = request.temperature > 0
+        sample = sampling(request.temperature)
         cancel = threading.Event()
         kwargs = dict(
             **{k: v.to(self.device) for k, v in ids.items()},
@@ -68,8 +75,8 @@ class HFBackend:
         if sample:
             kwargs |= {"temperature": request.temperature, "top_p": request.top_p}
         if request.seed is not None:
-            self.torch.manual_seed(request.seed)
-        result: dict[str, int] = {}
+            self.torch.manual_seed(request.seed % 2**63)  # torch takes no negative seeds
+        result: dict[str, object] = {}
         thread = threading.Thread(target=self._run, args=(kwargs, result), daemon=True)
         thread.start()
         stops = request.stop + [s for s in self.template.stop if s]
@@ -88,6 +95,8 @@ class HFBackend:
                     return
             # The model ended the answer itself, or ran into max_tokens: its output says which.
             await asyncio.to_thread(thread.join)
+            if "error" in result:
+                raise result["error"]
             length = result.get("new_tokens", 0) >= request.max_tokens
             yield Finish("length" if length else "stop")
         finally:
@@ -102,8 +111,10 @@ class HFBackend:
         choices = [c for c in request.guided_choice if c.startswith(request.prefix)]
         if not choices:
             raise ApiError(400, "no guided_choice string continues the text already sent")
-        prompt, has_bos = render_prompt(self.template, request.model_copy(update={"prefix": ""}))
-        best = await asyncio.to_thread(self.most_likely, prompt, has_bos, choices)
+        whole = request.model_copy(update={"prefix": ""})
+        best = await asyncio.to_thread(
+            lambda: self.most_likely(*render_prompt(self.template, whole), choices)
+        )
         yield best[len(request.prefix) :]
         yield Finish("stop")
 
@@ -138,10 +149,20 @@ class HFBackend:
     def _longest(self, choices: list[str]) -> int:
         return max(len(self._choice_ids(c)) for c in choices)
 
-    def _run(self, kwargs: dict, result: dict[str, int]) -> None:
-        with self.torch.no_grad():
-            out = self.model.generate(**kwargs)
-        result["new_tokens"] = out.shape[1] - kwargs["input_ids"].shape[1]
+    def _prompt_ids(self, request: GenerateRequest) -> dict:
+        prompt, has_bos = render_prompt(self.template, request)
+        return self.tokenizer(prompt, return_tensors="pt", add_special_tokens=not has_bos)
+
+    def _run(self, kwargs: dict, result: dict[str, object]) -> None:
+        """generate() in this thread; an exception is handed to the reader, and the streamer is
+        ended either way, so the reader never waits for tokens that will not come."""
+        try:
+            with self.torch.no_grad():
+                out = self.model.generate(**kwargs)
+            result["new_tokens"] = out.shape[1] - kwargs["input_ids"].shape[1]
+        except Exception as e:
+            result["error"] = e
+            kwargs["streamer"].end()
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
         def run() -> list[list[float]]:

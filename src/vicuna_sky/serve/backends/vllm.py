@@ -15,13 +15,14 @@ Settings come from the environment (the worker's command line stays the same for
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from vicuna_sky.serve.backends import Finish, check_context_length, render_prompt
+from vicuna_sky.serve.backends import Finish, check_context_length, render_prompt, sampling
 from vicuna_sky.serve.protocol import ApiError, GenerateRequest
 
 CPU_KVCACHE_GIB = "1"
@@ -85,8 +86,8 @@ class VLLMBackend:
         self.tokenizer = tokenizer
         self.template = get_template(template, tokenizer)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text)["input_ids"])
+    def count_tokens(self, text: str, special: bool = True) -> int:
+        return len(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
     def _sampling(self, request: GenerateRequest) -> Any:
         from vllm import SamplingParams
@@ -95,7 +96,7 @@ class VLLMBackend:
         stops = list(dict.fromkeys(request.stop + [s for s in self.template.stop if s]))
         return SamplingParams(
             # temperature 0 is greedy decoding in vLLM, as do_sample=False is in transformers.
-            temperature=request.temperature,
+            temperature=request.temperature if sampling(request.temperature) else 0.0,
             top_p=request.top_p,
             max_tokens=request.max_tokens,
             seed=request.seed,
@@ -128,8 +129,10 @@ class VLLMBackend:
         return tokens_input(ids)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[str | Finish]:
-        prompt, has_bos = render_prompt(self.template, request)
-        ids = list(self.tokenizer(prompt, add_special_tokens=not has_bos)["input_ids"])
+        prompt, has_bos = await asyncio.to_thread(render_prompt, self.template, request)
+        ids = await asyncio.to_thread(
+            lambda: list(self.tokenizer(prompt, add_special_tokens=not has_bos)["input_ids"])
+        )
         check_context_length(self.context_length, len(ids), request.max_tokens)
         request_id = f"vicuna-{uuid.uuid4().hex}"
         outputs = self.engine.generate(
