@@ -116,8 +116,11 @@ class Chaos:
         self.rng = random.Random(config.seed)
         self.workdir = Path(config.workdir).resolve()
 
-    def _task(self, run_name: str) -> object:
+    def _task(self, run_name: str, local: LocalConfig) -> object:
+        from vicuna_sky.launch.runner import builtin_model
+
         task = load_task(Spec.TRAIN, self.recipe, {**self.overrides, "RUN_NAME": run_name})
+        builtin_model(self.recipe, task, local)  # both runs train the same model directory
         task.name = run_name
         return task
 
@@ -154,10 +157,11 @@ class Chaos:
             )
             from vicuna_sky.launch.runner import seed_demo_data
 
-            seed_demo_data(self.recipe, local)
+            reference_task = self._task(f"{self.recipe.name}-reference", local)
+            seed_demo_data(self.recipe, reference_task, local)
             os.environ["AWS_ENDPOINT_URL_S3"] = s3.url  # for our own reads of the bucket
             os.environ.update(metadata.env(""))
-            reference = LocalRunner(self._task(f"{self.recipe.name}-reference"), local).run()
+            reference = LocalRunner(reference_task, local).run()
             if reference.status != "SUCCEEDED":
                 raise VicunaSkyError(
                     f"the uninterrupted reference run ended {reference.status}: "
@@ -181,7 +185,7 @@ class Chaos:
         from checkpoints_sync import Checkpoints, open_store
 
         run_name = f"{self.recipe.name}-chaos"
-        runner = LocalRunner(self._task(run_name), local)
+        runner = LocalRunner(self._task(run_name, local), local)
         prices = _prices(self.recipe)
         if prices:
             runner.job.prices = asdict(prices)
