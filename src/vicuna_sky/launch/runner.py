@@ -113,7 +113,9 @@ def builtin_model(recipe: Recipe, task: object, config: local_lib.LocalConfig) -
 
     if task.envs.get("MODEL_PATH") in BUILTIN:
         with console.status(f"making the built-in model {task.envs['MODEL_PATH']}..."):
-            path = resolve_model_path(task.envs["MODEL_PATH"], config.runs_dir / "models")
+            # Absolute: each attempt runs in its own working directory.
+            models = Path(config.runs_dir).resolve() / "models"
+            path = resolve_model_path(task.envs["MODEL_PATH"], models)
         task.update_envs({"MODEL_PATH": path})
 
 
