@@ -556,3 +556,15 @@ def test_a_relaunch_with_a_new_task_id_resumes_and_fresh_starts_over(cli, tmp_pa
     third = train("--fresh")
     assert "(fresh start)" in third
     assert any(p.name.startswith("fresh-") for p in Path(prefix[7:]).parent.iterdir())
+
+
+def test_fleet_overrides_go_to_the_task_that_declares_them(fake_sky, tmp_path, capsys):
+    options = dict(dryrun=True, local=False, name=None, runs_dir=tmp_path)
+    envs = ("SERVE_BACKEND=echo", "SERVED_MODEL_NAME=m", "WEBUI_PORT=7000")
+    runner.launch_fleet("vicuna-7b", envs, **options)
+    printed = capsys.readouterr().out
+    assert "SERVE_BACKEND: echo" in printed and "WEBUI_PORT: '7000'" in printed
+    assert printed.count("SERVED_MODEL_NAME: m") == 2  # both tasks declare it
+    with pytest.raises(SpecError, match=r"declares no env 'SERVE_BACKNED' \(did you mean"):
+        runner.launch_fleet("vicuna-7b", ("SERVE_BACKNED=echo",), **options)
+    assert not fake_sky.calls

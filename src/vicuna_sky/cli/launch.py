@@ -93,14 +93,16 @@ def train(**options: object) -> None:
 @app.command()
 @launch_options
 @click.option(
-    "--fleet", is_flag=True, help="Controller + worker clusters instead of a SkyServe service."
+    "--fleet",
+    is_flag=True,
+    help="An on-demand controller and managed spot worker jobs instead of a SkyServe service "
+    "(with --local: the same specs on this machine, until Ctrl-C).",
 )
 def serve(fleet: bool, **options: object) -> None:
     """Serve: sky/service.yaml on SkyServe, or with --fleet a controller and spot workers."""
     if fleet:
         from vicuna_sky.launch import runner
 
-        options.pop("workdir")
         runner.launch_fleet(options.pop("recipe"), options.pop("envs"), **options)
     else:
         launch("SERVICE", **options)

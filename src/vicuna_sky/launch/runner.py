@@ -20,6 +20,7 @@ from vicuna_sky.launch.tasks import (
     missing_secrets,
     one_line,
     parse_env_overrides,
+    read_spec,
     resolve_recipe,
     resolved_yaml,
 )
@@ -222,13 +223,23 @@ def launch_fleet(
     local: bool,
     name: str | None,
     runs_dir: Path,
+    workdir: Path | None = None,
 ) -> None:
+    """The controller and `serve.workers` worker jobs: on the cloud, or with `local` here on
+    the local backend until Ctrl-C (`workdir`: W/runs and W/buckets, as `train --workdir`)."""
     recipe = load_recipe(recipe_arg)
     overrides = parse_env_overrides(envs)
-    controller = load_task(Spec.CONTROLLER, recipe, overrides)
+    # Each task takes the overrides it declares (SERVED_MODEL_NAME: both); one that neither
+    # declares is refused by the worker's load_task, with the closest name.
+    ours = set(read_spec(Spec.CONTROLLER).get("envs") or {})
+    controller = load_task(
+        Spec.CONTROLLER, recipe, {k: v for k, v in overrides.items() if k in ours}
+    )
+    theirs = set(read_spec(Spec.WORKER).get("envs") or {})
     # The controller's URL is known only once it is up; the dry run shows a placeholder.
+    worker_overrides = {k: v for k, v in overrides.items() if k in theirs or k not in ours}
     worker = load_task(
-        Spec.WORKER, recipe, {"CONTROLLER_URL": "http://CONTROLLER:8000", **overrides}
+        Spec.WORKER, recipe, {"CONTROLLER_URL": "http://CONTROLLER:8000", **worker_overrides}
     )
     if dryrun:
         for spec, task in ((Spec.CONTROLLER, controller), (Spec.WORKER, worker)):
@@ -236,7 +247,13 @@ def launch_fleet(
             console.print(Syntax(resolved_yaml(task), "yaml", word_wrap=True))
         return
     if local:
-        raise VicunaSkyError("--fleet --local: run `vicuna-sky serve RECIPE --local` instead")
+        if workdir is not None:
+            runs_dir = workdir / "runs"
+        config = local_lib.LocalConfig(
+            runs_dir=runs_dir, bucket_root=workdir / "buckets" if workdir else None
+        )
+        run_fleet_locally(controller, worker, name or recipe.name, recipe.serve.workers, config)
+        return
     from vicuna_sky.launch import cloud
 
     fleet = cloud.launch_fleet(controller, worker, name or recipe.name, recipe.serve.workers)
@@ -249,6 +266,37 @@ def launch_fleet(
     ):
         if jobs_:
             console.print(f"{what}: {', '.join(jobs_)}")
+
+
+def run_fleet_locally(
+    controller: object, worker: object, name: str, workers: int, config: local_lib.LocalConfig
+) -> None:
+    """sky/serve-controller.yaml and sky/serve-worker.yaml on this machine until Ctrl-C: a
+    worker that dies is relaunched like a preempted managed job."""
+    import time
+
+    from vicuna_sky.launch.fleet import LocalSkyFleet
+    from vicuna_sky.models import BUILTIN, resolve_model_path
+
+    if worker.envs.get("SERVE_MODEL_PATH") in BUILTIN:
+        with console.status(f"making the built-in model {worker.envs['SERVE_MODEL_PATH']}..."):
+            path = resolve_model_path(worker.envs["SERVE_MODEL_PATH"], config.runs_dir / "models")
+        worker.update_envs({"SERVE_MODEL_PATH": path})
+    fleet = LocalSkyFleet(
+        controller, worker, name, workers, config, on_event=lambda m: console.print(f"  {m}")
+    )
+    try:
+        with console.status(f"starting the controller and {workers} worker job(s)..."):
+            url = fleet.start()
+        console.print(
+            f"[bold]fleet up[/]: OpenAI API at {url}/v1 ({workers} worker(s)); Ctrl-C stops"
+        )
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        console.print("stopping the fleet")
+    finally:
+        fleet.stop()
 
 
 def check_recipe(recipe_arg: str) -> None:

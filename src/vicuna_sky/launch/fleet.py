@@ -1,0 +1,165 @@
+"""The serving fleet of sky/serve-controller.yaml and sky/serve-worker.yaml on the local backend.
+
+The same two tasks the cloud path launches, run the way it runs them: the controller as a local
+"cluster", each worker as a local managed job (`LocalRunner`), so a worker killed like a
+preempted spot VM is relaunched in a fresh directory with the spec's `job_recovery`, registers
+again and is routed to. Only what one machine needs differs from the cloud: every process gets
+a free port (the specs' fixed 8000/8001 would collide) and the controller's URL is 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import httpx
+
+from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.launch.local import LocalConfig, LocalRunner
+from vicuna_sky.launch.s3_server import free_port
+
+if TYPE_CHECKING:
+    import sky
+
+SECRET = "VICUNA_SKY_FLEET_SECRET"
+
+
+class _Cancelled(KeyboardInterrupt):
+    """Ends a runner's recovery loop: LocalRunner.run() turns a KeyboardInterrupt into
+    CANCELLED, as `sky jobs cancel` ends a managed job instead of recovering it."""
+
+
+class _FleetRunner(LocalRunner):
+    """A LocalRunner that `cancel()` takes down for good instead of relaunching."""
+
+    cancelled = False
+
+    def _new_attempt(self):
+        if self.cancelled:
+            raise _Cancelled
+        return super()._new_attempt()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.preempt(grace_seconds=0)
+
+
+@dataclasses.dataclass
+class _Job:
+    runner: _FleetRunner
+    thread: threading.Thread
+
+
+class LocalSkyFleet:
+    """`controller` and `worker` are the loaded tasks (`tasks.load_task`); `workers` managed
+    worker jobs named `<name>-worker-<i>` register with the controller."""
+
+    def __init__(
+        self,
+        controller: sky.Task,
+        worker: sky.Task,
+        name: str,
+        workers: int,
+        config: LocalConfig,
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
+        self.name, self.count, self.config = name, workers, config
+        self.on_event = on_event or (lambda _m: None)
+        given = controller.secrets.get(SECRET)
+        # The user's fleet secret when set (a SkyPilot secret, from the environment), else one
+        # made for this fleet: the controller off loopback refuses to run without one.
+        self.secret = (given.get_secret_value() if given else "") or secrets.token_urlsafe(24)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.controller_task = copy.deepcopy(controller)
+        self.controller_task.update_envs({"CONTROLLER_PORT": str(self.port)})
+        self.controller_task.update_envs({"WEBUI_PORT": str(free_port())})
+        self.controller_task.update_secrets({SECRET: self.secret})
+        self.controller_task.name = f"{name}-controller"
+        self.worker_task = worker
+        self.controller: _Job | None = None
+        self.workers: list[_Job] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self, timeout: float = 300.0) -> str:
+        """Controller, then the workers; returns once every worker has registered."""
+        self.controller = self._run(self.controller_task)
+        self._wait(lambda: self.registered() is not None, timeout, "the controller to answer")
+        for i in range(self.count):
+            task = copy.deepcopy(self.worker_task)
+            port = free_port()
+            task.update_envs({"CONTROLLER_URL": self.url, "WORKER_PORT": str(port)})
+            task.update_secrets({SECRET: self.secret})
+            task.name = f"{self.name}-worker-{i}"
+            self.workers.append(self._run(task))
+        self.wait_registered(self.count, timeout)
+        return self.url
+
+    def stop(self) -> None:
+        for job in [*self.workers, *([self.controller] if self.controller else [])]:
+            job.runner.cancel()
+        for job in [*self.workers, *([self.controller] if self.controller else [])]:
+            job.thread.join(30)
+
+    def __enter__(self) -> LocalSkyFleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- what a test or an operator looks at -------------------------------------------------
+    def registered(self) -> list[dict] | None:
+        """The controller's worker registry (None while it does not answer)."""
+        try:
+            r = httpx.get(
+                f"{self.url}/workers",
+                headers={"Authorization": f"Bearer {self.secret}"},
+                timeout=2.0,
+            )
+        except httpx.HTTPError:
+            return None
+        return r.json().get("workers", []) if r.status_code == 200 else None
+
+    def healthy_workers(self) -> int:
+        """Workers the controller would route to now."""
+        return sum(1 for w in self.registered() or [] if _routable(w))
+
+    def wait_registered(self, count: int, timeout: float = 300.0) -> None:
+        self._wait(lambda: self.healthy_workers() >= count, timeout, f"{count} worker(s)")
+
+    def _wait(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            for job in [*self.workers, *([self.controller] if self.controller else [])]:
+                if not job.thread.is_alive():
+                    raise VicunaSkyError(
+                        f"local fleet: {job.runner.job.name} ended {job.runner.job.status} "
+                        f"while waiting for {what}: see {job.runner.run_dir}"
+                    )
+            if time.monotonic() > deadline:
+                raise VicunaSkyError(f"local fleet: no {what} after {timeout:.0f} s")
+            time.sleep(0.2)
+
+    def _run(self, task: sky.Task) -> _Job:
+        config = dataclasses.replace(self.config)
+        runner = _FleetRunner(task, config, on_event=lambda m: self.on_event(f"{task.name}: {m}"))
+
+        def run() -> None:
+            with contextlib.suppress(_Cancelled):
+                runner.run()
+
+        thread = threading.Thread(target=run, name=task.name, daemon=True)
+        thread.start()
+        return _Job(runner, thread)
+
+
+def _routable(worker: dict) -> bool:
+    """A registry entry the controller routes to (the registry's own `available`: heartbeating,
+    not draining, not failed)."""
+    return bool(worker.get("available"))
