@@ -71,6 +71,7 @@ class FakeSky:
             "status": self.status,
             "endpoints": self.endpoints,
             "tail_logs": lambda *a, **k: self.calls.append(("tail_logs", a, k)),
+            "down": self.down,
         }.items():
             monkeypatch.setattr(sky, target, fn)
         for target, fn in {
@@ -94,6 +95,13 @@ class FakeSky:
             self.calls.append(("launch", cluster_name, task))
             self.clusters[cluster_name] = "UP"
             return 1, None
+
+        return run
+
+    def down(self, cluster_name, purge=False):
+        def run():
+            self.calls.append(("down", cluster_name))
+            self.clusters.pop(cluster_name, None)
 
         return run
 
@@ -568,3 +576,14 @@ def test_fleet_overrides_go_to_the_task_that_declares_them(fake_sky, tmp_path, c
     with pytest.raises(SpecError, match=r"declares no env 'SERVE_BACKNED' \(did you mean"):
         runner.launch_fleet("vicuna-7b", ("SERVE_BACKNED=echo",), **options)
     assert not fake_sky.calls
+
+
+def test_a_fleet_goes_down_workers_first_then_its_controller(fake_sky):
+    controller, worker = fleet_tasks()
+    cloud.launch_fleet(controller, worker, "vic", workers=2, poll_seconds=0)
+    fake_sky.calls.clear()
+    gone = cloud.down("vic", "fleet")
+    assert gone == ["vic-worker-0", "vic-worker-1", "vic-controller"]
+    assert [c[0] for c in fake_sky.calls] == ["jobs.cancel", "jobs.cancel", "down"]
+    assert not cloud.FleetState.path("vic").exists()
+    assert cloud.down("vic", "fleet") == []

@@ -164,13 +164,18 @@ def logs(name: str, kind: str, local: bool, replica: int | None, runs_dir: Path)
 @app.command()
 @click.argument("name")
 @click.option(
-    "--kind", type=click.Choice(["job", "cluster", "service"]), default="job", show_default=True
+    "--kind",
+    type=click.Choice(["job", "cluster", "service", "fleet"]),
+    default="job",
+    show_default=True,
+    help="fleet: a `serve --fleet` fleet by its name (worker jobs, then the controller).",
 )
 def down(name: str, kind: str) -> None:
-    """Cancel a managed job, tear down a cluster, or take a service down."""
+    """Cancel a managed job, tear down a cluster, take a service or a fleet down."""
     from vicuna_sky.launch import cloud
 
-    cloud.down(name, kind)
+    gone = cloud.down(name, kind)
+    console.print(f"taken down: {', '.join(gone)}" if gone else f"nothing named {name} is up")
 
 
 @app.group()

@@ -341,15 +341,29 @@ def pick_replica(service: str) -> int:
     return int(max(ready or replicas, key=lambda r: int(r["replica_id"]))["replica_id"])
 
 
-def down(name: str, kind: str) -> None:
+def down(name: str, kind: str) -> list[str]:
+    """Cancel a managed job, take a service down, tear a cluster down, or (kind "fleet") all of
+    a fleet: its worker jobs first (they would re-register with nothing), then its controller,
+    then the launcher's record of its secret. Returns what was taken down."""
     import sky
 
+    if kind == "fleet":
+        gone = []
+        for job in sorted(_live_jobs(f"{name}-worker-")):
+            sky.stream_and_get(sky.jobs.cancel(name=job))
+            gone.append(job)
+        if _cluster_status(f"{name}-controller") is not None:
+            sky.stream_and_get(sky.down(f"{name}-controller"))
+            gone.append(f"{name}-controller")
+        FleetState.path(name).unlink(missing_ok=True)
+        return gone
     if kind == "job":
         sky.stream_and_get(sky.jobs.cancel(name=name))
     elif kind == "service":
         sky.stream_and_get(sky.serve.down(name))
     else:
         sky.stream_and_get(sky.down(name))
+    return [name]
 
 
 def _name(status: Any) -> str:
