@@ -76,3 +76,41 @@ def test_demo_workdir_that_cannot_be_a_directory(cli, tmp_path):
     result = cli("demo", "--workdir", str(tmp_path / "file" / "sub"))
     one_line_error(result, "is a file, not a directory")
     assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_sigterm_of_a_local_train_leaves_no_process(tmp_path):
+    import json
+    import signal
+    import sys
+    import time
+
+    import psutil
+
+    exe = Path(sys.executable).parent / "vicuna-sky"
+    proc = subprocess.Popen(
+        [str(exe), "train", "tiny-cpu", "--local", "--name", "term-probe"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            jobs = list((tmp_path / "runs").glob("term-probe-*/job.json"))
+            if jobs and json.loads(jobs[0].read_text())["status"] == "RUNNING":
+                break
+            time.sleep(0.2)
+        time.sleep(1)
+        job_processes = psutil.Process(proc.pid).children(recursive=True)
+        assert job_processes
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err.decode()
+    _, alive = psutil.wait_procs(job_processes, timeout=10)
+    assert alive == []
+    assert json.loads(jobs[0].read_text())["status"] == "CANCELLED"

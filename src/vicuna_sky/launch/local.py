@@ -149,9 +149,12 @@ class LocalRunner:
                 }[outcome]
                 self._set(final, f"attempt {attempt.number}: {attempt.reason or outcome}")
                 break
-        except KeyboardInterrupt:
+        except BaseException as e:
+            # Ctrl-C, the CLI's SIGTERM, or an error of ours: the "cluster" goes with us, so
+            # no process of the job outlives the command that started it.
             self._kill_all()
-            self._set(JobStatus.CANCELLED, "interrupted")
+            why = "interrupted" if isinstance(e, KeyboardInterrupt) else type(e).__name__
+            self._set(JobStatus.CANCELLED, why)
             raise
         return self.job
 
