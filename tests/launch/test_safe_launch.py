@@ -114,3 +114,16 @@ def test_sigterm_of_a_local_train_leaves_no_process(tmp_path):
     _, alive = psutil.wait_procs(job_processes, timeout=10)
     assert alive == []
     assert json.loads(jobs[0].read_text())["status"] == "CANCELLED"
+
+
+def test_chaos_report_path_is_checked_before_the_run(cli, tmp_path):
+    mine = tmp_path / "mine.json"
+    mine.write_text("keep")
+    result = cli("chaos", "train", "tiny-cpu", "--workdir", "w", "--json", str(mine))
+    one_line_error(result, "exists: pass --overwrite")
+    path = recipe(tmp_path, "tiny-cpu", "epochs: 4", "epochs: 4")
+    before = path.read_bytes()
+    result = cli("chaos", "train", str(path), "--workdir", "w", "--json", str(path), "--overwrite")
+    one_line_error(result, "is an input")
+    assert mine.read_text() == "keep" and path.read_bytes() == before
+    assert not (tmp_path / "w").exists()
