@@ -104,6 +104,8 @@ def launch_fleet(
 
     The fleet secret is the one this fleet was launched with, else VICUNA_SKY_FLEET_SECRET from
     the user's environment, else a new one; it reaches both tasks as a SkyPilot secret."""
+    import sky
+
     cluster = f"{name}-controller"
     state = FleetState.load(name)
     reused = _cluster_status(cluster) == "UP"
@@ -128,8 +130,6 @@ def launch_fleet(
         # Workers keep the CONTROLLER_URL they were launched with: after the controller moved
         # they would register with nobody.
         for job in sorted(live):
-            import sky
-
             sky.stream_and_get(sky.jobs.cancel(name=job))
             result.cancelled.append(job)
         live = set()
