@@ -30,7 +30,7 @@ def test_lora_and_packing_reach_the_trainer():
     train_spec = (ROOT / "sky" / "train.yaml").read_text()
     assert '--lora-r "$LORA_R"' in train_spec and '--packing "$PACKING"' in train_spec
     bad = (ROOT / "recipes" / "tiny-cpu.yaml").read_text().replace("  seed: 0", "  lora_r: -1")
-    with pytest.raises(RecipeError, match="train.lora_r"):
+    with pytest.raises(RecipeError, match=r"train\.lora_r"):
         Recipe.from_text(bad)
 
 

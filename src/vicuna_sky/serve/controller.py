@@ -145,7 +145,9 @@ class Controller:
     async def guarded(self, address: str, step: Awaitable[T], timeout: float | None) -> T:
         """`step` (a read from the worker) unless the worker is found gone or `timeout` passes
         first: then WorkerFailed."""
-        gone = self._gone.setdefault(address, asyncio.Event())
+        gone = self._gone.get(address)
+        if gone is None or (gone.is_set() and self.registry.alive(address)):  # back since
+            gone = self._gone[address] = asyncio.Event()
         if gone.is_set():
             raise WorkerFailed("the worker stopped heartbeating")
         task = asyncio.ensure_future(step)
@@ -195,8 +197,12 @@ class Controller:
                 return
             payload = gen.model_copy(update={"prefix": sent, "max_tokens": left}).model_dump()
             url = f"{worker.address}/generate"
+            # A worker answers once it has its first token (streamed) or the whole answer:
+            # waiting for it is already a read that a hung worker must not hold up forever.
+            opening = self.http.post(url, data=orjson.dumps(payload), headers=JSON)
+            wait = self.first_token_timeout if gen.stream else self.request_timeout
             try:
-                async with self.http.post(url, data=orjson.dumps(payload), headers=JSON) as r:
+                async with await self.guarded(worker.address, opening, wait) as r:
                     if r.status != 200:
                         error = _worker_error(r.status, await r.read())
                         if r.status == 503:  # draining: no new work, in-flight work goes on

@@ -95,12 +95,12 @@ class Worker:
             try:
                 pieces = 0
                 text = ""
-                finish = None
+                finish, generated = None, None
                 try:
                     async for delta in self.backend.generate(request):
                         self._progress[key] = time.monotonic()
                         if isinstance(delta, Finish):
-                            finish = delta.reason
+                            finish, generated = delta.reason, delta.tokens
                             continue
                         pieces += 1
                         text += delta
@@ -118,7 +118,9 @@ class Worker:
                 counts = await asyncio.to_thread(
                     lambda: (
                         self.backend.count_tokens(prompt or ""),
-                        self.backend.count_tokens(text, special=False),
+                        generated
+                        if generated is not None
+                        else self.backend.count_tokens(text, special=False),
                     )
                 )
                 yield (

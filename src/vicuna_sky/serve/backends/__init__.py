@@ -24,6 +24,8 @@ class Finish:
     the number of deltas."""
 
     reason: str
+    tokens: int | None = None
+    """Tokens generated, when the backend knows them (usage); else the worker counts the text."""
 
 
 class Backend(Protocol):

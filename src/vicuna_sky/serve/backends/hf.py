@@ -97,8 +97,8 @@ class HFBackend:
             await asyncio.to_thread(thread.join)
             if "error" in result:
                 raise result["error"]
-            length = result.get("new_tokens", 0) >= request.max_tokens
-            yield Finish("length" if length else "stop")
+            tokens = result.get("new_tokens", 0)
+            yield Finish("length" if tokens >= request.max_tokens else "stop", tokens)
         finally:
             # A stop string, or a client that went away: the model stops at its next token
             # instead of running on to max_tokens for nobody.
@@ -116,7 +116,7 @@ class HFBackend:
             lambda: self.most_likely(*render_prompt(self.template, whole), choices)
         )
         yield best[len(request.prefix) :]
-        yield Finish("stop")
+        yield Finish("stop", len(self._choice_ids(best)))
 
     def most_likely(self, prompt: str, has_bos: bool, choices: list[str]) -> str:
         """The choice with the highest log-likelihood (summed over its tokens) after `prompt`.

@@ -142,13 +142,16 @@ class VLLMBackend:
         try:
             # vLLM applies the stop strings itself: it holds back text that may begin one and
             # ends the request at the first, so every delta here is final.
+            tokens = 0
             async for out in outputs:
                 finished = out.finished
                 delta = out.outputs[0].text
+                tokens += len(out.outputs[0].token_ids)  # DELTA: this step's tokens
                 if delta:
                     yield delta
                 if finished:
-                    yield Finish("length" if out.outputs[0].finish_reason == "length" else "stop")
+                    reason = "length" if out.outputs[0].finish_reason == "length" else "stop"
+                    yield Finish(reason, tokens)
         finally:
             if not finished and not self.engine.errored:
                 # The reader went away mid-answer: free the engine's slot now, not after
