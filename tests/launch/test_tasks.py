@@ -117,8 +117,9 @@ def test_service_checks_are_skypilots(spec_dir):
         load_task(Spec.SERVICE, recipe("vicuna-7b"))
 
 
-def test_service_readiness_probe_uses_the_served_model_name():
+def test_service_readiness_probe_needs_no_key_and_the_api_does():
     task = load_task(Spec.SERVICE, recipe("vicuna-13b"))
-    assert task.service.post_data["model"] == "vicuna-13b"
+    assert task.service.readiness_path == "/ready" and task.service.post_data is None
+    assert "VICUNA_SKY_API_KEYS" in task.secrets and "VICUNA_SKY_API_KEYS" not in task.envs
     assert task.service.dynamic_ondemand_fallback
     assert all(res.use_spot for res in task.resources)

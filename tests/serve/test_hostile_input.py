@@ -129,8 +129,12 @@ def test_a_stuck_engine_reports_itself_unhealthy_and_its_requests_fail_over(flee
 def test_no_path_to_a_model_or_the_registry_without_credentials(fleet):
     """Rows 3 and 12: the workers' model routes, the worker list and the schema."""
     fleet.start_controller(env={"VICUNA_SKY_API_KEYS": "client-key"})
+    # The readiness probe is open: it reaches no model.
+    assert httpx.get(f"{fleet.url}/ready").status_code == 503
     worker = fleet.start_worker("echo", "echo", "echo")
     fleet.wait_workers({worker})
+    assert httpx.get(f"{fleet.url}/ready").json() == {"ready": True}
+    assert httpx.get(f"{fleet.url}/v1/models").status_code == 401
     body = {"model": "echo", "prompt": "x", "stream": False}
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer client-key"}):
         assert httpx.post(f"{worker}/generate", json=body, headers=headers).status_code == 403

@@ -417,6 +417,13 @@ def create_app(controller: Controller, max_body: int | None = None) -> FastAPI:
             raise ApiError(404, "unknown worker", code="unknown_worker")
         return {"ok": True}
 
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """For load balancers' readiness probes (SkyServe): 200 once a worker serves a model.
+        Open, because it reaches no model and says nothing a client could use."""
+        serving = bool(controller.registry.models())
+        return JSONResponse({"ready": serving}, status_code=200 if serving else 503)
+
     @app.get("/workers", dependencies=admin_only)
     async def workers() -> dict:
         return {"workers": controller.registry.snapshot()}
