@@ -1,0 +1,469 @@
+"""A trained Llama-family model as one GGUF file, the format llama.cpp runs.
+
+What goes in, and in what form, follows llama.cpp's own converter (`convert_hf_to_gguf.py`), so a
+file from here loads wherever one from there does:
+
+- Architecture: `llama` metadata (block count, widths, heads and KV heads, RoPE base, RMS-norm
+  epsilon, context length, vocab size) from the model's config. Llama, Llama-2, SmolLM2 and
+  Mistral-style grouped-query attention all map to it; anything else is refused before any
+  tensor is read.
+- Tensors: renamed with the `gguf` package's tensor-name map, one at a time and in row chunks,
+  so memory stays at about one output tensor whatever the model. The q and k projections are
+  permuted per head: transformers keeps each head's rotary halves apart (rotate-half), llama.cpp's
+  RoPE kernel rotates adjacent pairs, so within every head row `i` of the first half and row `i`
+  of the second half become rows `2i` and `2i + 1` (k with the KV-head count). transformers'
+  GGUF loader reverses exactly this. Norms and other 1-D tensors stay float32, as llama.cpp
+  keeps them; the chosen type applies to matrices (q8_0 falls back to f16 for a matrix whose
+  rows are not whole 32-element blocks, as llama.cpp does).
+- Tokenizer: byte-level BPE (`gpt2`: tokens, merges, token types) or SentencePiece-style BPE
+  (`llama`: tokens, scores, token types), the pre-tokenizer's name, special token ids, whether
+  BOS/EOS are added (as the source tokenizer actually does it) and the chat template.
+- Descriptive `general.*` keys come from the `gguf` package's own heuristics (directory name,
+  model card) and an optional override file in llama.cpp's `--metadata` JSON format.
+
+The file is written to a temporary beside the output and renamed only when complete (see
+`vicuna_sky.output`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.output import check_output_file, writing
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+"""What the export understands (class name -> model_type); both are llama.cpp's `llama`."""
+SUPPORTED = "Llama-family models (LlamaForCausalLM, MistralForCausalLM)"
+TYPES = ("f32", "f16", "bf16", "q8_0")
+CHUNK_ELEMENTS = 1 << 20
+"""Rows are read and converted in chunks of about this many elements (4 MB in float32)."""
+_ROPE_TYPES = ("default", "linear")
+
+
+@dataclass
+class _Tensor:
+    source: str
+    """Its name in the safetensors files."""
+    name: str
+    """Its name in the GGUF file."""
+    shard: Path
+    shape: tuple[int, ...]
+    qtype: Any
+    """gguf.GGMLQuantizationType it is written in."""
+    heads: int = 0
+    """Heads to permute the rows over (q and k projections), 0 for none."""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise VicunaSkyError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise VicunaSkyError(f"{path}: not a JSON object")
+    return data
+
+
+def _check_architecture(config: dict[str, Any], model_dir: Path) -> None:
+    archs = config.get("architectures") or [config.get("model_type", "unknown")]
+    if not (set(archs) & ARCHITECTURES.keys()) or config.get("model_type") not in (
+        ARCHITECTURES.values()
+    ):
+        what = ", ".join(map(str, archs))
+        raise VicunaSkyError(
+            f"{model_dir}: {what} is not supported; GGUF export supports {SUPPORTED}"
+        )
+
+
+def _shards(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise VicunaSkyError(f"{index}: no weight_map")
+        return [model_dir / name for name in sorted(set(weight_map.values()))]
+    if (model_dir / "model.safetensors").is_file():
+        return [model_dir / "model.safetensors"]
+    raise VicunaSkyError(
+        f"no safetensors weights in {model_dir} (model.safetensors or "
+        "model.safetensors.index.json); save the model with safe_serialization=True"
+    )
+
+
+def _tensor_headers(shards: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], str]]:
+    """Every tensor's shard, shape and dtype, from the headers alone."""
+    from safetensors import safe_open
+
+    found: dict[str, tuple[Path, tuple[int, ...], str]] = {}
+    for shard in shards:
+        try:
+            with safe_open(shard, framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    lazy = f.get_slice(name)
+                    found[name] = (shard, tuple(lazy.get_shape()), lazy.get_dtype())
+        except Exception as e:  # missing, truncated or foreign file: one line, no traceback
+            raise VicunaSkyError(f"cannot read weights from {shard}: {e}") from None
+    return found
+
+
+def _matrix_type(out_type: str, shape: tuple[int, ...]) -> Any:
+    from gguf import GGMLQuantizationType as Q
+
+    if len(shape) < 2 or out_type == "f32":
+        return Q.F32
+    if out_type == "q8_0":
+        return Q.Q8_0 if shape[-1] % 32 == 0 else Q.F16
+    return {"f16": Q.F16, "bf16": Q.BF16}[out_type]
+
+
+def _plan(config: Any, headers: dict, out_type: str) -> list[_Tensor]:
+    import gguf
+
+    blocks = config.num_hidden_layers
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, blocks)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or heads
+    plan = []
+    for source, (shard, shape, dtype) in headers.items():
+        if source.endswith("rotary_emb.inv_freq"):
+            continue  # recomputed from the RoPE base by every runtime
+        if source == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # llama.cpp uses token_embd for the output when there is no output tensor
+        name = names.get_name(source, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise VicunaSkyError(f"tensor {source!r} has no place in a llama GGUF file")
+        if dtype not in ("F32", "F16", "BF16"):
+            raise VicunaSkyError(f"tensor {source!r} is {dtype}: only float weights are supported")
+        permute = heads if ".attn_q." in name else kv_heads if ".attn_k." in name else 0
+        if permute and shape[0] % (2 * permute):
+            raise VicunaSkyError(f"tensor {source!r}: {shape[0]} rows do not split into heads")
+        plan.append(_Tensor(source, name, shard, shape, _matrix_type(out_type, shape), permute))
+    if not any(t.name == "token_embd.weight" for t in plan):
+        raise VicunaSkyError("the model has no token embedding (model.embed_tokens.weight)")
+    return plan
+
+
+def _nbytes(tensor: _Tensor) -> int:
+    from gguf import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[tensor.qtype]
+    return math.prod(tensor.shape) // block * size
+
+
+def _permute_heads(rows: Any, heads: int) -> Any:
+    """One or more whole heads of a q/k projection, rotate-half layout -> adjacent pairs."""
+    n, cols = rows.shape[0], rows.shape[1:]
+    return rows.reshape(heads, 2, n // heads // 2, *cols).transpose(1, 2).reshape(rows.shape)
+
+
+def _row_chunks(tensor: _Tensor) -> Iterator[tuple[int, int]]:
+    rows = tensor.shape[0] if tensor.shape else 1
+    cols = math.prod(tensor.shape[1:]) if len(tensor.shape) > 1 else 1
+    step = max(1, CHUNK_ELEMENTS // cols)
+    if tensor.heads:  # whole heads only, so each chunk can be permuted on its own
+        per_head = rows // tensor.heads
+        step = max(1, step // per_head) * per_head
+    for lo in range(0, rows, step):
+        yield lo, min(lo + step, rows)
+
+
+def _converted(tensor: _Tensor) -> np.ndarray:
+    """The tensor in its GGUF type, built chunk by chunk in its output buffer. Each chunk opens
+    the shard anew: safe_open maps the file and the pages a read touches stay resident until it
+    is closed, which would otherwise hold the whole source tensor in memory as well."""
+    import gguf
+    import torch
+    from safetensors import safe_open
+
+    Q = gguf.GGMLQuantizationType
+    out = np.empty(_nbytes(tensor), dtype=np.uint8)
+    written = 0
+    for lo, hi in _row_chunks(tensor):
+        with safe_open(tensor.shard, framework="pt") as f:
+            lazy = f.get_slice(tensor.source)
+            chunk = lazy[...] if not tensor.shape else lazy[lo:hi]
+        chunk = chunk.to(torch.float32)  # exact from f16 and bf16
+        if tensor.heads:
+            chunk = _permute_heads(chunk, tensor.heads * (hi - lo) // tensor.shape[0])
+        data = chunk.numpy()
+        if tensor.qtype == Q.F32:
+            raw = data
+        elif tensor.qtype == Q.F16:
+            raw = data.astype(np.float16)
+        else:  # BF16 (round to nearest even) and Q8_0 (per 32-element block scale), as llama.cpp
+            raw = gguf.quants.quantize(data, tensor.qtype)
+        raw = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+        out[written : written + raw.size] = raw
+        written += raw.size
+    if written != out.size:
+        raise VicunaSkyError(f"tensor {tensor.source!r}: wrote {written} of {out.size} bytes")
+    return out
+
+
+# --- tokenizer -------------------------------------------------------------------------------
+
+
+def _pre_tokenizer_name(pre: dict[str, Any] | None) -> str | None:
+    """llama.cpp's name for a byte-level BPE pre-tokenizer, recognised by its structure (llama.cpp
+    itself fingerprints the token ids of a test text; the structure says the same without
+    running one): GPT-2's regex alone is `gpt2`; single digits first, then GPT-2's regex is
+    SmolLM's `smollm`; Llama 3's split regex before a regex-free byte mapping is `llama-bpe`."""
+    if not pre:
+        return None
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in parts]
+    last = parts[-1]
+    if kinds[-1] != "ByteLevel" or last.get("add_prefix_space"):
+        return None
+    if kinds == ["ByteLevel"] and last.get("use_regex", True):
+        return "gpt2"
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
+        return "smollm" if last.get("use_regex", True) else None
+    if kinds == ["Split", "ByteLevel"] and not last.get("use_regex", True):
+        pattern = parts[0].get("pattern", {}).get("Regex", "")
+        if pattern.startswith("(?i:'s|'t|'re|'ve|'m|'ll|'d)") and "\\p{N}{1,3}" in pattern:
+            return "llama-bpe"
+    return None
+
+
+def _is_sentencepiece_bpe(spec: dict[str, Any]) -> bool:
+    """A Llama/Mistral tokenizer as transformers saves it: BPE over "▁"-joined pieces with byte
+    fallback, no byte-level mapping."""
+    model = spec.get("model", {})
+    text = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")])
+    return model.get("type") == "BPE" and model.get("byte_fallback") and "▁" in text
+
+
+def _adds(tokenizer: Any) -> tuple[bool, bool]:
+    """Whether the source tokenizer puts BOS / EOS around a text: what it does, not what a
+    config says, so the GGUF's flags make llama.cpp encode prompts the same way."""
+    with_special = tokenizer("a", add_special_tokens=True).input_ids
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    extra = len(with_special) - len(plain)
+    bos = (
+        extra > 0
+        and tokenizer.bos_token_id is not None
+        and with_special[0] == tokenizer.bos_token_id
+    )
+    eos = (
+        extra > 0
+        and tokenizer.eos_token_id is not None
+        and with_special[-1] == tokenizer.eos_token_id
+    )
+    return bos, eos
+
+
+def _add_tokenizer(writer: Any, model_dir: Path, vocab_size: int) -> dict[str, Any]:
+    """Write the tokenizer keys; returns a summary (kind, pre-tokenizer, token count)."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    if not (model_dir / "tokenizer.json").is_file():
+        raise VicunaSkyError(
+            f"no tokenizer.json in {model_dir}: GGUF export needs the model's fast tokenizer"
+        )
+    spec = _read_json(model_dir / "tokenizer.json")
+    model = spec.get("model", {})
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise VicunaSkyError(
+            f"{model_dir}: tokenizer model {model.get('type')!r} is not supported; "
+            "GGUF export supports BPE tokenizers (byte-level or SentencePiece-style)"
+        )
+    vocab: dict[int, str] = {i: t for t, i in model["vocab"].items()}
+    added = {a["id"]: a for a in spec.get("added_tokens", [])}
+    vocab |= {i: a["content"] for i, a in added.items()}
+    if vocab and max(vocab) >= vocab_size:
+        raise VicunaSkyError(
+            f"the tokenizer has ids up to {max(vocab)} but the model's vocabulary has "
+            f"{vocab_size} rows"
+        )
+    T = gguf.TokenType
+    spm = _is_sentencepiece_bpe(spec)
+    pre = None if spm else _pre_tokenizer_name(spec.get("pre_tokenizer"))
+    if not spm and pre is None:
+        raise VicunaSkyError(
+            f"{model_dir}: this tokenizer's pre-tokenizer is not supported; GGUF export supports "
+            "GPT-2-style byte-level BPE (gpt2, smollm, llama-bpe) and SentencePiece-style BPE"
+        )
+    tokens, types, scores = [], [], []
+    ranks = (
+        {
+            "".join(m.split(" ") if isinstance(m, str) else m): r
+            for r, m in enumerate(model.get("merges", []))
+        }
+        if spm
+        else {}
+    )
+    for i in range(vocab_size):
+        token = vocab.get(i)
+        if token is None:  # rows the embedding has beyond the tokenizer (padding to a multiple)
+            tokens.append(f"[PAD{i}]")
+            types.append(T.UNUSED)
+            scores.append(-1000.0)
+            continue
+        tokens.append(token)
+        if i in added:
+            types.append(T.CONTROL if added[i].get("special") else T.USER_DEFINED)
+        elif spm and token == model.get("unk_token"):
+            types.append(T.UNKNOWN)
+        elif spm and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            types.append(T.BYTE)
+        else:
+            types.append(T.NORMAL)
+        # llama.cpp's SentencePiece tokenizer merges the pair whose result scores highest;
+        # -rank of the merge that makes a token reproduces the BPE's merge order.
+        scores.append(-1000.0 if i in added else -float(ranks.get(token, 0)) if spm else 0.0)
+
+    writer.add_tokenizer_model("llama" if spm else "gpt2")
+    writer.add_tokenizer_pre("default" if spm else pre)
+    writer.add_token_list(tokens)
+    if spm:
+        writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(model_dir, load_merges=not spm, n_vocab=vocab_size)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise VicunaSkyError(f"cannot load the tokenizer in {model_dir}: {e}") from None
+    special.add_special_token["bos"], special.add_special_token["eos"] = _adds(tokenizer)
+    if spm:
+        normalizer = json.dumps(spec.get("normalizer"))
+        pre_spec = spec.get("pre_tokenizer") or {}
+        prefix = "Prepend" in normalizer or pre_spec.get("prepend_scheme") in ("first", "always")
+        writer.add_add_space_prefix(bool(prefix))
+    else:
+        writer.add_add_space_prefix(False)  # byte-level BPE never adds one
+    special.add_to_gguf(writer, quiet=True)
+    return {"tokenizer": "llama" if spm else f"gpt2 ({pre})", "tokens": len(vocab)}
+
+
+# --- the file --------------------------------------------------------------------------------
+
+
+def _rope(config: Any) -> tuple[float, dict[str, Any]]:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in _ROPE_TYPES:
+        raise VicunaSkyError(
+            f"RoPE scaling {kind!r} is not supported by GGUF export (supported: default, linear)"
+        )
+    return float(theta if theta is not None else 10000.0), params if kind == "linear" else {}
+
+
+def _add_architecture(writer: Any, config: Any, out_type: str) -> None:
+    import gguf
+
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    theta, linear = _rope(config)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.num_key_value_heads or heads)
+    writer.add_rope_freq_base(theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // heads:  # llama.cpp assumes hidden / heads otherwise
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if linear:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(linear["factor"]))
+    file_types = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }
+    writer.add_file_type(file_types[out_type])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_general(writer: Any, model_dir: Path, metadata: Path | None, params: int) -> None:
+    import gguf
+
+    if metadata is not None and not Path(metadata).is_file():
+        raise VicunaSkyError(f"metadata file not found: {metadata}")
+    if metadata is not None:
+        _read_json(Path(metadata))  # a clear error for a broken file, before gguf reads it
+    info = gguf.Metadata.load(metadata, model_dir, None, params)
+    if info.size_label is None:
+        info.size_label = gguf.size_label(params, 0, 0, 0)
+    writer.add_type(gguf.GGUFType.MODEL)
+    info.set_gguf_meta_model(writer)
+
+
+def export_gguf(
+    model_dir: Path,
+    out: Path,
+    out_type: str = "f32",
+    *,
+    metadata: Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write `model_dir` (a transformers Llama-family model in safetensors) to the GGUF file
+    `out` with matrices in `out_type`. Returns a summary: path, bytes, tensors, tokenizer."""
+    import gguf
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.progress import TimeElapsedColumn
+    from transformers import AutoConfig
+
+    model_dir, out = Path(model_dir), Path(out)
+    if out_type not in TYPES:
+        raise VicunaSkyError(f"unknown GGUF type {out_type!r}; choose one of {', '.join(TYPES)}")
+    if not model_dir.is_dir():
+        raise VicunaSkyError(f"model directory not found: {model_dir}")
+    check_output_file(out, [model_dir, metadata], overwrite=overwrite)
+    _check_architecture(_read_json(model_dir / "config.json"), model_dir)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise VicunaSkyError(f"cannot read {model_dir / 'config.json'}: {e}") from None
+    headers = _tensor_headers(_shards(model_dir))
+    plan = _plan(config, headers, out_type)
+    params = sum(math.prod(t.shape) for t in plan)
+
+    with writing(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+        try:
+            _add_general(writer, model_dir, metadata, params)
+            _add_architecture(writer, config, out_type)
+            summary = _add_tokenizer(writer, model_dir, config.vocab_size)
+            for t in plan:
+                # The shape as numpy orders it; the writer stores it reversed, as ggml does.
+                writer.add_tensor_info(t.name, t.shape, np.float32, _nbytes(t), raw_dtype=t.qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            columns = (TextColumn("export gguf"), BarColumn(), MofNCompleteColumn())
+            bar = Progress(
+                *columns, TimeElapsedColumn(), console=Console(stderr=True), disable=not progress
+            )
+            with bar:
+                task = bar.add_task("tensors", total=len(plan))
+                for t in plan:
+                    writer.write_tensor_data(_converted(t))
+                    bar.advance(task)
+        finally:
+            writer.close()
+    return {
+        "path": str(out),
+        "type": out_type,
+        "bytes": out.stat().st_size,
+        "tensors": len(plan),
+        "parameters": params,
+        **summary,
+    }
