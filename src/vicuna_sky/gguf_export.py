@@ -129,7 +129,8 @@ def _plan(config: Any, headers: dict, out_type: str) -> list[_Tensor]:
 
     blocks = config.num_hidden_layers
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, blocks)
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or heads
+    heads = config.num_attention_heads
+    kv_heads = config.num_key_value_heads or heads
     plan = []
     for source, (shard, shape, dtype) in headers.items():
         if source.endswith("rotary_emb.inv_freq"):
@@ -417,8 +418,7 @@ def export_gguf(
     `out` with matrices in `out_type`. Returns a summary: path, bytes, tensors, tokenizer."""
     import gguf
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-    from rich.progress import TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from transformers import AutoConfig
 
     model_dir, out = Path(model_dir), Path(out)

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 from rich.markup import escape
 
-from vicuna_sky.cli import data, delta, evaluate, launch  # noqa: F401 (they register commands)
+from vicuna_sky.cli import data, delta, evaluate, export, launch  # noqa: F401 (register)
 from vicuna_sky.cli.app import app, err_console
 from vicuna_sky.errors import VicunaSkyError
 
