@@ -254,6 +254,30 @@ def stage_blog(ctx: Context) -> str:
     return f"response quality relative to ChatGPT (GPT-4 as judge): {relative}"
 
 
+def stage_gguf(ctx: Context) -> str:
+    """The fine-tuned model as one q8_0 GGUF file, the format llama.cpp runs on a laptop."""
+    import json
+
+    from vicuna_sky.gguf_export import export_gguf
+
+    out = ctx.workdir / "gguf"
+    out.mkdir(parents=True, exist_ok=True)
+    metadata = out / "metadata.json"  # llama.cpp's --metadata format: the model's name
+    metadata.write_text(json.dumps({"general.name": f"{ctx.recipe.name} (vicuna-sky)"}))
+    done = export_gguf(
+        ctx.outputs["export"],
+        out / f"{ctx.recipe.name}.q8_0.gguf",
+        "q8_0",
+        metadata=metadata,
+        progress=False,
+    )
+    ctx.outputs["gguf"] = done["path"]
+    return (
+        f"{done['tensors']} tensors, {done['bytes'] / 2**20:.1f} MiB, tokenizer "
+        f"{done['tokenizer']}; run it with: llama-cli -m {done['path']}"
+    )
+
+
 STAGES = [
     Stage("prepare", stage_assets),
     Stage("validate specs", stage_specs),
@@ -262,6 +286,7 @@ STAGES = [
     Stage("serve", stage_serve),
     Stage("evaluate", stage_evaluate),
     Stage("the Vicuna blog's chart", stage_blog),
+    Stage("export to GGUF", stage_gguf),
 ]
 
 
