@@ -148,9 +148,35 @@ class EvalSection:
 @dataclass(frozen=True)
 class PlanSection:
     mfu: float = 0.4
-    """Assumed model FLOPs utilisation, used when no measured throughput is given."""
+    """Assumed model FLOPs utilisation (6 x params FLOPs per token), used only where neither
+    the recipe nor the packaged benchmark table (assets/train_throughput.json) has a measurement
+    for this packing mode."""
     tokens_per_gpu_second: float = 0.0
-    """Measured training throughput per GPU; 0 = derive from mfu (and say so)."""
+    """Measured training throughput per GPU; 0 = the benchmark table, else mfu (the plan says)."""
+    data_stats: str = ""
+    """Stats file of the training data (`vicuna-sky data split` writes X.stats.json beside
+    X.json; `data stats --write` too); empty = look beside data.path when it is local. Without
+    one the plan uses data.tokens and labels it an estimate."""
+    checkpoint_bytes_per_param: float = 12.0
+    """Checkpoint size per parameter: fp32 weights + Adam's two moments = 12 (the trainer keeps
+    fp32 master weights; a 1.1B model's DCP state measured 13 GB). 16 with a bf16 copy too."""
+    write_gb_per_second: float = 0.4
+    """Per node, GB/s at which a checkpoint is written to local disk (training waits for it):
+    measured 17.2 GB (DCP + export) in 41 s on the H200 node of issue #14."""
+    upload_gb_per_second: float = 0.5
+    """Per node, GB/s to and from the bucket (background upload; download on a relaunch):
+    checkpoints_sync's 8 parallel transfers at ~85 MB/s each, AWS's per-connection S3 guidance,
+    rounded down."""
+    preemptions_per_hour: float = 0.1
+    """Expected preemptions per node-hour of a spot offer (an assumption: no cloud publishes
+    per-offer rates). Measure yours: recoveries / hours of `sky jobs queue`."""
+    preemption_rates: dict[str, float] = field(default_factory=dict)
+    """Per-offer overrides of preemptions_per_hour, keyed 'cloud' or 'cloud/region'
+    (e.g. {gcp: 0.2, aws/us-east-1: 0.05}); the most specific key wins."""
+    relaunch_minutes: float = 8.0
+    """Minutes from a preemption to training again, before the checkpoint download (which the
+    plan adds from its size): SkyPilot provisioning a GPU node + setup + model load (assumed;
+    the local backend measures 7-25 s)."""
 
 
 @dataclass(frozen=True)
@@ -242,10 +268,37 @@ class Recipe:
                 fail(f"resources.regions[{i}]", f"must be 'cloud/region', got '{infra}'")
             if r.clouds and cloud not in r.clouds:
                 fail(f"resources.regions[{i}]", f"names cloud '{cloud}', not in resources.clouds")
-        if not 0 < self.plan.mfu <= 1:
-            fail("plan.mfu", f"must be in (0, 1], got {self.plan.mfu}")
+        self._check_plan(fail)
         if self.budget_usd is not None and self.budget_usd <= 0:
             fail("budget_usd", f"must be positive, got {self.budget_usd}")
+
+    def _check_plan(self, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
+        p = self.plan
+        if not 0 < p.mfu <= 1:
+            fail("plan.mfu", f"must be in (0, 1], got {p.mfu}")
+        for key, value in (
+            ("plan.write_gb_per_second", p.write_gb_per_second),
+            ("plan.upload_gb_per_second", p.upload_gb_per_second),
+        ):
+            if value <= 0:
+                fail(key, f"must be positive, got {value}")
+        if not 1 <= p.checkpoint_bytes_per_param <= 64:
+            fail(
+                "plan.checkpoint_bytes_per_param",
+                f"must be in [1, 64], got {p.checkpoint_bytes_per_param}",
+            )
+        for key, value in (
+            ("plan.tokens_per_gpu_second", p.tokens_per_gpu_second),
+            ("plan.preemptions_per_hour", p.preemptions_per_hour),
+            ("plan.relaunch_minutes", p.relaunch_minutes),
+            *((f"plan.preemption_rates.{k}", v) for k, v in p.preemption_rates.items()),
+        ):
+            if value < 0:
+                fail(key, f"must not be negative, got {value}")
+        for offer in p.preemption_rates:
+            cloud, _, region = offer.partition("/")
+            if not cloud or "/" in region or offer.endswith("/"):
+                fail(f"plan.preemption_rates.{offer}", "must be keyed 'cloud' or 'cloud/region'")
 
     # --------------------------------------------------------------- deriving
 
@@ -354,6 +407,11 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         if not isinstance(value, dict):
             raise RecipeError(f"{source}: '{key}' must be a mapping of keys to values")
         return _build(tp, value, prefix=f"{key}.", source=source)
+    if origin is dict:
+        _, item = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise RecipeError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        return {str(k): _coerce(item, v, f"{key}.{k}", source) for k, v in value.items()}
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str):

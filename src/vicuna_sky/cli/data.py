@@ -99,12 +99,21 @@ def data_split(
 @click.option("--tokenizer", required=True, help="Tokenizer path or hub id of the model.")
 @click.option("--max-length", type=click.IntRange(min=1), default=2048, show_default=True)
 @click.option("--template", default="vicuna_v1.1", show_default=True)
-def data_stats(input_path: Path, tokenizer: str, max_length: int, template: str) -> None:
+@click.option(
+    "--write",
+    is_flag=True,
+    help="Also write IN.stats.json beside IN.json, where `vicuna-sky plan` reads the tokens.",
+)
+def data_stats(
+    input_path: Path, tokenizer: str, max_length: int, template: str, write: bool
+) -> None:
     """Tokens per epoch as the trainer sees them (the recipe's data.tokens)."""
-    from vicuna_sky.data.pipeline import stats_file
+    from vicuna_sky.data.pipeline import stats_file, write_stats
 
     s = stats_file(input_path, tokenizer, template, max_length)
     console.print(
         f"samples {s.samples}  tokens {s.tokens}  trainable tokens {s.trainable_tokens}  "
-        f"longest {s.longest}  over max length {s.over_max_length}"
+        f"longest {s.longest}  over max length {s.over_max_length}  packed sequences {s.packs}"
     )
+    if write:
+        console.print(f"wrote {write_stats(s, input_path)}")

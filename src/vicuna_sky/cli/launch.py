@@ -113,11 +113,12 @@ def serve(fleet: bool, **options: object) -> None:
 @click.option(
     "--top", type=click.IntRange(min=1), default=5, show_default=True, help="Candidates per table."
 )
-def plan(recipe: str, top: int) -> None:
-    """Cost plan: cheapest spot and on-demand offers and the estimated $ for the run."""
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead of tables.")
+def plan(recipe: str, top: int, as_json: bool) -> None:
+    """Cost plan: tokens, throughput, checkpoint interval, spot offers ranked by expected $."""
     from vicuna_sky.launch import runner
 
-    runner.print_plan(runner.load_recipe(recipe), top=top)
+    runner.print_plan(runner.load_recipe(recipe), top=top, as_json=as_json)
 
 
 @app.command()

@@ -121,6 +121,9 @@ def split_file(
     )
 
 
+STATS_VERSION = 1
+
+
 @dataclass
 class Stats:
     samples: int
@@ -128,6 +131,33 @@ class Stats:
     trainable_tokens: int
     longest: int
     over_max_length: int
+    packs: int = 0
+    """Sequences the trainer makes with packing on (greedy, in file order, as `pack`)."""
+    max_length: int = 0
+    tokenizer: str = ""
+    template: str = ""
+    data_bytes: int = 0
+    """Size of the data file counted: a plan ignores stats of a file that has changed since."""
+
+
+def stats_path(data: Path) -> Path:
+    """Where the stats of a data file live: X.json -> X.stats.json, beside it."""
+    data = Path(data)
+    return data.with_name(f"{data.stem}.stats.json")
+
+
+def pack_count(lengths: list[int], max_length: int) -> int:
+    """How many sequences `tokenize.pack` makes of samples of these lengths (its greedy rule,
+    without building them: a plan needs the count, not 90M token ids in memory)."""
+    packs, fill = 0, 0
+    for length in lengths:
+        n = min(length, max_length)
+        if n == 0:
+            continue
+        if fill and fill + n > max_length:
+            packs, fill = packs + 1, 0
+        fill += n
+    return packs + (fill > 0)
 
 
 def stats_file(src: Path, tokenizer: str, template: str, max_length: int) -> Stats:
@@ -138,12 +168,50 @@ def stats_file(src: Path, tokenizer: str, template: str, max_length: int) -> Sta
     _report_problems(problems, quiet=False)
     tok = split_lib.load_tokenizer(tokenizer)
     tpl = get_template(template, tok)
-    stats = Stats(len(samples), 0, 0, 0, 0)
+    stats = Stats(len(samples), 0, 0, 0, 0, max_length=max_length)
+    stats.tokenizer, stats.template = str(tokenizer), template
+    stats.data_bytes = Path(src).stat().st_size
+    lengths = []
     for sample in samples:
         t = tokenize_sample(sample, tpl, tok)
         n = len(t.input_ids)
+        lengths.append(n)
         stats.tokens += min(n, max_length)
         stats.trainable_tokens += Tokenized(t.input_ids, t.labels[:max_length]).trainable
         stats.longest = max(stats.longest, n)
         stats.over_max_length += n > max_length
+    stats.packs = pack_count(lengths, max_length)
+    return stats
+
+
+def write_stats(stats: Stats, data: Path) -> Path:
+    """The stats beside the data they count (replacing older ones: they describe the file as
+    it is now), for `vicuna-sky plan` to read."""
+    import json
+    from dataclasses import asdict
+
+    from vicuna_sky.output import write_text
+
+    target = check_output_file(stats_path(data), [data, stats.tokenizer], overwrite=True)
+    record = {"version": STATS_VERSION, "data": Path(data).name, **asdict(stats)}
+    return write_text(target, json.dumps(record, indent=2) + "\n")
+
+
+def read_stats(path: Path) -> Stats:
+    """A stats file, checked: a broken one is a one-line error naming it."""
+    import json
+    from dataclasses import fields
+
+    try:
+        record = json.loads(Path(path).read_text())
+        if record.get("version") != STATS_VERSION:
+            raise ValueError(f"version {record.get('version')!r}, expected {STATS_VERSION}")
+        names = {f.name for f in fields(Stats)}
+        stats = Stats(**{k: v for k, v in record.items() if k in names})
+        if not all(isinstance(getattr(stats, n), int) for n in ("samples", "tokens", "packs")):
+            raise ValueError("samples, tokens and packs must be integers")
+        if stats.tokens <= 0 or stats.samples <= 0:
+            raise ValueError("no tokens counted")
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise VicunaSkyError(f"cannot read data stats {path}: {e}") from None
     return stats

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -163,10 +164,10 @@ def check_budget(recipe: Recipe, over_budget: bool) -> None:
         plan = make_plan(recipe, top=1)
     except ValueError as e:
         raise VicunaSkyError(str(e)) from None
-    if plan.over_budget and plan.cheapest is not None:
+    if plan.over_budget and plan.expected_usd is not None:
         message = (
-            f"{recipe.source}: the cheapest plan costs ${plan.cost(plan.cheapest):,.0f}, over the "
-            f"budget of ${recipe.budget_usd:,.0f} (see `vicuna-sky plan`)"
+            f"{recipe.source}: the best plan's expected cost is ${plan.expected_usd:,.0f}, over "
+            f"the budget of ${recipe.budget_usd:,.0f} (see `vicuna-sky plan`)"
         )
         if not over_budget:
             raise VicunaSkyError(message + "; pass --over-budget to launch anyway")
@@ -312,15 +313,32 @@ def check_recipe(recipe_arg: str) -> None:
     console.print(table)
 
 
-def print_plan(recipe: Recipe, top: int = 5) -> None:
+def print_plan(recipe: Recipe, top: int = 5, as_json: bool = False) -> None:
     from vicuna_sky.launch.plan import make_plan, render
 
     try:
         plan = make_plan(recipe, top=top)
     except ValueError as e:
         raise VicunaSkyError(str(e)) from None
+    if as_json:
+        import json
+
+        # Plain print: rich would wrap and colour it; a pipe wants exact JSON.
+        print(json.dumps(_finite(plan.to_dict()), indent=2, allow_nan=False))
+        return
     for part in render(plan):
         console.print(part)
+
+
+def _finite(value: object) -> object:
+    """JSON has no infinity: a run that never finishes (or a missing price) is null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def print_status(local: bool, runs_dir: Path) -> None:
