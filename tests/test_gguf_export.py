@@ -155,6 +155,72 @@ def test_q_and_k_are_stored_as_llama_cpp_rotates_them(mistral, tmp_path):
 
 
 @pytest.fixture(scope="module")
+def sentencepiece_llama(tmp_path_factory) -> Path:
+    """A Llama-2-style tokenizer as transformers saves one: BPE over "▁"-joined pieces, byte
+    fallback (<0x00>..<0xFF>), a prepended "▁", BOS added; trained here on the demo text."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from vicuna_sky.tiny import _texts, demo_conversations
+
+    out = tmp_path_factory.mktemp("spm") / "model"
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=700, special_tokens=["<unk>", "<s>", "</s>", *byte_pieces], show_progress=False
+    )
+    tok.train_from_iterator(_texts(demo_conversations()), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(out)
+    config = LlamaConfig(
+        vocab_size=704,  # 4 rows beyond the tokenizer, as models padded to a multiple have
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(2)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def test_sentencepiece_style_tokenizer(sentencepiece_llama, tmp_path):
+    done = export_gguf(sentencepiece_llama, tmp_path / "spm.gguf", "f32", progress=False)
+    assert done["tokenizer"] == "llama"
+    fields = gguf.GGUFReader(done["path"]).fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    types = dict(zip(tokens, fields["tokenizer.ggml.token_type"].contents(), strict=True))
+    T = gguf.TokenType
+    assert (types["<unk>"], types["<s>"], types["<0x41>"], types["[PAD703]"]) == (
+        T.UNKNOWN,
+        T.CONTROL,
+        T.BYTE,
+        T.UNUSED,
+    )
+    assert len(tokens) == 704 and fields["tokenizer.ggml.add_bos_token"].contents() is True
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    # transformers' GGUF reader rebuilds the merges from the scores; it does not add BOS itself
+    # (llama.cpp does, from add_bos_token), so texts are compared without special tokens.
+    source_tok = AutoTokenizer.from_pretrained(sentencepiece_llama)
+    model, tokenizer = load_gguf(Path(done["path"]))
+    for text in TEXTS:
+        want = source_tok(text, add_special_tokens=False).input_ids
+        assert tokenizer(text, add_special_tokens=False).input_ids == want, text
+    ids = source_tok(PROMPT, return_tensors="pt").input_ids
+    assert torch.equal(_logits(model, ids), _logits(_source(sentencepiece_llama), ids))
+
+
+@pytest.fixture(scope="module")
 def smollm2(tmp_path_factory) -> dict:
     """SmolLM2's GGUF (llama.cpp's converter wrote it) -> safetensors -> our f32 GGUF."""
     root = tmp_path_factory.mktemp("smollm2")

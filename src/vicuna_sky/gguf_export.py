@@ -238,7 +238,7 @@ def _is_sentencepiece_bpe(spec: dict[str, Any]) -> bool:
     """A Llama/Mistral tokenizer as transformers saves it: BPE over "▁"-joined pieces with byte
     fallback, no byte-level mapping."""
     model = spec.get("model", {})
-    text = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")])
+    text = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")], ensure_ascii=False)
     return model.get("type") == "BPE" and model.get("byte_fallback") and "▁" in text
 
 
@@ -310,17 +310,20 @@ def _add_tokenizer(writer: Any, model_dir: Path, vocab_size: int) -> dict[str, A
             scores.append(-1000.0)
             continue
         tokens.append(token)
-        if i in added:
-            types.append(T.CONTROL if added[i].get("special") else T.USER_DEFINED)
+        # SentencePiece's own kinds first: its byte pieces and <unk> are often saved as added
+        # tokens too, and llama.cpp treats BYTE and UNKNOWN pieces specially.
+        if spm and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            types.append(T.BYTE)
         elif spm and token == model.get("unk_token"):
             types.append(T.UNKNOWN)
-        elif spm and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
-            types.append(T.BYTE)
+        elif i in added:
+            types.append(T.CONTROL if added[i].get("special") else T.USER_DEFINED)
         else:
             types.append(T.NORMAL)
         # llama.cpp's SentencePiece tokenizer merges the pair whose result scores highest;
         # -rank of the merge that makes a token reproduces the BPE's merge order.
-        scores.append(-1000.0 if i in added else -float(ranks.get(token, 0)) if spm else 0.0)
+        control = types[-1] in (T.CONTROL, T.USER_DEFINED)
+        scores.append(-1000.0 if control else -float(ranks.get(token, 0)) if spm else 0.0)
 
     writer.add_tokenizer_model("llama" if spm else "gpt2")
     writer.add_tokenizer_pre("default" if spm else pre)
@@ -335,7 +338,7 @@ def _add_tokenizer(writer: Any, model_dir: Path, vocab_size: int) -> dict[str, A
         raise VicunaSkyError(f"cannot load the tokenizer in {model_dir}: {e}") from None
     special.add_special_token["bos"], special.add_special_token["eos"] = _adds(tokenizer)
     if spm:
-        normalizer = json.dumps(spec.get("normalizer"))
+        normalizer = json.dumps(spec.get("normalizer"), ensure_ascii=False)
         pre_spec = spec.get("pre_tokenizer") or {}
         prefix = "Prepend" in normalizer or pre_spec.get("prepend_scheme") in ("first", "always")
         writer.add_add_space_prefix(bool(prefix))
