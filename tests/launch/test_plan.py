@@ -173,7 +173,8 @@ def test_tokens_from_the_data_stats_file(cli, tmp_path, clouds_enabled):
     assert out.returncode == 0, out.stderr
     stats = json.loads((tmp_path / "split.stats.json").read_text())
     assert stats["max_length"] == 2048 and 0 < stats["packs"] < stats["samples"] == 500
-    plan = make_plan(Recipe.from_yaml(write_recipe(tmp_path, data)))
+    unpacked = replace(Recipe.from_yaml(write_recipe(tmp_path, data)), "train", packing=False)
+    plan = make_plan(unpacked)
     tc = plan.token_count
     assert (tc.per_epoch, tc.measured) == (stats["tokens"], True)
     assert plan.tokens == 3 * stats["tokens"]
@@ -209,3 +210,16 @@ def test_tokens_from_the_data_stats_file(cli, tmp_path, clouds_enabled):
 def test_plan_section_checked(tmp_path, yaml, message):
     with pytest.raises(RecipeError, match=re.escape(message)):
         Recipe.from_yaml(write_recipe(tmp_path, Path("data/x.json"), yaml))
+
+
+def test_pack_count_is_the_trainers_packing():
+    import random
+
+    from vicuna_sky.data.pipeline import pack_count
+    from vicuna_sky.data.tokenize import IGNORE_INDEX, Tokenized, pack
+
+    rng = random.Random(0)
+    for max_length in (8, 64, 2048):
+        lengths = [rng.choice([0, 1, 3, 7, 8, 40, 64, 100, 3000]) for _ in range(300)]
+        samples = [Tokenized([1] * n, [IGNORE_INDEX] * n) for n in lengths]
+        assert pack_count(lengths, max_length) == len(pack(samples, max_length))

@@ -173,6 +173,12 @@ class CostPlan:
         """List price x training hours (no checkpoint, no preemption)."""
         return candidate.hourly_usd * self.nodes * self.hours
 
+    def on_demand_cost(self, candidate: Candidate) -> float:
+        """The run on demand: training + the best offer's periodic checkpoints (no preemption)."""
+        if self.best is None:
+            return self.cost(candidate)
+        return self.best.run.on_demand_cost(candidate.hourly_usd, self.nodes)
+
     @property
     def best(self) -> Offer | None:
         return self.offers[0] if self.offers else None
@@ -248,7 +254,7 @@ class CostPlan:
             },
             "emergency_checkpoint": self.emergency(),
             "offers": [_offer_dict(o, self.tokens) for o in self.offers],
-            "on_demand": [vars(c) for c in self.on_demand],
+            "on_demand": [vars(c) | {"usd": self.on_demand_cost(c)} for c in self.on_demand],
             "optimizer": {"choice": self.optimizer_choice, "note": self.optimizer_note},
             "seed": {"usd": self.seed_usd, "source": SEED_SOURCE},
             "budget_usd": self.budget_usd,
@@ -710,7 +716,11 @@ def render(plan: CostPlan) -> list[object]:
         od.add_column(col, justify="right" if "$" in col else "left")
     for c in plan.on_demand:
         od.add_row(
-            c.cloud, c.region, c.instance_type, f"{c.hourly_usd:,.2f}", f"{plan.cost(c):,.0f}"
+            c.cloud,
+            c.region,
+            c.instance_type,
+            f"{c.hourly_usd:,.2f}",
+            f"{plan.on_demand_cost(c):,.0f}",
         )
     if not plan.on_demand:
         od.add_row("-", "no offer in the catalog", "", "", "")
