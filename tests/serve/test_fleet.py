@@ -230,6 +230,11 @@ def drain_with_work_in_flight(fleet, model: str, tell, reason: str, env=None) ->
     client = fleet.client()
     # Long answers (400 tokens, about half a second): the signal finds this one in flight.
     expected = {i: ask_model(client, i, max_tokens=400) for i in (0, 1)}
+    # The worker may count an answer a moment after the client has it: start from idle, so
+    # the watcher sees the next request, not the tail of the last one.
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{a}/health", timeout=5).json()["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.01)
     watcher = when_busy(fleet, a, lambda: tell(a))
     assert ask_model(client, 0, 400) == expected[0]
     watcher.join(60)
