@@ -256,12 +256,15 @@ def test_smollm2_round_trip(smollm2):
         assert np.array_equal(np.asarray(tensor.data).reshape(-1), want), tensor.name
 
     source = _source(smollm2["source"])
-    loaded, _ = load_gguf(smollm2["ours"])
+    loaded, tokenizer = load_gguf(smollm2["ours"])
     want, got = source.state_dict(), loaded.state_dict()
     assert want.keys() == got.keys()
     for name in want:
         assert torch.equal(got[name], want[name]), name
-    _check_type(smollm2["source"], smollm2["ours"], "f32")
+    source_tok = AutoTokenizer.from_pretrained(smollm2["source"])
+    ids = source_tok(PROMPT, return_tensors="pt").input_ids
+    assert torch.equal(_logits(loaded, ids), _logits(source, ids))
+    _same_tokens(source_tok, tokenizer)
 
 
 def test_smollm2_metadata_matches_llama_cpp(smollm2):
@@ -425,3 +428,21 @@ def test_peak_memory_is_about_one_tensor(tiny, tmp_path, out_type):
     assert increase < 2 * tensor_mib + 16
     assert increase < model_mib / 3
     _check_type(big, Path(str(big) + ".gguf"), out_type)
+
+
+def test_demo_stage_exports_the_fine_tuned_model(tiny, tmp_path):
+    """The demo's last stage (the full demo runs in tests/test_demo.py), on the tiny model."""
+    from types import SimpleNamespace
+
+    from vicuna_sky.demo import STAGES, stage_gguf
+
+    assert STAGES[-1].fn is stage_gguf
+    ctx = SimpleNamespace(
+        workdir=tmp_path, recipe=SimpleNamespace(name="tiny-cpu"), outputs={"export": str(tiny)}
+    )
+    said = stage_gguf(ctx)
+    out = tmp_path / "gguf" / "tiny-cpu.q8_0.gguf"
+    assert ctx.outputs["gguf"] == str(out) and f"llama-cli -m {out}" in said
+    fields = gguf.GGUFReader(out).fields
+    assert fields["general.name"].contents() == "tiny-cpu (vicuna-sky)"
+    assert fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0

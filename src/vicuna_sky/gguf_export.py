@@ -399,9 +399,14 @@ def _add_general(writer: Any, model_dir: Path, metadata: Path | None, params: in
 
     if metadata is not None and not Path(metadata).is_file():
         raise VicunaSkyError(f"metadata file not found: {metadata}")
-    if metadata is not None:
-        _read_json(Path(metadata))  # a clear error for a broken file, before gguf reads it
+    override = _read_json(Path(metadata)) if metadata is not None else {}
     info = gguf.Metadata.load(metadata, model_dir, None, params)
+    # gguf's loader skips a few keys of its own override format (general.license among them):
+    # every general.* key the file gives that names a Metadata field wins, as llama.cpp documents.
+    for key, value in override.items():
+        field = key.removeprefix("general.")
+        if key.startswith("general.") and field in gguf.Metadata.__dataclass_fields__:
+            setattr(info, field, value)
     if info.size_label is None:
         info.size_label = gguf.size_label(params, 0, 0, 0)
     writer.add_type(gguf.GGUFType.MODEL)
