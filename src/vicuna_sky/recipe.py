@@ -173,6 +173,10 @@ class PlanSection:
     preemption_rates: dict[str, float] = field(default_factory=dict)
     """Per-offer overrides of preemptions_per_hour, keyed 'cloud' or 'cloud/region'
     (e.g. {gcp: 0.2, aws/us-east-1: 0.05}); the most specific key wins."""
+    use_planned_interval: bool = True
+    """`train` of a GPU recipe checkpoints every the plan's Young/Daly number of steps (for the
+    best offer) instead of train.checkpoint_every_steps; `--env CHECKPOINT_EVERY_STEPS=N` wins,
+    and without a plan (offline) the recipe's number stands."""
     relaunch_minutes: float = 8.0
     """Minutes from a preemption to training again, before the checkpoint download (which the
     plan adds from its size): SkyPilot provisioning a GPU node + setup + model load (assumed;

@@ -223,3 +223,28 @@ def test_pack_count_is_the_trainers_packing():
         lengths = [rng.choice([0, 1, 3, 7, 8, 40, 64, 100, 3000]) for _ in range(300)]
         samples = [Tokenized([1] * n, [IGNORE_INDEX] * n) for n in lengths]
         assert pack_count(lengths, max_length) == len(pack(samples, max_length))
+
+
+def test_train_launches_with_the_planned_interval(clouds_enabled):
+    from vicuna_sky.launch.runner import train_plan
+    from vicuna_sky.launch.tasks import Spec, load_task
+
+    r = recipe("vicuna-7b")
+    task = load_task(Spec.TRAIN, r, {})
+    plan, why = train_plan(r, task, {})
+    assert why == "" and plan.best.every_steps != r.train.checkpoint_every_steps
+    assert task.envs["CHECKPOINT_EVERY_STEPS"] == str(plan.best.every_steps)
+    # The user's --env wins; so does a recipe that keeps its own number.
+    task = load_task(Spec.TRAIN, r, {"CHECKPOINT_EVERY_STEPS": "7"})
+    train_plan(r, task, {"CHECKPOINT_EVERY_STEPS": "7"})
+    assert task.envs["CHECKPOINT_EVERY_STEPS"] == "7"
+    own = replace(r, "plan", use_planned_interval=False)
+    task = load_task(Spec.TRAIN, own, {})
+    train_plan(own, task, {})
+    assert task.envs["CHECKPOINT_EVERY_STEPS"] == "100"
+    # No plan (no offer for this GPU in the catalog): the recipe's number, and why.
+    nowhere = replace(r, "resources", accelerator="H100")
+    task = load_task(Spec.TRAIN, nowhere, {})
+    plan, why = train_plan(nowhere, task, {})
+    assert plan is None or plan.best is None
+    assert task.envs["CHECKPOINT_EVERY_STEPS"] == "100"

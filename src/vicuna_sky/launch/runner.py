@@ -60,16 +60,18 @@ def launch_recipe(
     task = load_task(spec, recipe, overrides)
     name = name or f"{recipe.name}-{spec.name.lower()}"
     task.name = name
+    plan, no_plan = None, ""
+    if spec is Spec.TRAIN and recipe.resources.accelerator:
+        plan, no_plan = train_plan(recipe, task, overrides)
     if dryrun:
         console.rule(f"[bold]{spec.value}[/] with {recipe.source}")
         console.print(Syntax(resolved_yaml(task), "yaml", word_wrap=True))
         for key in missing_secrets(spec, task):
             console.print(f"[yellow]warning:[/] {key} is not set in your environment")
-        if spec is Spec.TRAIN and recipe.resources.accelerator:
-            try:
-                print_plan(recipe)
-            except Exception as e:  # offline, no catalog: the task above still stands
-                console.print(f"cost plan: unavailable ({one_line(e)})")
+        if plan is not None:
+            print_plan(recipe, plan=plan)
+        elif no_plan:  # offline, no catalog: the task above still stands
+            console.print(f"cost plan: unavailable ({no_plan})")
         return None
     missing = missing_secrets(spec, task)
     if missing:
@@ -80,7 +82,7 @@ def launch_recipe(
     if spec is Spec.TRAIN and "RUN_TAG" in task.envs:
         console.print(f"checkpoints: {checkpoint_url(task)} (resumes from the newest there)")
     if spec is Spec.TRAIN and not local:
-        check_budget(recipe, over_budget)
+        check_budget(recipe, over_budget, plan)
     if local:
         if workdir is not None:
             runs_dir = workdir / "runs"
@@ -154,16 +156,43 @@ def _user_data(data_path: str) -> bool:
     return Path(data_path) != Path("data") / DEMO_DATA
 
 
-def check_budget(recipe: Recipe, over_budget: bool) -> None:
-    """Refuse a cloud training run whose cheapest plan costs more than the recipe's budget."""
+def train_plan(recipe: Recipe, task: object, overrides: dict[str, str]) -> tuple[object, str]:
+    """The cost plan of a GPU training run (None and why, when there is none: offline, no
+    catalog), and with `plan.use_planned_interval` its Young/Daly checkpoint interval applied
+    to the task, unless `--env CHECKPOINT_EVERY_STEPS` chose one."""
+    from vicuna_sky.launch.plan import make_plan
+
+    try:
+        plan = make_plan(recipe)
+    except Exception as e:  # the launch decides whether a missing plan matters
+        if recipe.plan.use_planned_interval and "CHECKPOINT_EVERY_STEPS" not in overrides:
+            console.print(
+                f"checkpoint every {recipe.train.checkpoint_every_steps} steps (the recipe's: "
+                "no plan to choose by)"
+            )
+        return None, one_line(e)
+    if recipe.plan.use_planned_interval and plan.best and "CHECKPOINT_EVERY_STEPS" not in overrides:
+        steps = plan.best.every_steps
+        task.update_envs({"CHECKPOINT_EVERY_STEPS": str(steps)})
+        console.print(
+            f"checkpoint every {steps} steps: the plan's Young/Daly interval for "
+            f"{plan.best.cloud} {plan.best.region} (recipe: {recipe.train.checkpoint_every_steps}; "
+            "plan.use_planned_interval: false keeps the recipe's)"
+        )
+    return plan, ""
+
+
+def check_budget(recipe: Recipe, over_budget: bool, plan: object = None) -> None:
+    """Refuse a cloud training run whose best expected cost is over the recipe's budget."""
     if recipe.budget_usd is None or not recipe.resources.accelerator:
         return
     from vicuna_sky.launch.plan import make_plan
 
-    try:
-        plan = make_plan(recipe, top=1)
-    except ValueError as e:
-        raise VicunaSkyError(str(e)) from None
+    if plan is None:
+        try:
+            plan = make_plan(recipe, top=1)
+        except ValueError as e:
+            raise VicunaSkyError(str(e)) from None
     if plan.over_budget and plan.expected_usd is not None:
         message = (
             f"{recipe.source}: the best plan's expected cost is ${plan.expected_usd:,.0f}, over "
@@ -313,13 +342,14 @@ def check_recipe(recipe_arg: str) -> None:
     console.print(table)
 
 
-def print_plan(recipe: Recipe, top: int = 5, as_json: bool = False) -> None:
+def print_plan(recipe: Recipe, top: int = 5, as_json: bool = False, plan: object = None) -> None:
     from vicuna_sky.launch.plan import make_plan, render
 
-    try:
-        plan = make_plan(recipe, top=top)
-    except ValueError as e:
-        raise VicunaSkyError(str(e)) from None
+    if plan is None:
+        try:
+            plan = make_plan(recipe, top=top)
+        except ValueError as e:
+            raise VicunaSkyError(str(e)) from None
     if as_json:
         import json
 
