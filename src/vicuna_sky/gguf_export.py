@@ -321,9 +321,11 @@ def _add_tokenizer(writer: Any, model_dir: Path, vocab_size: int) -> dict[str, A
         else:
             types.append(T.NORMAL)
         # llama.cpp's SentencePiece tokenizer merges the pair whose result scores highest;
-        # -rank of the merge that makes a token reproduces the BPE's merge order.
+        # -rank of the merge that makes a token reproduces the BPE's merge order (a piece no
+        # merge makes, a single character, ranks last: it is never a pair's result).
         control = types[-1] in (T.CONTROL, T.USER_DEFINED)
-        scores.append(-1000.0 if control else -float(ranks.get(token, 0)) if spm else 0.0)
+        rank = ranks.get(token, len(ranks))
+        scores.append(-1000.0 if control else -float(rank) if spm else 0.0)
 
     writer.add_tokenizer_model("llama" if spm else "gpt2")
     writer.add_tokenizer_pre("default" if spm else pre)
