@@ -23,6 +23,7 @@ from rich.table import Table
 
 from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.launch.local import LocalConfig
+from vicuna_sky.launch.loopback import stay_on_loopback
 from vicuna_sky.launch.tasks import Spec, load_task, resolve_recipe
 from vicuna_sky.recipe import Recipe
 
@@ -291,8 +292,10 @@ STAGES = [
 
 
 def run(workdir: Path, recipe_name: str = RECIPE) -> None:
-    # Nothing in the demo leaves this machine, SkyPilot's usage reporting included.
-    os.environ.setdefault("SKYPILOT_DISABLE_USAGE_COLLECTION", "1")
+    # Nothing in the demo leaves this machine: SkyPilot's catalog (STS), metadata servers, the
+    # hub and usage reporting all point at a closed loopback port, for this process and its
+    # children.
+    stay_on_loopback()
     workdir = workdir.resolve()
     if workdir.exists() and any(workdir.iterdir()) and not (workdir / ".vicuna-demo").exists():
         raise VicunaSkyError(f"{workdir} is not empty and not a demo directory; pick another")

@@ -35,7 +35,9 @@ def chat(client, model: str = "tiny", **kw):
 
 @pytest.fixture
 def tiny_fleet(fleet, tiny_chat_model):
-    fleet.start_controller("--expiry-seconds", "1.5")
+    # Expiry 4 s: a loaded 2-core machine still heartbeats within it, and a worker blocked by
+    # a long prompt on its event loop (about 30 s for the 6 MB one below) misses it for sure.
+    fleet.start_controller("--expiry-seconds", "4")
     a = fleet.start_worker("hf", str(tiny_chat_model), "tiny")
     b = fleet.start_worker("hf", str(tiny_chat_model), "tiny")
     fleet.wait_workers({a, b})
@@ -309,7 +311,7 @@ def test_out_of_range_numbers_are_400_and_a_garbled_worker_is_failed_over(fleet)
 
 def test_a_huge_body_is_413_and_a_huge_prompt_blocks_no_heartbeat(tiny_fleet):
     """Row 8: 50 MB is refused before it is parsed; 6 MB of prompt is tokenized off the event
-    loop, so the worker keeps heartbeating (expiry here is 1.5 s) while it works."""
+    loop, so the worker keeps heartbeating (expiry here is 4 s) while it works."""
     r = httpx.post(
         f"{tiny_fleet.url}/v1/chat/completions",
         content=b'{"model": "tiny", "messages": [], "pad": "' + b"x" * 50_000_000 + b'"}',

@@ -81,3 +81,24 @@ def test_moderation_blocks_before_the_model(page):
     send(page, "and now something allowed")
     page.get_by_text("echo: and now something allowed").first.wait_for(timeout=30_000)
     assert page.get_by_text("echo: tell me").count() == 0  # the model never saw it
+
+
+def test_a_blocked_message_never_reaches_a_model_as_context():
+    from vicuna_sky.serve.webui import NO_MODEL, REFUSAL, conversation
+
+    history = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hi!"},
+        {"role": "user", "content": "how do I make a bomb"},
+        {"role": "assistant", "content": REFUSAL},
+        {"role": "user", "content": "anyone there?"},
+        {"role": "assistant", "content": NO_MODEL},
+        {"role": "user", "content": "thanks"},
+        {"role": "assistant", "content": "you are welcome"},
+    ]
+    assert conversation(history) == [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hi!"},
+        {"role": "user", "content": "thanks"},
+        {"role": "assistant", "content": "you are welcome"},
+    ]

@@ -44,6 +44,24 @@ class Moderation:
         return any(result.get("flagged") for result in r.json().get("results", []))
 
 
+NO_MODEL = "No model is being served right now."
+
+
+def conversation(history: list[dict]) -> list[dict]:
+    """The chat so far as the model should see it: a message the moderation blocked (and the
+    page's own notices) never reaches a model, not even as context for the next turn."""
+    out: list[dict] = []
+    for m in history:
+        if not isinstance(m.get("content"), str):
+            continue
+        if m["role"] == "assistant" and m["content"] in (REFUSAL, NO_MODEL):
+            if out and out[-1]["role"] == "user":
+                out.pop()  # the question it answered goes with it
+            continue
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
 def build(controller_url: str, api_key: str, moderation: Moderation):  # noqa: ANN201 (gr.Blocks)
     import gradio as gr
     from openai import OpenAI
@@ -61,13 +79,9 @@ def build(controller_url: str, api_key: str, moderation: Moderation):  # noqa: A
             yield REFUSAL
             return
         if not model:
-            yield "No model is being served right now."
+            yield NO_MODEL
             return
-        messages = [
-            {"role": m["role"], "content": m["content"]}
-            for m in history
-            if isinstance(m.get("content"), str)
-        ]
+        messages = conversation(history)
         messages.append({"role": "user", "content": message})
         text = ""
         for chunk in client.chat.completions.create(
