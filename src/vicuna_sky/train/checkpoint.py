@@ -5,6 +5,12 @@ loaded by a different number of processes), the scheduler, step, sampler positio
 rank's RNG state. Locally a step directory is complete once DCP has written `.metadata` (it
 writes it last); in the bucket once checkpoints_sync has committed its manifest. At start the
 newest complete checkpoint wins, from the bucket or the local disk.
+
+A periodic save holds training up only while the state is copied to host memory: DCP's
+`async_save` writes the files in a background thread (over a gloo group of its own), and the
+step directory is handed to the uploader once written. One save is in flight at a time. The
+emergency save on a preemption notice, and every save of a multi-node run (whose commit is a
+collective over the training group), are synchronous.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import logging
 import random
 import shutil
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +69,8 @@ class CheckpointManager:
         # holds only its own processes' shards, so the commit is made together (see save).
         single = self.remote and world.is_main and world.single_node
         self.uploader = AsyncUploader(self.remote, keep=keep) if single else None
+        self.async_saves = world.single_node and world.checkpoint is not None
+        self._saving: tuple[Future, Path, int] | None = None
 
     # -- resume ----------------------------------------------------------------------------
     def find_resume_step(self) -> int | None:
@@ -118,7 +127,12 @@ class CheckpointManager:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         extra: dict[str, Any],
-    ) -> Path:
+        blocking: bool = False,
+    ) -> float:
+        """Save step-N; the seconds training was held up (the previous save's end, the copy
+        to host memory, and with `blocking` the whole write)."""
+        start = time.monotonic()
+        self.wait_for_save()
         directory = self.root / f"step-{step}"
         if self.world.local_rank == 0 and directory.exists():
             shutil.rmtree(directory)  # a stale half-save of this step from an earlier attempt
@@ -130,13 +144,36 @@ class CheckpointManager:
             "extra": extra,
             f"rng_rank{self.world.rank}": rng_state(),
         }
-        dcp.save(state, checkpoint_id=str(directory))
+        if self.async_saves and not blocking:
+            future = dcp.async_save(
+                state, checkpoint_id=str(directory), process_group=self.world.checkpoint
+            )
+            self._saving = (future, directory, step)
+        else:
+            dcp.save(state, checkpoint_id=str(directory))
+            self._written(directory, step)
+        return time.monotonic() - start
+
+    def poll(self) -> None:
+        """Hand a finished background save on to the uploader (cheap: call it every step)."""
+        if self._saving is not None and self._saving[0].done():
+            self.wait_for_save()
+
+    def wait_for_save(self) -> None:
+        """Block until the save in flight is written (its error, if any, is raised here)."""
+        if self._saving is None:
+            return
+        future, directory, step = self._saving
+        self._saving = None
+        future.result()
+        self._written(directory, step)
+
+    def _written(self, directory: Path, step: int) -> None:
         if self.uploader:
             self.uploader.submit(directory, step)
         elif self.remote and not self.world.single_node:
             self._commit_across_nodes(directory, step)
         self._prune_local()
-        return directory
 
     def _commit_across_nodes(self, directory: Path, step: int) -> None:
         """Each node uploads the files its processes wrote; the first process then writes the
@@ -171,11 +208,18 @@ class CheckpointManager:
     def wait(self) -> float:
         """Block until handed-over uploads are committed; seconds waited."""
         start = time.monotonic()
+        self.wait_for_save()
         if self.uploader:
             self.uploader.wait()
         return time.monotonic() - start
 
     def close(self) -> None:
+        if self._saving is not None:
+            step = self._saving[2]
+            try:  # on the way out after an error: finish the write, never raise over it
+                self.wait_for_save()
+            except Exception as e:
+                log.warning("checkpoint step-%d was not written: %s", step, e)
         if self.uploader:
             self.uploader.close()
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from vicuna_sky.errors import VicunaSkyError
 
+ATTENTION_CHOICES = ("auto", "sdpa", "flex_attention", "flash_attention_2")
+
 
 def _bool(text: str) -> bool:
     value = text.strip().lower()
@@ -39,6 +41,12 @@ class TrainConfig:
     """Recompute each decoder layer's activations in the backward pass."""
     packing: bool = False
     """Pack several samples per sequence (position ids restart, attention kept per sample)."""
+    attention: str = "auto"
+    """auto, sdpa, flex_attention or flash_attention_2. auto: flash_attention_2 when flash-attn
+    is installed (GPU), flex_attention with a document mask for packed rows on GPU, else sdpa."""
+    loss_chunk_tokens: int = 4096
+    """Cross-entropy in chunks of this many tokens, each upcast to fp32 on its own: the full
+    logits never get an fp32 copy."""
     lora_r: int = 0
     """LoRA rank (peft); 0 = full fine-tuning."""
     max_grad_norm: float = 1.0
@@ -52,6 +60,9 @@ class TrainConfig:
     checkpoint_dir: str = "checkpoints"
     """Local directory DCP writes to before the upload."""
     export_dir: str = "export"
+    """Where the final model is written; empty = no export (benchmarks)."""
+    final_checkpoint: bool = True
+    """Checkpoint after the last step too (off for benchmarks: nothing resumes from it)."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = run all epochs); for smoke tests."""
     metrics_path: str = "metrics.jsonl"
@@ -65,11 +76,14 @@ class TrainConfig:
             )
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise VicunaSkyError(f"--precision {self.precision!r}: bf16, fp16 or fp32")
+        if self.attention not in ATTENTION_CHOICES:
+            raise VicunaSkyError(f"--attention {self.attention!r}: {', '.join(ATTENTION_CHOICES)}")
         for name in (
             "max_length",
             "global_batch_size",
             "micro_batch_size",
             "checkpoint_every_steps",
+            "loss_chunk_tokens",
         ):
             if getattr(self, name) < 1:
                 raise VicunaSkyError(f"--{name.replace('_', '-')} must be at least 1")

@@ -31,6 +31,13 @@ class Dataset:
     position_ids: list[list[int]] | None = None
     """Set when samples are packs: position ids restart at each packed sample."""
 
+    def __post_init__(self) -> None:
+        # Per row: tokens, and tokens predicted with a loss (a label at position >= 1). The
+        # trainer normalises by the global batch's count, known here on every process without
+        # a collective (every process has the data and the global batch's indices).
+        self.tokens = [len(s.input_ids) for s in self.samples]
+        self.answer_tokens = [sum(x != IGNORE_INDEX for x in s.labels[1:]) for s in self.samples]
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -111,12 +118,15 @@ def micro_batches(batch: list[int], rank: int, world: int, micro: int) -> list[l
 
 
 def collate(
-    dataset: Dataset, indices: list[int], pad_id: int, flash: bool
+    dataset: Dataset, indices: list[int], pad_id: int, attention: str, pad_to: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Right-padded tensors. Packed rows get position ids and, unless flash-attention reads
-    sample boundaries from the position ids itself, a block-causal mask."""
+    """Right-padded tensors, at least `pad_to` long (a fixed shape lets a compiled attention
+    kernel be reused instead of recompiled per length). Packed rows get position ids and what
+    the attention reads sample boundaries from: flash_attention_2 the position ids themselves,
+    flex_attention `segments` (sample ids; the trainer makes its block mask on the device), SDPA
+    a dense block-causal mask."""
     rows = [dataset.samples[i] for i in indices]
-    length = max(len(r.input_ids) for r in rows)
+    length = max(pad_to, *(len(r.input_ids) for r in rows))
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -134,5 +144,13 @@ def collate(
             # Padding continues the last sample's positions so it forms no new segment.
             pos[i, len(p) :] = torch.arange(p[-1] + 1, p[-1] + 1 + length - len(p))
         batch["position_ids"] = pos
-        batch["attention_mask"] = None if flash else block_causal_mask(pos)
+        batch["attention_mask"] = None
+        if attention == "flex_attention":
+            segments = torch.full((len(rows), length), -1, dtype=torch.long)  # padding: -1
+            for i, idx in enumerate(indices):
+                p = torch.tensor(dataset.position_ids[idx])
+                segments[i, : len(p)] = torch.cumsum((p == 0).long(), 0)
+            batch["segments"] = segments
+        elif attention != "flash_attention_2":
+            batch["attention_mask"] = block_causal_mask(pos)
     return batch

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -17,6 +18,11 @@ class World:
     local_rank: int
     local_size: int
     device: torch.device
+    control: Any = field(default=None, compare=False)
+    """A gloo group for host-side decisions (stop now?): an answer needs no GPU sync."""
+    checkpoint: Any = field(default=None, compare=False)
+    """A gloo group of its own for DCP's background saves, so their collectives never run
+    concurrently with training's on the same group."""
 
     @property
     def is_main(self) -> bool:
@@ -45,7 +51,11 @@ def init() -> World:
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(size))
         dist.init_process_group(backend, timeout=timedelta(minutes=30))
-    return World(rank, size, local_rank, local_size, device)
+    # On CPU the default group is gloo already; on GPU it is NCCL, whose results live on the
+    # device and so cost a host sync to read.
+    control = dist.new_group(backend="gloo") if backend != "gloo" else None
+    checkpoint = dist.new_group(backend="gloo")
+    return World(rank, size, local_rank, local_size, device, control, checkpoint)
 
 
 def mesh(world: World):  # noqa: ANN201 (DeviceMesh)
@@ -56,8 +66,8 @@ def mesh(world: World):  # noqa: ANN201 (DeviceMesh)
 
 def any_rank(flag: bool, world: World) -> bool:
     """True on every rank when it is true on any: all ranks must stop at the same step."""
-    t = torch.tensor([1 if flag else 0], device=world.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([1 if flag else 0])  # on the host, over gloo: no wait for the GPU
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=world.control)
     return bool(t.item())
 
 

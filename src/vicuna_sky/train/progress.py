@@ -45,13 +45,17 @@ class Progress:
         flops_per_token: float,
         lr: float,
         peak_mb: float,
+        **extra: float,
     ) -> None:
+        """`extra`: more fields for this step's metrics line (checkpoint_stall_seconds, ...)."""
         if not self.enabled:
             return
         rate = tokens / seconds if seconds > 0 else 0.0
         mfu = rate * flops_per_token / self.peak if self.peak else None
         line = f"loss {loss:.4f} lr {lr:.2e} tok/s {rate:,.0f}"
         line += f" mfu {100 * mfu:.1f}%" if mfu is not None else ""
+        if "checkpoint_stall_seconds" in extra:
+            line += f" checkpoint stall {extra['checkpoint_stall_seconds']:.2f}s"
         if self.metrics:
             record = {
                 "step": step,
@@ -62,6 +66,7 @@ class Progress:
                 "seconds": seconds,
                 "mfu": mfu,
                 "peak_memory_mb": peak_mb,
+                **extra,
             }
             with self.metrics.open("a") as f:
                 f.write(json.dumps(record) + "\n")

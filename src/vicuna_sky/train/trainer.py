@@ -8,17 +8,18 @@ split into micro-batches and processes, and a resumed run identical to an uninte
 
 from __future__ import annotations
 
+import collections
+import gc
 import logging
 import math
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
-from torch.nn import functional as F
 
-from vicuna_sky.data.tokenize import IGNORE_INDEX
 from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.models import resolve_model_path
 from vicuna_sky.spot import PREEMPTED_EXIT_CODE, PreemptionWatcher
@@ -28,6 +29,7 @@ from vicuna_sky.train.checkpoint import CheckpointManager
 from vicuna_sky.train.config import TrainConfig
 from vicuna_sky.train.data import ResumableSampler, collate, load_dataset, micro_batches
 from vicuna_sky.train.export import export
+from vicuna_sky.train.loss import next_token_loss_sum
 from vicuna_sky.train.progress import Progress
 
 log = logging.getLogger("vicuna_sky.train")
@@ -66,6 +68,26 @@ def peak_flops(device: torch.device) -> float:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
 
 
+# Python's cyclic garbage collector runs when allocations cross a threshold, at any point of a
+# step, for as long as the heap takes to scan: the periodic slow steps of issue #14 look like it.
+# Training makes few cycles, so it is collected at known points instead (as torchtitan does).
+GC_EVERY_STEPS = 50
+
+
+@dataclass
+class _StepRecord:
+    """A step whose numbers are read once the device has finished it (reading a device tensor
+    earlier would make the host wait for the GPU every step)."""
+
+    step: int
+    loss_sum: torch.Tensor
+    answer_tokens: int
+    tokens: int
+    lr: float
+    done: torch.cuda.Event | None
+    extra: dict = field(default_factory=dict)
+
+
 class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         config.check()
@@ -97,7 +119,7 @@ class Trainer:
         model, attn = model_lib.load(c, path, world)
         model = model_lib.shard(model, c, world, dist.mesh(world))
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        optimizer = model_lib.optimizer(params, c, world)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(c, total))
         ckpt = CheckpointManager(
             Path(c.checkpoint_dir), c.checkpoint_url, c.keep_checkpoints, world
@@ -126,41 +148,91 @@ class Trainer:
         progress = Progress(
             total, step, world.is_main, peak_flops(world.device) * world.size, c.metrics_path
         )
-        flash = attn == "flash_attention_2"
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # flex_attention is compiled for one shape: packed rows are padded to one length.
+        pad_to = math.ceil(c.max_length / 128) * 128 if attn == "flex_attention" else 0
+        # Steps whose loss is not read yet. On a GPU one step stays in flight: the host reads
+        # step N-1's numbers (finished by then) while the device runs step N, and collates
+        # step N+1 meanwhile; nothing in a step waits for the device.
+        pending: collections.deque[_StepRecord] = collections.deque()
+        in_flight = 1 if world.device.type == "cuda" else 0
+        self._clock = time.perf_counter()
+        gc.collect()
+        gc.freeze()  # what setup made is never scanned again
+        gc.disable()
         try:
             while step < total:
-                started = time.perf_counter()
                 batch = sampler.next_batch()
-                loss, tokens = self._step(model, dataset, batch, world, pad_id, flash)
+                micro = [
+                    collate(dataset, idx, pad_id, attn, pad_to)
+                    for idx in micro_batches(batch, world.rank, world.size, c.micro_batch_size)
+                ]
+                answers = max(1, sum(dataset.answer_tokens[i] for i in batch))
+                loss_sum = self._step(model, micro, world, answers)
                 torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                progress.update(
-                    step,
-                    loss,
-                    tokens,
-                    time.perf_counter() - started,
-                    flops_per_token,
-                    scheduler.get_last_lr()[0],
-                    peak_memory_mb(world.device),
-                )
+                done = torch.cuda.Event() if world.device.type == "cuda" else None
+                if done is not None:
+                    done.record()
+                tokens = sum(dataset.tokens[i] for i in batch)
+                lr = scheduler.get_last_lr()[0]
+                pending.append(_StepRecord(step, loss_sum, answers, tokens, lr, done))
+                if step % GC_EVERY_STEPS == 0:
+                    gc.collect(1)
                 stopping = dist.any_rank(watcher.triggered, world)
                 if stopping:
+                    while pending:
+                        self._report(pending.popleft(), progress, world, flops_per_token)
                     return self._emergency(
                         step, model, optimizer, sampler, scheduler, ckpt, watcher, world
                     )
-                if step % c.checkpoint_every_steps == 0 or step == total:
-                    ckpt.save(step, model, optimizer, self._extra(step, sampler, scheduler))
+                if step % c.checkpoint_every_steps == 0 or (step == total and c.final_checkpoint):
+                    stall = ckpt.save(step, model, optimizer, self._extra(step, sampler, scheduler))
+                    pending[-1].extra["checkpoint_stall_seconds"] = stall
+                ckpt.poll()
+                while len(pending) > in_flight:
+                    self._report(pending.popleft(), progress, world, flops_per_token)
+            while pending:
+                self._report(pending.popleft(), progress, world, flops_per_token)
             progress.close()
-            export(model, tokenizer, c, world, path)
+            if c.export_dir:
+                export(model, tokenizer, c, world, path)
             ckpt.wait()
             return 0
         finally:
+            gc.enable()
             watcher.stop()
             ckpt.close()
+
+    def _report(
+        self, record: _StepRecord, progress: Progress, world: dist.World, flops_per_token: float
+    ) -> None:
+        """Log a finished step. Its time runs from the previous step's end on the device to
+        this one's, so a host running ahead does not flatter the figure."""
+        if record.done is not None:
+            record.done.synchronize()
+        now = time.perf_counter()
+        seconds, self._clock = now - self._clock, now
+        extra = dict(record.extra)
+        if world.device.type == "cuda":
+            # cudaMalloc retries (the allocator freeing its cache to satisfy a request) stall
+            # a step for milliseconds to seconds: counted so a slow step can be explained.
+            extra["alloc_retries"] = torch.cuda.memory_stats(world.device).get(
+                "num_alloc_retries", 0
+            )
+        progress.update(
+            record.step,
+            record.loss_sum.item() / record.answer_tokens,
+            record.tokens,
+            seconds,
+            flops_per_token,
+            record.lr,
+            peak_memory_mb(world.device),
+            **extra,
+        )
 
     @staticmethod
     def _extra(step: int, sampler: ResumableSampler, scheduler: object) -> dict:
@@ -169,44 +241,28 @@ class Trainer:
     def _step(
         self,
         model: torch.nn.Module,
-        dataset: object,
-        batch: list[int],
+        micro: list[dict[str, torch.Tensor]],
         world: dist.World,
-        pad_id: int,
-        flash: bool,
-    ) -> tuple[float, int]:
-        c = self.config
-        micro = [
-            collate(dataset, idx, pad_id, flash)
-            for idx in micro_batches(batch, world.rank, world.size, c.micro_batch_size)
-        ]
-        local = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro)
-        count = torch.tensor([local], device=world.device)
-        torch_dist.all_reduce(count)
-        total_tokens = max(1, int(count.item()))
+        answer_tokens: int,
+    ) -> torch.Tensor:
+        """Forward and backward over this process's micro-batches; the summed token loss of the
+        whole global batch, on the device (not read here: that would wait for the device)."""
         loss_sum = torch.zeros((), device=world.device)
         for i, m in enumerate(micro):
             # Sync gradients only on the last micro-batch: one reduce-scatter per step.
             model.set_requires_gradient_sync(i == len(micro) - 1)
-            m = {k: v.to(world.device) if v is not None else None for k, v in m.items()}
+            m = _to_device(m, world.device)
             labels = m.pop("labels")
-            logits = model(**m).logits.float()
-            token_loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.size(-1)),
-                labels[:, 1:].reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
-            (token_loss * world.size / total_tokens).backward()
+            segments = m.pop("segments", None)
+            if segments is not None:
+                m["attention_mask"] = model_lib.document_block_mask(segments)
+            logits = model(**m).logits
+            token_loss = next_token_loss_sum(logits, labels, self.config.loss_chunk_tokens)
+            del logits
+            (token_loss * world.size / answer_tokens).backward()
             loss_sum += token_loss.detach()
         torch_dist.all_reduce(loss_sum)
-        tokens = sum(
-            int(m["attention_mask"].sum())
-            if m["attention_mask"] is not None and m["attention_mask"].dim() == 2
-            else m["input_ids"].numel()
-            for m in micro
-        )
-        return loss_sum.item() / total_tokens, tokens * world.size
+        return loss_sum
 
     def _emergency(
         self,
@@ -220,7 +276,7 @@ class Trainer:
         world: dist.World,
     ) -> int:
         start = time.monotonic()
-        ckpt.save(step, model, optimizer, self._extra(step, sampler, scheduler))
+        ckpt.save(step, model, optimizer, self._extra(step, sampler, scheduler), blocking=True)
         ckpt.wait()
         took = time.monotonic() - start
         since = time.monotonic() - watcher.noticed_at if watcher.noticed_at else took
@@ -237,3 +293,14 @@ class Trainer:
             marker = Path(self.config.checkpoint_dir) / "PREEMPTED"
             marker.write_text(f"step {step}\n")
         return PREEMPTED_EXIT_CODE
+
+
+def _to_device(batch: dict[str, torch.Tensor | None], device: torch.device) -> dict:
+    """Host tensors to the device without a host sync: a copy from pageable memory makes the
+    host wait for the device's queue, one from pinned memory is queued like a kernel."""
+    if device.type != "cuda":
+        return dict(batch)
+    return {
+        k: v.pin_memory().to(device, non_blocking=True) if v is not None else None
+        for k, v in batch.items()
+    }
