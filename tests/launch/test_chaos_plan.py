@@ -15,10 +15,11 @@ INTERVAL = 2
 NOTICE = 5.0
 """The chaos notice window (seconds); the tiny model's emergency checkpoint fits in it."""
 TOLERANCE = 0.25
-"""Realized overhead within 25 % of the prediction. What the model leaves out, measured locally:
-loading the checkpoint on resume is inside the relaunch time it is given, but the ~3-4 s torchrun
-takes to exit after an emergency save is not in it; the steps a kill loses vary with where it
-lands (0 to 2 intervals into an attempt); step times vary on a shared CPU."""
+"""Realized overhead within 25 % of the prediction (runs here: 32.2 s vs 34.2 s predicted,
+38.7 vs 40.8, 39.5 vs 42.2). What varies:
+the steps a kill loses depend on where it lands (0 to 2 intervals into an attempt); a notice
+costs the model the whole window, the local run only until torchrun has exited (~4 s of 5);
+step and start-up times vary on a shared CPU."""
 
 
 def test_chaos_overhead_matches_the_plans_prediction(cli, tmp_path):
@@ -46,21 +47,27 @@ def test_chaos_overhead_matches_the_plans_prediction(cli, tmp_path):
     kinds = [p["kind"] for p in report["preemptions"]]
     assert sorted(kinds) == ["kill", "notice"]
 
-    # The plan's inputs, measured apart from the preemptions: step time from the uninterrupted
+    # The plan's inputs, none of them the preemptions' outcome: step time from the uninterrupted
     # reference run; checkpoint write and upload from the recipe's plan section (size x
-    # bandwidth, as `vicuna-sky plan` computes them); relaunch time as the plan takes it, stated
-    # (here: the harness's own "relaunch to first step", less that step).
-    (reference,) = [
-        j for j in jobs.list_jobs(tmp_path / "chaos" / "runs") if j.name.endswith("-reference")
-    ]
+    # bandwidth, as `vicuna-sky plan` computes them); the relaunch time, which the plan takes as
+    # stated (plan.relaunch_minutes), is this machine's: the mean time from an attempt's start
+    # to its first step, over every attempt of the run (on a shared CPU it drifts by seconds
+    # within minutes, so a figure from another run would measure the machine's load, not the
+    # model).
+    runs = jobs.list_jobs(tmp_path / "chaos" / "runs")
+    (reference,) = [j for j in runs if j.name.endswith("-reference")]
+    (chaos,) = [j for j in runs if j.name.endswith("-chaos")]
     steps = jobs.attempt_metrics(reference.attempts[0])
     step_seconds = statistics.median(m["seconds"] for m in steps)
     recipe = Recipe.from_yaml(resolve_recipe("tiny-cpu"))
     size = recipe.model.params_b * 1e9 * recipe.plan.checkpoint_bytes_per_param
     write = size / (recipe.plan.write_gb_per_second * 1e9)
     upload = size / (recipe.plan.upload_gb_per_second * 1e9)
-    relaunch = statistics.mean(p["seconds_to_resume"] for p in report["preemptions"])
-    relaunch -= step_seconds
+    starts = []
+    for attempt in chaos.attempts:
+        first = jobs.attempt_metrics(attempt)[0]
+        starts.append(first["time"] - first["seconds"] - attempt.started_at)
+    relaunch = statistics.mean(starts)
     cost = report["cost"]
     billed_hours = cost["billed_hours"]
     run = {
@@ -81,7 +88,7 @@ def test_chaos_overhead_matches_the_plans_prediction(cli, tmp_path):
         (notice if kind == "notice" else no_notice).per_preemption_seconds for kind in kinds
     )
     realized = (billed_hours - cost["kept_hours"]) * 3600
-    print(f"predicted overhead {predicted:.1f} s, realized {realized:.1f} s", report["preemptions"])
+    print(f"predicted overhead {predicted:.1f} s, realized {realized:.1f} s; starts {starts}")
     assert abs(realized - predicted) <= TOLERANCE * predicted, (predicted, realized)
     # And what it means in money: the plan's overhead at the run's spot price is what the
     # chaos report (and `vicuna-sky status`) says the preemptions cost.

@@ -58,12 +58,14 @@ class SpotRun:
 
     @property
     def lost_seconds(self) -> float:
-        """Expected time one preemption wastes before the relaunch. With an emergency checkpoint
-        that fits the window: only the time spent saving it. Without: the work since the newest
-        committed checkpoint (tau/2 + U on average, the lag capped at one interval since uploads
-        queue) plus the notice window spent on a save that never commits."""
+        """Expected billed time one preemption wastes before the relaunch. The node is billed
+        until the cloud takes it at the end of the notice window, and trains no more once it has
+        saved: with an emergency checkpoint that fits, no work is lost, the window is (an upper
+        bound: the job's exit may release the node sooner). Without one: the work since the
+        newest committed checkpoint (tau/2 + U on average, the lag capped at one interval since
+        uploads queue) plus the window spent on a save that never commits."""
         if self.emergency_fits:
-            return self.emergency_seconds
+            return self.notice_seconds
         return (
             self.interval_seconds / 2
             + min(self.commit_lag_seconds, self.interval_seconds)
