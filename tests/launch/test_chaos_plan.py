@@ -15,8 +15,8 @@ INTERVAL = 2
 NOTICE = 5.0
 """The chaos notice window (seconds); the tiny model's emergency checkpoint fits in it."""
 TOLERANCE = 0.25
-"""Realized overhead within 25 % of the prediction (runs here: 32.2 s vs 34.2 s predicted,
-38.7 vs 40.8, 39.5 vs 42.2). What varies:
+"""Realized overhead within 25 % of the prediction (two runs here: 32.2 s vs 34.2 s predicted,
+38.7 vs 40.8). What varies:
 the steps a kill loses depend on where it lands (0 to 2 intervals into an attempt); a notice
 costs the model the whole window, the local run only until torchrun has exited (~4 s of 5);
 step and start-up times vary on a shared CPU."""
