@@ -163,6 +163,11 @@ class PlanSection:
     write_gb_per_second: float = 0.4
     """Per node, GB/s at which a checkpoint is written to local disk (training waits for it):
     measured 17.2 GB (DCP + export) in 41 s on the H200 node of issue #14."""
+    stage_gb_per_second: float = 10.0
+    """Per node, GB/s at which a one-node run's periodic checkpoint is copied to host memory,
+    the only time training waits for it (the trainer's DCP async_save writes in the background;
+    several nodes save synchronously, at write_gb_per_second). An assumption: 8 GPUs at
+    1.25 GB/s each, far below PCIe; benchmarks/train_gpu.py reports the measured stall."""
     upload_gb_per_second: float = 0.5
     """Per node, GB/s to and from the bucket (background upload; download on a relaunch):
     checkpoints_sync's 8 parallel transfers at ~85 MB/s each, AWS's per-connection S3 guidance,
@@ -283,6 +288,7 @@ class Recipe:
         for key, value in (
             ("plan.write_gb_per_second", p.write_gb_per_second),
             ("plan.upload_gb_per_second", p.upload_gb_per_second),
+            ("plan.stage_gb_per_second", p.stage_gb_per_second),
         ):
             if value <= 0:
                 fail(key, f"must be positive, got {value}")

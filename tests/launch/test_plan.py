@@ -115,10 +115,22 @@ def test_young_daly_interval_in_steps(clouds_enabled):
     r = replace(recipe("vicuna-7b"), "train", packing=True)
     plan = make_plan(r)
     ck, best = plan.checkpointing, plan.best
-    # 80.9 GB written at 0.4 GB/s on one node; one preemption per 10 h by default.
+    # 80.9 GB on one node: training waits while it is copied to host memory (10 GB/s), then it
+    # is written (0.4 GB/s) and uploaded (0.5 GB/s) in the background. One preemption per 10 h.
+    assert ck.stall_seconds == pytest.approx(6.74e9 * 12 / 10e9)
     assert ck.write_seconds == pytest.approx(6.74e9 * 12 / 0.4e9)
-    tau = math.sqrt(2 * ck.write_seconds * 36_000)
+    assert ck.commit_seconds == pytest.approx(6.74e9 * 12 / 0.4e9 + 6.74e9 * 12 / 0.5e9)
+    tau = math.sqrt(2 * ck.stall_seconds * 36_000)
+    assert tau > ck.commit_seconds
     assert best.every_steps == round(tau / ck.step_seconds)
+    assert best.run.commit_lag_seconds == ck.commit_seconds
+    # Two nodes save synchronously: training waits for the write of each node's half.
+    two = make_plan(replace(r, "resources", nodes=2)).checkpointing
+    assert two.stall_seconds == two.write_seconds == pytest.approx(6.74e9 * 12 / 0.8e9)
+    assert two.commit_seconds == two.upload_seconds
+    # Preempted often, Young/Daly would checkpoint faster than a checkpoint commits: the floor.
+    flaky = make_plan(replace(r, "plan", preemptions_per_hour=20.0)).best
+    assert flaky.run.interval_seconds >= ck.commit_seconds - ck.step_seconds
     # Without stats: a step is a global batch of full 2048-token rows.
     assert ck.tokens_per_step == 128 * 2048
     assert ck.step_seconds == pytest.approx(128 * 2048 / (plan.tokens_per_gpu_second * 8))

@@ -86,10 +86,14 @@ class Throughput:
 class Checkpointing:
     size_bytes: float
     write_seconds: float
-    """C: training waits while the nodes write it (shards in parallel)."""
+    """Writing it to the nodes' disks (shards in parallel)."""
     upload_seconds: float
-    """U: the background upload to the bucket, until it is committed."""
+    """The background upload to the bucket, until it is committed."""
     download_seconds: float
+    stall_seconds: float
+    """C: how long training waits for a periodic checkpoint. One node: the trainer's DCP
+    `async_save` holds training only while the state is copied to host memory, and writes in the
+    background; several nodes save synchronously (their commit is a collective): the write."""
     step_seconds: float
     tokens_per_step: float
     steps_basis: str
@@ -99,6 +103,13 @@ class Checkpointing:
     def emergency_seconds(self) -> float:
         """On a notice: finish the step, write, upload (the checkpoint counts once committed)."""
         return self.step_seconds + self.write_seconds + self.upload_seconds
+
+    @property
+    def commit_seconds(self) -> float:
+        """U: from the periodic save to its commit in the bucket (what a preemption can lose on
+        top of the interval): the background write, if any, then the upload."""
+        background = self.write_seconds if self.stall_seconds < self.write_seconds else 0.0
+        return background + self.upload_seconds
 
     def steps(self, interval_seconds: float) -> int:
         if interval_seconds == math.inf:
@@ -241,16 +252,18 @@ class CostPlan:
             "hours": {"training": self.hours, "gpu_hours": self.gpu_hours},
             "checkpoint": {
                 "size_gb": ck.size_bytes / 1e9,
+                "stall_seconds": ck.stall_seconds,
                 "write_seconds": ck.write_seconds,
                 "upload_seconds": ck.upload_seconds,
+                "commit_seconds": ck.commit_seconds,
                 "step_seconds": ck.step_seconds,
                 "tokens_per_step": ck.tokens_per_step,
                 "total_steps": ck.total_steps,
                 "steps_basis": ck.steps_basis,
                 "every_steps": best.every_steps if best else None,
                 "recipe_every_steps": self.recipe_every_steps,
-                "rule": "Young/Daly: interval = sqrt(2 x write seconds x mean seconds between "
-                "preemptions), for the best offer's preemption rate",
+                "rule": "Young/Daly: interval = sqrt(2 x stall seconds x mean seconds between "
+                "preemptions) for the best offer's preemption rate, at least commit seconds",
             },
             "emergency_checkpoint": self.emergency(),
             "offers": [_offer_dict(o, self.tokens) for o in self.offers],
@@ -492,6 +505,9 @@ def checkpointing(recipe: Recipe, tokens: TokenCount, per_gpu: float) -> Checkpo
         write_seconds=size / (r.nodes * p.write_gb_per_second * 1e9),
         upload_seconds=size / (r.nodes * p.upload_gb_per_second * 1e9),
         download_seconds=size / (r.nodes * p.upload_gb_per_second * 1e9),
+        stall_seconds=size / (p.stage_gb_per_second * 1e9)
+        if r.nodes == 1
+        else size / (r.nodes * p.write_gb_per_second * 1e9),
         step_seconds=tokens_per_step / (per_gpu * gpus),
         tokens_per_step=tokens_per_step,
         steps_basis=basis,
@@ -509,12 +525,14 @@ def spot_run(
 ) -> tuple[SpotRun, int]:
     """The expected run on one offer: at Young/Daly's interval, or at `every_steps`."""
     mtbp = 3600 / rate if rate > 0 else math.inf
-    steps = every_steps or ck.steps(young_daly(ck.write_seconds, mtbp))
+    # Never shorter than a checkpoint takes to commit: one save is in flight at a time, and
+    # checkpoints made faster than they reach the bucket only queue up.
+    steps = every_steps or ck.steps(max(young_daly(ck.stall_seconds, mtbp), ck.commit_seconds))
     run = SpotRun(
         work_seconds=work_seconds,
         interval_seconds=steps * ck.step_seconds,
-        checkpoint_seconds=ck.write_seconds,
-        commit_lag_seconds=ck.upload_seconds,
+        checkpoint_seconds=ck.stall_seconds,
+        commit_lag_seconds=ck.commit_seconds,
         relaunch_seconds=recipe.plan.relaunch_minutes * 60 + ck.download_seconds,
         preemptions_per_hour=rate,
         notice_seconds=NOTICE_WINDOW_SECONDS.get(cloud.lower(), 0.0),
@@ -657,8 +675,9 @@ def render(plan: CostPlan) -> list[object]:
         Text(f"tokens {tc.basis}", style="dim"),
         Text(f"throughput ({tp.source}) {tp.basis}", style="dim"),
         Text(
-            f"checkpoint {ck.size_bytes / 1e9:,.1f} GB: written in {ck.write_seconds:,.0f} s, "
-            f"committed {ck.upload_seconds:,.0f} s later; a step takes {ck.step_seconds:,.1f} s "
+            f"checkpoint {ck.size_bytes / 1e9:,.1f} GB: training waits {ck.stall_seconds:,.0f} s, "
+            f"committed {ck.commit_seconds:,.0f} s later (written {ck.write_seconds:,.0f} s, "
+            f"uploaded {ck.upload_seconds:,.0f} s); a step takes {ck.step_seconds:,.1f} s "
             f"({ck.total_steps:,} steps; {ck.steps_basis})",
             style="dim",
         ),
