@@ -1,8 +1,9 @@
-"""benchmarks/train_gpu.py end to end in its CPU smoke mode: the same code path the GPU run
-takes (model and data built locally, the trainer under torchrun, the bare loop, the figures and
-the JSON line), on a tiny Llama."""
+"""benchmarks/train_gpu.sh (the one command a GPU machine runs) end to end in its CPU smoke
+mode: the code path the GPU run takes (model and data built locally, the trainer under torchrun,
+the bare loop, the figures and the JSON line), on a tiny Llama."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +13,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_smoke_mode_prints_both_runs_and_the_ratio(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "train_gpu.py"), "--smoke",
-         "--workdir", str(tmp_path)],
+        ["bash", str(ROOT / "benchmarks" / "train_gpu.sh"), "--smoke", "--workdir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,
         cwd=tmp_path,
-    )  # fmt: skip
+        env={**os.environ, "PYTHON": sys.executable},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     *table, last = result.stdout.strip().splitlines()
     figures = json.loads(last)

@@ -119,7 +119,7 @@ class Trainer:
         model, attn = model_lib.load(c, path, world)
         model = model_lib.shard(model, c, world, dist.mesh(world))
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = model_lib.optimizer(params, c, world)
+        optimizer = model_lib.optimizer(params, c)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(c, total))
         ckpt = CheckpointManager(
             Path(c.checkpoint_dir), c.checkpoint_url, c.keep_checkpoints, world
