@@ -50,13 +50,30 @@ def test_demo_completes_and_summarises(cli, tmp_path):
     # The blog's chart, from the published reviews.
     assert (workdir / "blog" / "relative_quality.png").stat().st_size > 10_000
     assert "vicuna-13b 92%" in text and "llama-13b 68%" in text
-    # Running it again reuses its own directory and the model it made; a foreign non-empty
-    # directory is refused.
-    again = cli("demo", "--workdir", str(workdir), "--recipe", "tiny-cpu")
-    assert again.returncode == 0 and "(cached)" in again.stdout
+    # A foreign non-empty directory is refused.
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("precious")
     refused = cli("demo", "--workdir", str(foreign))
     assert refused.returncode == 2 and "not empty" in refused.stderr
     assert Path(foreign / "keep.txt").read_text() == "precious"
+
+
+def test_a_rerun_clears_its_outputs_and_keeps_the_model(tmp_path, monkeypatch):
+    """The rerun, in-process and with the first stage only (the whole demo ran above)."""
+    from vicuna_sky import demo
+
+    monkeypatch.setattr(demo, "STAGES", demo.STAGES[:1])
+    workdir = tmp_path / "demo"
+    demo.run(workdir, "tiny-cpu")
+    model = workdir / "models" / "tiny-llama" / "model.safetensors"
+    made = model.stat().st_mtime_ns
+    (workdir / "export").mkdir()
+    (workdir / "export" / "old.txt").write_text("from the last run")
+    outputs: list[str] = []
+    monkeypatch.setattr(
+        demo.console, "print", lambda *a, **k: outputs.append(" ".join(map(str, a)))
+    )
+    demo.run(workdir, "tiny-cpu")
+    assert any("(cached)" in line for line in outputs)
+    assert model.stat().st_mtime_ns == made and not (workdir / "export").exists()
