@@ -446,3 +446,25 @@ def test_demo_stage_exports_the_fine_tuned_model(tiny, tmp_path):
     fields = gguf.GGUFReader(out).fields
     assert fields["general.name"].contents() == "tiny-cpu (vicuna-sky)"
     assert fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
+
+
+@pytest.mark.parametrize(
+    "target", [".", "model", "model/model.safetensors", "model/tokenizer.json", "meta.json"]
+)
+def test_no_input_is_ever_changed(cli, tiny, tmp_path, target):
+    """The output set to an input (or the model directory), with and without --overwrite, through
+    a symlink too: refused in one line, nothing changed (the rule of tests/test_outputs_never_
+    inputs.py, for this command)."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny, model)
+    (tmp_path / "meta.json").write_text(json.dumps({"general.name": "x"}))
+    (tmp_path / "alias").symlink_to(tmp_path / target)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for out, extra in ((target, ()), ("alias", ("--overwrite",))):
+        args = ("export", "gguf", "model", "-o", out, "--metadata", "meta.json", *extra)
+        result = cli(*args)
+        assert result.returncode == 2, (out, extra, result.stdout)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

@@ -399,8 +399,6 @@ def _add_architecture(writer: Any, config: Any, out_type: str) -> None:
 def _add_general(writer: Any, model_dir: Path, metadata: Path | None, params: int) -> None:
     import gguf
 
-    if metadata is not None and not Path(metadata).is_file():
-        raise VicunaSkyError(f"metadata file not found: {metadata}")
     override = _read_json(Path(metadata)) if metadata is not None else {}
     info = gguf.Metadata.load(metadata, model_dir, None, params)
     # gguf's loader skips a few keys of its own override format (general.license among them):
@@ -436,6 +434,8 @@ def export_gguf(
         raise VicunaSkyError(f"unknown GGUF type {out_type!r}; choose one of {', '.join(TYPES)}")
     if not model_dir.is_dir():
         raise VicunaSkyError(f"model directory not found: {model_dir}")
+    if metadata is not None and not Path(metadata).is_file():
+        raise VicunaSkyError(f"metadata file not found: {metadata}")
     check_output_file(out, [model_dir, metadata], overwrite=overwrite)
     _check_architecture(_read_json(model_dir / "config.json"), model_dir)
     try:
