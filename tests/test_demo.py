@@ -47,6 +47,8 @@ def test_demo_completes_and_summarises(cli, tmp_path):
     assert all(1 <= m["overall"] <= 10 for m in report["models"].values())
     assert {p.name for p in (evaluation / "report").glob("*.png")} >= {"scores_by_category.png"}
     assert "no judge endpoint configured" in text
+    # The fine-tuned model as a GGUF file for llama.cpp.
+    assert list((workdir / "gguf").glob("*.q8_0.gguf"))
     # The blog's chart, from the published reviews.
     assert (workdir / "blog" / "relative_quality.png").stat().st_size > 10_000
     assert "vicuna-13b 92%" in text and "llama-13b 68%" in text

@@ -71,6 +71,11 @@ COMMANDS = {
         ["base", "delta", "delta/delta_config.json"],
         False,
     ),
+    "export gguf": (
+        [VICUNA_SKY, "export", "gguf", "{base}", "-o", "{OUT}"],
+        ["base", "base/model.safetensors", "base/config.json"],
+        True,
+    ),
     "checkpoints_sync pull": (
         [sys.executable, "-m", "checkpoints_sync", "pull", "{bucket}", "{OUT}"],
         ["bucket", "bucket/step-1", "ckpt"],
