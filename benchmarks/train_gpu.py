@@ -145,7 +145,13 @@ def trainer_run(args: argparse.Namespace, model: Path, data: Path, work: Path) -
         "vicuna_sky.train",
         *(x for k, v in flags.items() for x in (f"--{k}", str(v))),
     ]
-    env = {**os.environ, "VICUNA_SKY_CLOUD": "", "PYTHONPATH": _pythonpath()}
+    # The trainer warns at every host sync from its third step on: listed in the result.
+    env = {
+        **os.environ,
+        "VICUNA_SKY_CLOUD": "",
+        "PYTHONPATH": _pythonpath(),
+        "VICUNA_SKY_SYNC_DEBUG": "1",
+    }
     result = subprocess.run(command, cwd=work, capture_output=True, text=True, env=env)
     (work / "train.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
@@ -154,6 +160,13 @@ def trainer_run(args: argparse.Namespace, model: Path, data: Path, work: Path) -
         line.split("attention ", 1)[1].split(",")[0]
         for line in (result.stdout + result.stderr).splitlines()
         if "vicuna_sky.train: attention " in line
+    )
+    syncs = sorted(
+        {
+            line.split(": UserWarning")[0].strip()
+            for line in (result.stdout + result.stderr).splitlines()
+            if "called a synchronizing CUDA operation" in line and ": UserWarning" in line
+        }
     )
     metrics = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
     timed = metrics[args.warmup :]
@@ -181,6 +194,8 @@ def trainer_run(args: argparse.Namespace, model: Path, data: Path, work: Path) -
             max(0.0, m["seconds"] - typical) for m in timed if m["step"] in around
         ),
         "alloc_retries": max((m.get("alloc_retries", 0) for m in metrics), default=0),
+        # Where a step made the host wait for the GPU (the checkpoint's save is expected here).
+        "host_sync_sites": syncs,
     }
 
 

@@ -12,6 +12,7 @@ import collections
 import gc
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -72,6 +73,9 @@ def peak_flops(device: torch.device) -> float:
 # step, for as long as the heap takes to scan: the periodic slow steps of issue #14 look like it.
 # Training makes few cycles, so it is collected at known points instead (as torchtitan does).
 GC_EVERY_STEPS = 50
+# Set (to anything) to have torch warn at every operation that makes the host wait for the GPU,
+# from the third step on (the first two compile and warm up): a step should make none.
+SYNC_DEBUG_ENV = "VICUNA_SKY_SYNC_DEBUG"
 
 
 @dataclass
@@ -81,6 +85,7 @@ class _StepRecord:
 
     step: int
     loss_sum: torch.Tensor
+    """On the host: copied without blocking, valid once `done` has completed."""
     answer_tokens: int
     tokens: int
     lr: float
@@ -174,9 +179,15 @@ class Trainer:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                done = torch.cuda.Event() if world.device.type == "cuda" else None
-                if done is not None:
+                done = None
+                if world.device.type == "cuda":
+                    # Queued behind the step; a pinned host copy, read once `done` completes
+                    # (`.item()` on the device tensor would be a sync of its own).
+                    loss_sum = loss_sum.to("cpu", non_blocking=True)
+                    done = torch.cuda.Event()
                     done.record()
+                    if step == 2 and os.environ.get(SYNC_DEBUG_ENV):
+                        torch.cuda.set_sync_debug_mode("warn")
                 tokens = sum(dataset.tokens[i] for i in batch)
                 lr = scheduler.get_last_lr()[0]
                 pending.append(_StepRecord(step, loss_sum, answers, tokens, lr, done))
@@ -197,6 +208,8 @@ class Trainer:
                     self._report(pending.popleft(), progress, world, flops_per_token)
             while pending:
                 self._report(pending.popleft(), progress, world, flops_per_token)
+            if world.device.type == "cuda":
+                torch.cuda.set_sync_debug_mode(0)  # the export and the last save may wait
             progress.close()
             if c.export_dir:
                 export(model, tokenizer, c, world, path)
