@@ -223,3 +223,31 @@ def test_packed_training_under_torchrun(run_trainer, trainer_args, tmp_path):
     cps = Checkpoints(open_store(f"file://{tmp_path / 'bucket'}/ckpt"))
     assert cps.committed() == [2, 4]
     assert json.loads((run.cwd / "export" / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+def test_the_loss_keeps_no_fp32_copy_of_the_logits_for_backward():
+    """Autograd saves only the bf16 logits' chunks (checkpointed); the plain loss saves an
+    fp32 log-softmax of every logit."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 64, 1000, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 1000, (2, 64))
+
+    def saved_fp32_elements(loss_fn) -> int:
+        saved = []
+
+        def pack(t):
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss_fn().backward()
+        return sum(t.numel() for t in saved if t.dtype == torch.float32)
+
+    chunked = saved_fp32_elements(lambda: next_token_loss_sum(logits, labels, chunk_tokens=32))
+    plain = saved_fp32_elements(
+        lambda: F.cross_entropy(
+            logits.float()[:, :-1].reshape(-1, 1000), labels[:, 1:].reshape(-1), reduction="sum"
+        )
+    )
+    assert plain >= 127 * 1000  # the full fp32 log-softmax
+    assert chunked < 32 * 1000  # at most one chunk's worth (only while it is recomputed)
