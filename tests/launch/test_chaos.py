@@ -42,5 +42,8 @@ def test_three_preemptions_of_both_kinds_end_identical(cli, tmp_path):
         if p["kind"] == "notice":
             assert p["emergency_checkpoint"] and p["steps_lost"] == 0
         else:
-            assert 0 <= p["steps_lost"] <= 2  # at most one checkpoint interval redone
+            # Periodic saves are asynchronous, one in flight at a time: when the kill lands the
+            # newest may still be on its way to the bucket, so up to two intervals (of 2 steps)
+            # are redone, never more.
+            assert 0 <= p["steps_lost"] <= 2 * 2
     assert report["steps"] == 20 and "identical" in result.stdout
