@@ -6,6 +6,7 @@ Each command module registers its commands on the one click group in `app.py`.
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -53,6 +54,9 @@ def _terminate(signum: int, _frame: object) -> None:
 
 
 def main() -> None:
+    # Importing SkyPilot configures the root logger at INFO (every HTTP request of every library
+    # would print); a handler of ours at WARNING first makes that configuration a no-op.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _terminate)
     try:
         app.main(standalone_mode=False)
