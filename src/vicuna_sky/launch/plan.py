@@ -73,6 +73,16 @@ class TokenCount:
     basis: str
 
 
+def _measured(stats: object, packing: bool, where: str) -> TokenCount:
+    """A count from the data's own stats (a stats file, or the data counted here)."""
+    return TokenCount(
+        stats.tokens,
+        stats.packs if packing else stats.samples,
+        True,
+        f"measured: {stats.tokens:,} tokens in {stats.samples:,} samples {where}",
+    )
+
+
 @dataclass(frozen=True)
 class Throughput:
     per_gpu: float
@@ -346,26 +356,15 @@ def token_count(recipe: Recipe) -> TokenCount:
         if data and stats.data_bytes and data.stat().st_size != stats.data_bytes:
             notes.append(f"{path} is older than {data} (its size changed)")
             continue
-        return TokenCount(
-            stats.tokens,
-            stats.packs if packing else stats.samples,
-            True,
-            f"measured: {stats.tokens:,} tokens in {stats.samples:,} samples "
-            f"({stats.tokenizer}, {stats.template}, max length {max_length}) from {path}",
-        )
+        where = f"({stats.tokenizer}, {stats.template}, max length {max_length}) from {path}"
+        return _measured(stats, packing, where)
     if data and Path(recipe.model.path).is_dir():
         try:
             stats = pipeline.stats_file(data, recipe.model.path, recipe.model.template, max_length)
         except VicunaSkyError as e:
             notes.append(f"counting {data} failed: {e}")
         else:
-            return TokenCount(
-                stats.tokens,
-                stats.packs if packing else stats.samples,
-                True,
-                f"measured: {stats.tokens:,} tokens in {stats.samples:,} samples, "
-                f"counted in {data}",
-            )
+            return _measured(stats, packing, f"counted in {data}")
     if recipe.data.tokens <= 0:
         raise ValueError(
             f"{recipe.source}: no token count: run `vicuna-sky data stats DATA --tokenizer "

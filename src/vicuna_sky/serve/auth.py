@@ -7,6 +7,7 @@ the machine can read them in `ps`.
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import os
 from pathlib import Path
@@ -51,6 +52,16 @@ def read_secrets(path: Path | None, env: str) -> list[str]:
 def bearer(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     return header[7:] if header.startswith("Bearer ") else None
+
+
+def matches(given: str | None, allowed: list[str]) -> bool:
+    """Constant-time comparison against every allowed secret (no early exit on a match)."""
+    if given is None:
+        return False
+    found = False
+    for secret in allowed:
+        found |= hmac.compare_digest(given.encode(), secret.encode())
+    return found
 
 
 def is_loopback(host: str) -> bool:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import hmac
 import ipaddress
 import json
 import struct
@@ -45,7 +44,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from vicuna_sky.serve.auth import BodyLimit, bearer, read_secret, read_secrets
+from vicuna_sky.serve.auth import BodyLimit, bearer, matches, read_secret, read_secrets
 from vicuna_sky.serve.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -54,6 +53,7 @@ from vicuna_sky.serve.protocol import (
     GenerateRequest,
     Registration,
     SamplingParams,
+    invalid_request,
 )
 from vicuna_sky.serve.registry import Registry
 
@@ -108,18 +108,18 @@ class Controller:
 
     # -- who may do what -------------------------------------------------------------------
     def check_key(self, request: Request) -> None:
-        if self.api_keys and not _matches(bearer(request), self.api_keys):
+        if self.api_keys and not matches(bearer(request), self.api_keys):
             raise ApiError(401, "invalid API key", code="invalid_api_key")
 
     def check_worker(self, request: Request) -> None:
         """Registration, heartbeats and drains carry the fleet secret."""
-        if self.secret and not _matches(bearer(request), [self.secret]):
+        if self.secret and not matches(bearer(request), [self.secret]):
             raise ApiError(403, "wrong fleet secret", kind="permission_error")
 
     def check_admin(self, request: Request) -> None:
         """The worker list (addresses) and the schema: the fleet secret or an admin key."""
         allowed = [s for s in [self.secret, *self.admin_keys] if s]
-        if allowed and not _matches(bearer(request), allowed):
+        if allowed and not matches(bearer(request), allowed):
             raise ApiError(401, "the fleet secret or an admin key is required", code="unauthorized")
 
     def require_model(self, model: str) -> None:
@@ -250,16 +250,6 @@ class Controller:
                 self.registry.release(worker)
 
 
-def _matches(given: str | None, allowed: list[str]) -> bool:
-    """Constant-time comparison against every allowed secret (no early exit on a match)."""
-    if given is None:
-        return False
-    found = False
-    for secret in allowed:
-        found |= hmac.compare_digest(given.encode(), secret.encode())
-    return found
-
-
 def _worker_error(status: int, content: bytes) -> ApiError:
     """A worker's error as the client should see it (4xx: the client's mistake, passed on)."""
     try:
@@ -377,10 +367,7 @@ def create_app(controller: Controller, max_body: int | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(x) for x in first.get("loc", [])[1:])
-        what = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-        return JSONResponse(ApiError(400, f"{where}: {what}" if where else what).body(), 400)
+        return JSONResponse(invalid_request(e.errors()).body(), 400)
 
     # -- workers ---------------------------------------------------------------------------
     # Who may call comes first (dependencies run before the body is validated): a caller

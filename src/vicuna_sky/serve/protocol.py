@@ -5,6 +5,7 @@ Errors everywhere have OpenAI's shape `{"error": {"message", "type", "code"}}` (
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -29,6 +30,15 @@ class ApiError(Exception):
         return {
             "error": {"message": self.message, "type": self.kind, "code": self.code, "param": None}
         }
+
+
+def invalid_request(errors: Sequence[Any]) -> ApiError:
+    """A request that failed validation, as one 400 naming the field (FastAPI's list of pydantic
+    errors, the first of them)."""
+    first = errors[0] if errors else {}
+    where = ".".join(str(x) for x in first.get("loc", [])[1:])
+    what = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    return ApiError(400, f"{where}: {what}" if where else what)
 
 
 def check_choices(choices: list[str] | None) -> list[str] | None:

@@ -8,7 +8,6 @@ default, or an OpenAI-compatible `/v1/moderations` endpoint when `--moderation-u
 from __future__ import annotations
 
 import argparse
-import hmac
 import os
 import sys
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from vicuna_sky.serve.auth import is_loopback
+from vicuna_sky.serve.auth import is_loopback, matches
 
 REFUSAL = "This message was blocked by the moderation policy and was not sent to a model."
 
@@ -138,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     demo = build(args.controller_url, api_key, moderation)
 
     def login(_user: str, given: str) -> bool:  # any user name, the one password
-        return hmac.compare_digest(given.encode(), password.encode())
+        return matches(given, [password])
 
     demo.queue().launch(
         server_name=args.host,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import secrets
@@ -42,11 +41,12 @@ from vicuna_sky.serve.auth import (
     BodyLimit,
     ConfigError,
     bearer,
+    matches,
     read_secret,
     require_secret_off_loopback,
 )
 from vicuna_sky.serve.backends import Backend, Finish, load_backend
-from vicuna_sky.serve.protocol import ApiError, GenerateRequest, Registration
+from vicuna_sky.serve.protocol import ApiError, GenerateRequest, Registration, invalid_request
 from vicuna_sky.spot import PreemptionWatcher
 
 log = logging.getLogger("vicuna_sky.serve.worker")
@@ -216,14 +216,10 @@ def create_app(worker: Worker, max_body: int | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(x) for x in first.get("loc", [])[1:])
-        return JSONResponse(ApiError(400, f"{where}: {first.get('msg')}").body(), 400)
+        return JSONResponse(invalid_request(e.errors()).body(), 400)
 
     def check_secret(request: Request) -> None:
-        if worker.secret and not hmac.compare_digest(
-            (bearer(request) or "").encode(), worker.secret.encode()
-        ):
+        if worker.secret and not matches(bearer(request), [worker.secret]):
             raise ApiError(403, "the fleet secret is required", kind="permission_error")
 
     @app.get("/health")
