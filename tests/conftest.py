@@ -178,19 +178,30 @@ def clouds_enabled() -> None:
     )
 
 
+def _run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "vicuna-sky"
+    return subprocess.run(
+        [str(exe), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """Run the real `vicuna-sky` console script in `cwd`; for module-scoped fixtures."""
+    return _run_cli
+
+
 @pytest.fixture
 def cli(tmp_path):
-    """Run the real `vicuna-sky` console script; returns the CompletedProcess."""
+    """Run the real `vicuna-sky` console script (in the test's tmp_path unless `cwd` says
+    otherwise); returns the CompletedProcess."""
 
     def run(*args: str, cwd: Path | None = None, timeout: float = 300):
-        exe = Path(sys.executable).parent / "vicuna-sky"
-        return subprocess.run(
-            [str(exe), *args],
-            cwd=cwd or tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env={**os.environ, "COLUMNS": "200"},
-        )
+        return _run_cli(*args, cwd=cwd or tmp_path, timeout=timeout)
 
     return run

@@ -13,6 +13,8 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -45,19 +47,37 @@ def _uv() -> str:
     return found
 
 
+CPU_TORCH = "torch==2.13.0"
+NEWER_TRANSFORMERS = "transformers>5.17.0"
+MAKE_SET = (("cloud", "test"), "x86_64-manylinux_2_28")
+"""What `make test` / `make demo` install (after torch==2.13.0), on the launcher's platform."""
+RESOLUTIONS = [
+    *((*ROLES[role], python, "") for role in ROLES for python in PYTHONS),
+    ((), ROLES["node"][1], "3.12", NEWER_TRANSFORMERS),
+    (*ROLES["launcher"], "3.12", NEWER_TRANSFORMERS),
+    *((*MAKE_SET, python, CPU_TORCH) for python in PYTHONS),
+]
+"""Every (extras, platform, python, one more requirement) the tests below resolve."""
+
+
 @pytest.fixture(scope="module")
-def uv_cache(tmp_path_factory) -> Path:
-    """One metadata cache for every resolution of the module (HOME is private to the session)."""
-    return tmp_path_factory.mktemp("uv-cache")
+def resolutions(tmp_path_factory) -> dict[tuple, subprocess.CompletedProcess]:
+    """Every resolution of the module, run at once: each waits on the index far more than it
+    computes, so one after the other they took minutes. One metadata cache (HOME is private
+    to the session); uv locks its entries, so concurrent resolutions share it safely."""
+    cache = tmp_path_factory.mktemp("uv-cache")
+    with ThreadPoolExecutor(len(RESOLUTIONS)) as pool:
+        running = {key: pool.submit(compile_set, cache, *key) for key in RESOLUTIONS}
+    return {key: future.result() for key, future in running.items()}
 
 
 def compile_set(
-    uv_cache: Path, extras: tuple[str, ...], platform: str, python: str, extra: str = ""
+    cache: Path, extras: tuple[str, ...], platform: str, python: str, extra: str = ""
 ) -> subprocess.CompletedProcess:
     """`uv pip compile` of pyproject.toml with `extras` (and one more requirement line)."""
     requirements = [str(ROOT / "pyproject.toml")]
     if extra:
-        constraints = uv_cache / f"extra-{abs(hash(extra))}.txt"
+        constraints = Path(tempfile.mkdtemp(dir=cache)) / "extra.txt"
         constraints.write_text(extra + "\n")
         requirements.append(str(constraints))
     command = [
@@ -76,64 +96,65 @@ def compile_set(
         "--no-annotate",
         "--quiet",
         "--cache-dir",
-        str(uv_cache),
+        str(cache),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def outcome(resolutions: dict, *key) -> subprocess.CompletedProcess:
+    """The resolution of `key`; the test skips (saying why) when the index could not be reached."""
+    result = resolutions[key]
     if result.returncode != 0 and NETWORK_ERRORS.search(result.stderr):
         pytest.skip(f"the package index cannot be reached: {result.stderr.strip()[:300]}")
     return result
 
 
-def resolve(
-    uv_cache: Path, extras: tuple[str, ...], platform: str, python: str, extra: str = ""
-) -> dict[str, str]:
+def pins(resolutions: dict, *key) -> dict[str, str]:
     """The pinned set `pip install .[extras]` would install there: {name: version}."""
-    result = compile_set(uv_cache, extras, platform, python, extra)
+    result = outcome(resolutions, *key)
     if result.returncode != 0:
         pytest.fail(f"{' '.join(result.args[1:])}\n{result.stderr[-3000:]}")
-    pins = {}
+    found = {}
     for line in result.stdout.splitlines():
         if "==" in line and not line.lstrip().startswith("#"):
             name, version = line.split(";")[0].strip().split("==")
-            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
-    return pins
+            found[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return found
 
 
 @pytest.mark.parametrize("python", PYTHONS)
 @pytest.mark.parametrize("role", list(ROLES))
-def test_role_resolves_from_wheels(role, python, uv_cache):
+def test_role_resolves_from_wheels(role, python, resolutions):
     extras, platform = ROLES[role]
-    pins = resolve(uv_cache, extras, platform, python)
-    assert {"torch", "transformers"} <= pins.keys()
+    resolved = pins(resolutions, extras, platform, python, "")
+    assert {"torch", "transformers"} <= resolved.keys()
     if role == "node":
-        assert not NOT_ON_NODES & pins.keys(), NOT_ON_NODES & pins.keys()
+        assert not NOT_ON_NODES & resolved.keys(), NOT_ON_NODES & resolved.keys()
     if role == "serving":
-        assert "vllm" in pins and not {"skypilot", "flash-attn"} & pins.keys()
+        assert "vllm" in resolved and not {"skypilot", "flash-attn"} & resolved.keys()
     if role == "launcher":
         # skypilot 0.14.1's pins, as pyproject.toml's comments state them.
-        assert pins["skypilot"] == "0.14.1"
-        assert pins["click"].startswith("8.1.")
-        assert tuple(map(int, pins["transformers"].split(".")[:2])) <= (5, 17)
-        assert "flash-attn" not in pins
+        assert resolved["skypilot"] == "0.14.1"
+        assert resolved["click"].startswith("8.1.")
+        assert tuple(map(int, resolved["transformers"].split(".")[:2])) <= (5, 17)
+        assert "flash-attn" not in resolved
 
 
-def test_node_set_is_not_capped_by_the_launchers_pins(uv_cache):
+def test_node_set_is_not_capped_by_the_launchers_pins(resolutions):
     """skypilot's click<8.2 -> huggingface_hub<1.30 -> transformers<=5.17 chain stays on the
     launcher: a node resolves a newer transformers (and the hub it needs)."""
-    pins = resolve(uv_cache, (), ROLES["node"][1], "3.12", extra="transformers>5.17.0")
-    assert tuple(map(int, pins["transformers"].split(".")[:2])) > (5, 17)
-    capped = compile_set(uv_cache, ("cloud",), ROLES["launcher"][1], "3.12", "transformers>5.17.0")
+    node = pins(resolutions, (), ROLES["node"][1], "3.12", NEWER_TRANSFORMERS)
+    assert tuple(map(int, node["transformers"].split(".")[:2])) > (5, 17)
+    capped = outcome(resolutions, *ROLES["launcher"], "3.12", NEWER_TRANSFORMERS)
     assert capped.returncode != 0 and "unsatisfiable" in capped.stderr, capped.stderr[-2000:]
 
 
-def test_make_installs_resolve_with_the_cpu_torch(uv_cache):
+def test_make_installs_resolve_with_the_cpu_torch(resolutions):
     """`make test` / `make demo` install torch==2.13.0 first, then .[cloud,test]: the set must
     be satisfied by that torch (a requirement it does not satisfy pulls GBs of CUDA builds)."""
     for python in PYTHONS:
-        pins = resolve(
-            uv_cache, ("cloud", "test"), "x86_64-manylinux_2_28", python, extra="torch==2.13.0"
-        )
-        assert pins["torch"] == "2.13.0" and pins["skypilot"] == "0.14.1"
+        resolved = pins(resolutions, *MAKE_SET, python, CPU_TORCH)
+        assert resolved["torch"] == "2.13.0" and resolved["skypilot"] == "0.14.1"
     makefile = (ROOT / "Makefile").read_text()
     assert "pip install --quiet torch==2.13.0\n" in makefile
     assert "pip install --quiet -e '.[cloud,test]'" in makefile

@@ -427,7 +427,6 @@ def export_gguf(
     import gguf
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from transformers import AutoConfig
 
     model_dir, out = Path(model_dir), Path(out)
     if out_type not in TYPES:
@@ -438,6 +437,9 @@ def export_gguf(
         raise VicunaSkyError(f"metadata file not found: {metadata}")
     check_output_file(out, [model_dir, metadata], overwrite=overwrite)
     _check_architecture(_read_json(model_dir / "config.json"), model_dir)
+    # transformers takes seconds to import: every refusal above comes before it.
+    from transformers import AutoConfig
+
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError) as e:

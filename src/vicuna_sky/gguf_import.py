@@ -10,10 +10,12 @@ for both BOS and EOS), which would make generation never stop at the end of a tu
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,12 +29,41 @@ SPECIAL_IDS = {
 }
 
 
-def special_token_ids(gguf_file: Path) -> dict[str, int]:
-    """The special tokens' ids as the GGUF records them (keys as transformers names them)."""
-    from gguf import GGUFReader
-
-    fields = GGUFReader(gguf_file).fields
+def special_token_ids(reader: object) -> dict[str, int]:
+    """The special tokens' ids as the GGUF (a `gguf.GGUFReader`) records them (keys as
+    transformers names them)."""
+    fields = reader.fields
     return {name: int(fields[key].contents()) for name, key in SPECIAL_IDS.items() if key in fields}
+
+
+_READER_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _one_reader(gguf_file: Path) -> Iterator[object]:
+    """Parse the GGUF once for the whole load. transformers opens a fresh `gguf.GGUFReader` for
+    the config, the tokenizer and the weights (four times), and a reader parses every metadata
+    array element by element: about 4 s each for SmolLM2's 49K tokens and merges. It also builds
+    the tensor-name map once per module of the model (400 times, 5 s). While this is open, a
+    reader asked for the same file is the one already made and a name map asked for again is
+    the one already built (both are only read)."""
+    import gguf
+
+    with _READER_LOCK:
+        real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+        reader = real_reader(gguf_file)
+        target = Path(gguf_file).resolve()
+
+        def shared(path: object, *args: object, **kwargs: object) -> object:
+            if not args and not kwargs and Path(path).resolve() == target:
+                return reader
+            return real_reader(path, *args, **kwargs)
+
+        gguf.GGUFReader, gguf.get_tensor_name_map = shared, functools.cache(real_map)
+        try:
+            yield reader
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
 
 
 @contextlib.contextmanager
@@ -52,14 +83,15 @@ def load_gguf(gguf_file: Path) -> tuple[object, object]:
     hf_logging.disable_progress_bar()
     folder, name = str(gguf_file.parent), gguf_file.name
     try:
-        with _no_tqdm_bars():
+        with _no_tqdm_bars(), _one_reader(gguf_file) as reader:
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
             model = AutoModelForCausalLM.from_pretrained(
                 folder, gguf_file=name, dtype=torch.float32
             )
+            special = special_token_ids(reader)
     except (OSError, ValueError) as e:
         raise VicunaSkyError(f"cannot read {gguf_file}: {str(e).splitlines()[0]}") from None
-    for attr, token_id in special_token_ids(gguf_file).items():
+    for attr, token_id in special.items():
         setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(token_id))
     # A byte-level BPE decodes exactly; the WordPiece clean-up would eat spaces before commas.
     tokenizer.clean_up_tokenization_spaces = False

@@ -42,6 +42,7 @@ def _init_worker(parent: int, initializer: Callable[..., Any] | None, initargs: 
 def _stop(pool: ProcessPoolExecutor) -> None:
     """Stop now: queued chunks cancelled, workers killed and reaped (no orphans, no hang)."""
     processes = list((pool._processes or {}).values())  # no public API lists them
+    manager = pool._executor_manager_thread  # shutdown() forgets it
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         with contextlib.suppress(OSError, ValueError):
@@ -49,6 +50,12 @@ def _stop(pool: ProcessPoolExecutor) -> None:
     for process in processes:
         with contextlib.suppress(OSError, ValueError, AssertionError):
             process.join(5)
+    # The pool's manager thread closes its wake-up pipe when it sees the workers gone; Python's
+    # exit hook writes to that pipe, and if the two race (on a busy machine) the exit printed
+    # "OSError: Bad file descriptor" with a traceback after "aborted". Once the thread has
+    # ended the pipe is marked closed and the hook skips it.
+    if manager is not None:
+        manager.join(10)
 
 
 def _run_chunk(fn: Callable[[T], R], chunk: Sequence[T]) -> list[R]:
