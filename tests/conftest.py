@@ -23,6 +23,11 @@ SESSION_HOME = Path(tempfile.mkdtemp(prefix="vicuna-sky-test-home-"))
 
 os.environ["HOME"] = str(SESSION_HOME)
 os.environ["SKYPILOT_DISABLE_USAGE_COLLECTION"] = "1"
+# One compute thread per process (torch reads this when it is imported): the models here are
+# tiny and two pytest workers with their servers and trainers share a small machine's cores,
+# where torch's default of a thread per core spends more time contending than computing
+# (a tiny Llama's 400 tokens with both cores busy: 0.6 s on one thread, 1.7 s on two).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.pop("AWS_PROFILE", None)
 # The private HOME goes with the session (processes still writing to it are ignored).
 atexit.register(shutil.rmtree, SESSION_HOME, ignore_errors=True)

@@ -1,6 +1,5 @@
 """The real `vicuna-sky` console script, as a user runs it."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -74,21 +73,6 @@ def test_check_validates_all_specs(cli):
     assert out.returncode == 0, out.stderr
     for spec in ("train.yaml", "serve-controller.yaml", "serve-worker.yaml", "service.yaml"):
         assert spec in out.stdout
-
-
-def test_local_run_status_and_logs(cli, tmp_path):
-    """`train --local` runs sky/train.yaml here to the end; status and logs report it."""
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text((ROOT / "recipes" / "tiny-cpu.yaml").read_text())
-    out = cli("train", str(recipe), "--local", "--env", "NUM_EPOCHS=1", "--name", "cli-probe")
-    job = json.loads(next((tmp_path / "runs").glob("cli-probe-*/job.json")).read_text())
-    assert job["status"] == "SUCCEEDED", out.stdout[-3000:] + out.stderr[-3000:]
-    assert out.returncode == 0
-    status = cli("status", "--local")
-    assert status.returncode == 0 and "cli-probe" in status.stdout
-    assert "SUCCEEDED" in status.stdout
-    logs = cli("logs", "cli-probe", "--local")
-    assert logs.returncode == 0 and "run-rank0.log" in logs.stdout
 
 
 def test_eval_launch_and_fleet_dryruns(cli):

@@ -545,27 +545,6 @@ def test_the_dry_run_prints_the_task_offline(tmp_path):
     assert "cost plan: unavailable (cannot read SkyPilot's catalog" in out.stdout
 
 
-def test_a_relaunch_with_a_new_task_id_resumes_and_fresh_starts_over(cli, tmp_path):
-    """As after a jobs-controller restart: a second launch of the run (a new SKYPILOT_TASK_ID)
-    finds the first one's checkpoints under runs/RUN_NAME/RUN_TAG; --fresh starts at step 0."""
-    work = tmp_path / "w"
-
-    def train(*extra: str) -> str:
-        out = cli("train", "tiny-cpu", "--local", "--workdir", str(work), *extra, timeout=600)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        newest = max((work / "runs").glob("vicuna-tiny-train-*"), key=lambda p: p.name)
-        return (newest / "attempt-1" / "run-rank0.log").read_text()
-
-    first = train()
-    assert "(fresh start)" in first
-    second = train()
-    prefix = f"file://{work / 'buckets'}/s3/vicuna-sky-tiny/runs/vicuna-tiny/main"
-    assert f"downloaded step-8 from {prefix}" in second and "(resumed at step 8)" in second
-    third = train("--fresh")
-    assert "(fresh start)" in third
-    assert any(p.name.startswith("fresh-") for p in Path(prefix[7:]).parent.iterdir())
-
-
 def test_fleet_overrides_go_to_the_task_that_declares_them(fake_sky, tmp_path, capsys):
     options = dict(dryrun=True, local=False, name=None, runs_dir=tmp_path)
     envs = ("SERVE_BACKEND=echo", "SERVED_MODEL_NAME=m", "WEBUI_PORT=7000")

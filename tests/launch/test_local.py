@@ -10,6 +10,8 @@ import pytest
 from vicuna_sky.launch.jobs import JobStatus, LocalJob, list_jobs
 from vicuna_sky.launch.local import LocalConfig, LocalRunner
 
+ROOT = Path(__file__).resolve().parents[2]
+
 SPEC = """
 name: probe
 workdir: {workdir}
@@ -224,3 +226,45 @@ def test_bucket_url_on_a_local_s3_server(tmp_path, moto_endpoint, new_bucket):
     job = LocalRunner(task, config(tmp_path, s3_endpoint_url=moto_endpoint)).run()
     assert job.status == "SUCCEEDED"
     assert Checkpoints(open_store(f"s3://{name}/ckpts")).committed() == [3]
+
+
+def test_train_locally_to_the_end_then_relaunch_resumes_and_fresh_starts_over(cli, tmp_path):
+    """`vicuna-sky train RECIPE --local` runs sky/train.yaml here: it seeds the demo data in the
+    bucket, trains and exports; `status` (costed at the test catalog's made-up prices) and
+    `logs` report it. A second launch of the run (a new SKYPILOT_TASK_ID, as after a
+    jobs-controller restart) finds the first one's checkpoints under runs/RUN_NAME/RUN_TAG;
+    --fresh starts at step 0."""
+    from transformers import AutoConfig
+
+    recipe = tmp_path / "r.yaml"  # a recipe given by its path
+    recipe.write_text((ROOT / "recipes" / "tiny-cpu.yaml").read_text())
+    work = tmp_path / "w"
+    runs = work / "runs"
+
+    def train(*extra: str) -> str:
+        out = cli("train", str(recipe), "--local", "--workdir", str(work), *extra, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        newest = max(runs.glob("vicuna-tiny-train-*"), key=lambda p: p.name)
+        job = json.loads((newest / "job.json").read_text())
+        assert job["status"] == "SUCCEEDED", job
+        return (newest / "attempt-1" / "run-rank0.log").read_text()
+
+    first = train()
+    assert "(fresh start)" in first
+    assert AutoConfig.from_pretrained(work / "export").num_hidden_layers == 2
+    bucket = work / "buckets" / "s3" / "vicuna-sky-tiny"
+    assert (bucket / "data" / "demo_sharegpt.json").exists()
+    status = cli("status", "--local", "--runs-dir", str(runs))
+    assert status.returncode == 0, status.stderr
+    assert "vicuna-tiny-train" in status.stdout and "SUCCEEDED" in status.stdout
+    assert "spot" in status.stdout and "on-demand" in status.stdout, status.stdout
+    run_name = max(runs.glob("vicuna-tiny-train-*"), key=lambda p: p.name).name
+    logs = cli("logs", run_name, "--local", "--runs-dir", str(runs))
+    assert logs.returncode == 0 and "run-rank0.log" in logs.stdout, logs.stdout + logs.stderr
+
+    second = train()
+    prefix = f"file://{bucket}/runs/vicuna-tiny/main"
+    assert f"downloaded step-8 from {prefix}" in second and "(resumed at step 8)" in second
+    third = train("--fresh")
+    assert "(fresh start)" in third
+    assert any(p.name.startswith("fresh-") for p in Path(prefix[7:]).parent.iterdir())

@@ -15,6 +15,14 @@ def fleet(tmp_path):
         yield f
 
 
+@pytest.fixture(scope="module")
+def module_fleet(tmp_path_factory):
+    """One fleet for the tests of a module that only ask it questions: none of them stops,
+    hangs, drains or restarts a process (those take a `fleet` of their own)."""
+    with LocalFleet(tmp_path_factory.mktemp("fleet"), SECRET) as f:
+        yield f
+
+
 @pytest.fixture(scope="session")
 def tiny_chat_model(tmp_path_factory) -> Path:
     from vicuna_sky.tiny import build_tiny_llama

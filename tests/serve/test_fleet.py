@@ -11,13 +11,23 @@ import openai
 import pytest
 
 
-@pytest.fixture
-def hf_fleet(fleet, tiny_chat_model):
+def two_hf_workers(fleet, model):
+    """A controller and two tiny-Llama workers, one of them also serving it as `tiny`."""
     fleet.start_controller()
-    a = fleet.start_worker("hf", str(tiny_chat_model), "vicuna-tiny", "--model-name", "tiny")
-    b = fleet.start_worker("hf", str(tiny_chat_model), "vicuna-tiny")
+    a = fleet.start_worker("hf", str(model), "vicuna-tiny", "--model-name", "tiny")
+    b = fleet.start_worker("hf", str(model), "vicuna-tiny")
     fleet.wait_workers({a, b})
     return fleet
+
+
+@pytest.fixture(scope="module")
+def hf_fleet(module_fleet, tiny_chat_model):
+    return two_hf_workers(module_fleet, tiny_chat_model)
+
+
+@pytest.fixture
+def own_hf_fleet(fleet, tiny_chat_model):
+    return two_hf_workers(fleet, tiny_chat_model)
 
 
 def test_openai_client_against_two_hf_workers(hf_fleet):
@@ -129,18 +139,18 @@ def when_busy(fleet, address: str, then) -> threading.Thread:
     return thread
 
 
-def test_killing_a_worker_under_load_fails_no_request(hf_fleet):
-    a, b = list(hf_fleet.workers)
-    client = hf_fleet.client()
+def test_killing_a_worker_under_load_fails_no_request(own_hf_fleet):
+    a, b = list(own_hf_fleet.workers)
+    client = own_hf_fleet.client()
     expected = [ask_model(client, i) for i in range(24)]
     assert len(set(expected)) > 1  # answers that differ: a mix-up between requests would show
-    watcher = when_busy(hf_fleet, a, hf_fleet.workers[a].stop)  # killed in the middle of it
+    watcher = when_busy(own_hf_fleet, a, own_hf_fleet.workers[a].stop)  # killed in the middle of it
     with ThreadPoolExecutor(6) as pool:
         answers = list(pool.map(lambda i: ask_model(client, i), range(24)))
     watcher.join(5)
-    assert hf_fleet.workers[a].proc.poll() is not None, "the worker was never killed"
+    assert own_hf_fleet.workers[a].proc.poll() is not None, "the worker was never killed"
     assert answers == expected
-    assert hf_fleet.available() == {b}
+    assert own_hf_fleet.available() == {b}
 
 
 def test_a_failed_worker_leaves_rotation_at_once(fleet):

@@ -33,15 +33,24 @@ def chat(client, model: str = "tiny", **kw):
     return client.chat.completions.create(model=model, **kw)
 
 
-@pytest.fixture
-def tiny_fleet(fleet, tiny_chat_model):
+def two_tiny_workers(fleet, model):
     # Expiry 4 s: a loaded 2-core machine still heartbeats within it, and a worker blocked by
     # a long prompt on its event loop (about 30 s for the 6 MB one below) misses it for sure.
     fleet.start_controller("--expiry-seconds", "4")
-    a = fleet.start_worker("hf", str(tiny_chat_model), "tiny")
-    b = fleet.start_worker("hf", str(tiny_chat_model), "tiny")
+    a = fleet.start_worker("hf", str(model), "tiny")
+    b = fleet.start_worker("hf", str(model), "tiny")
     fleet.wait_workers({a, b})
     return fleet
+
+
+@pytest.fixture(scope="module")
+def tiny_fleet(module_fleet, tiny_chat_model):
+    return two_tiny_workers(module_fleet, tiny_chat_model)
+
+
+@pytest.fixture
+def own_tiny_fleet(fleet, tiny_chat_model):
+    return two_tiny_workers(fleet, tiny_chat_model)
 
 
 def test_roles_out_of_order_are_the_clients_error_and_take_no_worker_down(tiny_fleet):
@@ -176,15 +185,15 @@ def test_a_server_reachable_from_other_machines_needs_the_secret(module, tmp_pat
     assert "reachable from other machines" in result.stderr and FLEET_SECRET_ENV in result.stderr
 
 
-def test_a_hung_worker_under_load_fails_no_request(tiny_fleet):
+def test_a_hung_worker_under_load_fails_no_request(own_tiny_fleet):
     """Row 5: SIGSTOP (hung, not dead) one of two workers in the middle of 40 requests."""
-    a = next(iter(tiny_fleet.workers))
-    client = tiny_fleet.client()
+    a = next(iter(own_tiny_fleet.workers))
+    client = own_tiny_fleet.client()
     stopped = threading.Event()
 
     def ask(i: int) -> str:
         if i == 8:
-            tiny_fleet.workers[a].signal(signal.SIGSTOP)
+            own_tiny_fleet.workers[a].signal(signal.SIGSTOP)
             stopped.set()
         r = chat(client, messages=[{"role": "user", "content": f"q {i}"}], temperature=0)
         return r.choices[0].message.content
@@ -193,7 +202,7 @@ def test_a_hung_worker_under_load_fails_no_request(tiny_fleet):
         with ThreadPoolExecutor(6) as pool:
             answers = list(pool.map(ask, range(40)))
     finally:
-        tiny_fleet.workers[a].signal(signal.SIGCONT)
+        own_tiny_fleet.workers[a].signal(signal.SIGCONT)
     assert stopped.is_set() and len(answers) == 40 and all(x is not None for x in answers)
 
 
@@ -309,17 +318,17 @@ def test_out_of_range_numbers_are_400_and_a_garbled_worker_is_failed_over(fleet)
     assert states[garbled]["failed"] and states[good]["available"]
 
 
-def test_a_huge_body_is_413_and_a_huge_prompt_blocks_no_heartbeat(tiny_fleet):
+def test_a_huge_body_is_413_and_a_huge_prompt_blocks_no_heartbeat(own_tiny_fleet):
     """Row 8: 50 MB is refused before it is parsed; 6 MB of prompt is tokenized off the event
     loop, so the worker keeps heartbeating (expiry here is 4 s) while it works."""
     r = httpx.post(
-        f"{tiny_fleet.url}/v1/chat/completions",
+        f"{own_tiny_fleet.url}/v1/chat/completions",
         content=b'{"model": "tiny", "messages": [], "pad": "' + b"x" * 50_000_000 + b'"}',
         headers={"Content-Type": "application/json"},
         timeout=60,
     )
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
-    client = tiny_fleet.client()
+    client = own_tiny_fleet.client()
     result: list[object] = []
 
     def ask_long() -> None:
@@ -332,7 +341,7 @@ def test_a_huge_body_is_413_and_a_huge_prompt_blocks_no_heartbeat(tiny_fleet):
     asking.start()
     seen_down = False
     while asking.is_alive():
-        seen_down |= tiny_fleet.available() != set(tiny_fleet.workers)
+        seen_down |= own_tiny_fleet.available() != set(own_tiny_fleet.workers)
         time.sleep(0.2)
     assert not seen_down
     assert result and result[0].status_code == 400 and "context length" in str(result[0])

@@ -243,21 +243,6 @@ def test_lora_trains_and_exports_merged_weights(run_trainer, trainer_args, tmp_p
     assert torch.equal(merged.state_dict()[mlp], base.state_dict()[mlp])  # frozen stays
 
 
-def test_train_recipe_locally_end_to_end(cli, tmp_path):
-    """sky/train.yaml on the local backend: seeds the demo data, trains, exports to W/export."""
-    workdir = tmp_path / "w"
-    result = cli("train", "tiny-cpu", "--local", "--workdir", str(workdir))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(workdir / "export")
-    assert model.config.num_hidden_layers == 2
-    assert (workdir / "buckets" / "s3" / "vicuna-sky-tiny" / "data" / "demo_sharegpt.json").exists()
-    # The run is costed at catalog prices (the test catalog's are made up).
-    status = cli("status", "--local", "--runs-dir", str(workdir / "runs"))
-    assert "spot" in status.stdout and "on-demand" in status.stdout, status.stdout
-
-
 def test_bad_arguments_are_one_line(tmp_path):
     import subprocess
     import sys
