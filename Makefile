@@ -44,11 +44,12 @@ lint: env
 
 # Two pytest workers (pytest-xdist), a whole test file each at a time (module fixtures are made
 # once): most tests wait on subprocesses, servers and the package index, so two share the two
-# cores of a small machine well. TEST_WORKERS=0 runs in one process.
+# cores of a small machine well. Files go out in collection order, the longest first (see
+# LONGEST_FIRST in tests/conftest.py). TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 
 test: lint
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

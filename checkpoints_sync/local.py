@@ -22,9 +22,16 @@ class LocalStore:
 
     def get_file(self, key: str, path: Path) -> None:
         src = self._path(key)
+        # Another process (a trainer's retention) may delete it at any moment, also between a
+        # check and the copy: gone is NotFound whenever it goes, as on a cloud store.
         if not src.is_file():
             raise NotFound(f"{self.url}/{key}")
-        write_atomically(Path(path), lambda tmp: shutil.copyfile(src, tmp))
+        try:
+            write_atomically(Path(path), lambda tmp: shutil.copyfile(src, tmp))
+        except FileNotFoundError:
+            if src.is_file():
+                raise  # the destination's directory, not the object
+            raise NotFound(f"{self.url}/{key}") from None
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         if not self.root.is_dir():
@@ -37,7 +44,10 @@ class LocalStore:
                 full = Path(dirpath) / name
                 key = full.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
-                    out.append(ObjectInfo(key, full.stat().st_size))
+                    try:
+                        out.append(ObjectInfo(key, full.stat().st_size))
+                    except FileNotFoundError:
+                        continue  # deleted since the directory was read
         return out
 
     def delete(self, keys: list[str]) -> None:

@@ -94,3 +94,36 @@ def test_recommit_replaces(store_url, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out" / "shards").iterdir()) == ["__0_0.distcp"]
     got = (tmp_path / "out" / "shards" / "__0_0.distcp").read_bytes()
     assert got == (second / "shards" / "__0_0.distcp").read_bytes()
+
+
+def test_reading_while_another_process_collects_garbage(tmp_path):
+    """A trainer commits and deletes old steps (retention) while a watcher lists what is
+    committed: a step deleted under the reader is simply not committed any more, never an
+    error. The local store used to raise FileNotFoundError between its check and its copy
+    (every run of this test hit it); the cloud stores answer a deleted object with a 404."""
+    import threading
+
+    url = f"file://{tmp_path / 'bucket'}"
+    writer, reader = Checkpoints(open_store(url)), Checkpoints(open_store(url))
+    local = make_checkpoint(tmp_path, 1, files=1, size=1000)
+    done, seen, errors = threading.Event(), set(), []
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                seen.update(reader.committed())
+            except Exception as e:  # any error is the failure under test
+                errors.append(e)
+                return
+
+    watcher = threading.Thread(target=read)
+    watcher.start()
+    try:
+        for step in range(1, 61):
+            writer.commit(local, step)
+            writer.gc(keep=1)
+    finally:
+        done.set()
+        watcher.join(30)
+    assert errors == [] and writer.committed() == [60]
+    assert len(seen) > 1  # the reader ran alongside, through many commits

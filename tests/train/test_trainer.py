@@ -1,6 +1,7 @@
 """The trainer under real torchrun on CPU (gloo, FSDP2): learning, labels, resume, preemption."""
 
 import json
+import shutil
 import signal
 
 import pytest
@@ -230,17 +231,33 @@ def test_only_answer_tokens_carry_loss(run_trainer, trainer_args, tmp_path):
     assert losses["other answer text"] != pytest.approx(losses["base"], rel=1e-3)
 
 
-def test_lora_trains_and_exports_merged_weights(run_trainer, trainer_args, tmp_path, tiny_model):
+def test_lora_trains_checkpoints_only_what_trains_and_resumes_identically(
+    run_trainer, trainer_args, tmp_path, tiny_model
+):
     from transformers import AutoModelForCausalLM
 
-    run = run_trainer(tmp_path / "lora", trainer_args(lora_r=4, max_steps=2), nproc=1)
-    assert run.wait() == 0, run.output()[-3000:]
-    merged = AutoModelForCausalLM.from_pretrained(run.cwd / "export")
+    args = trainer_args(lora_r=4, max_steps=4)
+    first = run_trainer(tmp_path / "zone-a", args, nproc=1)
+    assert first.wait() == 0, first.output()[-3000:]
+    merged = AutoModelForCausalLM.from_pretrained(first.cwd / "export")
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(merged.state_dict()[q], base.state_dict()[q])  # LoRA merged in
     mlp = "model.layers.0.mlp.up_proj.weight"
     assert torch.equal(merged.state_dict()[mlp], base.state_dict()[mlp])  # frozen stays
+    # The frozen base model is not in the checkpoints: each holds the adapters, their optimizer
+    # state and the bookkeeping, a fraction of the model (with the base it was over 100 %).
+    cps = Checkpoints(open_store(f"file://{tmp_path / 'bucket'}/ckpt"))
+    assert cps.committed() == [2, 4]
+    stored = sum(f.size for f in cps.read_manifest(4).files)
+    assert stored < (tiny_model / "model.safetensors").stat().st_size / 4, stored
+    # Resumed from step 2 on another machine (step-4 lost), the base weights come from the
+    # model and the adapters from the checkpoint: the same export, bit for bit.
+    shutil.rmtree(tmp_path / "bucket" / "ckpt" / "step-4")
+    second = run_trainer(tmp_path / "zone-b", args, nproc=1)
+    assert second.wait() == 0, second.output()[-3000:]
+    assert "resumed at step 2" in second.output()
+    assert_identical(weights(second.cwd / "export"), weights(first.cwd / "export"))
 
 
 def test_bad_arguments_are_one_line(tmp_path):

@@ -2,9 +2,11 @@
 
 A checkpoint holds the sharded model and optimizer (torch.distributed.checkpoint, so it can be
 loaded by a different number of processes), the scheduler, step, sampler position and every
-rank's RNG state. Locally a step directory is complete once DCP has written `.metadata` (it
-writes it last); in the bucket once checkpoints_sync has committed its manifest. At start the
-newest complete checkpoint wins, from the bucket or the local disk.
+rank's RNG state. Of the model only what training changes: frozen parameters (a LoRA run's base
+model) are loaded from the base model at every start, so they are neither written nor
+uploaded. Locally a step directory is complete once DCP has written `.metadata` (it writes it
+last); in the bucket once checkpoints_sync has committed its manifest. At start the newest
+complete checkpoint wins, from the bucket or the local disk.
 
 A periodic save holds training up only while the state is copied to host memory: DCP's
 `async_save` writes the files in a background thread (over a gloo group of its own), and the
@@ -25,7 +27,11 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 
 from checkpoints_sync import AsyncUploader, Checkpoints, open_store
 from checkpoints_sync import manifest as manifest_lib
@@ -34,6 +40,11 @@ from vicuna_sky.train.dist import World
 
 log = logging.getLogger("vicuna_sky.train")
 DCP_MARKER = ".metadata"
+TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True)
+"""What a checkpoint holds of the model: the parameters that train (all of them, unless frozen)."""
+LOAD_TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True, strict=False)
+"""Loading it leaves the frozen ones as the base model gave them. Not strict about them only:
+`dcp.load` still fails on any parameter of the template the checkpoint lacks."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -106,7 +117,7 @@ class CheckpointManager:
         optimizer: torch.optim.Optimizer,
         extra: dict[str, Any],
     ) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINED_ONLY)
         state = {
             "model": model_sd,
             "optim": optim_sd,
@@ -115,7 +126,11 @@ class CheckpointManager:
         }
         dcp.load(state, checkpoint_id=str(self.root / f"step-{step}"))
         set_state_dict(
-            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+            model,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=LOAD_TRAINED_ONLY,
         )
         set_rng_state(state[f"rng_rank{self.world.rank}"])
         return state["extra"]
@@ -137,7 +152,7 @@ class CheckpointManager:
         if self.world.local_rank == 0 and directory.exists():
             shutil.rmtree(directory)  # a stale half-save of this step from an earlier attempt
         torch.distributed.barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINED_ONLY)
         state = {
             "model": model_sd,
             "optim": optim_sd,
