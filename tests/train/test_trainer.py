@@ -231,26 +231,46 @@ def test_only_answer_tokens_carry_loss(run_trainer, trainer_args, tmp_path):
     assert losses["other answer text"] != pytest.approx(losses["base"], rel=1e-3)
 
 
+@pytest.fixture(scope="module")
+def tied_model(tmp_path_factory, tiny_model):
+    """The tiny Llama with its output head tied to the embedding, as SmolLM2's is."""
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("tied") / "tiny-llama"
+    shutil.copytree(tiny_model, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}))
+    state = weights(path)
+    del state["lm_head.weight"]  # a tied model stores it once, as the embedding
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
 def test_lora_trains_checkpoints_only_what_trains_and_resumes_identically(
-    run_trainer, trainer_args, tmp_path, tiny_model
+    run_trainer, trainer_args, tmp_path, tied_model
 ):
+    import torch.distributed.checkpoint as dcp
     from transformers import AutoModelForCausalLM
 
-    args = trainer_args(lora_r=4, max_steps=4)
+    args = trainer_args(lora_r=4, max_steps=4, model_path=tied_model)
     first = run_trainer(tmp_path / "zone-a", args, nproc=1)
     assert first.wait() == 0, first.output()[-3000:]
     merged = AutoModelForCausalLM.from_pretrained(first.cwd / "export")
-    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    base = AutoModelForCausalLM.from_pretrained(tied_model)
+    assert base.lm_head.weight is base.model.embed_tokens.weight
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(merged.state_dict()[q], base.state_dict()[q])  # LoRA merged in
-    mlp = "model.layers.0.mlp.up_proj.weight"
-    assert torch.equal(merged.state_dict()[mlp], base.state_dict()[mlp])  # frozen stays
-    # The frozen base model is not in the checkpoints: each holds the adapters, their optimizer
-    # state and the bookkeeping, a fraction of the model (with the base it was over 100 %).
+    for frozen in ("model.layers.0.mlp.up_proj.weight", "lm_head.weight"):
+        assert torch.equal(merged.state_dict()[frozen], base.state_dict()[frozen])
+    # The checkpoints hold the adapters (and their optimizer state), not the frozen base model:
+    # no base weight under any of its names (the tied output head included).
     cps = Checkpoints(open_store(f"file://{tmp_path / 'bucket'}/ckpt"))
     assert cps.committed() == [2, 4]
+    saved = dcp.FileSystemReader(str(tmp_path / "bucket" / "ckpt" / "step-4")).read_metadata()
+    weights_saved = [k for k in saved.state_dict_metadata if k.startswith("model.")]
+    assert weights_saved and all(".lora_" in k for k in weights_saved), weights_saved
     stored = sum(f.size for f in cps.read_manifest(4).files)
-    assert stored < (tiny_model / "model.safetensors").stat().st_size / 4, stored
+    assert stored < (tied_model / "model.safetensors").stat().st_size / 4, stored
     # Resumed from step 2 on another machine (step-4 lost), the base weights come from the
     # model and the adapters from the checkpoint: the same export, bit for bit.
     shutil.rmtree(tmp_path / "bucket" / "ckpt" / "step-4")

@@ -40,11 +40,25 @@ from vicuna_sky.train.dist import World
 
 log = logging.getLogger("vicuna_sky.train")
 DCP_MARKER = ".metadata"
-TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True)
-"""What a checkpoint holds of the model: the parameters that train (all of them, unless frozen)."""
-LOAD_TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True, strict=False)
-"""Loading it leaves the frozen ones as the base model gave them. Not strict about them only:
-`dcp.load` still fails on any parameter of the template the checkpoint lacks."""
+LOAD_TRAINED_ONLY = StateDictOptions(strict=False)
+"""A checkpoint has no frozen parameters, and loading it leaves them as the base model gave
+them. Not strict about them only: `dcp.load` still fails on any parameter of the template the
+checkpoint lacks."""
+
+
+def trained_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model, optimizer) state dicts without the frozen parameters. By every name they have:
+    `ignore_frozen_params` drops a tied weight under its first name only, and SmolLM2's frozen
+    output head (the embedding, tied) would stay in every LoRA checkpoint as 113 MB."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    frozen = {
+        name
+        for name, param in model.named_parameters(remove_duplicate=False)
+        if not param.requires_grad
+    }
+    return {k: v for k, v in model_sd.items() if k not in frozen}, optim_sd
 
 
 def rng_state() -> dict[str, Any]:
@@ -117,7 +131,7 @@ class CheckpointManager:
         optimizer: torch.optim.Optimizer,
         extra: dict[str, Any],
     ) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINED_ONLY)
+        model_sd, optim_sd = trained_state(model, optimizer)
         state = {
             "model": model_sd,
             "optim": optim_sd,
@@ -152,7 +166,7 @@ class CheckpointManager:
         if self.world.local_rank == 0 and directory.exists():
             shutil.rmtree(directory)  # a stale half-save of this step from an earlier attempt
         torch.distributed.barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINED_ONLY)
+        model_sd, optim_sd = trained_state(model, optimizer)
         state = {
             "model": model_sd,
             "optim": optim_sd,
