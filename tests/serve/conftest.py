@@ -28,3 +28,13 @@ def tiny_chat_model(tmp_path_factory) -> Path:
     from vicuna_sky.tiny import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("serve-model") / "tiny-llama")
+
+
+def with_two_hf_workers(fleet, model, controller_args=(), first_args=(), name="tiny"):
+    """Start a controller and two tiny-Llama hf workers serving `name` (the first one started
+    with `first_args` too) on `fleet`; returns it once both are in rotation."""
+    fleet.start_controller(*controller_args)
+    a = fleet.start_worker("hf", str(model), name, *first_args)
+    b = fleet.start_worker("hf", str(model), name)
+    fleet.wait_workers({a, b})
+    return fleet

@@ -10,14 +10,13 @@ import httpx
 import openai
 import pytest
 
+from .conftest import with_two_hf_workers
+
 
 def two_hf_workers(fleet, model):
-    """A controller and two tiny-Llama workers, one of them also serving it as `tiny`."""
-    fleet.start_controller()
-    a = fleet.start_worker("hf", str(model), "vicuna-tiny", "--model-name", "tiny")
-    b = fleet.start_worker("hf", str(model), "vicuna-tiny")
-    fleet.wait_workers({a, b})
-    return fleet
+    """Two tiny-Llama workers serving `vicuna-tiny`, the first one also as `tiny`."""
+    also_tiny = ("--model-name", "tiny")
+    return with_two_hf_workers(fleet, model, first_args=also_tiny, name="vicuna-tiny")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import pytest
 
 from vicuna_sky.serve.auth import FLEET_SECRET_ENV
 
-from .conftest import SECRET
+from .conftest import SECRET, with_two_hf_workers
 
 QUESTION = [{"role": "user", "content": "hello there"}]
 JSON = {"Content-Type": "application/json"}
@@ -36,11 +36,7 @@ def chat(client, model: str = "tiny", **kw):
 def two_tiny_workers(fleet, model):
     # Expiry 4 s: a loaded 2-core machine still heartbeats within it, and a worker blocked by
     # a long prompt on its event loop (about 30 s for the 6 MB one below) misses it for sure.
-    fleet.start_controller("--expiry-seconds", "4")
-    a = fleet.start_worker("hf", str(model), "tiny")
-    b = fleet.start_worker("hf", str(model), "tiny")
-    fleet.wait_workers({a, b})
-    return fleet
+    return with_two_hf_workers(fleet, model, controller_args=("--expiry-seconds", "4"))
 
 
 @pytest.fixture(scope="module")
