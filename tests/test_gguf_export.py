@@ -115,7 +115,7 @@ def mistral(tmp_path_factory, tiny) -> Path:
 @pytest.mark.parametrize("out_type", ["f32", "f16", "bf16", "q8_0"])
 def test_tiny_llama_every_type(tiny, tmp_path, out_type):
     done = export_gguf(tiny, tmp_path / f"tiny.{out_type}.gguf", out_type, progress=False)
-    assert done["tokenizer"] == "gpt2 (gpt2)" and done["tensors"] == 21
+    assert done["tokenizer"] == "gpt2 (gpt-2)" and done["tensors"] == 21
     _check_type(tiny, Path(done["path"]), out_type)
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(done["path"]).tensors}
     assert types["blk.0.attn_norm.weight"] == "F32"  # 1-D tensors stay f32, as llama.cpp's
@@ -276,12 +276,10 @@ def test_smollm2_metadata_matches_llama_cpp(smollm2):
         for key in reference
         if not key.startswith("GGUF.") and ours[key].contents() != reference[key].contents()
     }
-    # file_type: ours is all f32, theirs Q4_1. pre: the converted directory's tokenizer has no
-    # digit splitting (transformers' GGUF reader drops it), so it is GPT-2's regex, `gpt2`. The
-    # token ids are the same either way: no token of SmolLM2's vocabulary joins a number
-    # character to any other character, so BPE never merges across the split it would make.
-    assert differ == {"general.file_type", "tokenizer.ggml.pre"}
-    assert ours["tokenizer.ggml.pre"].contents() == "gpt2"
+    # file_type: ours is all f32, theirs Q4_1. Everything else as llama.cpp's converter wrote
+    # it, the pre-tokenizer's name `smollm` included (the import keeps SmolLM2's digit split).
+    assert differ == {"general.file_type"}
+    assert ours["tokenizer.ggml.pre"].contents() == "smollm"
     assert ours["tokenizer.ggml.add_eos_token"].contents() is False
 
 
@@ -292,36 +290,125 @@ def test_smollm2_q8_0(smollm2):
     _check_type(smollm2["source"], Path(done["path"]), "q8_0")
 
 
-def test_tokenizer_pre_names(tiny, tmp_path):
-    """The byte-level pre-tokenizers llama.cpp knows, recognised by their structure."""
-    from vicuna_sky.gguf_export import _pre_tokenizer_name
-
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
-    digits = {"type": "Digits", "individual_digits": True}
-    llama3 = {
-        "type": "Split",
-        "pattern": {
-            "Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?"
-            "[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
-        },
-    }
-    seq = lambda *p: {"type": "Sequence", "pretokenizers": list(p)}  # noqa: E731
-    assert _pre_tokenizer_name(byte_level) == "gpt2"
-    assert _pre_tokenizer_name(seq(digits, byte_level)) == "smollm"
-    assert _pre_tokenizer_name(seq(llama3, byte_level | {"use_regex": False})) == "llama-bpe"
-    assert _pre_tokenizer_name(byte_level | {"add_prefix_space": True}) is None
-    assert _pre_tokenizer_name({"type": "Whitespace"}) is None
-    # An unknown one is refused in one line, and nothing is written.
-    model = tmp_path / "model"
+def _with_tokenizer(tiny: Path, root: Path, edit) -> Path:
+    """A copy of the tiny model whose tokenizer.json `edit(spec)` has changed."""
+    model = root / "model"
     model.mkdir()
     for path in tiny.iterdir():
         (model / path.name).write_bytes(path.read_bytes())
     spec = json.loads((model / "tokenizer.json").read_text())
-    spec["pre_tokenizer"] = {"type": "Whitespace"}
+    edit(spec)
     (model / "tokenizer.json").write_text(json.dumps(spec))
-    with pytest.raises(VicunaSkyError, match="pre-tokenizer is not supported"):
+    return model
+
+
+def _llama3_split(spec: dict) -> None:
+    from vicuna_sky.gguf_vocab import LLAMA3_REGEX
+
+    spec["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {
+                "type": "Split",
+                "pattern": {"Regex": LLAMA3_REGEX},
+                "behavior": "Isolated",
+                "invert": False,
+            },
+            {
+                "type": "ByteLevel",
+                "add_prefix_space": False,
+                "trim_offsets": True,
+                "use_regex": False,
+            },
+        ],
+    }
+    spec["model"]["ignore_merges"] = True
+
+
+def _digits_first(spec: dict) -> None:
+    byte_level = spec["pre_tokenizer"]
+    digits = {"type": "Digits", "individual_digits": True}
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [digits, byte_level]}
+
+
+@pytest.mark.parametrize(
+    ("edit", "name"),
+    [(None, "gpt-2"), (_digits_first, "smollm"), (_llama3_split, "llama-bpe")],
+)
+def test_pre_tokenizer_names_are_llama_cpp_s(tiny, tmp_path, edit, name):
+    """The tiny tokenizer (GPT-2's byte-level split) and the same vocabulary split as SmolLM2
+    and as Llama 3 get llama.cpp's names for those splits (src/llama-vocab.cpp); the export
+    writes that name. SmolLM2's own name is checked above, against llama.cpp's file, and in
+    tests/test_models.py against llama.cpp's fingerprint."""
+    from vicuna_sky.gguf_vocab import identify
+
+    model = tiny if edit is None else _with_tokenizer(tiny, tmp_path, edit)
+    assert identify(json.loads((model / "tokenizer.json").read_text())) == name
+    done = export_gguf(model, tmp_path / "x.gguf", "f32", progress=False)
+    assert done["tokenizer"] == f"gpt2 ({name})"
+    fields = gguf.GGUFReader(done["path"]).fields
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert fields["tokenizer.ggml.pre"].contents() == name
+    # Read back, the file's tokenizer encodes as the directory's does.
+    _same_tokens(AutoTokenizer.from_pretrained(model), load_gguf(Path(done["path"]))[1])
+
+
+def _prefix_space(spec: dict) -> None:
+    spec["pre_tokenizer"]["add_prefix_space"] = True
+
+
+def _whitespace(spec: dict) -> None:
+    spec["pre_tokenizer"] = {"type": "Whitespace"}
+
+
+def _nfkc(spec: dict) -> None:
+    spec["normalizer"] = {"type": "NFKC"}
+
+
+@pytest.mark.parametrize("edit", [_prefix_space, _whitespace, _nfkc])
+def test_a_tokenizer_llama_cpp_would_split_otherwise_is_refused(tiny, tmp_path, edit):
+    """A prefix space, a split no llama.cpp name makes, or a normalizer llama.cpp does not run
+    (NFKC turns "½" into "1⁄2"): no name fits, so nothing is written under a wrong one."""
+    model = _with_tokenizer(tiny, tmp_path, edit)
+    with pytest.raises(VicunaSkyError, match=r"splits text as none of llama\.cpp's pre-tokenizers"):
         export_gguf(model, tmp_path / "x.gguf", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_import_refuses_a_pre_tokenizer_it_cannot_split_as_llama_cpp(tiny, tmp_path):
+    """A GGUF whose byte-level pre-tokenizer name is not one the import knows is refused in one
+    line rather than read with some other split (transformers' reader ignores the name)."""
+    done = export_gguf(tiny, tmp_path / "tiny.gguf", "f32", progress=False)
+    data = Path(done["path"]).read_bytes()
+    name = b"tokenizer.ggml.pre"
+    at = data.index(name) + len(name) + 4 + 8  # the string's type, then its length
+    assert data[at : at + 5] == b"gpt-2"
+    other = tmp_path / "qwen2.gguf"
+    other.write_bytes(data[:at] + b"qwen2" + data[at + 5 :])
+    assert gguf.GGUFReader(other).fields["tokenizer.ggml.pre"].contents() == "qwen2"
+    with pytest.raises(VicunaSkyError, match="byte-level pre-tokenizer 'qwen2' is not supported"):
+        load_gguf(other)
+
+
+def test_a_llama_2_tokenizer_is_sentencepiece_default(tmp_path):
+    """Meta's Llama-2 tokenizer (the fixture) on a small Llama: llama.cpp's converter writes
+    SentencePiece vocabularies as model `llama`, pre-tokenizer `default`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fixture = Path(__file__).parent / "fixtures" / "tokenizers" / "llama2"
+    model = tmp_path / "llama2"
+    tokenizer = AutoTokenizer.from_pretrained(fixture)
+    tokenizer.save_pretrained(model)
+    config = LlamaConfig(
+        vocab_size=32000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(model)
+    done = export_gguf(model, tmp_path / "llama2.gguf", "f32", progress=False)
+    fields = gguf.GGUFReader(done["path"]).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert fields["tokenizer.ggml.pre"].contents() == "default"
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is True
 
 
 def test_refusals(tiny, tmp_path):

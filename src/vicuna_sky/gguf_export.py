@@ -16,10 +16,18 @@ file from here loads wherever one from there does:
   keeps them; the chosen type applies to matrices (q8_0 falls back to f16 for a matrix whose
   rows are not whole 32-element blocks, as llama.cpp does).
 - Tokenizer: byte-level BPE (`gpt2`: tokens, merges, token types) or SentencePiece-style BPE
-  (`llama`: tokens, scores, token types), the pre-tokenizer's name, special token ids, whether
-  BOS/EOS are added (as the source tokenizer actually does it) and the chat template.
-- Descriptive `general.*` keys come from the `gguf` package's own heuristics (directory name,
-  model card) and an optional override file in llama.cpp's `--metadata` JSON format.
+  (`llama`: tokens, scores, token types), special token ids, whether BOS/EOS are added (as the
+  source tokenizer actually does it) and the chat template. A byte-level tokenizer's
+  pre-tokenizer name is one of llama.cpp's, chosen by what the tokenizer does (`gguf_vocab`):
+  a tokenizer that splits text as none of them do is refused, never written under a wrong name.
+  `add_bos_token` and `add_eos_token` are both written, false too (llama.cpp's converter omits
+  a false EOS flag): llama.cpp reads them and otherwise falls back on a per-vocabulary-type
+  default (`llama-bpe` and SentencePiece add BOS), so the file says what the source does.
+- `general.file_type` is the type the matrices are in (llama.cpp reads it; without it, it
+  guesses from the tensors). The descriptive `general.*` keys (name, license, organization...)
+  are shown by llama.cpp but change nothing it computes; they come from the `gguf` package's
+  own heuristics (directory name, the model card's front matter) and an optional override file
+  in llama.cpp's `--metadata` JSON format.
 
 The file is written to a temporary beside the output and renamed only when complete (see
 `vicuna_sky.output`).
@@ -36,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from vicuna_sky import gguf_vocab
 from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.output import check_output_file, writing
 
@@ -211,29 +220,6 @@ def _converted(tensor: _Tensor) -> np.ndarray:
 # --- tokenizer -------------------------------------------------------------------------------
 
 
-def _pre_tokenizer_name(pre: dict[str, Any] | None) -> str | None:
-    """llama.cpp's name for a byte-level BPE pre-tokenizer, recognised by its structure (llama.cpp
-    itself fingerprints the token ids of a test text; the structure says the same without
-    running one): GPT-2's regex alone is `gpt2`; single digits first, then GPT-2's regex is
-    SmolLM's `smollm`; Llama 3's split regex before a regex-free byte mapping is `llama-bpe`."""
-    if not pre:
-        return None
-    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [p.get("type") for p in parts]
-    last = parts[-1]
-    if kinds[-1] != "ByteLevel" or last.get("add_prefix_space"):
-        return None
-    if kinds == ["ByteLevel"] and last.get("use_regex", True):
-        return "gpt2"
-    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
-        return "smollm" if last.get("use_regex", True) else None
-    if kinds == ["Split", "ByteLevel"] and not last.get("use_regex", True):
-        pattern = parts[0].get("pattern", {}).get("Regex", "")
-        if pattern.startswith("(?i:'s|'t|'re|'ve|'m|'ll|'d)") and "\\p{N}{1,3}" in pattern:
-            return "llama-bpe"
-    return None
-
-
 def _is_sentencepiece_bpe(spec: dict[str, Any]) -> bool:
     """A Llama/Mistral tokenizer as transformers saves it: BPE over "▁"-joined pieces with byte
     fallback, no byte-level mapping."""
@@ -287,11 +273,12 @@ def _add_tokenizer(writer: Any, model_dir: Path, vocab_size: int) -> dict[str, A
         )
     T = gguf.TokenType
     spm = _is_sentencepiece_bpe(spec)
-    pre = None if spm else _pre_tokenizer_name(spec.get("pre_tokenizer"))
+    pre = None if spm else gguf_vocab.identify(spec)
     if not spm and pre is None:
         raise VicunaSkyError(
-            f"{model_dir}: this tokenizer's pre-tokenizer is not supported; GGUF export supports "
-            "GPT-2-style byte-level BPE (gpt2, smollm, llama-bpe) and SentencePiece-style BPE"
+            f"{model_dir}: this tokenizer splits text as none of llama.cpp's pre-tokenizers "
+            f"that the export knows ({', '.join(gguf_vocab.PRE_TOKENIZERS)}) or SentencePiece-"
+            "style BPE; llama.cpp would tokenize it differently"
         )
     tokens, types, scores = [], [], []
     ranks = (

@@ -2,9 +2,15 @@
 
 transformers reads GGUF files (dequantizing every tensor to float32) but a model loaded that way
 refuses `save_pretrained`; its weights are copied into a fresh model of the same config, which
-saves like any other. The tokenizer's special tokens are taken from the GGUF's own metadata:
-transformers' GGUF reader can name the wrong end-of-sequence token (SmolLM2 gets <|im_start|>
-for both BOS and EOS), which would make generation never stop at the end of a turn.
+saves like any other.
+
+A byte-level BPE tokenizer (`tokenizer.ggml.model = gpt2`) is rebuilt from the file's tokens,
+merges and pre-tokenizer name as llama.cpp runs it (`gguf_vocab`), not taken from transformers'
+GGUF reader: that reader ignores the name, so SmolLM2 (`smollm`) lost its digit splitting and
+tokenized differently from the original wherever two spaces come before a digit. A name this
+project does not know is refused rather than guessed. The special tokens come from the file's
+own metadata too: transformers' reader names the wrong end-of-sequence token (SmolLM2 gets
+<|im_start|> for both BOS and EOS), which would make generation never stop at the end of a turn.
 """
 
 from __future__ import annotations
@@ -84,7 +90,10 @@ def load_gguf(gguf_file: Path) -> tuple[object, object]:
     folder, name = str(gguf_file.parent), gguf_file.name
     try:
         with _no_tqdm_bars(), _one_reader(gguf_file) as reader:
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            if _field(reader, "tokenizer.ggml.model") == "gpt2":
+                tokenizer = byte_level_tokenizer(reader, gguf_file)
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
             model = AutoModelForCausalLM.from_pretrained(
                 folder, gguf_file=name, dtype=torch.float32
             )
@@ -98,14 +107,68 @@ def load_gguf(gguf_file: Path) -> tuple[object, object]:
     return model, tokenizer
 
 
-def gguf_to_safetensors(gguf_file: Path, out_dir: Path) -> Path:
-    """Write `gguf_file` to `out_dir` as safetensors + config + tokenizer."""
-    return save_loaded(*load_gguf(gguf_file), out_dir)
+def _field(reader: object, key: str) -> object:
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
 
 
-def save_loaded(loaded: object, tokenizer: object, out_dir: Path) -> Path:
+def byte_level_tokenizer(reader: object, gguf_file: Path) -> object:
+    """The GGUF's byte-level BPE tokenizer as a transformers tokenizer that splits and encodes
+    as llama.cpp does on the same file (its pre-tokenizer name, added tokens, BOS/EOS flags and
+    chat template)."""
+    from gguf import TokenType
+    from transformers import PreTrainedTokenizerFast
+
+    from vicuna_sky import gguf_vocab
+
+    pre = _field(reader, "tokenizer.ggml.pre")
+    if pre not in gguf_vocab.PRE_TOKENIZERS:
+        known = ", ".join(gguf_vocab.PRE_TOKENIZERS)
+        raise VicunaSkyError(
+            f"{gguf_file}: byte-level pre-tokenizer {pre!r} is not supported (supported: "
+            f"{known}); its text would not be split as llama.cpp splits it"
+        )
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    types = _field(reader, "tokenizer.ggml.token_type") or [TokenType.NORMAL] * len(tokens)
+    merges = [m.split(" ", 1) for m in _field(reader, "tokenizer.ggml.merges") or []]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    # Control and user-defined tokens are matched whole before any splitting, in llama.cpp as
+    # in an added-tokens list; control ones are special (dropped when decoding for display).
+    added = [
+        {"content": token, "special": kind == TokenType.CONTROL}
+        for token, kind in zip(tokens, types, strict=True)
+        if kind in (TokenType.CONTROL, TokenType.USER_DEFINED)
+    ]
+    special = special_token_ids(reader)
+    names = {attr: tokens[i] for attr, i in special.items() if 0 <= i < len(tokens)}
+    backend = gguf_vocab.byte_level_tokenizer(
+        vocab,
+        merges,
+        pre,
+        added,
+        bos=names.get("bos_token") if _field(reader, "tokenizer.ggml.add_bos_token") else None,
+        eos=names.get("eos_token") if _field(reader, "tokenizer.ggml.add_eos_token") else None,
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **names)
+    template = _field(reader, "tokenizer.chat_template")
+    if template:
+        tokenizer.chat_template = str(template)
+    return tokenizer
+
+
+def gguf_to_safetensors(
+    gguf_file: Path, out_dir: Path, extra: dict[str, str] | None = None
+) -> Path:
+    """Write `gguf_file` to `out_dir` as safetensors + config + tokenizer (+ `extra` files)."""
+    return save_loaded(*load_gguf(gguf_file), out_dir, extra)
+
+
+def save_loaded(
+    loaded: object, tokenizer: object, out_dir: Path, extra: dict[str, str] | None = None
+) -> Path:
     """A GGUF-loaded model and its tokenizer, saved as a plain model directory (written whole in
-    a temporary directory beside `out_dir`, then renamed: a kill never leaves half a model)."""
+    a temporary directory beside `out_dir`, then renamed: a kill never leaves half a model).
+    `extra` maps file names to texts written into it too, so they appear with the model."""
     from transformers import AutoModelForCausalLM
 
     config = loaded.config
@@ -127,6 +190,8 @@ def save_loaded(loaded: object, tokenizer: object, out_dir: Path) -> Path:
     try:
         fresh.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        for name, text in (extra or {}).items():
+            (staging / name).write_text(text, encoding="utf-8")
         _readable(staging)
         staging.rename(out_dir)
     except BaseException:

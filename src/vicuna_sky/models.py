@@ -12,6 +12,8 @@ A model path that names an existing directory always wins over a built-in name.
 from __future__ import annotations
 
 import importlib.metadata
+import os
+import shutil
 from pathlib import Path
 
 from vicuna_sky.errors import VicunaSkyError
@@ -37,19 +39,38 @@ def smollm2_gguf() -> Path:
     return path
 
 
+SMOLLM2_VERSION = "2"
+"""How SmolLM2 is made; a directory made another way is made again. 2: its tokenizer splits
+digits as the original does (gguf_import); version 1 directories, which have no stamp, did not."""
+STAMP = ".vicuna-sky-builtin"
+
+
 def build(name: str, out_dir: Path) -> Path:
-    """Make built-in model `name` in `out_dir` unless it is already there."""
+    """Make built-in model `name` in `out_dir` unless it is already there, as this version
+    makes it."""
+    if name not in BUILTIN:
+        raise VicunaSkyError(f"unknown built-in model {name!r}; built-in: {', '.join(BUILTIN)}")
     if (out_dir / "config.json").exists():
-        return out_dir
+        if name == TINY_MODEL or _stamp(out_dir) == SMOLLM2_VERSION:
+            return out_dir
+        # Made by an earlier version: moved aside whole, so nothing reads half of either.
+        stale = out_dir.with_name(f".{out_dir.name}.stale-{os.getpid()}")
+        out_dir.rename(stale)
+        shutil.rmtree(stale)
     if name == TINY_MODEL:
         from vicuna_sky.tiny import build_tiny_llama
 
         return build_tiny_llama(out_dir)
-    if name == SMOLLM2:
-        from vicuna_sky.gguf_import import gguf_to_safetensors
+    from vicuna_sky.gguf_import import gguf_to_safetensors
 
-        return gguf_to_safetensors(smollm2_gguf(), out_dir)
-    raise VicunaSkyError(f"unknown built-in model {name!r}; built-in: {', '.join(BUILTIN)}")
+    return gguf_to_safetensors(smollm2_gguf(), out_dir, {STAMP: SMOLLM2_VERSION})
+
+
+def _stamp(model_dir: Path) -> str | None:
+    try:
+        return (model_dir / STAMP).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
 
 
 def resolve_model_path(name: str, cache: Path) -> str:
