@@ -85,7 +85,7 @@ test-vllm-cpu: $(STAMP) vllm-cpu
 
 # llama.cpp itself, through llama-cpp-python built from its sdist (no binary wheel on the index
 # for this glibc) in a venv of its own, for the opt-in GGUF checks. Portable code (no -march=
-# native) and no multimodal library, which the checks do not load: about 6 minutes on 2 cores.
+# native) and no multimodal library, which the checks do not load: 5 minutes on 2 cores.
 #   make llama-cpp        create/update .venv-llama-cpp
 #   make test-llama-cpp   tests/test_llama_cpp.py: every export type loaded by llama.cpp
 LLAMA_CPP_VERSION := 0.3.36

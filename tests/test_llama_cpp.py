@@ -12,7 +12,7 @@ compared with transformers on the model directory it came from:
 - `create_chat_completion` renders the stored template token for token as
   `apply_chat_template`, and stops at the end-of-turn token.
 
-Run with `make test-llama-cpp` (builds .venv-llama-cpp once, about 6 minutes on 2 cores), or set
+Run with `make test-llama-cpp` (builds .venv-llama-cpp once, 5 minutes on 2 cores), or set
 VICUNA_SKY_LLAMA_CPP_PYTHON to a python that has llama_cpp. The llama.cpp side runs in
 tests/llama_cpp_probe.py under that python.
 """
