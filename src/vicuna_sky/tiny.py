@@ -16,6 +16,11 @@ DEMO_DATA = "demo_sharegpt.json"
 TINY_MODEL = "tiny-llama"
 """The built-in model name: the trainer builds it locally when no such directory exists."""
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""A ChatML chat template (SmolLM2's, Qwen's), for a tiny model served with `chat_template`."""
 
 
 def demo_conversations() -> list[dict]:
@@ -57,8 +62,9 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 512) -> Path:
     return out_dir
 
 
-def build_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
-    """Save a random-weight tiny Llama (and its tokenizer) to `out_dir`."""
+def build_tiny_llama(out_dir: Path, seed: int = 0, chat_template: str | None = None) -> Path:
+    """Save a random-weight tiny Llama (and its tokenizer, with `chat_template` when given) to
+    `out_dir`."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
@@ -66,6 +72,9 @@ def build_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
     hf_logging.disable_progress_bar()
     build_tokenizer(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    if chat_template:
+        tokenizer.chat_template = chat_template
+        tokenizer.save_pretrained(out_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=128,

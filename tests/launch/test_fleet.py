@@ -9,12 +9,14 @@ import time
 from pathlib import Path
 
 import httpx
+import yaml
 
 from vicuna_sky.launch.fleet import LocalSkyFleet
 from vicuna_sky.launch.local import LocalConfig
 from vicuna_sky.launch.tasks import Spec, load_task
 from vicuna_sky.models import resolve_model_path
 from vicuna_sky.recipe import Recipe
+from vicuna_sky.tiny import CHATML, build_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,3 +87,40 @@ def _until(done, timeout: float, what: str) -> None:
     while not done():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
+
+
+def test_a_chatml_recipe_is_served_with_its_chat_template(tmp_path, monkeypatch):
+    """The recipe's model.template reaches sky/serve-worker.yaml's worker: a model trained with
+    `chat_template` (ChatML here) is prompted with it, not with the worker's default Vicuna
+    template. The worker's rendered prompt is read back as the prompt tokens it counted."""
+    from transformers import AutoTokenizer
+
+    for key in ("VICUNA_SKY_API_KEYS", "VICUNA_SKY_FLEET_SECRET", "VICUNA_SKY_UI_PASSWORD"):
+        monkeypatch.delenv(key, raising=False)
+    model = build_tiny_llama(tmp_path / "chatml", chat_template=CHATML)
+    raw = yaml.safe_load((ROOT / "recipes" / "tiny-cpu.yaml").read_text())
+    raw["model"]["template"] = "chat_template"
+    (tmp_path / "chatml.yaml").write_text(yaml.safe_dump(raw))
+    recipe = Recipe.from_yaml(tmp_path / "chatml.yaml")
+    controller = load_task(Spec.CONTROLLER, recipe)
+    worker = load_task(
+        Spec.WORKER,
+        recipe,
+        {"CONTROLLER_URL": "http://CONTROLLER:8000", "SERVE_MODEL_PATH": str(model)},
+    )
+    assert worker.envs["TEMPLATE"] == "chat_template"
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    chatml = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert chatml.startswith("<|im_start|>user\n")
+    want = len(tokenizer(chatml, add_special_tokens=False).input_ids)
+    config = LocalConfig(runs_dir=tmp_path / "runs", bucket_root=tmp_path / "buckets")
+    with LocalSkyFleet(controller, worker, "chatml", 1, config) as fleet:
+        fleet.start(timeout=300)
+        r = httpx.post(
+            f"{fleet.url}/v1/chat/completions",
+            json={"model": recipe.serve.model_name, "messages": messages, "max_tokens": 2},
+            timeout=120,
+        )
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == want

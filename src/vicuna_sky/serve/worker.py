@@ -95,12 +95,13 @@ class Worker:
             try:
                 pieces = 0
                 text = ""
-                finish, generated = None, None
+                finish, generated, prompt_tokens = None, None, None
                 try:
                     async for delta in self.backend.generate(request):
                         self._progress[key] = time.monotonic()
                         if isinstance(delta, Finish):
                             finish, generated = delta.reason, delta.tokens
+                            prompt_tokens = delta.prompt_tokens
                             continue
                         pieces += 1
                         text += delta
@@ -117,7 +118,9 @@ class Worker:
                 prompt = " ".join(m.content for m in request.messages or []) or request.prompt
                 counts = await asyncio.to_thread(
                     lambda: (
-                        self.backend.count_tokens(prompt or ""),
+                        prompt_tokens
+                        if prompt_tokens is not None
+                        else self.backend.count_tokens(prompt or ""),
                         generated
                         if generated is not None
                         else self.backend.count_tokens(text, special=False),

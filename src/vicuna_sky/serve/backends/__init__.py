@@ -26,6 +26,9 @@ class Finish:
     reason: str
     tokens: int | None = None
     """Tokens generated, when the backend knows them (usage); else the worker counts the text."""
+    prompt_tokens: int | None = None
+    """Tokens of the prompt as the model saw it, rendered with the template (usage); else the
+    worker counts the messages' text."""
 
 
 class Backend(Protocol):

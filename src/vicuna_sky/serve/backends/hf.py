@@ -91,14 +91,14 @@ class HFBackend:
                     yield candidate[len(sent) :]
                     sent = candidate
                 if stopped:
-                    yield Finish("stop")
+                    yield Finish("stop", prompt_tokens=n)
                     return
             # The model ended the answer itself, or ran into max_tokens: its output says which.
             await asyncio.to_thread(thread.join)
             if "error" in result:
                 raise result["error"]
             tokens = result.get("new_tokens", 0)
-            yield Finish("length" if tokens >= request.max_tokens else "stop", tokens)
+            yield Finish("length" if tokens >= request.max_tokens else "stop", tokens, n)
         finally:
             # A stop string, or a client that went away: the model stops at its next token
             # instead of running on to max_tokens for nobody.
@@ -112,11 +112,11 @@ class HFBackend:
         if not choices:
             raise ApiError(400, "no guided_choice string continues the text already sent")
         whole = request.model_copy(update={"prefix": ""})
-        best = await asyncio.to_thread(
-            lambda: self.most_likely(*render_prompt(self.template, whole), choices)
-        )
+        rendered = await asyncio.to_thread(render_prompt, self.template, whole)
+        best = await asyncio.to_thread(self.most_likely, *rendered, choices)
         yield best[len(request.prefix) :]
-        yield Finish("stop", len(self._choice_ids(best)))
+        prompt, has_bos = rendered
+        yield Finish("stop", len(self._choice_ids(best)), self.count_tokens(prompt, not has_bos))
 
     def most_likely(self, prompt: str, has_bos: bool, choices: list[str]) -> str:
         """The choice with the highest log-likelihood (summed over its tokens) after `prompt`.

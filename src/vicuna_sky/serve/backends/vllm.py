@@ -151,7 +151,7 @@ class VLLMBackend:
                     yield delta
                 if finished:
                     reason = "length" if out.outputs[0].finish_reason == "length" else "stop"
-                    yield Finish(reason, tokens)
+                    yield Finish(reason, tokens, len(ids))
         finally:
             if not finished and not self.engine.errored:
                 # The reader went away mid-answer: free the engine's slot now, not after
