@@ -82,3 +82,31 @@ def test_eval_launch_and_fleet_dryruns(cli):
     fleet = cli("serve", "tiny-cpu", "--fleet", "--dryrun")
     assert fleet.returncode == 0, fleet.stderr
     assert "vicuna_sky.serve.controller" in fleet.stdout
+
+
+def test_missing_data_is_found_before_a_model_is_made(cli, tmp_path):
+    """A recipe's own data missing from the bucket is refused before its built-in model is
+    converted (a minute for SmolLM2), in one line."""
+    raw = (ROOT / "recipes" / "smollm2-cpu.yaml").read_text()
+    (tmp_path / "mine.yaml").write_text(raw.replace("data/demo_sharegpt.json", "data/mine.json"))
+    out = cli("train", "mine.yaml", "--local", "--workdir", "w", timeout=60)
+    assert out.returncode == 2, out.stdout
+    assert "data.path 'data/mine.json' is not in the bucket" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "w" / "runs" / "models").exists()
+
+
+def test_tables_are_whole_when_not_on_a_terminal(tmp_path):
+    """Piped (a log, a job's output), a table keeps its rows whole instead of folding them at
+    80 columns."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    exe = Path(sys.executable).parent / "vicuna-sky"
+    out = subprocess.run([exe, "models"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    row = next(line for line in out.stdout.splitlines() if "tiny-llama" in line)
+    assert "random tiny Llama, locally trained tokenizer (tests, fast demo)" in row
+    assert len(row) > 80

@@ -3,6 +3,7 @@ safetensors; the conversion is exact and the model answers in English."""
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,42 @@ def test_built_in_names_and_paths(converted, tmp_path):
     assert (out / "model.safetensors").stat().st_mtime_ns == made
     with pytest.raises(VicunaSkyError, match="unknown built-in model"):
         build("gpt-5", tmp_path / "x")
+
+
+DUMMY = Path(__file__).parent / "fixtures" / "fastchat" / "dummy_conversation.json"
+
+
+def _cells(table: str) -> str:
+    return " ".join(table.replace("│", " ").split())
+
+
+def test_built_in_names_work_in_every_command_and_are_listed(cli, tmp_path, monkeypatch):
+    """`vicuna-sky models` says where built-in models are made; `data stats` takes a built-in
+    name as its tokenizer (made there once, no hub), and the recipe's template and length."""
+    monkeypatch.setenv("VICUNA_SKY_MODELS_DIR", str(tmp_path / "cache"))
+    listed = cli("models")
+    assert listed.returncode == 0, listed.stderr
+    text = _cells(listed.stdout)
+    assert "tiny-llama random tiny Llama" in text and "smollm2-135m SmolLM2-135M" in text
+    assert str(tmp_path / "cache" / "tiny-llama") in listed.stdout
+    assert "made on first use" in text
+    stats = cli("data", "stats", str(DUMMY), "--tokenizer", "tiny-llama")
+    assert stats.returncode == 0, stats.stderr
+    assert "(vicuna_v1.1, max length 2048)" in stats.stdout
+    assert (tmp_path / "cache" / "tiny-llama" / "config.json").is_file()
+    assert re.search(r"tiny-llama random tiny Llama.* made, \d+ MiB", _cells(cli("models").stdout))
+    # A recipe gives the tokenizer (its built-in model), the template and the length.
+    raw = (Path(__file__).parents[1] / "recipes" / "tiny-cpu.yaml").read_text()
+    recipe = tmp_path / "chatml.yaml"
+    recipe.write_text(raw.replace("template: vicuna_v1.1", "template: chat_template"))
+    by_recipe = cli("data", "stats", str(DUMMY), "--recipe", str(recipe))
+    # The tiny tokenizer has no chat template: the recipe's template was the one tried.
+    assert by_recipe.returncode == 2 and "has no chat template" in by_recipe.stderr
+    bundled = cli("data", "stats", str(DUMMY), "--recipe", "tiny-cpu", "--max-length", "128")
+    assert bundled.returncode == 0, bundled.stderr
+    assert "(vicuna_v1.1, max length 128)" in bundled.stdout
+    split = cli("data", "split", str(DUMMY), "-o", "split.json", "--recipe", "tiny-cpu")
+    assert split.returncode == 0, split.stderr
+    assert (tmp_path / "split.json").is_file()
+    neither = cli("data", "stats", str(DUMMY))
+    assert neither.returncode == 2 and "give --tokenizer or --recipe" in neither.stderr

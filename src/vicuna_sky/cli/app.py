@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 
 import click
-from rich.console import Console
 
-console = Console()
-err_console = Console(stderr=True)
+from vicuna_sky.terminal import make_console
+
+console = make_console()
+err_console = make_console(stderr=True)
 
 ENV_HELP = "Override an env var of the spec, as `sky launch --env KEY=VALUE` does (repeatable)."
 RUNS_HELP = "Where local runs keep their status, attempts and logs."

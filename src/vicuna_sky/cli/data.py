@@ -62,13 +62,46 @@ def data_clean(
     clean_file(input_path, output, config, overwrite=overwrite)
 
 
+RECIPE_HELP = (
+    "A recipe (path or bundled name): its model.path (tokenizer), model.template and "
+    "data.max_length are the defaults."
+)
+
+
+def _from_recipe(
+    recipe: str | None, tokenizer: str | None, max_length: int | None, template: str | None
+) -> tuple[str, int, str]:
+    """The tokenizer (a built-in name made into its directory), context length and template:
+    given options win, then the recipe's, then the defaults (vicuna_v1.1, 2048)."""
+    from vicuna_sky.models import resolve_model_path
+
+    if recipe is not None:
+        from vicuna_sky.launch.runner import load_recipe
+
+        r = load_recipe(recipe)
+        tokenizer = tokenizer or r.model.path
+        max_length = max_length or r.data.max_length
+        template = template or r.model.template
+    if tokenizer is None:
+        raise click.UsageError("give --tokenizer or --recipe")
+    return resolve_model_path(tokenizer), max_length or 2048, template or "vicuna_v1.1"
+
+
 @data.command(name="split")
 @_data_io
-@click.option("--tokenizer", required=True, help="Tokenizer path or hub id of the model.")
+@click.option("--recipe", default=None, help=RECIPE_HELP)
 @click.option(
-    "--max-length", type=click.IntRange(min=1), required=True, help="Context length in tokens."
+    "--tokenizer",
+    default=None,
+    help="Tokenizer path, hub id or built-in model name (tiny-llama, smollm2-135m).",
 )
-@click.option("--template", default="vicuna_v1.1", show_default=True)
+@click.option(
+    "--max-length",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Context length in tokens [the recipe's, else 2048].",
+)
+@click.option("--template", default=None, help="[the recipe's, else vicuna_v1.1]")
 @click.option(
     "--overlong",
     type=click.Choice(["truncate", "drop"]),
@@ -81,39 +114,58 @@ def data_split(
     output: Path,
     workers: int,
     overwrite: bool,
-    tokenizer: str,
-    max_length: int,
-    template: str,
+    recipe: str | None,
+    tokenizer: str | None,
+    max_length: int | None,
+    template: str | None,
     overlong: str,
 ) -> None:
     """Split conversations on round boundaries to fit the context, as the template renders."""
     from vicuna_sky.data.pipeline import split_file
     from vicuna_sky.data.split import SplitConfig
 
+    tokenizer, max_length, template = _from_recipe(recipe, tokenizer, max_length, template)
     config = SplitConfig(tokenizer, max_length, template, overlong, workers)
     split_file(input_path, output, config, overwrite=overwrite)
 
 
 @data.command(name="stats")
 @click.argument("input_path", metavar="IN.json", type=click.Path(path_type=Path))
-@click.option("--tokenizer", required=True, help="Tokenizer path or hub id of the model.")
-@click.option("--max-length", type=click.IntRange(min=1), default=2048, show_default=True)
-@click.option("--template", default="vicuna_v1.1", show_default=True)
+@click.option("--recipe", default=None, help=RECIPE_HELP)
+@click.option(
+    "--tokenizer",
+    default=None,
+    help="Tokenizer path, hub id or built-in model name (tiny-llama, smollm2-135m).",
+)
+@click.option(
+    "--max-length",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Context length in tokens [the recipe's, else 2048].",
+)
+@click.option("--template", default=None, help="[the recipe's, else vicuna_v1.1]")
 @click.option(
     "--write",
     is_flag=True,
     help="Also write IN.stats.json beside IN.json, where `vicuna-sky plan` reads the tokens.",
 )
 def data_stats(
-    input_path: Path, tokenizer: str, max_length: int, template: str, write: bool
+    input_path: Path,
+    recipe: str | None,
+    tokenizer: str | None,
+    max_length: int | None,
+    template: str | None,
+    write: bool,
 ) -> None:
     """Tokens per epoch as the trainer sees them (the recipe's data.tokens)."""
     from vicuna_sky.data.pipeline import stats_file, write_stats
 
+    tokenizer, max_length, template = _from_recipe(recipe, tokenizer, max_length, template)
     s = stats_file(input_path, tokenizer, template, max_length)
     console.print(
         f"samples {s.samples}  tokens {s.tokens}  trainable tokens {s.trainable_tokens}  "
         f"longest {s.longest}  over max length {s.over_max_length}  packed sequences {s.packs}"
+        f"  ({template}, max length {max_length})"
     )
     if write:
         console.print(f"wrote {write_stats(s, input_path)}")

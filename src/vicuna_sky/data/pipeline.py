@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from vicuna_sky.data import clean as clean_lib
@@ -22,9 +21,10 @@ from vicuna_sky.data.sharegpt import Problem, Report
 from vicuna_sky.data.tokenize import Tokenized, tokenize_sample
 from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.output import check_output_file
+from vicuna_sky.terminal import make_console
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 SHOWN_PROBLEMS = 10
 
 

@@ -117,10 +117,10 @@ class Chaos:
         self.workdir = Path(config.workdir).resolve()
 
     def _task(self, run_name: str, local: LocalConfig) -> object:
-        from vicuna_sky.launch.runner import builtin_model
+        from vicuna_sky.launch.runner import builtin_models
 
         task = load_task(Spec.TRAIN, self.recipe, {**self.overrides, "RUN_NAME": run_name})
-        builtin_model(self.recipe, task, local)  # both runs train the same model directory
+        builtin_models(task, local)  # both runs train the same model directory
         task.name = run_name
         return task
 

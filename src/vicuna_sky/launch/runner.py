@@ -7,7 +7,6 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
@@ -27,8 +26,9 @@ from vicuna_sky.launch.tasks import (
 )
 from vicuna_sky.output import check_output_dir, writing_dir
 from vicuna_sky.recipe import Recipe
+from vicuna_sky.terminal import make_console
 
-console = Console()
+console = make_console()
 
 
 def load_recipe(arg: str) -> Recipe:
@@ -90,8 +90,11 @@ def launch_recipe(
             runs_dir=runs_dir, bucket_root=workdir / "buckets" if workdir else None
         )
         if spec is Spec.TRAIN:
-            builtin_model(recipe, task, config)
+            check_local_data(recipe, config)  # before a model is made: seconds, not a minute
+            builtin_models(task, config)
             seed_demo_data(recipe, task, config)
+        else:
+            builtin_models(task, config)
         job = run_locally(task, config, _prices(recipe) if spec is Spec.TRAIN else None)
         if spec is Spec.TRAIN and workdir is not None:
             run_name = task.envs.get("RUN_NAME", recipe.name)
@@ -110,17 +113,23 @@ def fresh_tag() -> str:
     return "fresh-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
 
-def builtin_model(recipe: Recipe, task: object, config: local_lib.LocalConfig) -> None:
-    """A built-in model (tiny-llama, smollm2-135m) is made once per runs directory and the run
-    points at it, instead of every attempt's fresh directory making its own."""
+MODEL_ENVS = ("MODEL_PATH", "SERVE_MODEL_PATH", "BASELINE_PATH")
+"""The task envs that name a model: the trained base, the served model, the eval's baseline."""
+
+
+def builtin_models(task: object, config: local_lib.LocalConfig) -> None:
+    """A built-in model (tiny-llama, smollm2-135m) named by any of MODEL_ENVS is made once per
+    runs directory and the task points at it, instead of every attempt's fresh directory making
+    its own (or a served model's path being read as one in the bucket)."""
     from vicuna_sky.models import BUILTIN, resolve_model_path
 
-    if task.envs.get("MODEL_PATH") in BUILTIN:
-        with console.status(f"making the built-in model {task.envs['MODEL_PATH']}..."):
-            # Absolute: each attempt runs in its own working directory.
-            models = Path(config.runs_dir).resolve() / "models"
-            path = resolve_model_path(task.envs["MODEL_PATH"], models)
-        task.update_envs({"MODEL_PATH": path})
+    for key in MODEL_ENVS:
+        name = task.envs.get(key)
+        if name in BUILTIN:
+            with console.status(f"making the built-in model {name}..."):
+                # Absolute: each attempt runs in its own working directory.
+                path = resolve_model_path(name, Path(config.runs_dir).resolve() / "models")
+            task.update_envs({key: path})
 
 
 def seed_demo_data(recipe: Recipe, task: object, config: local_lib.LocalConfig) -> None:
@@ -132,13 +141,6 @@ def seed_demo_data(recipe: Recipe, task: object, config: local_lib.LocalConfig) 
 
     target = config.bucket_dir(recipe.bucket) / recipe.data.path
     if _user_data(recipe.data.path):
-        # Only the bundled sample's own path is seeded: a mistyped path must fail here, not
-        # quietly become the demo sample.
-        if not target.exists():
-            raise VicunaSkyError(
-                f"{recipe.source}: data.path {recipe.data.path!r} is not in the bucket "
-                f"({target}): upload the data there or fix the path"
-            )
         return
     if recipe.model.path not in BUILTIN or target.exists() or Path(recipe.data.path).is_absolute():
         return
@@ -148,6 +150,17 @@ def seed_demo_data(recipe: Recipe, task: object, config: local_lib.LocalConfig) 
     console.print(
         f"  seeded the local bucket with the demo sample: {stats['segments']} segments -> {target}"
     )
+
+
+def check_local_data(recipe: Recipe, config: local_lib.LocalConfig) -> None:
+    """A recipe's own data must be in the (local) bucket. Only the bundled sample's own path is
+    seeded: a mistyped path must fail here, not quietly become the demo sample."""
+    target = config.bucket_dir(recipe.bucket) / recipe.data.path
+    if _user_data(recipe.data.path) and not target.exists():
+        raise VicunaSkyError(
+            f"{recipe.source}: data.path {recipe.data.path!r} is not in the bucket "
+            f"({target}): upload the data there or fix the path"
+        )
 
 
 def _user_data(data_path: str) -> bool:
@@ -306,12 +319,8 @@ def run_fleet_locally(
     import time
 
     from vicuna_sky.launch.fleet import LocalSkyFleet
-    from vicuna_sky.models import BUILTIN, resolve_model_path
 
-    if worker.envs.get("SERVE_MODEL_PATH") in BUILTIN:
-        with console.status(f"making the built-in model {worker.envs['SERVE_MODEL_PATH']}..."):
-            path = resolve_model_path(worker.envs["SERVE_MODEL_PATH"], config.runs_dir / "models")
-        worker.update_envs({"SERVE_MODEL_PATH": path})
+    builtin_models(worker, config)
     fleet = LocalSkyFleet(
         controller, worker, name, workers, config, on_event=lambda m: console.print(f"  {m}")
     )

@@ -281,6 +281,10 @@ def create_app(worker: Worker, max_body: int | None = None) -> FastAPI:
 async def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from vicuna_sky.models import resolve_model_path
+
+    if args.backend != "echo":  # a built-in name (smollm2-135m) is made once, in the cache
+        args.model_path = resolve_model_path(args.model_path)
     backend = load_backend(args.backend, args.model_path, args.template)
     if args.backend == "echo":
         backend.delay = args.echo_delay
