@@ -171,8 +171,22 @@ def logs(name: str, kind: str, local: bool, replica: int | None, runs_dir: Path)
     show_default=True,
     help="fleet: a `serve --fleet` fleet by its name (worker jobs, then the controller).",
 )
-def down(name: str, kind: str) -> None:
+@click.option(
+    "--local",
+    is_flag=True,
+    help="Stop a local run (or a local fleet) in progress, as Ctrl-C in its terminal would.",
+)
+@RUNS_DIR
+def down(name: str, kind: str, local: bool, runs_dir: Path) -> None:
     """Cancel a managed job, tear down a cluster, take a service or a fleet down."""
+    if local:
+        from vicuna_sky.launch.runner import stop_local
+
+        gone = stop_local(name, runs_dir)
+        console.print(
+            f"stopped: {', '.join(gone)}" if gone else f"no local run named {name} is in progress"
+        )
+        return
     from vicuna_sky.launch import cloud
 
     gone = cloud.down(name, kind)

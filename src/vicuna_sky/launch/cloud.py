@@ -185,6 +185,12 @@ def _cluster_status(cluster: str) -> str | None:
     return None
 
 
+def job_in_progress(name: str) -> bool:
+    """Whether a managed job named `name` is pending, running or recovering."""
+    with _api_server_for_this_call():
+        return name in _live_jobs(name)
+
+
 def _live_jobs(prefix: str) -> set[str]:
     """Names of managed jobs starting with `prefix` that are not finished."""
     return {

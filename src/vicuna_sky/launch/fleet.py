@@ -47,7 +47,7 @@ class _FleetRunner(LocalRunner):
 
     def cancel(self) -> None:
         self.cancelled = True
-        self.preempt(grace_seconds=0)
+        self.stop("stopped by user")
 
 
 @dataclasses.dataclass
@@ -68,21 +68,28 @@ class LocalSkyFleet:
         workers: int,
         config: LocalConfig,
         on_event: Callable[[str], None] | None = None,
+        spec_ports: bool = False,
     ) -> None:
+        """`spec_ports`: the controller and UI on the spec's ports (8000, 7860) when those are
+        free, as a user expects; else (and for tests running fleets side by side) free ones."""
         self.name, self.count, self.config = name, workers, config
         self.on_event = on_event or (lambda _m: None)
         given = controller.secrets.get(SECRET)
         # The user's fleet secret when set (a SkyPilot secret, from the environment), else one
         # made for this fleet: the controller off loopback refuses to run without one.
         self.secret = (given.get_secret_value() if given else "") or secrets.token_urlsafe(24)
-        self.port = free_port()
+        ports = (controller.envs.get("CONTROLLER_PORT"), controller.envs.get("WEBUI_PORT"))
+        self.port, self.webui_port = (port_or_free(int(p or 0) if spec_ports else 0) for p in ports)
         self.url = f"http://127.0.0.1:{self.port}"
         self.controller_task = copy.deepcopy(controller)
         self.controller_task.update_envs({"CONTROLLER_PORT": str(self.port)})
-        self.controller_task.update_envs({"WEBUI_PORT": str(free_port())})
+        self.controller_task.update_envs({"WEBUI_PORT": str(self.webui_port)})
+        # One machine: nothing needs to reach it from outside (nor could, unauthenticated).
+        self.controller_task.update_envs({"BIND_HOST": "127.0.0.1"})
         self.controller_task.update_secrets({SECRET: self.secret})
         self.controller_task.name = f"{name}-controller"
-        self.worker_task = worker
+        self.worker_task = copy.deepcopy(worker)
+        self.worker_task.update_envs({"BIND_HOST": "127.0.0.1"})
         self.controller: _Job | None = None
         self.workers: list[_Job] = []
 
@@ -157,6 +164,17 @@ class LocalSkyFleet:
         thread = threading.Thread(target=run, name=task.name, daemon=True)
         thread.start()
         return _Job(runner, thread)
+
+
+def port_or_free(wanted: int) -> int:
+    """`wanted` if nothing listens on it on 127.0.0.1, else a free port."""
+    import socket
+
+    if wanted:
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", wanted))
+            return wanted
+    return free_port()
 
 
 def _routable(worker: dict) -> bool:

@@ -57,6 +57,10 @@ class LocalJob:
     restarts_on_errors: int = 0
     prices: dict = field(default_factory=dict)
     """Catalog prices the run is costed at (cost.Prices fields); empty when unknown."""
+    pid: int = 0
+    """The process running the job (the launcher), and when it started: together they tell a
+    job in progress from one whose launcher died without writing a final status."""
+    pid_started: float = 0.0
 
     def save(self) -> None:
         # Atomic: readers never see half a status file, and a killed writer's temporary is
@@ -85,6 +89,23 @@ def find_job(runs_dir: Path, name: str) -> LocalJob:
     if not jobs:
         raise VicunaSkyError(f"no local job named '{name}' under {runs_dir}")
     return jobs[-1]
+
+
+def in_progress(job: LocalJob) -> bool:
+    """Whether the job is still being run: not finished, and its launcher process alive."""
+    import psutil
+
+    if JobStatus(job.status).done or not job.pid:
+        return False
+    try:
+        return abs(psutil.Process(job.pid).create_time() - job.pid_started) < 1.0
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def running(runs_dir: Path, name: str) -> list[LocalJob]:
+    """The local jobs named `name` in progress."""
+    return [j for j in list_jobs(runs_dir) if j.name == name and in_progress(j)]
 
 
 def latest_logs(job: LocalJob) -> list[Path]:

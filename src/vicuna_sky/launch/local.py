@@ -90,7 +90,12 @@ class LocalRunner:
         # Same format as a managed job's id; it never changes across recoveries.
         task_id = f"sky-managed-{stamp}_{self.cluster_name}_1"
         self.job = LocalJob(name=name, task_id=task_id, run_dir=str(run_dir))
+        self.job.pid, self.job.pid_started = os.getpid(), _started(os.getpid())
         self.job.save()
+        self._stop_reason = ""
+        self._excluded: set[str] = set()
+        """Absolute paths the workdir's .skyignore (else .gitignore) leaves out, as SkyPilot's
+        upload to a cluster does."""
         root = self.config.bucket_root or Path(self.config.runs_dir) / "buckets"
         self.bucket_root = Path(root).resolve()
 
@@ -124,6 +129,11 @@ class LocalRunner:
         _signal_groups(groups, signal.SIGKILL)
         return True
 
+    def stop(self, reason: str) -> bool:
+        """End the job for good (CANCELLED, `reason`), not as a preemption to recover from."""
+        self._stop_reason = reason
+        return self.preempt(grace_seconds=0)
+
     def run(self) -> LocalJob:
         """Run to a final status: SUCCEEDED, FAILED, FAILED_SETUP or CANCELLED."""
         max_error_restarts = self._max_restarts_on_errors()
@@ -131,6 +141,10 @@ class LocalRunner:
             while True:
                 attempt = self._new_attempt()
                 outcome = self._run_attempt(attempt)
+                if self._stop_reason:
+                    attempt.status = JobStatus.CANCELLED.value
+                    self._set(JobStatus.CANCELLED, self._stop_reason)
+                    break
                 if outcome == "preempted":
                     self.job.recoveries += 1
                     if self.job.recoveries > self.config.max_recoveries:
@@ -153,7 +167,12 @@ class LocalRunner:
             # Ctrl-C, the CLI's SIGTERM, or an error of ours: the "cluster" goes with us, so
             # no process of the job outlives the command that started it.
             self._kill_all()
-            why = "interrupted" if isinstance(e, KeyboardInterrupt) else type(e).__name__
+            why = (
+                self._stop_reason
+                or ("stopped by user" if isinstance(e, KeyboardInterrupt) else "")
+                or ("stopped (SIGTERM)" if type(e).__name__ == "Terminated" else "")
+                or type(e).__name__
+            )
             self._set(JobStatus.CANCELLED, why)
             raise
         return self.job
@@ -166,6 +185,7 @@ class LocalRunner:
         workdir = node_dir / "workdir"
         if self.task.workdir and isinstance(self.task.workdir, str):
             source = Path(self.task.workdir).expanduser().resolve()
+            self._excluded = self._excluded or _sky_excluded(source)
             shutil.copytree(source, workdir, ignore=self._ignore, symlinks=True)
         else:
             workdir.mkdir(parents=True)
@@ -370,6 +390,7 @@ class LocalRunner:
         runs = Path(self.config.runs_dir).resolve()
         skip = {n for n in names if n in _WORKDIR_IGNORE or n.endswith(".egg-info")}
         skip |= {n for n in names if (Path(directory) / n).resolve() == runs}
+        skip |= {n for n in names if str((Path(directory) / n).resolve()) in self._excluded}
         return skip
 
     def _set(self, status: JobStatus, message: str) -> None:
@@ -411,6 +432,24 @@ def _signal_name(num: int) -> str:
         return signal.Signals(num).name
     except ValueError:
         return f"signal {num}"
+
+
+def _sky_excluded(source: Path) -> set[str]:
+    """What SkyPilot leaves out of `source` when it uploads a workdir: its own reading of
+    .skyignore, or of .gitignore when there is none."""
+    from sky.data import storage_utils
+
+    try:
+        relative = storage_utils.get_excluded_files(str(source))
+    except Exception:  # SkyPilot's reading failed: copy as before rather than fail the run
+        return set()
+    return {str((source / r.rstrip("/")).resolve()) for r in relative}
+
+
+def _started(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).create_time()
 
 
 def _free_port() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 from dataclasses import asdict
@@ -83,9 +84,11 @@ def launch_recipe(
         console.print(f"checkpoints: {checkpoint_url(task)} (resumes from the newest there)")
     if spec is Spec.TRAIN and not local:
         check_budget(recipe, over_budget, plan)
+    if local and workdir is not None:
+        runs_dir = workdir / "runs"
+    if spec is Spec.TRAIN and not fresh:
+        refuse_a_second_run(name, local, runs_dir)
     if local:
-        if workdir is not None:
-            runs_dir = workdir / "runs"
         config = local_config or local_lib.LocalConfig(
             runs_dir=runs_dir, bucket_root=workdir / "buckets" if workdir else None
         )
@@ -96,14 +99,59 @@ def launch_recipe(
         else:
             builtin_models(task, config)
         job = run_locally(task, config, _prices(recipe) if spec is Spec.TRAIN else None)
+        run_name = task.envs.get("RUN_NAME", recipe.name)
+        export = None
         if spec is Spec.TRAIN and workdir is not None:
-            run_name = task.envs.get("RUN_NAME", recipe.name)
-            fetch_export(config.bucket_dir(recipe.bucket), run_name, workdir / "export")
+            export = fetch_export(config.bucket_dir(recipe.bucket), run_name, workdir / "export")
+        summarize(spec, task, job, config.bucket_dir(recipe.bucket), export)
         return job
     from vicuna_sky.launch import cloud
 
     cloud.launch(spec, task, name)
     return None
+
+
+def refuse_a_second_run(name: str, local: bool, runs_dir: Path) -> None:
+    """Two runs of one training job would write checkpoints under the same bucket prefix, each
+    resuming from the other's: a second one is refused while the first is in progress."""
+    if local:
+        live = jobs.running(runs_dir, name)
+        where = f"locally ({live[-1].run_dir}, pid {live[-1].pid})" if live else ""
+    else:
+        from vicuna_sky.launch import cloud
+
+        where = "as a managed job" if cloud.job_in_progress(name) else ""
+    if where:
+        down = f"vicuna-sky down {name}" + (" --local" if local else "")
+        raise VicunaSkyError(
+            f"{name} is already running {where}: wait for it, stop it with `{down}`, or start "
+            "a separate run from step 0 with --fresh"
+        )
+
+
+def stop_local(name: str, runs_dir: Path, timeout: float = 60.0) -> list[str]:
+    """Stop the local runs named `name` (a fleet: its controller and workers too) as Ctrl-C
+    would: their launcher gets SIGTERM and takes each run's processes down (CANCELLED). Returns
+    the runs stopped."""
+    import os
+    import signal
+    import time
+
+    live = [
+        j
+        for j in jobs.list_jobs(runs_dir)
+        if (j.name == name or j.name.startswith(f"{name}-")) and jobs.in_progress(j)
+    ]
+    for pid in {j.pid for j in live}:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for job in live:
+        while jobs.in_progress(jobs.LocalJob.load(Path(job.run_dir))):
+            if time.monotonic() > deadline:
+                raise VicunaSkyError(f"{job.name} (pid {job.pid}) did not stop in {timeout:.0f} s")
+            time.sleep(0.2)
+    return [Path(j.run_dir).name for j in live]
 
 
 def fresh_tag() -> str:
@@ -216,7 +264,32 @@ def check_budget(recipe: Recipe, over_budget: bool, plan: object = None) -> None
         console.print(f"[yellow]warning:[/] {message}; launching (--over-budget)")
 
 
-def fetch_export(bucket_dir: Path, run_name: str, destination: Path) -> None:
+def summarize(
+    spec: Spec, task: object, job: jobs.LocalJob, bucket_dir: Path, export: Path | None
+) -> None:
+    """What a finished local run made and where it is: the exported model (training) or the
+    report (evaluation), with steps, final loss, time and cost."""
+    envs = task.envs
+    seconds = sum(max(0.0, a.ended_at - a.started_at) for a in job.attempts)
+    said = [f"{len(job.attempts)} attempt(s), {seconds / 60:.1f} min"]
+    if spec is Spec.TRAIN:
+        metrics = [m for a in job.attempts for m in jobs.attempt_metrics(a)]
+        if metrics:
+            said.append(f"{metrics[-1]['step']} steps, final loss {metrics[-1]['loss']:.4f}")
+        if job.prices:
+            said.append(_cost_cell(job))
+        model = export or bucket_dir / "models" / envs.get("RUN_NAME", "")
+        console.print(f"[bold]trained[/]: {'; '.join(said)}\n  model: {model}")
+    elif spec is Spec.EVAL:
+        bench = Path(envs.get("BENCH", "")).name.removesuffix(".jsonl")
+        report = bucket_dir / "eval" / envs.get("RUN_NAME", "") / bench / "report"
+        console.print(
+            f"[bold]evaluated[/]: {'; '.join(said)}\n  report: {report / 'report.json'} "
+            f"(plots: {report})"
+        )
+
+
+def fetch_export(bucket_dir: Path, run_name: str, destination: Path) -> Path:
     """The trained model, from where sky/train.yaml exports it ($BUCKET_URL/models/$RUN_NAME)."""
     source = bucket_dir / "models" / run_name
     if not (source / "config.json").exists():
@@ -226,7 +299,7 @@ def fetch_export(bucket_dir: Path, run_name: str, destination: Path) -> None:
     check_output_dir(destination, [source], overwrite=earlier)
     with writing_dir(destination, overwrite=earlier) as tmp:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
-    console.print(f"exported model: {destination}")
+    return destination
 
 
 def _prices(recipe: Recipe) -> cost.Prices | None:
@@ -322,13 +395,26 @@ def run_fleet_locally(
 
     builtin_models(worker, config)
     fleet = LocalSkyFleet(
-        controller, worker, name, workers, config, on_event=lambda m: console.print(f"  {m}")
+        controller,
+        worker,
+        name,
+        workers,
+        config,
+        on_event=lambda m: console.print(f"  {m}"),
+        spec_ports=True,
     )
     try:
         with console.status(f"starting the controller and {workers} worker job(s)..."):
             url = fleet.start()
+        ui = controller.secrets.get("VICUNA_SKY_UI_PASSWORD")
         console.print(
-            f"[bold]fleet up[/]: OpenAI API at {url}/v1 ({workers} worker(s)); Ctrl-C stops"
+            f"[bold]fleet up[/] ({workers} worker(s)); Ctrl-C or `vicuna-sky down {name} "
+            f"--local` stops it\n  OpenAI API: {url}/v1\n  chat UI: "
+            + (
+                f"http://127.0.0.1:{fleet.webui_port}"
+                if ui and ui.get_secret_value()
+                else "off (export VICUNA_SKY_UI_PASSWORD to serve it)"
+            )
         )
         while True:
             time.sleep(1)

@@ -1,0 +1,144 @@
+"""Finding and handling local runs as a user does: what an attempt copies, one run per job
+name, stopping a run with `down --local`, and a Ctrl-C that is not a preemption."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vicuna_sky.launch.jobs import LocalJob, list_jobs
+from vicuna_sky.launch.local import LocalConfig, LocalRunner
+
+ROOT = Path(__file__).resolve().parents[2]
+EXE = str(Path(sys.executable).parent / "vicuna-sky")
+SERVE_BUILT_IN = ("--env", "SERVE_MODEL_PATH=tiny-llama")  # nothing trained: a built-in model
+
+
+def test_an_attempt_copies_what_skypilot_would_upload(tmp_path):
+    """The checkout's .skyignore (SkyPilot's rules: else .gitignore) keeps runs, exports,
+    GGUF files and virtual environments out of every attempt's copy of the workdir."""
+    import sky
+
+    project = tmp_path / "project"
+    for name in (
+        "src/keep.py",
+        "recipes/mine.yaml",
+        "runs/demo/models/big.bin",
+        "gguf/model.q8_0.gguf",
+        "sub/model.f16.gguf",
+        ".venv-llama-cpp/lib/big.so",
+        ".git/objects/pack",
+    ):
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text("x")
+    shutil.copy(ROOT / ".skyignore", project / ".skyignore")
+    task = sky.Task(name="copy", run="find . -type f | sort > files.txt", workdir=str(project))
+    runner = LocalRunner(task, LocalConfig(runs_dir=tmp_path / "runs"))
+    job = runner.run()
+    assert job.status == "SUCCEEDED"
+    copied = (Path(job.attempts[0].workdir) / "files.txt").read_text().split()
+    assert copied == ["./.skyignore", "./files.txt", "./recipes/mine.yaml", "./src/keep.py"]
+
+
+def _wait_running(runs: Path, name: str, timeout: float = 120) -> LocalJob:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for job in list_jobs(runs):
+            if job.name == name and job.status == "RUNNING":
+                return job
+        time.sleep(0.2)
+    pytest.fail(f"no RUNNING {name} under {runs}")
+
+
+def _cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run(
+        [EXE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def test_one_training_run_per_job_and_down_local_stops_it(tmp_path):
+    """A second `train` of a job in progress is refused, naming the first; `down --local`
+    stops the first as Ctrl-C would (CANCELLED, its processes gone), and then a train runs."""
+    args = ["train", "tiny-cpu", "--local", "--workdir", "w", "--env", "NUM_EPOCHS=40"]
+    first = subprocess.Popen(
+        [EXE, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        job = _wait_running(tmp_path / "w" / "runs", "vicuna-tiny-train")
+        second = _cli(*args, cwd=tmp_path)
+        assert second.returncode == 2, second.stdout
+        assert "vicuna-tiny-train is already running locally" in second.stderr
+        assert f"pid {first.pid}" in second.stderr and "--fresh" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+        assert len(list_jobs(tmp_path / "w" / "runs")) == 1  # no second run was started
+        down = _cli("down", "vicuna-tiny-train", "--local", "--runs-dir", "w/runs", cwd=tmp_path)
+        assert down.returncode == 0, down.stderr
+        assert f"stopped: {Path(job.run_dir).name}" in down.stdout
+        first.wait(60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 128 + signal.SIGTERM
+    stopped = LocalJob.load(Path(job.run_dir))
+    assert stopped.status == "CANCELLED"
+    events = (Path(job.run_dir) / "events.log").read_text()
+    assert "CANCELLED stopped (SIGTERM)" in events and "RECOVERING" not in events
+    nothing = _cli("down", "vicuna-tiny-train", "--local", "--runs-dir", "w/runs", cwd=tmp_path)
+    assert "no local run named vicuna-tiny-train is in progress" in nothing.stdout
+
+
+def test_ctrl_c_stops_a_local_fleet_as_the_user_asked(tmp_path):
+    """`serve --fleet --local` on loopback, its URLs printed; Ctrl-C ends every job as
+    "stopped by user", never as a preemption to recover from."""
+    env = {**os.environ, "COLUMNS": "200", "VICUNA_SKY_UI_PASSWORD": ""}
+    fleet = subprocess.Popen(
+        [EXE, "serve", "tiny-cpu", "--fleet", "--local", "--workdir", "w", *SERVE_BUILT_IN],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = fleet.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "chat UI:" in line:
+                break
+        text = "".join(lines)
+        assert "OpenAI API: http://127.0.0.1:" in text, text
+        assert "chat UI: off (export VICUNA_SKY_UI_PASSWORD" in text
+        fleet.send_signal(signal.SIGINT)
+        out, _ = fleet.communicate(timeout=60)
+    finally:
+        if fleet.poll() is None:
+            fleet.kill()
+    assert fleet.returncode == 0, out
+    jobs = list_jobs(tmp_path / "w" / "runs")
+    assert {j.name for j in jobs} == {
+        "vicuna-tiny-controller",
+        "vicuna-tiny-worker-0",
+        "vicuna-tiny-worker-1",
+    }
+    for job in jobs:
+        assert job.status == "CANCELLED", job
+        events = (Path(job.run_dir) / "events.log").read_text()
+        assert "CANCELLED stopped by user" in events and "RECOVERING" not in events, events
+    # Loopback only: the controller's log says where it listens.
+    controller = next(j for j in jobs if j.name.endswith("controller"))
+    log = (Path(controller.attempts[0].workdir).parent / "run-rank0.log").read_text()
+    assert "0.0.0.0" not in log
+    assert json.loads((Path(controller.run_dir) / "job.json").read_text())["pid"] == fleet.pid
