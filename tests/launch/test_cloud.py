@@ -86,8 +86,9 @@ class FakeSky:
         monkeypatch.setattr(
             sky.serve, "tail_logs", lambda *a, **k: self.calls.append(("serve.tail_logs", a, k))
         )
-        # Nothing to start or stop: there is no API server in these tests.
+        # Nothing to start or stop: there is no API server in these tests (this fake is one).
         monkeypatch.setattr(cloud, "_api_server_for_this_call", _no_api_server)
+        monkeypatch.setattr(cloud, "api_server_up", lambda: True)
 
     # -- clusters --------------------------------------------------------------------------
     def launch(self, task, cluster_name):
@@ -488,6 +489,19 @@ def test_checkpoints_are_keyed_by_the_run_name(fake_sky, tmp_path):
     runner.launch_recipe(Spec.TRAIN, "tiny-cpu", (), fresh=True, **options)
     again, fresh = (call[3]["RUN_TAG"] for call in fake_sky.named("jobs.launch"))
     assert again == "main" and re.fullmatch(r"fresh-\d{8}T\d{6}Z", fresh)
+
+
+def test_a_second_run_of_a_job_in_progress_is_refused(fake_sky, tmp_path):
+    """Both would write under one checkpoint prefix: refused while the first is in progress
+    (nothing launched), allowed with --fresh or once the first has ended."""
+    options = dict(dryrun=False, local=False, name=None, runs_dir=tmp_path)
+    runner.launch_recipe(Spec.TRAIN, "tiny-cpu", (), **options)
+    with pytest.raises(VicunaSkyError, match="vicuna-tiny-train is already running as a managed"):
+        runner.launch_recipe(Spec.TRAIN, "tiny-cpu", (), **options)
+    assert len(fake_sky.named("jobs.launch")) == 1
+    fake_sky.jobs[0]["status"] = "SUCCEEDED"
+    runner.launch_recipe(Spec.TRAIN, "tiny-cpu", (), **options)
+    assert len(fake_sky.named("jobs.launch")) == 2
 
 
 # -- 7. logs of a service --------------------------------------------------------------------------

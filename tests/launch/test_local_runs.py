@@ -80,13 +80,30 @@ def test_one_training_run_per_job_and_down_local_stops_it(tmp_path):
         assert f"pid {first.pid}" in second.stderr and "--fresh" in second.stderr
         assert len(second.stderr.strip().splitlines()) == 1
         assert len(list_jobs(tmp_path / "w" / "runs")) == 1  # no second run was started
+        run_id = Path(job.run_dir).name
+        follow = subprocess.Popen(
+            [EXE, "logs", "vicuna-tiny-train", "--local", "--runs-dir", "w/runs", "--follow"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        listed = _cli("status", "--runs-dir", "w/runs", cwd=tmp_path)
+        assert listed.returncode == 0, listed.stderr
+        assert f"{run_id}" in listed.stdout and "RUNNING" in listed.stdout
+        assert "local" in listed.stdout
         down = _cli("down", "vicuna-tiny-train", "--local", "--runs-dir", "w/runs", cwd=tmp_path)
         assert down.returncode == 0, down.stderr
-        assert f"stopped: {Path(job.run_dir).name}" in down.stdout
+        assert f"stopped: {run_id}" in down.stdout
         first.wait(60)
+        # --follow printed the run as it went and ended with it.
+        followed, _ = follow.communicate(timeout=60)
+        assert "RUNNING attempt 1 running" in followed and "CANCELLED stopped (SIGTERM)" in followed
+        assert followed.strip().endswith("vicuna-tiny-train: CANCELLED")
     finally:
-        if first.poll() is None:
-            first.kill()
+        for proc in (first, locals().get("follow")):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
     assert first.returncode == 128 + signal.SIGTERM
     stopped = LocalJob.load(Path(job.run_dir))
     assert stopped.status == "CANCELLED"
@@ -94,6 +111,12 @@ def test_one_training_run_per_job_and_down_local_stops_it(tmp_path):
     assert "CANCELLED stopped (SIGTERM)" in events and "RECOVERING" not in events
     nothing = _cli("down", "vicuna-tiny-train", "--local", "--runs-dir", "w/runs", cwd=tmp_path)
     assert "no local run named vicuna-tiny-train is in progress" in nothing.stdout
+    # A run picked by its id; a wrong id lists the job's runs.
+    logs = ("logs", "vicuna-tiny-train", "--local", "--runs-dir", "w/runs")
+    picked = _cli(*logs, "--run", run_id, cwd=tmp_path)
+    assert picked.returncode == 0 and "run-rank0.log" in picked.stdout
+    wrong = _cli(*logs, "--run", "nope", cwd=tmp_path)
+    assert wrong.returncode == 2 and f"its runs: {run_id}" in wrong.stderr
 
 
 def test_ctrl_c_stops_a_local_fleet_as_the_user_asked(tmp_path):

@@ -131,15 +131,19 @@ def check(recipe: str) -> None:
 
 
 @app.command()
+@click.option("--local", is_flag=True, help="Local runs only.")
 @click.option(
-    "--local", is_flag=True, help="Local runs instead of SkyPilot's jobs, clusters and services."
+    "--cloud",
+    is_flag=True,
+    help="Ask SkyPilot even when no API server is up (starting one takes about 30 s).",
 )
 @RUNS_DIR
-def status(local: bool, runs_dir: Path) -> None:
-    """Status of jobs, clusters and services (SkyPilot's status vocabulary)."""
+def status(local: bool, cloud: bool, runs_dir: Path) -> None:
+    """Local runs, then SkyPilot's jobs, clusters and services (SkyPilot's status vocabulary).
+    SkyPilot is asked only when its API server is up or --cloud says so."""
     from vicuna_sky.launch import runner
 
-    runner.print_status(local=local, runs_dir=runs_dir)
+    runner.print_status(local=local, runs_dir=runs_dir, cloud=cloud)
 
 
 @app.command()
@@ -149,17 +153,45 @@ def status(local: bool, runs_dir: Path) -> None:
 )
 @click.option("--local", is_flag=True, help="A local run (its latest attempt's logs).")
 @click.option(
+    "--run",
+    "run_id",
+    default=None,
+    help="With --local: which run of the job (its directory name, as `status --local` lists "
+    "it; default: the newest).",
+)
+@click.option(
+    "--follow", "-f", is_flag=True, help="With --local: keep printing until the run ends."
+)
+@click.option(
     "--replica",
     type=click.IntRange(min=1),
     default=None,
     help="A service's replica id (default: the newest ready one).",
 )
 @RUNS_DIR
-def logs(name: str, kind: str, local: bool, replica: int | None, runs_dir: Path) -> None:
+def logs(
+    name: str,
+    kind: str,
+    local: bool,
+    run_id: str | None,
+    follow: bool,
+    replica: int | None,
+    runs_dir: Path,
+) -> None:
     """Show the logs of a job, cluster or service."""
     from vicuna_sky.launch import runner
 
-    runner.show_logs(name, kind=kind, local=local, runs_dir=runs_dir, replica=replica)
+    if (run_id or follow) and not local:
+        raise click.UsageError("--run and --follow are for local runs (--local)")
+    runner.show_logs(
+        name,
+        kind=kind,
+        local=local,
+        runs_dir=runs_dir,
+        replica=replica,
+        run_id=run_id,
+        follow=follow,
+    )
 
 
 @app.command()

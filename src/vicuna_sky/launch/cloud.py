@@ -237,6 +237,19 @@ def _api_server_for_this_call() -> Iterator[None]:
                 sky.api_stop()
 
 
+def api_server_up() -> bool:
+    """Whether SkyPilot's API server answers now (a remote one counts as up): asking a local
+    server that is down would start one."""
+    from sky.server import common
+
+    if not common.is_api_server_local():
+        return True
+    try:
+        return common.get_api_server_status().status == common.ApiServerStatus.HEALTHY
+    except Exception:
+        return False
+
+
 @dataclass
 class Section:
     """One part of `vicuna-sky status`: its rows, or why it has none."""

@@ -83,12 +83,19 @@ def list_jobs(runs_dir: Path) -> list[LocalJob]:
     return jobs
 
 
-def find_job(runs_dir: Path, name: str) -> LocalJob:
-    """The newest local job whose run directory or task name matches `name`."""
+def find_job(runs_dir: Path, name: str, run_id: str | None = None) -> LocalJob:
+    """The newest local job whose run directory or task name matches `name`; with `run_id`,
+    the run of that job whose directory is named `run_id`."""
     jobs = [j for j in list_jobs(runs_dir) if name in (j.name, Path(j.run_dir).name)]
     if not jobs:
         raise VicunaSkyError(f"no local job named '{name}' under {runs_dir}")
-    return jobs[-1]
+    if run_id is None:
+        return jobs[-1]
+    chosen = [j for j in jobs if Path(j.run_dir).name == run_id]
+    if not chosen:
+        runs = ", ".join(Path(j.run_dir).name for j in jobs)
+        raise VicunaSkyError(f"{name} has no run {run_id!r}; its runs: {runs}")
+    return chosen[0]
 
 
 def in_progress(job: LocalJob) -> bool:
@@ -123,7 +130,8 @@ def describe(job: LocalJob) -> dict[str, Any]:
         "attempts": len(job.attempts),
         "recoveries": job.recoveries,
         "zone": last.zone if last else "-",
-        "run_dir": job.run_dir,
+        # What `logs NAME --local --run RUN` takes; the directory is under the runs dir.
+        "run": Path(job.run_dir).name,
     }
 
 

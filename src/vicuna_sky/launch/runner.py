@@ -466,18 +466,29 @@ def _finite(value: object) -> object:
     return value
 
 
-def print_status(local: bool, runs_dir: Path) -> None:
-    if not local:
-        from vicuna_sky.launch import cloud
-
-        for section in cloud.status():
-            if section.note:
-                console.print(f"{section.title}: {section.note}")
-            else:
-                _print_rows(f"SkyPilot {section.title}", section.rows)
-        return
-    rows = [jobs.describe(j) | {"cost": _cost_cell(j)} for j in jobs.list_jobs(runs_dir)]
+def print_status(local: bool, runs_dir: Path, cloud: bool = False) -> None:
+    """Local runs (with their cost), then SkyPilot's sections. SkyPilot is asked only when its
+    API server is up (or `cloud`): starting one to find nothing takes half a minute."""
+    rows = [
+        jobs.describe(j) | {"where": "local", "cost": _cost_cell(j)}
+        for j in jobs.list_jobs(runs_dir)
+    ]
     _print_rows(f"local runs in {runs_dir}", rows)
+    if local:
+        return
+    from vicuna_sky.launch import cloud as cloud_lib
+
+    if not cloud and not cloud_lib.api_server_up():
+        console.print(
+            "SkyPilot: no API server is up, so nothing was launched from here since it last "
+            "stopped (`vicuna-sky status --cloud` starts one and asks)"
+        )
+        return
+    for section in cloud_lib.status():
+        if section.note:
+            console.print(f"{section.title}: {section.note}")
+        else:
+            _print_rows(f"SkyPilot {section.title}", section.rows)
 
 
 def _print_rows(title: str, rows: list[dict[str, str]]) -> None:
@@ -501,14 +512,49 @@ def _cost_cell(job: jobs.LocalJob) -> str:
 
 
 def show_logs(
-    name: str, kind: str, local: bool, runs_dir: Path, replica: int | None = None
+    name: str,
+    kind: str,
+    local: bool,
+    runs_dir: Path,
+    replica: int | None = None,
+    run_id: str | None = None,
+    follow: bool = False,
 ) -> None:
     if not local:
         from vicuna_sky.launch import cloud
 
         cloud.logs(name, kind, replica=replica)
         return
-    job = jobs.find_job(runs_dir, name)
+    job = jobs.find_job(runs_dir, name, run_id)
+    if follow:
+        _follow(job)
+        return
     for log in jobs.latest_logs(job):
         console.rule(str(log))
         console.print(log.read_text(errors="replace"), markup=False, highlight=False)
+
+
+def _follow(job: jobs.LocalJob, poll: float = 0.5) -> None:
+    """Print the run's events and its newest attempt's logs as they grow, until it ends (a
+    recovery's new attempt is followed too)."""
+    import sys
+    import time
+
+    run_dir = Path(job.run_dir)
+    offsets: dict[Path, int] = {}
+    while True:
+        current = jobs.LocalJob.load(run_dir)
+        for path in [run_dir / "events.log", *jobs.latest_logs(current)]:
+            if not path.exists():
+                continue
+            with path.open("rb") as f:
+                f.seek(offsets.get(path, 0))
+                chunk = f.read()
+                offsets[path] = f.tell()
+            if chunk:
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+        if not jobs.in_progress(current):
+            console.print(f"{current.name}: {current.status}")
+            return
+        time.sleep(poll)
