@@ -105,3 +105,11 @@ def test_not_yaml_and_missing_file(tmp_path):
         load("name: [\n")
     with pytest.raises(RecipeError, match="cannot read recipe"):
         Recipe.from_yaml(tmp_path / "nope.yaml")
+
+
+def test_a_key_given_twice_is_an_error(tmp_path):
+    text = (Path(__file__).parents[1] / "recipes" / "tiny-cpu.yaml").read_text()
+    twice = text.replace("  lr: 1.0e-3\n", "  lr: 1.0e-3\n  lr: 5.0e-4\n")
+    assert twice != text
+    with pytest.raises(RecipeError, match=r"key 'lr' appears twice \(lines \d+ and \d+\)"):
+        Recipe.from_text(twice, source="twice.yaml")

@@ -220,7 +220,9 @@ class Recipe:
     @classmethod
     def from_text(cls, text: str, source: str = "<recipe>") -> Recipe:
         try:
-            raw = yaml.safe_load(text)
+            raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
+        except _DuplicateKey as e:
+            raise RecipeError(f"{source}: {e}") from None
         except yaml.YAMLError as e:
             where = getattr(e, "problem_mark", None)
             line = f" (line {where.line + 1})" if where else ""
@@ -363,6 +365,25 @@ class Recipe:
 
 
 # --------------------------------------------------------------------- helpers
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys silently: a recipe with `lr:` twice would train
+    with whichever came last. Here the second one is an error naming its line."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[object, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(f"key {key!r} appears twice (lines {seen[key]} and {line})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _num(x: float) -> str:

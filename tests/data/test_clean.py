@@ -187,3 +187,31 @@ def test_cli_unusable_input_is_one_line(cli, tmp_path, content, message):
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out.json").exists()
+
+
+def test_dropped_ids_are_written_with_their_rule(cli, write_json, tmp_path):
+    """`--dropped FILE` names every conversation a filter left out, and why."""
+    src = write_json(
+        "in.json",
+        [
+            qa("a"),
+            qa("b", q="What does OpenAI make?"),
+            qa("a"),
+            conv("e", ("human", "hi")),
+            qa("c", q="Another question entirely?"),
+        ],
+    )
+    args = ("data", "clean", str(src), "-o", "out.json", "--workers", "1")
+    result = cli(*args, "--dropped", "dropped.jsonl")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(x) for x in (tmp_path / "dropped.jsonl").read_text().splitlines()]
+    assert lines == [
+        {"id": "b", "rule": "blocked_words"},
+        {"id": "a", "rule": "duplicate_id"},
+        {"id": "e", "rule": "too_short"},
+    ]
+    assert "dropped ids: dropped.jsonl (3)" in result.stdout
+    # Never an input, never over a file without --overwrite.
+    again = cli(*args, "--overwrite", "--dropped", "in.json")
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
+    assert json.loads(src.read_text())[0]["id"] == "a"

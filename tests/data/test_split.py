@@ -85,6 +85,9 @@ def test_split_properties(llama2, sample, max_length, overlong):
             dropped += 1
     assert not rounds
     assert (truncated, dropped) == (counts["rounds_truncated"], counts["rounds_dropped"])
+    # "split" means what it says: two or more segments (one cut round is only "truncated").
+    assert counts["conversations_split"] == (len(segments) > 1)
+    assert counts["conversations_dropped"] == (not segments)
     if overlong == "drop":
         assert truncated == 0
 

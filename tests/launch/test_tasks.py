@@ -152,3 +152,16 @@ def test_built_in_model_names_resolve_in_every_model_env(tmp_path):
     made = tmp_path / "runs" / "models" / "tiny-llama"
     assert task.envs["BASELINE_PATH"] == str(made) and (made / "config.json").is_file()
     assert task.envs["SERVE_MODEL_PATH"] == "models/vicuna-smol"  # the trained one: the bucket's
+
+
+def test_the_dry_run_yaml_reads_like_the_spec():
+    """setup: and run: as `|` blocks (not one quoted line of \\n), no YAML aliases, and the
+    text loads back to the same task configuration."""
+    task = load_task(Spec.TRAIN, recipe("tiny-cpu"))
+    text = tasks.resolved_yaml(task)
+    assert "\nrun: |\n" in text and "\nsetup: |\n" in text
+    assert "&id" not in text and "*id" not in text
+    loaded = yaml.safe_load(text)
+    assert loaded["run"].strip() == "\n".join(
+        line.rstrip() for line in task.run.strip().splitlines()
+    )

@@ -44,6 +44,12 @@ def _data_io(fn: click.decorators.FC) -> click.decorators.FC:
     help="Drop shorter conversations.",
 )
 @click.option("--lang", default=None, help="Keep one language only (ISO 639-1, e.g. en).")
+@click.option(
+    "--dropped",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write the id and rule of every conversation left out, one JSON line each.",
+)
 def data_clean(
     input_path: Path,
     output: Path,
@@ -52,6 +58,7 @@ def data_clean(
     blocked_words: str,
     min_chars: int,
     lang: str | None,
+    dropped: Path | None,
 ) -> None:
     """HTML to markdown, UI residue removed, filters and de-duplication."""
     from vicuna_sky.data.clean import CleanConfig
@@ -59,7 +66,7 @@ def data_clean(
 
     words = tuple(w.strip().lower() for w in blocked_words.split(",") if w.strip())
     config = CleanConfig(blocked_words=words, min_chars=min_chars, lang=lang, workers=workers)
-    clean_file(input_path, output, config, overwrite=overwrite)
+    clean_file(input_path, output, config, overwrite=overwrite, dropped=dropped)
 
 
 RECIPE_HELP = (

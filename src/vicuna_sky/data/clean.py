@@ -124,6 +124,8 @@ def clean(samples: list[dict], config: CleanConfig, show_progress: bool = True) 
                 seen_pairs.add(pair)
                 report.samples.append(sample)
         report.counts[rule] += 1
+        if rule != KEPT:
+            report.dropped.append((str(original["id"]), rule))
         if rule == "parser_error":
             report.problems.append(Problem(repr(original["id"]), "conversations", detail))
     return report

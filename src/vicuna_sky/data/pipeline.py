@@ -6,6 +6,7 @@ and counted; the good samples always reach the output.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from vicuna_sky.data.conversation import get_template
 from vicuna_sky.data.sharegpt import Problem, Report
 from vicuna_sky.data.tokenize import Tokenized, tokenize_sample
 from vicuna_sky.errors import VicunaSkyError
-from vicuna_sky.output import check_output_file
+from vicuna_sky.output import check_output_file, write_text
 from vicuna_sky.terminal import make_console
 
 console = make_console()
@@ -90,8 +91,12 @@ def clean_file(
     config: clean_lib.CleanConfig,
     quiet: bool = False,
     overwrite: bool = False,
+    dropped: Path | None = None,
 ) -> Report:
-    return _run(
+    """`dropped`: also write the id and rule of every conversation a filter left out (JSONL)."""
+    if dropped is not None:
+        check_output_file(dropped, [src, dst], overwrite=overwrite)
+    report = _run(
         src,
         dst,
         lambda samples: clean_lib.clean(samples, config, show_progress=not quiet),
@@ -100,6 +105,12 @@ def clean_file(
         quiet,
         overwrite,
     )
+    if dropped is not None:
+        lines = (json.dumps({"id": i, "rule": rule}) + "\n" for i, rule in report.dropped)
+        write_text(dropped, "".join(lines))
+        if not quiet:
+            console.print(f"dropped ids: {dropped} ({len(report.dropped)})")
+    return report
 
 
 def split_file(
@@ -114,7 +125,13 @@ def split_file(
         dst,
         lambda samples: split_lib.split(samples, config, show_progress=not quiet),
         f"split {src} -> {dst} (max {config.max_length} tokens, {config.template})",
-        ("conversations_split", "rounds_truncated", "rounds_dropped", "ids_renamed"),
+        (
+            "conversations_split",
+            "rounds_truncated",
+            "rounds_dropped",
+            "conversations_dropped",
+            "ids_renamed",
+        ),
         quiet,
         overwrite,
         inputs=(config.tokenizer,),  # a tokenizer directory (or file) is read too

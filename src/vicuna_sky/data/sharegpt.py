@@ -40,6 +40,8 @@ class Report:
     counts: Counter = field(default_factory=Counter)
     problems: list[Problem] = field(default_factory=list)
     """Malformed input and samples the stage could not process, by id and field."""
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    """(id, rule) of every well-formed sample a filter left out, in input order."""
 
 
 def _label(raw: Any, index: int) -> str:

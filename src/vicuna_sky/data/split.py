@@ -123,7 +123,11 @@ def split_sample(
         segments.append({**segment, "truncated": True})
     if current:
         segments.append(_segment(sample, system + current, start, whole=False))
-    counts["conversations_split"] += 1
+    # Split means two or more segments: one round cut to fit is counted as truncated only.
+    if len(segments) > 1:
+        counts["conversations_split"] += 1
+    elif not segments:
+        counts["conversations_dropped"] += 1
     return segments, counts
 
 

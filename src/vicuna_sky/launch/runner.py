@@ -64,11 +64,20 @@ def launch_recipe(
     plan, no_plan = None, ""
     if spec is Spec.TRAIN and recipe.resources.accelerator:
         plan, no_plan = train_plan(recipe, task, overrides)
+    if local and workdir is not None:
+        runs_dir = workdir / "runs"
+    config = None
+    if local:
+        config = local_config or local_lib.LocalConfig(
+            runs_dir=runs_dir, bucket_root=workdir / "buckets" if workdir else None
+        )
     if dryrun:
         console.rule(f"[bold]{spec.value}[/] with {recipe.source}")
-        console.print(Syntax(resolved_yaml(task), "yaml", word_wrap=True))
+        print_yaml(resolved_yaml(task))
         for key in missing_secrets(spec, task):
             console.print(f"[yellow]warning:[/] {key} is not set in your environment")
+        if config is not None:
+            print_local_places(spec, recipe, task, config)
         if plan is not None:
             print_plan(recipe, plan=plan)
         elif no_plan:  # offline, no catalog: the task above still stands
@@ -84,14 +93,9 @@ def launch_recipe(
         console.print(f"checkpoints: {checkpoint_url(task)} (resumes from the newest there)")
     if spec is Spec.TRAIN and not local:
         check_budget(recipe, over_budget, plan)
-    if local and workdir is not None:
-        runs_dir = workdir / "runs"
     if spec is Spec.TRAIN and not fresh:
         refuse_a_second_run(name, local, runs_dir)
-    if local:
-        config = local_config or local_lib.LocalConfig(
-            runs_dir=runs_dir, bucket_root=workdir / "buckets" if workdir else None
-        )
+    if config is not None:
         if spec is Spec.TRAIN:
             check_local_data(recipe, config)  # before a model is made: seconds, not a minute
             builtin_models(task, config)
@@ -152,6 +156,29 @@ def stop_local(name: str, runs_dir: Path, timeout: float = 60.0) -> list[str]:
                 raise VicunaSkyError(f"{job.name} (pid {job.pid}) did not stop in {timeout:.0f} s")
             time.sleep(0.2)
     return [Path(j.run_dir).name for j in live]
+
+
+def print_local_places(
+    spec: Spec, recipe: Recipe, task: object, config: local_lib.LocalConfig
+) -> None:
+    """Where a local run reads and writes: the folders standing in for the task's bucket."""
+    bucket = task.envs.get("BUCKET_URL", recipe.bucket)
+    folder = config.bucket_dir(bucket)
+    console.print(f"local backend: {bucket} is the folder {folder}")
+    console.print(f"  runs (status, attempts, logs): {Path(config.runs_dir).resolve()}")
+    if spec is Spec.TRAIN:
+        console.print(f"  data: {folder / task.envs.get('DATA_PATH', recipe.data.path)}")
+        console.print(f"  checkpoints: {folder / 'runs' / task.envs.get('RUN_NAME', '')}")
+        console.print(f"  exported model: {folder / 'models' / task.envs.get('RUN_NAME', '')}")
+
+
+def print_yaml(text: str) -> None:
+    """Highlighted on a terminal; as plain text elsewhere (a file or a pipe gets the YAML
+    itself, not lines padded to the console's width)."""
+    if console.is_terminal:
+        console.print(Syntax(text, "yaml", word_wrap=True))
+    else:
+        print(text, end="")
 
 
 def fresh_tag() -> str:
@@ -360,7 +387,7 @@ def launch_fleet(
     if dryrun:
         for spec, task in ((Spec.CONTROLLER, controller), (Spec.WORKER, worker)):
             console.rule(f"[bold]{spec.value}[/] with {recipe.source}")
-            console.print(Syntax(resolved_yaml(task), "yaml", word_wrap=True))
+            print_yaml(resolved_yaml(task))
         return
     if local:
         if workdir is not None:

@@ -197,7 +197,26 @@ def resolved_yaml(task: sky.Task) -> str:
         config["secrets"] = {
             k: "<set, redacted>" if v else "<not set>" for k, v in config["secrets"].items()
         }
-    return yaml.safe_dump(config, sort_keys=False, width=100)
+    return yaml.dump(config, Dumper=_BlockDumper, sort_keys=False, width=100)
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (setup:, run:) as `|` blocks, as they read in the spec, instead of
+    one long quoted line full of \\n; a value repeated is written out again, not as an alias."""
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    if "\n" in value:
+        # Trailing spaces cannot be kept by a block scalar: PyYAML would quote it instead.
+        value = "\n".join(line.rstrip() for line in value.splitlines()) + "\n"
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|")
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value)
+
+
+_BlockDumper.add_representer(str, _str)
 
 
 def missing_secrets(spec: Spec, task: sky.Task) -> list[str]:
