@@ -217,6 +217,7 @@ LONGEST_FIRST = (
     "tests/test_install_sets.py",
     "tests/serve/test_fleet.py",
     "tests/test_demo.py",
+    "tests/test_journey.py",
     "tests/launch/test_chaos.py",
     "tests/serve/test_hostile_input.py",
     "tests/test_gguf_export.py",

@@ -305,7 +305,7 @@ def summarize(
             said.append(f"{metrics[-1]['step']} steps, final loss {metrics[-1]['loss']:.4f}")
         if job.prices:
             said.append(_cost_cell(job))
-        model = export or bucket_dir / "models" / envs.get("RUN_NAME", "")
+        model = Path(export or bucket_dir / "models" / envs.get("RUN_NAME", "")).resolve()
         console.print(f"[bold]trained[/]: {'; '.join(said)}\n  model: {model}")
     elif spec is Spec.EVAL:
         bench = Path(envs.get("BENCH", "")).name.removesuffix(".jsonl")
