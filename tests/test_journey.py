@@ -100,7 +100,6 @@ def test_own_data_and_recipe_through_every_stage(tmp_path, monkeypatch):
     dry = _cli("train", "my.yaml", "--local", "--dryrun", "--workdir", "w", cwd=tmp_path)
     target = Path(re.search(r"  data: (\S+)", dry.stdout).group(1))
     assert target == tmp_path / "w" / "buckets" / "s3" / "my-bucket" / "data" / "mine.json"
-    target.parent.mkdir(parents=True)
     split = _cli("data", "split", "mine_clean.json", "-o", str(target), "--recipe", "my.yaml",
                  cwd=tmp_path)  # fmt: skip
     assert "max 256 tokens, chat_template" in " ".join(split.stdout.split())

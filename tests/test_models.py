@@ -163,3 +163,17 @@ def test_built_in_names_work_in_every_command_and_are_listed(cli, tmp_path, monk
     assert (tmp_path / "split.json").is_file()
     neither = cli("data", "stats", str(DUMMY))
     assert neither.returncode == 2 and "give --tokenizer or --recipe" in neither.stderr
+
+
+def test_eval_answer_serves_a_built_in_model_by_name(cli, tmp_path, monkeypatch):
+    """`eval answer --serve tiny-llama` makes the model once in the cache and serves it (it used
+    to ask the hub for 'tiny-llama' for 17 s, then fail)."""
+    monkeypatch.setenv("VICUNA_SKY_MODELS_DIR", str(tmp_path / "cache"))
+    out = cli(
+        "eval", "answer", "--questions", "demo", "--model", "tiny", "--serve", "tiny-llama",
+        "--max-tokens", "4", "-o", "answers.jsonl",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    answers = (tmp_path / "answers.jsonl").read_text().splitlines()
+    assert len(answers) == 6 and json.loads(answers[0])["model_id"] == "tiny"
+    assert (tmp_path / "cache" / "tiny-llama" / "config.json").is_file()
