@@ -91,7 +91,7 @@ def test_missing_data_is_found_before_a_model_is_made(cli, tmp_path):
     (tmp_path / "mine.yaml").write_text(raw.replace("data/demo_sharegpt.json", "data/mine.json"))
     out = cli("train", "mine.yaml", "--local", "--workdir", "w", timeout=60)
     assert out.returncode == 2, out.stdout
-    assert "data.path 'data/mine.json' is not in the bucket" in out.stderr
+    assert "data.path 'data/mine.json' is neither a file here nor in the bucket" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "w" / "runs" / "models").exists()
 

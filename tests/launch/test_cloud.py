@@ -580,3 +580,55 @@ def test_a_fleet_goes_down_workers_first_then_its_controller(fake_sky):
     assert [c[0] for c in fake_sky.calls] == ["jobs.cancel", "jobs.cancel", "down"]
     assert not cloud.FleetState.path("vic").exists()
     assert cloud.down("vic", "fleet") == []
+
+
+def test_local_data_goes_to_the_bucket_once_by_content(
+    fake_sky, tmp_path, moto_endpoint, new_bucket
+):
+    """A recipe whose data.path is a file here: `train` uploads it (to a local S3 server) under
+    its content key before launching and points the job at that object; the same file is not
+    uploaded again; a changed file is a new object, and the next job trains on it."""
+    import json
+
+    import boto3
+    import yaml
+
+    bucket = new_bucket("s3")
+    data = tmp_path / "mine.json"
+    conversation = [
+        {"from": "human", "value": "Hi there, how are you?"},
+        {"from": "gpt", "value": "Well!"},
+    ]
+    data.write_text(json.dumps([{"id": "a", "conversations": conversation}]))
+    raw = yaml.safe_load((ROOT / "recipes" / "tiny-cpu.yaml").read_text())
+    raw["data"]["path"], raw["bucket"] = str(data), f"s3://{bucket}"
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(raw))
+    options = dict(dryrun=False, local=False, name=None, runs_dir=tmp_path, fresh=True)
+
+    def objects() -> list[str]:
+        listed = boto3.client("s3").list_objects_v2(Bucket=bucket).get("Contents", [])
+        return sorted(o["Key"] for o in listed)
+
+    runner.launch_recipe(Spec.TRAIN, str(tmp_path / "mine.yaml"), (), dryrun=True,
+                         **{k: v for k, v in options.items() if k != "dryrun"})  # fmt: skip
+    assert objects() == []  # a dry run uploads nothing
+    runner.launch_recipe(Spec.TRAIN, str(tmp_path / "mine.yaml"), (), **options)
+    first = fake_sky.named("jobs.launch")[-1][3]["DATA_PATH"]
+    assert re.fullmatch(r"data/sha256-[0-9a-f]{16}/mine\.json", first)
+    assert objects() == [first]
+    body = boto3.client("s3").get_object(Bucket=bucket, Key=first)["Body"].read()
+    assert body == data.read_bytes()
+    put = boto3.client("s3").head_object(Bucket=bucket, Key=first)["LastModified"]
+    runner.launch_recipe(Spec.TRAIN, str(tmp_path / "mine.yaml"), (), **options)
+    assert fake_sky.named("jobs.launch")[-1][3]["DATA_PATH"] == first
+    assert boto3.client("s3").head_object(Bucket=bucket, Key=first)["LastModified"] == put
+    data.write_text(json.dumps([{"id": "b", "conversations": conversation}]))
+    runner.launch_recipe(Spec.TRAIN, str(tmp_path / "mine.yaml"), (), **options)
+    second = fake_sky.named("jobs.launch")[-1][3]["DATA_PATH"]
+    assert second != first and objects() == sorted([first, second])
+    # Data that is not ShareGPT is refused before anything is uploaded or launched.
+    data.write_text('{"not": "a list"}')
+    launched = len(fake_sky.named("jobs.launch"))
+    with pytest.raises(VicunaSkyError, match="expected a JSON list of samples"):
+        runner.launch_recipe(Spec.TRAIN, str(tmp_path / "mine.yaml"), (), **options)
+    assert len(fake_sky.named("jobs.launch")) == launched and len(objects()) == 2

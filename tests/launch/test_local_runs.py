@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -165,3 +166,42 @@ def test_ctrl_c_stops_a_local_fleet_as_the_user_asked(tmp_path):
     log = (Path(controller.attempts[0].workdir).parent / "run-rank0.log").read_text()
     assert "0.0.0.0" not in log
     assert json.loads((Path(controller.run_dir) / "job.json").read_text())["pid"] == fleet.pid
+
+
+def test_a_recipes_local_data_file_is_uploaded_once_and_trained_on(tmp_path):
+    """data.path names a file here: `train --local` uploads it to the local bucket under its
+    content key and trains on that object; `data push` and the dry runs say when the bucket
+    has it already; a changed file is a new object."""
+    import yaml
+
+    data = tmp_path / "mine.json"
+    dummy = json.loads((ROOT / "tests/fixtures/fastchat/dummy_conversation.json").read_text())
+    data.write_text(json.dumps(dummy[:24]))
+    raw = yaml.safe_load((ROOT / "recipes" / "tiny-cpu.yaml").read_text())
+    raw["data"]["path"] = "mine.json"
+    raw["train"]["epochs"] = 1
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(raw))
+    dry = _cli("train", "mine.yaml", "--local", "--dryrun", "--workdir", "w", cwd=tmp_path)
+    assert "data: would upload mine.json (" in dry.stdout, dry.stdout
+    bucket = tmp_path / "w" / "buckets" / "s3" / "vicuna-sky-tiny"
+    assert not bucket.exists()
+    trained = _cli("train", "mine.yaml", "--local", "--workdir", "w", cwd=tmp_path, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    key = re.search(
+        r"data: uploaded mine\.json \(.*?\) to s3://vicuna-sky-tiny/(\S+)", trained.stdout
+    )
+    assert key, trained.stdout
+    stored = bucket / key.group(1)
+    assert stored.read_bytes() == data.read_bytes()
+    job = next(j for j in list_jobs(tmp_path / "w" / "runs") if j.name == "vicuna-tiny-train")
+    log = (Path(job.attempts[0].workdir).parent / "run-rank0.log").read_text()
+    assert str(stored) in log  # the trainer read that object
+    push = ("data", "push", "mine.json", "--recipe", "mine.yaml", "--local", "--workdir", "w")
+    again = _cli(*push, cwd=tmp_path)
+    assert (
+        "is already in the bucket" in again.stdout and f"DATA_PATH={key.group(1)}" in again.stdout
+    )
+    data.write_text(data.read_text().replace("Hello", "Hi", 1))
+    changed = _cli(*push, cwd=tmp_path)
+    assert "data: uploaded mine.json" in changed.stdout
+    assert len(list(bucket.glob("data/sha256-*/mine.json"))) == 2

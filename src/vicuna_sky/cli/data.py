@@ -176,3 +176,36 @@ def data_stats(
     )
     if write:
         console.print(f"wrote {write_stats(s, input_path)}")
+
+
+@data.command(name="push")
+@click.argument("input_path", metavar="FILE", type=click.Path(path_type=Path))
+@click.option("--recipe", required=True, help="The recipe whose bucket the data goes to.")
+@click.option(
+    "--local", is_flag=True, help="The local backend's folder for that bucket, not the cloud's."
+)
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --local: the workdir of `train --local --workdir W` (its buckets are W/buckets).",
+)
+def data_push(input_path: Path, recipe: str, local: bool, workdir: Path | None) -> None:
+    """Upload training data to the recipe's bucket under its content key (never twice); prints
+    the DATA_PATH a run reads it at. `train` does this itself for a data.path that is a file."""
+    from vicuna_sky.launch import data_push as push_lib
+    from vicuna_sky.launch.local import LocalConfig
+    from vicuna_sky.launch.runner import load_recipe
+
+    r = load_recipe(recipe)
+    conversations = push_lib.check_format(input_path)
+    if local:
+        root = workdir / "buckets" if workdir else None
+        runs = workdir / "runs" if workdir else Path("runs")
+        bucket = str(LocalConfig(runs_dir=runs, bucket_root=root).bucket_dir(r.bucket))
+    else:
+        bucket = r.bucket
+    pushed = push_lib.push(input_path, bucket)
+    where = f" (the local folder {bucket})" if local else ""
+    console.print(f"{push_lib.describe(pushed, r.bucket)}{where}; {conversations} conversations")
+    console.print(f"train on it: --env DATA_PATH={pushed.key} (or set data.path to the file)")

@@ -71,6 +71,8 @@ def launch_recipe(
         config = local_config or local_lib.LocalConfig(
             runs_dir=runs_dir, bucket_root=workdir / "buckets" if workdir else None
         )
+    if spec is Spec.TRAIN and "DATA_PATH" not in overrides:
+        push_local_data(recipe, task, config, dryrun)
     if dryrun:
         console.rule(f"[bold]{spec.value}[/] with {recipe.source}")
         print_yaml(resolved_yaml(task))
@@ -97,7 +99,7 @@ def launch_recipe(
         refuse_a_second_run(name, local, runs_dir)
     if config is not None:
         if spec is Spec.TRAIN:
-            check_local_data(recipe, config)  # before a model is made: seconds, not a minute
+            check_local_data(recipe, task, config)  # before a model is made: not a minute after
             builtin_models(task, config)
             seed_demo_data(recipe, task, config)
         else:
@@ -227,14 +229,32 @@ def seed_demo_data(recipe: Recipe, task: object, config: local_lib.LocalConfig) 
     )
 
 
-def check_local_data(recipe: Recipe, config: local_lib.LocalConfig) -> None:
+def push_local_data(
+    recipe: Recipe, task: object, config: local_lib.LocalConfig | None, dryrun: bool
+) -> None:
+    """A recipe whose `data.path` is a file on this machine: checked, uploaded to the run's
+    bucket under its content key (once), and the task pointed at that object."""
+    from vicuna_sky.launch import data_push
+
+    source = data_push.local_data(recipe.data.path)
+    if source is None:
+        return
+    data_push.check_format(source)
+    bucket = str(config.bucket_dir(recipe.bucket)) if config else task.envs["BUCKET_URL"]
+    pushed = data_push.push(source, bucket, dry_run=dryrun)
+    task.update_envs({"DATA_PATH": pushed.key})
+    console.print(data_push.describe(pushed, task.envs["BUCKET_URL"], dry_run=dryrun))
+
+
+def check_local_data(recipe: Recipe, task: object, config: local_lib.LocalConfig) -> None:
     """A recipe's own data must be in the (local) bucket. Only the bundled sample's own path is
     seeded: a mistyped path must fail here, not quietly become the demo sample."""
-    target = config.bucket_dir(recipe.bucket) / recipe.data.path
-    if _user_data(recipe.data.path) and not target.exists():
+    data_path = task.envs.get("DATA_PATH", recipe.data.path)
+    target = config.bucket_dir(recipe.bucket) / data_path
+    if _user_data(data_path) and not target.exists():
         raise VicunaSkyError(
-            f"{recipe.source}: data.path {recipe.data.path!r} is not in the bucket "
-            f"({target}): upload the data there or fix the path"
+            f"{recipe.source}: data.path {data_path!r} is neither a file here nor in the "
+            f"bucket ({target}): fix the path, or upload it with `vicuna-sky data push`"
         )
 
 

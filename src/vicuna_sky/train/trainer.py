@@ -138,12 +138,13 @@ class Trainer:
             scheduler.load_state_dict(extra["scheduler"])
         if world.is_main:
             log.info(
-                "attention %s, %s on %s x%d, %d samples, %d steps (%s)",
+                "attention %s, %s on %s x%d, %d samples of %s, %d steps (%s)",
                 attn,
                 model_lib.compute_dtype(c, world),
                 world.device.type,
                 world.size,
                 len(dataset),
+                c.data_path,
                 total,
                 f"resumed at step {step}" if resume else "fresh start",
             )
