@@ -632,3 +632,24 @@ def test_local_data_goes_to_the_bucket_once_by_content(
     with pytest.raises(VicunaSkyError, match="expected a JSON list of samples"):
         runner.launch_recipe(Spec.TRAIN, str(tmp_path / "mine.yaml"), (), **options)
     assert len(fake_sky.named("jobs.launch")) == launched and len(objects()) == 2
+
+
+def test_no_public_endpoint_without_keys(fake_sky, monkeypatch, capsys):
+    """`serve` and `serve --fleet` on a cloud without VICUNA_SKY_API_KEYS are refused before
+    anything launches, unless --public; the dry runs say which it would be."""
+    options = dict(dryrun=False, local=False, name=None, runs_dir=Path("runs"))
+    with pytest.raises(VicunaSkyError, match="VICUNA_SKY_API_KEYS is not set"):
+        runner.launch_recipe(Spec.SERVICE, "vicuna-7b", (), **options)
+    with pytest.raises(VicunaSkyError, match="--public to serve without keys"):
+        runner.launch_fleet("vicuna-7b", (), **options)
+    assert fake_sky.calls == []
+    runner.launch_fleet("vicuna-7b", (), **{**options, "dryrun": True})
+    printed = capsys.readouterr().out
+    assert "endpoint: would be refused" in printed
+    assert "controller cluster: vicuna-7b-controller; worker jobs: vicuna-7b-worker-0" in printed
+    runner.launch_recipe(Spec.SERVICE, "vicuna-7b", (), public=True, **options)
+    assert [c[0] for c in fake_sky.calls] == ["serve.up"]
+    assert "endpoint: public (--public)" in capsys.readouterr().out
+    monkeypatch.setenv("VICUNA_SKY_API_KEYS", "key-test-1234")
+    runner.launch_recipe(Spec.SERVICE, "vicuna-7b", (), **{**options, "name": "vic2"})
+    assert "clients need one of the keys" in capsys.readouterr().out

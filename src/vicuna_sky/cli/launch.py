@@ -98,8 +98,14 @@ def train(**options: object) -> None:
     help="An on-demand controller and managed spot worker jobs instead of a SkyServe service "
     "(with --local: the same specs on this machine, until Ctrl-C).",
 )
+@click.option(
+    "--public",
+    is_flag=True,
+    help="On a cloud, serve without API keys: anyone who finds the address can use the GPUs.",
+)
 def serve(fleet: bool, **options: object) -> None:
-    """Serve: sky/service.yaml on SkyServe, or with --fleet a controller and spot workers."""
+    """Serve: sky/service.yaml on SkyServe, or with --fleet a controller and spot workers.
+    On a cloud the API needs keys (export VICUNA_SKY_API_KEYS=key1,key2) unless --public."""
     if fleet:
         from vicuna_sky.launch import runner
 

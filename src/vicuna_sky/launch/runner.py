@@ -49,6 +49,7 @@ def launch_recipe(
     workdir: Path | None = None,
     over_budget: bool = False,
     fresh: bool = False,
+    public: bool = False,
 ) -> jobs.LocalJob | None:
     """Launch a spec for a recipe: on the cloud, or with `local` on this machine (`workdir`
     then holds the runs, the buckets and, after training, the exported model in `export/`).
@@ -80,11 +81,15 @@ def launch_recipe(
             console.print(f"[yellow]warning:[/] {key} is not set in your environment")
         if config is not None:
             print_local_places(spec, recipe, task, config)
+        if spec is Spec.SERVICE and not local:
+            console.print(endpoint_access(task, public)[1])
         if plan is not None:
             print_plan(recipe, plan=plan)
         elif no_plan:  # offline, no catalog: the task above still stands
             console.print(f"cost plan: unavailable ({no_plan})")
         return None
+    if spec is Spec.SERVICE and not local:
+        refuse_an_open_endpoint(task, public)
     missing = missing_secrets(spec, task)
     if missing:
         raise VicunaSkyError(
@@ -115,6 +120,33 @@ def launch_recipe(
 
     cloud.launch(spec, task, name)
     return None
+
+
+API_KEYS = "VICUNA_SKY_API_KEYS"
+
+
+def endpoint_access(task: object, public: bool) -> tuple[bool, str]:
+    """Whether a cloud endpoint of `task` (its OpenAI API) may open, and the line that says
+    how it will be reached."""
+    key = task.secrets.get(API_KEYS)
+    if key is not None and key.get_secret_value():
+        return True, f"endpoint: clients need one of the keys in {API_KEYS}"
+    if public:
+        return True, "endpoint: [bold]public[/] (--public): no API key, anyone can use it"
+    return False, (
+        f"endpoint: would be refused: {API_KEYS} is not set (clients present one as their API "
+        "key); export it, or pass --public to serve without keys"
+    )
+
+
+def refuse_an_open_endpoint(task: object, public: bool) -> None:
+    ok, line = endpoint_access(task, public)
+    if not ok:
+        raise VicunaSkyError(
+            f"serving on a cloud opens the API to the internet, and {API_KEYS} is not set: "
+            "export it (comma-separated keys), or pass --public to serve without keys"
+        )
+    console.print(line)
 
 
 def refuse_a_second_run(name: str, local: bool, runs_dir: Path) -> None:
@@ -387,6 +419,7 @@ def launch_fleet(
     name: str | None,
     runs_dir: Path,
     workdir: Path | None = None,
+    public: bool = False,
 ) -> None:
     """The controller and `serve.workers` worker jobs: on the cloud, or with `local` here on
     the local backend until Ctrl-C (`workdir`: W/runs and W/buckets, as `train --workdir`)."""
@@ -408,7 +441,14 @@ def launch_fleet(
         for spec, task in ((Spec.CONTROLLER, controller), (Spec.WORKER, worker)):
             console.rule(f"[bold]{spec.value}[/] with {recipe.source}")
             print_yaml(resolved_yaml(task))
+        fleet = name or recipe.name
+        workers = ", ".join(f"{fleet}-worker-{i}" for i in range(recipe.serve.workers))
+        console.print(f"controller cluster: {fleet}-controller; worker jobs: {workers}")
+        if not local:
+            console.print(endpoint_access(controller, public)[1])
         return
+    if not local:
+        refuse_an_open_endpoint(controller, public)
     if local:
         if workdir is not None:
             runs_dir = workdir / "runs"
