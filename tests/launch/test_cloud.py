@@ -34,6 +34,8 @@ from vicuna_sky.recipe import Recipe
 from vicuna_sky.serve import address
 
 ROOT = Path(__file__).resolve().parents[2]
+NO_BUCKET = ("bucket", "data")
+"""Preflight checks skipped where a test launches with no bucket server (they have their own)."""
 SECRET_ENV = {
     "OPENAI_API_KEY": "sk-test-openai-9f1c",
     "HF_TOKEN": "hf_test_token_77aa",
@@ -484,7 +486,9 @@ def test_checkpoints_are_keyed_by_the_run_name(fake_sky, tmp_path):
     assert "SKYPILOT_TASK_ID" not in task.run.split("--checkpoint-url", 1)[1].splitlines()[0]
     assert '--checkpoint-url "$BUCKET_URL/runs/$RUN_NAME/$RUN_TAG"' in task.run
     assert checkpoint_url(task) == "gs://vicuna-sky-bucket/runs/vicuna-7b/main"
-    options = dict(dryrun=False, local=False, name=None, runs_dir=tmp_path)
+    options = dict(
+        dryrun=False, local=False, name=None, runs_dir=tmp_path, skip_preflight=NO_BUCKET
+    )
     runner.launch_recipe(Spec.TRAIN, "tiny-cpu", (), **options)
     runner.launch_recipe(Spec.TRAIN, "tiny-cpu", (), fresh=True, **options)
     again, fresh = (call[3]["RUN_TAG"] for call in fake_sky.named("jobs.launch"))
@@ -494,7 +498,9 @@ def test_checkpoints_are_keyed_by_the_run_name(fake_sky, tmp_path):
 def test_a_second_run_of_a_job_in_progress_is_refused(fake_sky, tmp_path):
     """Both would write under one checkpoint prefix: refused while the first is in progress
     (nothing launched), allowed with --fresh or once the first has ended."""
-    options = dict(dryrun=False, local=False, name=None, runs_dir=tmp_path)
+    options = dict(
+        dryrun=False, local=False, name=None, runs_dir=tmp_path, skip_preflight=NO_BUCKET
+    )
     runner.launch_recipe(Spec.TRAIN, "tiny-cpu", (), **options)
     with pytest.raises(VicunaSkyError, match="vicuna-tiny-train is already running as a managed"):
         runner.launch_recipe(Spec.TRAIN, "tiny-cpu", (), **options)
@@ -653,3 +659,66 @@ def test_no_public_endpoint_without_keys(fake_sky, monkeypatch, capsys):
     monkeypatch.setenv("VICUNA_SKY_API_KEYS", "key-test-1234")
     runner.launch_recipe(Spec.SERVICE, "vicuna-7b", (), **{**options, "name": "vic2"})
     assert "clients need one of the keys" in capsys.readouterr().out
+
+
+def test_preflight_refuses_before_anything_is_launched(
+    fake_sky, tmp_path, moto_endpoint, new_bucket
+):
+    """Missing data, a gated model without HF_TOKEN, a bucket that cannot be written and GPUs
+    too small for the model: each is one line before any upload, cluster or job."""
+    import json
+
+    import yaml
+
+    bucket = new_bucket("s3")
+    data = tmp_path / "mine.json"
+    turns = [
+        {"from": "human", "value": "Hi there, how are you?"},
+        {"from": "gpt", "value": "Well!"},
+    ]
+    data.write_text(json.dumps([{"id": "a", "conversations": turns}]))
+
+    def launch(edit, skip=()):
+        raw = yaml.safe_load((ROOT / "recipes" / "tiny-cpu.yaml").read_text())
+        raw["bucket"] = f"s3://{bucket}"
+        raw["data"]["path"] = str(data)
+        edit(raw)
+        path = tmp_path / f"r{len(list(tmp_path.glob('r*.yaml')))}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        options = dict(dryrun=False, local=False, name=None, runs_dir=tmp_path / "runs")
+        runner.launch_recipe(Spec.TRAIN, str(path), (), skip_preflight=skip, **options)
+
+    gated = "meta-llama/Llama-2-7b-hf"
+    cases = [
+        (
+            lambda r: r["data"].update(path="data/nothing.json"),
+            "preflight data: data 'data/nothing.json' is not in",
+        ),
+        (
+            lambda r: r["model"].update(path=gated),
+            f"preflight hf-token: {gated} is gated on the Hugging Face hub (per known list",
+        ),
+        (
+            lambda r: r.update(bucket="s3://no-such-bucket-here"),
+            "preflight bucket: cannot write to s3://no-such-bucket-here",
+        ),
+        (
+            lambda r: (
+                r["model"].update(params_b=13),
+                r["resources"].update(accelerator="L4", gpus_per_node=8),
+                r["train"].update(global_batch_size=16),
+            ),
+            "preflight memory: 13B parameters need about 208 GB of GPU memory; 8 x L4",
+        ),
+    ]  # fmt: skip
+    for edit, message in cases:
+        with pytest.raises(VicunaSkyError, match=re.escape(message)) as refused:
+            launch(edit)
+        assert "\n" not in str(refused.value) and "nothing was launched" in str(refused.value)
+        assert fake_sky.calls == [], message
+    assert not (tmp_path / "runs").exists()  # no local run either
+    # A named check can be skipped: the gated model launches without a token.
+    launch(lambda r: r["model"].update(path="meta-llama/Llama-2-7b-hf"), skip=("hf-token",))
+    assert [c[0] for c in fake_sky.calls] == ["jobs.launch"]
+    with pytest.raises(VicunaSkyError, match="--skip-preflight 'gpu': the checks are data"):
+        launch(lambda r: None, skip=("gpu",))

@@ -49,7 +49,8 @@ def test_a_mistyped_data_path_is_not_replaced_by_the_demo_sample(cli, tmp_path):
     assert not list((tmp_path / "w").rglob("job.json"))
 
 
-def test_train_refuses_a_plan_over_budget(cli, tmp_path, clouds_enabled):
+def test_train_refuses_a_plan_over_budget(cli, tmp_path, clouds_enabled, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")  # Llama-2 is gated: that check passes
     path = recipe(tmp_path, "vicuna-7b", "budget_usd: 300", "budget_usd: 1")
     refused = cli("train", str(path))
     one_line_error(refused, "over the budget of $1")

@@ -80,14 +80,23 @@ def launch(spec: str, recipe: str, envs: tuple[str, ...], **options: object) -> 
     help="Launch even when the cheapest plan costs more than the recipe's budget_usd.",
 )
 @click.option(
+    "--skip-preflight",
+    "skip_preflight",
+    multiple=True,
+    metavar="CHECK",
+    help="Launch without one preflight check (repeatable): data, bucket, hf-token, memory.",
+)
+@click.option(
     "--fresh",
     is_flag=True,
     help="Start from step 0 under a new RUN_TAG instead of resuming from the newest committed "
     "checkpoint of the run name.",
 )
-def train(**options: object) -> None:
-    """Fine-tune: sky/train.yaml as a managed spot job (torchrun + FSDP, auto-recovery)."""
-    launch("TRAIN", **options)
+def train(skip_preflight: tuple[str, ...], **options: object) -> None:
+    """Fine-tune: sky/train.yaml as a managed spot job (torchrun + FSDP, auto-recovery).
+    On a cloud, preflight checks run first (data, bucket, HF_TOKEN, GPU memory, budget) and
+    nothing is provisioned unless they pass."""
+    launch("TRAIN", skip_preflight=skip_preflight, **options)
 
 
 @app.command()

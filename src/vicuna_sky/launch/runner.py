@@ -12,7 +12,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from vicuna_sky.errors import VicunaSkyError
-from vicuna_sky.launch import cost, jobs
+from vicuna_sky.launch import cost, jobs, preflight
 from vicuna_sky.launch import local as local_lib
 from vicuna_sky.launch.tasks import (
     Spec,
@@ -50,6 +50,7 @@ def launch_recipe(
     over_budget: bool = False,
     fresh: bool = False,
     public: bool = False,
+    skip_preflight: tuple[str, ...] = (),
 ) -> jobs.LocalJob | None:
     """Launch a spec for a recipe: on the cloud, or with `local` on this machine (`workdir`
     then holds the runs, the buckets and, after training, the exported model in `export/`).
@@ -72,6 +73,16 @@ def launch_recipe(
         config = local_config or local_lib.LocalConfig(
             runs_dir=runs_dir, bucket_root=workdir / "buckets" if workdir else None
         )
+    cloud_train = spec is Spec.TRAIN and not local
+    if cloud_train:  # before anything is uploaded (a dry run writes nothing, not even a probe)
+        checks = ("memory", "hf-token") + (() if dryrun else ("bucket",))
+        early = preflight.run(recipe, task, task.envs["BUCKET_URL"], skip_preflight, checks)
+        if dryrun:
+            for finding in early:
+                mark = "" if finding.ok else "[yellow]would be refused:[/] "
+                console.print(mark + finding.line)
+        else:
+            preflight.refuse(early)
     if spec is Spec.TRAIN and "DATA_PATH" not in overrides:
         push_local_data(recipe, task, config, dryrun)
     if dryrun:
@@ -98,8 +109,11 @@ def launch_recipe(
         )
     if spec is Spec.TRAIN and "RUN_TAG" in task.envs:
         console.print(f"checkpoints: {checkpoint_url(task)} (resumes from the newest there)")
-    if spec is Spec.TRAIN and not local:
+    if cloud_train:
         check_budget(recipe, over_budget, plan)
+        bucket = task.envs["BUCKET_URL"]
+        late = preflight.run(recipe, task, bucket, skip_preflight, only=("data",))
+        preflight.refuse(late)
     if spec is Spec.TRAIN and not fresh:
         refuse_a_second_run(name, local, runs_dir)
     if config is not None:

@@ -1,0 +1,202 @@
+"""Checks a training launch passes before anything is provisioned or paid for.
+
+Each failed check is one line that names the fix, and the launch stops there: no cluster, no
+managed job, no local run. `--skip-preflight CHECK` (repeatable) overrides one named check.
+
+- `data`: the training data is in the bucket (a local file was uploaded already, see
+  data_push; a bucket path must name an object that exists).
+- `bucket`: the bucket is reachable and writable (a small probe object, removed again).
+- `hf-token`: a gated model on the Hugging Face hub needs HF_TOKEN. Gated or not comes from the
+  hub when it answers, else from a known list; the line says which.
+- `memory`: the model and its optimizer state fit the GPUs (full fine-tuning in mixed precision
+  holds about 16 bytes per parameter, sharded over every GPU by FSDP; LoRA about 2).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.recipe import Recipe
+
+CHECKS = ("data", "bucket", "hf-token", "memory")
+
+GPU_MEMORY_GB = {
+    "A100": 40,
+    "A100-80GB": 80,
+    "H100": 80,
+    "H200": 141,
+    "L40S": 48,
+    "L4": 24,
+    "A10G": 24,
+    "A10": 24,
+    "V100": 16,
+    "V100-32GB": 32,
+    "T4": 16,
+}
+"""Memory per GPU (GB), from the vendors' data sheets."""
+
+USABLE = 0.85
+"""Of a GPU's memory, what training may plan on: the CUDA context, the allocator's
+fragmentation and activations take the rest."""
+
+KNOWN_GATED = ("meta-llama/", "mistralai/Mistral-", "mistralai/Mixtral-", "google/gemma")
+"""Hub organisations and model families that ask users to accept a licence before download,
+for when the hub cannot be asked (offline)."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    ok: bool
+    line: str
+
+
+def bytes_per_param(lora: bool) -> float:
+    """Full fine-tuning with AdamW in mixed precision: fp32 master weights (4), gradients (4),
+    two moments (8); LoRA: the frozen bf16 base (2), the adapters are small."""
+    return 2.0 if lora else 16.0
+
+
+def check_memory(recipe: Recipe) -> Finding:
+    r = recipe.resources
+    if not r.accelerator:
+        return Finding("memory", True, "memory: CPU run, not checked")
+    per_gpu = GPU_MEMORY_GB.get(r.accelerator.upper()) or GPU_MEMORY_GB.get(r.accelerator)
+    if per_gpu is None:
+        return Finding("memory", True, f"memory: {r.accelerator}'s memory unknown, not checked")
+    gpus = r.gpus_per_node * r.nodes
+    need = recipe.model.params_b * bytes_per_param(recipe.train.lora_r > 0)
+    have = gpus * per_gpu * USABLE
+    what = f"{recipe.model.params_b:g}B parameters need about {need:,.0f} GB"
+    where = f"{gpus} x {r.accelerator} ({per_gpu} GB each, {have:,.0f} GB usable)"
+    if need > have:
+        return Finding(
+            "memory",
+            False,
+            f"{what} of GPU memory; {where} is too little: choose larger or more GPUs "
+            "(resources.accelerator, gpus_per_node, nodes) or LoRA (train.lora_r)",
+        )
+    return Finding("memory", True, f"memory: {what}; {where}")
+
+
+def gated(model: str) -> tuple[bool | None, str]:
+    """Whether hub model `model` is gated, and where that came from. None: not a hub id."""
+    if Path(model).expanduser().exists() or "/" not in model or model.startswith("/"):
+        return None, ""
+    known = any(model.startswith(prefix) for prefix in KNOWN_GATED)
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return known, "known list (HF_HUB_OFFLINE)"
+    try:
+        from huggingface_hub import model_info
+
+        info = model_info(model, timeout=5)
+    except Exception as e:  # offline, unknown id, rate limit: the list decides
+        name = type(e).__name__
+        if name in ("RepositoryNotFoundError",):
+            raise VicunaSkyError(
+                f"model {model!r} is not on the Hugging Face hub: fix model.path"
+            ) from None
+        return known, f"known list (the hub did not answer: {name})"
+    return bool(info.gated), "the hub"
+
+
+def check_hf_token(recipe: Recipe, task: object) -> Finding:
+    model = task.envs.get("MODEL_PATH", recipe.model.path)
+    is_gated, source = gated(model)
+    if is_gated is None:
+        return Finding("hf-token", True, "hf-token: not a hub model")
+    token = task.secrets.get("HF_TOKEN")
+    has_token = bool(token and token.get_secret_value())
+    if is_gated and not has_token:
+        return Finding(
+            "hf-token",
+            False,
+            f"{model} is gated on the Hugging Face hub (per {source}): accept its licence there "
+            "and export HF_TOKEN (it travels as a SkyPilot secret)",
+        )
+    state = "gated, HF_TOKEN set" if is_gated else "not gated"
+    return Finding("hf-token", True, f"hf-token: {model} {state} (per {source})")
+
+
+def check_bucket(bucket: str) -> Finding:
+    """Write a probe object and delete it again."""
+    import tempfile
+
+    from checkpoints_sync.store import open_store
+
+    key = f".vicuna-sky-preflight/{uuid.uuid4().hex}"
+    try:
+        store = open_store(bucket)
+        with tempfile.NamedTemporaryFile() as probe:
+            probe.write(b"preflight\n")
+            probe.flush()
+            store.put_file(Path(probe.name), key)
+        store.delete([key])
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return Finding(
+            "bucket",
+            False,
+            f"cannot write to {bucket} ({first}): create the bucket or fix `bucket:`, and check "
+            "your cloud credentials",
+        )
+    return Finding("bucket", True, f"bucket: {bucket} is writable")
+
+
+def check_data(bucket: str, data_path: str) -> Finding:
+    from checkpoints_sync.store import open_store
+
+    if Path(data_path).is_absolute():
+        ok = Path(data_path).is_file()
+    else:
+        try:
+            ok = open_store(bucket).exists(data_path)
+        except Exception:
+            ok = False  # the bucket check says why
+    if not ok:
+        return Finding(
+            "data",
+            False,
+            f"data {data_path!r} is not in {bucket}: set data.path to your local file (train "
+            "uploads it) or upload it with `vicuna-sky data push`",
+        )
+    return Finding("data", True, f"data: {bucket.rstrip('/')}/{data_path}")
+
+
+def run(
+    recipe: Recipe,
+    task: object,
+    bucket: str,
+    skip: set[str] | tuple[str, ...] = (),
+    only: tuple[str, ...] = CHECKS,
+) -> list[Finding]:
+    """The checks in `only` that are not skipped, in CHECKS order; `bucket` is the URL (or
+    local folder) to check."""
+    unknown = set(skip) - set(CHECKS)
+    if unknown:
+        raise VicunaSkyError(
+            f"--skip-preflight {sorted(unknown)[0]!r}: the checks are {', '.join(CHECKS)}"
+        )
+    checks = {
+        "data": lambda: check_data(bucket, task.envs.get("DATA_PATH", recipe.data.path)),
+        "bucket": lambda: check_bucket(bucket),
+        "hf-token": lambda: check_hf_token(recipe, task),
+        "memory": lambda: check_memory(recipe),
+    }
+    order = ("memory", "hf-token", "bucket", "data")  # cheapest first; data needs the bucket
+    return [checks[c]() for c in order if c in only and c not in skip]
+
+
+def refuse(findings: list[Finding]) -> None:
+    failed = [f for f in findings if not f.ok]
+    if failed:
+        more = f" (and {len(failed) - 1} more: {', '.join(f.check for f in failed[1:])})"
+        tail = more if len(failed) > 1 else ""
+        raise VicunaSkyError(
+            f"preflight {failed[0].check}: {failed[0].line}{tail}; nothing was launched "
+            f"(--skip-preflight {failed[0].check} to launch anyway)"
+        )
