@@ -70,6 +70,8 @@ def test_three_preemptions_of_both_kinds_end_identical(chaos):
     # No partial checkpoint was ever loaded: each relaunch resumed from exactly the newest
     # checkpoint the bucket had committed when the machine went away.
     assert report["only_committed_checkpoints_loaded"] is True
+    # The first attempt's start-to-first-step, what each relaunch's time to resume compares to.
+    assert report["seconds_to_first_step"] > 0
     for p in preemptions:
         assert p["resumed_from"] == p["latest_committed"]
         assert p["seconds_to_resume"] > 0

@@ -78,6 +78,9 @@ class ChaosReport:
     reference_weights_sha256: str = ""
     weights_files: list[str] = field(default_factory=list)
     """The safetensors files hashed, of each run: two missing exports must never compare equal."""
+    seconds_to_first_step: float = 0.0
+    """From the first attempt's start (setup included) to its first step: what a relaunch's
+    `seconds_to_resume` compares with (a relaunch also loads a checkpoint)."""
     reference_weights_files: list[str] = field(default_factory=list)
     identical_to_uninterrupted: bool = False
     only_committed_checkpoints_loaded: bool = True
@@ -280,6 +283,11 @@ class Chaos:
                 p.seconds_to_resume = round(first[0]["time"] - after.started_at, 2)
             report.only_committed_checkpoints_loaded &= p.resumed_from == p.latest_committed
         report.steps = max((m["step"] for m in jobs.attempt_metrics(job.attempts[-1])), default=0)
+        first_attempt = jobs.attempt_metrics(job.attempts[0])
+        if first_attempt:
+            report.seconds_to_first_step = round(
+                first_attempt[0]["time"] - job.attempts[0].started_at, 2
+            )
         if prices:
             report.cost = cost.realized(job, prices).to_dict()
         return report
