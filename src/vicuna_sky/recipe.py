@@ -100,7 +100,9 @@ class ResourcesSection:
     regions: list[str] = field(default_factory=list)
     """Regions allowed, as SkyPilot infra strings 'cloud/region'; empty = any region."""
     max_restarts_on_errors: int = 3
-    """Relaunches after a non-zero exit of our code (preemptions are always recovered)."""
+    """Restarts of a training run after a crash (preemptions are always recovered; a failure a
+    restart cannot fix, such as missing data, is never restarted). Eval and serving specs keep
+    their own settings."""
     disk_size_gb: int = 512
     """Boot disk size per node."""
 
@@ -348,6 +350,7 @@ class Recipe:
             "PACKING": str(t.packing).lower(),
             "LORA_R": str(t.lora_r),
             "CHECKPOINT_EVERY_STEPS": str(t.checkpoint_every_steps),
+            "MAX_RESTARTS_ON_ERRORS": str(self.resources.max_restarts_on_errors),
             "SEED": str(t.seed),
             "CPU_PROCS_PER_NODE": str(self.resources.cpu_procs_per_node),
             "BUCKET_URL": self.bucket.rstrip("/"),

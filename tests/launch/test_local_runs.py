@@ -205,3 +205,34 @@ def test_a_recipes_local_data_file_is_uploaded_once_and_trained_on(tmp_path):
     changed = _cli(*push, cwd=tmp_path)
     assert "data: uploaded mine.json" in changed.stdout
     assert len(list(bucket.glob("data/sha256-*/mine.json"))) == 2
+
+
+def test_a_failure_no_restart_fixes_ends_the_job_once_and_a_crash_is_restarted(tmp_path):
+    """sky/train.yaml on the local backend (SkyPilot's recovery rules): a model that does not
+    exist ends the job after one attempt, saying why; a crash is restarted while the recipe's
+    restarts remain, counted in the bucket."""
+    import yaml
+
+    dummy = json.loads((ROOT / "tests/fixtures/fastchat/dummy_conversation.json").read_text())
+    (tmp_path / "mine.json").write_text(json.dumps(dummy[:8]))
+    raw = yaml.safe_load((ROOT / "recipes" / "tiny-cpu.yaml").read_text())
+    raw["data"]["path"] = "mine.json"
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(raw))
+    runs = tmp_path / "w" / "runs"
+    train = ("train", "mine.yaml", "--local", "--workdir", "w")
+    missing = _cli(*train, "--env", "MODEL_PATH=/nowhere/model", cwd=tmp_path)
+    assert missing.returncode == 2
+    (job,) = list_jobs(runs)
+    assert job.status == "FAILED" and len(job.attempts) == 1, job
+    log = (Path(job.attempts[0].workdir).parent / "run-rank0.log").read_text()
+    assert "not retried: cannot load model '/nowhere/model'" in log
+    assert job.attempts[0].exit_codes == [3]
+    crash = _cli(
+        *train, "--fresh", "--env", "MAX_RESTARTS_ON_ERRORS=1", "--env", "NUM_EPOCHS=many",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert crash.returncode == 2
+    job = next(j for j in list_jobs(runs) if len(j.attempts) != 1)
+    assert job.status == "FAILED" and [a.exit_codes for a in job.attempts] == [[76], [1]]
+    bucket = tmp_path / "w" / "buckets" / "s3" / "vicuna-sky-tiny"
+    assert [p.name for p in (bucket / "runs").rglob("restarts/*")] == ["1"]

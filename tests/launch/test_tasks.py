@@ -47,7 +47,11 @@ def test_train_resources_come_from_the_recipe():
         assert res.accelerators == {"A100-80GB": 8}
         assert res.use_spot
         assert res.job_recovery["strategy"] == "EAGER_NEXT_REGION"
-        assert res.job_recovery["max_restarts_on_errors"] == 3
+        # Restarts after a crash are counted by the run (MAX_RESTARTS_ON_ERRORS), so that a
+        # failure no restart fixes ends the job once: SkyPilot's own counter stays at 0.
+        assert res.job_recovery["max_restarts_on_errors"] == 0
+        assert res.job_recovery["recover_on_exit_codes"] == [75, 76]
+    assert task.envs["MAX_RESTARTS_ON_ERRORS"] == "3"
     assert task.workdir == str(ROOT)
     assert list(task.storage_mounts) == ["/vicuna-bucket"]
     assert task.storage_mounts["/vicuna-bucket"].source == "gs://vicuna-sky-bucket"

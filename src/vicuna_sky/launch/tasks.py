@@ -97,8 +97,7 @@ def resources_config(spec: Spec, recipe: Recipe, base: dict[str, Any]) -> dict[s
     r = recipe.resources
     if spec is Spec.TRAIN:
         accelerator, count, spot = r.accelerator, r.gpus_per_node, r.spot
-        res["disk_size"] = r.disk_size_gb
-        res.setdefault("job_recovery", {})["max_restarts_on_errors"] = r.max_restarts_on_errors
+        res["disk_size"] = r.disk_size_gb  # restarts: MAX_RESTARTS_ON_ERRORS (recipe.envs)
     else:
         s = recipe.serve
         accelerator, count, spot = s.accelerator, s.gpus_per_worker, s.spot

@@ -93,6 +93,23 @@ class _StepRecord:
     extra: dict = field(default_factory=dict)
 
 
+def unreachable_model(error: BaseException, path: str) -> bool:
+    """Whether a model load failed in a way no restart fixes: no such local directory or
+    repository, or a gated repository without access (a missing or refused HF_TOKEN)."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
+        return True
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, GatedRepoError | RepositoryNotFoundError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    text = str(error)
+    return "not a valid model identifier" in text or "gated repo" in text
+
+
 class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         config.check()
@@ -111,7 +128,13 @@ class Trainer:
             resolve_model_path(c.model_path, cache)
         torch_dist.barrier()
         path = resolve_model_path(c.model_path, cache)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except OSError as e:
+            if not unreachable_model(e, path):
+                raise  # the hub or the disk failing now: a restart may succeed
+            first = str(e).strip().splitlines()[0]
+            raise VicunaSkyError(f"cannot load model {c.model_path!r}: {first}") from None
         dataset = load_dataset(Path(c.data_path), tokenizer, c.template, c.max_length, c.packing)
         per_step = c.micro_batch_size * world.size
         if c.global_batch_size % per_step:
