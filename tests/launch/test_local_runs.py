@@ -146,7 +146,7 @@ def test_ctrl_c_stops_a_local_fleet_as_the_user_asked(tmp_path):
         assert "OpenAI API: http://127.0.0.1:" in text, text
         assert "chat UI: off (export VICUNA_SKY_UI_PASSWORD" in text
         fleet.send_signal(signal.SIGINT)
-        out, _ = fleet.communicate(timeout=60)
+        out, _ = fleet.communicate(timeout=150)
     finally:
         if fleet.poll() is None:
             fleet.kill()

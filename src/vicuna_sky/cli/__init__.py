@@ -54,18 +54,13 @@ def demo(workdir: Path, recipe: str) -> None:
 def models(runs_dir: Path | None) -> None:
     """The built-in models (usable wherever a model or tokenizer is asked for) and where they
     are made: $VICUNA_SKY_MODELS_DIR, else runs/models."""
-    from rich.table import Table
-
     from vicuna_sky.cli.app import console
     from vicuna_sky.models import listing
 
-    table = Table(title="built-in models", title_justify="left")
-    rows = listing(runs_dir / "models" if runs_dir else None)
-    for column in rows[0]:
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*row.values())
-    console.print(table)
+    # Lines, not a table: a path is never folded, whatever the width.
+    for row in listing(runs_dir / "models" if runs_dir else None):
+        console.print(f"[bold]{row['name']}[/]: {row['model']}", highlight=False)
+        console.print(f"  {row['path']} ({row['state']})", highlight=False, soft_wrap=True)
 
 
 class Terminated(BaseException):

@@ -377,6 +377,9 @@ class LocalRunner:
             )
         with self._lock:
             self._groups.append(proc)
+            stopping = bool(self._stop_reason)
+        if stopping:  # stopped while this was being started: it must not outlive the stop
+            signal_tree(proc.pid, signal.SIGKILL)
         return proc
 
     def _kill_all(self) -> None:
