@@ -131,6 +131,9 @@ def test_ctrl_c_stops_a_local_fleet_as_the_user_asked(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
+        # A terminal's Ctrl-C: pytest-xdist workers run with SIGINT ignored, which the fleet
+        # would inherit (and then never see the signal).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines: list[str] = []
     try:
@@ -146,7 +149,7 @@ def test_ctrl_c_stops_a_local_fleet_as_the_user_asked(tmp_path):
         assert "OpenAI API: http://127.0.0.1:" in text, text
         assert "chat UI: off (export VICUNA_SKY_UI_PASSWORD" in text
         fleet.send_signal(signal.SIGINT)
-        out, _ = fleet.communicate(timeout=150)
+        out, _ = fleet.communicate(timeout=90)
     finally:
         if fleet.poll() is None:
             fleet.kill()

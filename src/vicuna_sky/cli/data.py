@@ -75,6 +75,23 @@ RECIPE_HELP = (
 )
 
 
+def _model_options(fn: click.decorators.FC) -> click.decorators.FC:
+    """--recipe, and the --tokenizer, --max-length and --template that override it."""
+    fn = click.option("--template", default=None, help="[the recipe's, else vicuna_v1.1]")(fn)
+    fn = click.option(
+        "--max-length",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Context length in tokens [the recipe's, else 2048].",
+    )(fn)
+    fn = click.option(
+        "--tokenizer",
+        default=None,
+        help="Tokenizer path, hub id or built-in model name (tiny-llama, smollm2-135m).",
+    )(fn)
+    return click.option("--recipe", default=None, help=RECIPE_HELP)(fn)
+
+
 def _from_recipe(
     recipe: str | None, tokenizer: str | None, max_length: int | None, template: str | None
 ) -> tuple[str, int, str]:
@@ -96,19 +113,7 @@ def _from_recipe(
 
 @data.command(name="split")
 @_data_io
-@click.option("--recipe", default=None, help=RECIPE_HELP)
-@click.option(
-    "--tokenizer",
-    default=None,
-    help="Tokenizer path, hub id or built-in model name (tiny-llama, smollm2-135m).",
-)
-@click.option(
-    "--max-length",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Context length in tokens [the recipe's, else 2048].",
-)
-@click.option("--template", default=None, help="[the recipe's, else vicuna_v1.1]")
+@_model_options
 @click.option(
     "--overlong",
     type=click.Choice(["truncate", "drop"]),
@@ -138,19 +143,7 @@ def data_split(
 
 @data.command(name="stats")
 @click.argument("input_path", metavar="IN.json", type=click.Path(path_type=Path))
-@click.option("--recipe", default=None, help=RECIPE_HELP)
-@click.option(
-    "--tokenizer",
-    default=None,
-    help="Tokenizer path, hub id or built-in model name (tiny-llama, smollm2-135m).",
-)
-@click.option(
-    "--max-length",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Context length in tokens [the recipe's, else 2048].",
-)
-@click.option("--template", default=None, help="[the recipe's, else vicuna_v1.1]")
+@_model_options
 @click.option(
     "--write",
     is_flag=True,

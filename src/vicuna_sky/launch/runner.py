@@ -75,14 +75,16 @@ def launch_recipe(
         )
     cloud_train = spec is Spec.TRAIN and not local
     if cloud_train:  # before anything is uploaded (a dry run writes nothing, not even a probe)
-        checks = ("memory", "hf-token") + (() if dryrun else ("bucket",))
-        early = preflight.run(recipe, task, task.envs["BUCKET_URL"], skip_preflight, checks)
+        bucket = task.envs["BUCKET_URL"]
+        early = preflight.run(recipe, task, bucket, skip_preflight, ("memory", "hf-token"))
         if dryrun:
             for finding in early:
                 mark = "" if finding.ok else "[yellow]would be refused:[/] "
                 console.print(mark + finding.line)
         else:
             preflight.refuse(early)
+            check_budget(recipe, over_budget, plan)
+            preflight.refuse(preflight.run(recipe, task, bucket, skip_preflight, ("bucket",)))
     if spec is Spec.TRAIN and "DATA_PATH" not in overrides:
         push_local_data(recipe, task, config, dryrun)
     if dryrun:
@@ -109,11 +111,8 @@ def launch_recipe(
         )
     if spec is Spec.TRAIN and "RUN_TAG" in task.envs:
         console.print(f"checkpoints: {checkpoint_url(task)} (resumes from the newest there)")
-    if cloud_train:
-        check_budget(recipe, over_budget, plan)
-        bucket = task.envs["BUCKET_URL"]
-        late = preflight.run(recipe, task, bucket, skip_preflight, only=("data",))
-        preflight.refuse(late)
+    if cloud_train:  # the data is in the bucket now, uploaded above or there before
+        preflight.refuse(preflight.run(recipe, task, bucket, skip_preflight, ("data",)))
     if spec is Spec.TRAIN and not fresh:
         refuse_a_second_run(name, local, runs_dir)
     if config is not None:
