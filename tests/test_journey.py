@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from vicuna_sky.launch.local import signal_tree
 from vicuna_sky.tiny import CHATML, build_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +152,7 @@ def test_own_data_and_recipe_through_every_stage(tmp_path, monkeypatch):
         fleet.wait(60)
     finally:
         if fleet.poll() is None:
-            fleet.send_signal(signal.SIGKILL)
+            signal_tree(fleet.pid, signal.SIGKILL)  # the controller and workers too
     assert fleet.returncode == 128 + signal.SIGTERM
 
     # Evaluate: the recipe's copy of smollm2-cpu's eval, its report where the summary says.

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from vicuna_sky.launch.jobs import LocalJob, list_jobs
-from vicuna_sky.launch.local import LocalConfig, LocalRunner
+from vicuna_sky.launch.local import LocalConfig, LocalRunner, signal_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 EXE = str(Path(sys.executable).parent / "vicuna-sky")
@@ -104,7 +104,7 @@ def test_one_training_run_per_job_and_down_local_stops_it(tmp_path):
     finally:
         for proc in (first, locals().get("follow")):
             if proc is not None and proc.poll() is None:
-                proc.kill()
+                signal_tree(proc.pid, signal.SIGKILL)  # its runs' processes too
     assert first.returncode == 128 + signal.SIGTERM
     stopped = LocalJob.load(Path(job.run_dir))
     assert stopped.status == "CANCELLED"
@@ -152,7 +152,7 @@ def test_ctrl_c_stops_a_local_fleet_as_the_user_asked(tmp_path):
         out, _ = fleet.communicate(timeout=90)
     finally:
         if fleet.poll() is None:
-            fleet.kill()
+            signal_tree(fleet.pid, signal.SIGKILL)  # the controller and workers too
     assert fleet.returncode == 0, out
     jobs = list_jobs(tmp_path / "w" / "runs")
     assert {j.name for j in jobs} == {
