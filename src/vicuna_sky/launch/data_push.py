@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.launch.tasks import one_line
 
 CHUNK = 1 << 20
 
@@ -60,7 +61,7 @@ def check_format(path: Path) -> int:
 def push(path: Path, bucket: str, dry_run: bool = False) -> Pushed:
     """Upload `path` to the bucket at URL or directory `bucket` under its content key, unless
     that key is there already. `dry_run`: only say what would happen."""
-    from checkpoints_sync.store import StoreError, open_store
+    from checkpoints_sync.store import open_store
 
     key = content_key(path)
     size = path.stat().st_size
@@ -69,11 +70,8 @@ def push(path: Path, bucket: str, dry_run: bool = False) -> Pushed:
         present = store.exists(key)
         if not present and not dry_run:
             store.put_file(path, key)
-    except StoreError as e:
-        raise VicunaSkyError(f"cannot upload {path} to {bucket}: {e}") from None
-    except Exception as e:  # credentials, network: the SDK's own error, on one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise VicunaSkyError(f"cannot upload {path} to {bucket}: {first}") from None
+    except Exception as e:  # StoreError, credentials, network: the SDK's own error, one line
+        raise VicunaSkyError(f"cannot upload {path} to {bucket}: {one_line(e)}") from None
     return Pushed(path, key, size, uploaded=not present)
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.launch.tasks import one_line
 from vicuna_sky.recipe import Recipe
 
 CHECKS = ("data", "bucket", "hf-token", "memory")
@@ -90,17 +91,19 @@ def gated(model: str) -> tuple[bool | None, str]:
     known = any(model.startswith(prefix) for prefix in KNOWN_GATED)
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return known, "known list (HF_HUB_OFFLINE)"
-    try:
-        from huggingface_hub import model_info
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
+    try:
         info = model_info(model, timeout=5)
-    except Exception as e:  # offline, unknown id, rate limit: the list decides
-        name = type(e).__name__
-        if name in ("RepositoryNotFoundError",):
-            raise VicunaSkyError(
-                f"model {model!r} is not on the Hugging Face hub: fix model.path"
-            ) from None
-        return known, f"known list (the hub did not answer: {name})"
+    except GatedRepoError:  # a subclass of the next: the hub knows it, and it is gated
+        return True, "the hub"
+    except RepositoryNotFoundError:
+        raise VicunaSkyError(
+            f"model {model!r} is not on the Hugging Face hub: fix model.path"
+        ) from None
+    except Exception as e:  # offline, rate limit: the list decides
+        return known, f"known list (the hub did not answer: {type(e).__name__})"
     return bool(info.gated), "the hub"
 
 
@@ -137,12 +140,11 @@ def check_bucket(bucket: str) -> Finding:
             store.put_file(Path(probe.name), key)
         store.delete([key])
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return Finding(
             "bucket",
             False,
-            f"cannot write to {bucket} ({first}): create the bucket or fix `bucket:`, and check "
-            "your cloud credentials",
+            f"cannot write to {bucket} ({one_line(e)}): create the bucket or fix `bucket:`, and "
+            "check your cloud credentials",
         )
     return Finding("bucket", True, f"bucket: {bucket} is writable")
 
