@@ -22,6 +22,7 @@ import pytest
 
 from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.launch import cloud, runner
+from vicuna_sky.launch.s3_server import free_port
 from vicuna_sky.launch.tasks import (
     Spec,
     SpecError,
@@ -32,6 +33,8 @@ from vicuna_sky.launch.tasks import (
 )
 from vicuna_sky.recipe import Recipe
 from vicuna_sky.serve import address
+from vicuna_sky.serve.local_fleet import LocalFleet
+from vicuna_sky.serve.tls import fingerprint
 
 ROOT = Path(__file__).resolve().parents[2]
 NO_BUCKET = ("bucket", "data")
@@ -58,7 +61,8 @@ class FakeSky:
         self.clusters: dict[str, str] = {}  # name -> status
         self.jobs: list[dict] = []  # managed job records
         self.endpoint_answers: list[object] = []  # popped per sky.endpoints call
-        self.endpoint = "203.0.113.10:8000"
+        self.host = "203.0.113.10"  # a documentation address: never contacted
+        self.ports: dict[int, int] = {}  # a spec's port -> where it is really served
         self.jobs_controller_up = True
         self.serve_controller_up = True
         self.services: list[dict] = []
@@ -123,7 +127,7 @@ class FakeSky:
                 if isinstance(answer, Exception):
                     raise answer
                 return answer
-            return {port: self.endpoint}
+            return {port: f"{self.host}:{self.ports.get(port, port)}"}
 
         return run
 
@@ -224,11 +228,16 @@ def test_fleet_controller_is_a_cluster_and_workers_are_managed_jobs(fake_sky):
             assert res.job_recovery["strategy"] == "EAGER_NEXT_REGION"
             assert res.job_recovery["max_restarts_on_errors"] == 0  # a failed setup ends it
             assert res.job_recovery["recover_on_exit_codes"] == [75]
-        assert envs["CONTROLLER_URL"] == "http://203.0.113.10:8000" == fleet.url
+        # Workers reach the controller on its TLS fleet port, pinning its certificate.
+        assert envs["CONTROLLER_URL"] == "https://203.0.113.10:8002"
         assert "VICUNA_SKY_FLEET_SECRET" not in envs
+    assert fleet.url == "http://203.0.113.10:8000"
     secret = jobs[0][4]["VICUNA_SKY_FLEET_SECRET"].get_secret_value()
     assert len(secret) >= 24
     assert launch[2].secrets["VICUNA_SKY_FLEET_SECRET"].get_secret_value() == secret
+    pem = launch[2].secrets["VICUNA_SKY_FLEET_TLS"].get_secret_value()
+    assert "PRIVATE KEY" in pem and "VICUNA_SKY_FLEET_TLS" not in jobs[0][4]  # the key stays
+    assert jobs[0][3]["CONTROLLER_FINGERPRINT"] == fingerprint(pem)
     assert not fleet.controller_reused
 
 
@@ -236,17 +245,32 @@ def test_the_launcher_waits_for_the_controller_endpoint(fake_sky):
     fake_sky.endpoint_answers = [{}, ValueError("Cluster vic-controller is not UP"), {"8000": ""}]
     controller, worker = fleet_tasks()
     fleet = cloud.launch_fleet(controller, worker, "vic", workers=1, poll_seconds=0)
-    assert len(fake_sky.named("endpoints")) == 4  # {} twice and an error, then the port
+    # {} twice and an error, then the port; then the fleet port at once
+    assert len(fake_sky.named("endpoints")) == 5
     assert fleet.url == "http://203.0.113.10:8000"
     fake_sky.endpoint_answers = [{}] * 100
     with pytest.raises(VicunaSkyError, match=r"vic-controller: port 8000 not exposed after 0 s"):
         cloud.wait_for_endpoint("vic-controller", 8000, wait_seconds=0, poll_seconds=0)
 
 
-def test_a_rerun_reuses_the_running_controller_its_secret_and_its_workers(fake_sky):
+@pytest.fixture
+def answering_controller(fake_sky, tmp_path, monkeypatch):
+    """The fleet's controller cluster "UP" on 127.0.0.1: a real controller process on a
+    free port stands in for its port 8000, with the fleet secret the launcher will use."""
+    monkeypatch.setenv("VICUNA_SKY_FLEET_SECRET", "fleet-secret-0123456789")
+    with LocalFleet(tmp_path / "controller", "fleet-secret-0123456789") as stand_in:
+        stand_in.start_controller()
+        fake_sky.host, fake_sky.ports = "127.0.0.1", {8000: stand_in.port}
+        yield stand_in
+
+
+def test_a_rerun_reuses_the_running_controller_its_secret_and_its_workers(
+    fake_sky, answering_controller
+):
     controller, worker = fleet_tasks()
     first = cloud.launch_fleet(controller, worker, "vic", workers=2, poll_seconds=0)
     secret = fake_sky.named("jobs.launch")[0][4]["VICUNA_SKY_FLEET_SECRET"]
+    pem = fake_sky.named("launch")[0][2].secrets["VICUNA_SKY_FLEET_TLS"]
     assert (
         Path(os.environ["VICUNA_SKY_STATE_DIR"]) / "fleets" / "vic.json"
     ).stat().st_mode & 0o77 == 0
@@ -259,18 +283,39 @@ def test_a_rerun_reuses_the_running_controller_its_secret_and_its_workers(fake_s
     assert again.kept == ["vic-worker-0"] and again.launched == ["vic-worker-1"]
     (relaunch,) = fake_sky.named("jobs.launch")
     assert relaunch[4]["VICUNA_SKY_FLEET_SECRET"].get_secret_value() == secret.get_secret_value()
+    # The same certificate: running workers keep trusting the controller.
+    assert relaunch[3]["CONTROLLER_FINGERPRINT"] == fingerprint(pem.get_secret_value())
+
+
+def test_a_dead_controller_on_an_up_cluster_is_relaunched_and_workers_kept(fake_sky):
+    """The cluster is UP (after a refresh) but nothing answers on the controller's port: the
+    task runs on it again with the fleet's secret and certificate; running workers stay (they
+    register with the new process at the same URL)."""
+    fake_sky.host, fake_sky.ports = "127.0.0.1", {8000: free_port()}  # nothing listens there
+    controller, worker = fleet_tasks()
+    first = cloud.launch_fleet(controller, worker, "vic", workers=2, poll_seconds=0)
+    pem = fake_sky.named("launch")[0][2].secrets["VICUNA_SKY_FLEET_TLS"].get_secret_value()
+    fake_sky.calls.clear()
+    controller, worker = fleet_tasks()
+    again = cloud.launch_fleet(controller, worker, "vic", workers=2, poll_seconds=0)
+    assert again.controller_relaunched and not again.controller_reused
+    (relaunch,) = fake_sky.named("launch")
+    assert relaunch[1] == "vic-controller"
+    assert relaunch[2].secrets["VICUNA_SKY_FLEET_TLS"].get_secret_value() == pem
+    assert again.kept == ["vic-worker-0", "vic-worker-1"] and not again.launched
+    assert again.url == first.url
 
 
 def test_a_controller_that_moved_gets_new_workers(fake_sky):
     controller, worker = fleet_tasks()
     cloud.launch_fleet(controller, worker, "vic", workers=1, poll_seconds=0)
     fake_sky.clusters["vic-controller"] = "STOPPED"
-    fake_sky.endpoint = "198.51.100.4:8000"
+    fake_sky.host = "198.51.100.4"
     controller, worker = fleet_tasks()
     moved = cloud.launch_fleet(controller, worker, "vic", workers=1, poll_seconds=0)
     assert not moved.controller_reused and len(fake_sky.named("launch")) == 2
     assert moved.cancelled == ["vic-worker-0"] and moved.launched == ["vic-worker-0"]
-    assert fake_sky.named("jobs.launch")[-1][3]["CONTROLLER_URL"] == "http://198.51.100.4:8000"
+    assert fake_sky.named("jobs.launch")[-1][3]["CONTROLLER_URL"] == "https://198.51.100.4:8002"
 
 
 def test_a_running_controller_whose_secret_is_unknown_is_a_one_line_error(fake_sky):

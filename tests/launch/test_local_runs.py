@@ -239,3 +239,93 @@ def test_a_failure_no_restart_fixes_ends_the_job_once_and_a_crash_is_restarted(t
     assert job.status == "FAILED" and [a.exit_codes for a in job.attempts] == [[76], [1]]
     bucket = tmp_path / "w" / "buckets" / "s3" / "vicuna-sky-tiny"
     assert [p.name for p in (bucket / "runs").rglob("restarts/*")] == ["1"]
+
+
+def _modules(root: int, module: str) -> list:
+    """The python processes under `root` running `-m module` (not the shells that start
+    them, whose command lines name it too)."""
+    import psutil
+
+    return [
+        p
+        for p in psutil.Process(root).children(recursive=True)
+        if p.cmdline()[1:3] == ["-m", module]
+    ]
+
+
+def _read_until(proc: subprocess.Popen, marker: str, seconds: float) -> str:
+    lines: list[str] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if marker in line:
+            break
+    return "".join(lines)
+
+
+def test_a_rerun_repairs_a_fleet_whose_controller_died(tmp_path):
+    """The controller process of a running local fleet is killed; `serve --fleet --local`
+    run again finds its workers running, sees the controller not answer, starts it again on
+    its port (same secret and certificate) and the workers register with it without being
+    restarted. Workers reach it over TLS on its fleet port."""
+    import httpx
+
+    env = {**os.environ, "COLUMNS": "200", "VICUNA_SKY_UI_PASSWORD": ""}
+    command = [EXE, "serve", "tiny-cpu", "--fleet", "--local", "--workdir", "w", *SERVE_BUILT_IN]
+    popen = {
+        "cwd": tmp_path,
+        "stdout": subprocess.PIPE,
+        "stderr": subprocess.STDOUT,
+        "text": True,
+        "env": env,
+        "preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    }
+    first = subprocess.Popen(command, **popen)
+    second = None
+    try:
+        text = _read_until(first, "chat UI:", 240)
+        url = re.search(r"OpenAI API: (http://127\.0\.0\.1:\d+)/v1", text).group(1)
+        workers = _modules(first.pid, "vicuna_sky.serve.worker")
+        workers_before = {p.pid for p in workers}
+        assert len(workers_before) == 2
+        worker_cmdline = " ".join(workers[0].cmdline())
+        assert "--controller-url https://127.0.0.1:" in worker_cmdline  # the TLS fleet port
+        (controller,) = _modules(first.pid, "vicuna_sky.serve.controller")
+        controller.kill()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{url}/v1/models", timeout=1)
+                time.sleep(0.2)
+            except httpx.HTTPError:
+                break
+        second = subprocess.Popen(command, **popen)
+        repaired = _read_until(second, "controller relaunched", 240)
+        assert "does not answer: relaunching it" in repaired, repaired
+        assert "2 worker(s) registered again" in repaired, repaired
+        answer = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={
+                "model": "vicuna-tiny",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 4,
+            },
+            timeout=60,
+        )
+        assert answer.status_code == 200, answer.text
+        workers_after = {p.pid for p in _modules(first.pid, "vicuna_sky.serve.worker")}
+        assert workers_after == workers_before  # not restarted
+        check = {k: v for k, v in popen.items() if k not in ("stdout", "stderr")}
+        third = subprocess.run(command, **check, capture_output=True, timeout=120)
+        assert "nothing to repair" in third.stdout, third.stdout
+    finally:
+        for proc in (second, first):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.communicate(timeout=90)
+                except subprocess.TimeoutExpired:
+                    signal_tree(proc.pid, signal.SIGKILL)

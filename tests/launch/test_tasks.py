@@ -68,6 +68,10 @@ def test_cpu_recipe_has_no_accelerator_and_regions_become_infra():
     )
     (res,) = load_task(Spec.TRAIN, pinned).resources
     assert (str(res.cloud), res.region) == ("AWS", "us-east-1")
+    # The fleet's controller too: small, CPU, on-demand, but where the recipe allows.
+    (res,) = load_task(Spec.CONTROLLER, pinned).resources
+    assert (str(res.cloud), res.region, res.use_spot) == ("AWS", "us-east-1", False)
+    assert not res.accelerators
 
 
 def test_env_overrides_apply_and_typos_are_caught():

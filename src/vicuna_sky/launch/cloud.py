@@ -9,22 +9,23 @@ first use; tests replace the SDK functions at this boundary.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.launch.fleet_state import FleetState
 from vicuna_sky.launch.tasks import Spec, one_line
+from vicuna_sky.serve.tls import FLEET_TLS_ENV
 
 if TYPE_CHECKING:
     import sky
 
 CONTROLLER_PORT = 8000
+FLEET_PORT = 8002
+"""The controller's TLS port for workers (sky/serve-controller.yaml)."""
 ENDPOINT_WAIT_SECONDS = 900.0
 """How long a fleet launch waits for the controller's port to be exposed."""
 
@@ -45,47 +46,14 @@ def launch(spec: Spec, task: sky.Task, name: str) -> Any:
     return sky.stream_and_get(request)
 
 
-def state_dir() -> Path:
-    """Where the launcher keeps what it must remember between runs (a fleet's secret)."""
-    return Path(os.environ.get("VICUNA_SKY_STATE_DIR") or Path.home() / ".vicuna-sky")
-
-
-@dataclass
-class FleetState:
-    """What a re-run of `serve --fleet` needs: the secret the controller runs with, and the URL
-    the workers were given. Kept in a 0600 file, never in a task's envs."""
-
-    secret: str = ""
-    controller_url: str = ""
-
-    @staticmethod
-    def path(name: str) -> Path:
-        return state_dir() / "fleets" / f"{name}.json"
-
-    @classmethod
-    def load(cls, name: str) -> FleetState:
-        try:
-            raw = json.loads(cls.path(name).read_text())
-            return cls(str(raw.get("secret", "")), str(raw.get("controller_url", "")))
-        except (OSError, ValueError, AttributeError):
-            return cls()
-
-    def save(self, name: str) -> None:
-        path = self.path(name)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"secret": self.secret, "controller_url": self.controller_url}, f)
-        os.replace(tmp, path)
-
-
 @dataclass
 class FleetLaunch:
     """What `launch_fleet` did."""
 
     url: str
     controller_reused: bool
+    controller_relaunched: bool = False
+    """Its cluster was up but the controller did not answer: the task ran on it again."""
     launched: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
@@ -99,32 +67,46 @@ def launch_fleet(
     wait_seconds: float = ENDPOINT_WAIT_SECONDS,
     poll_seconds: float = 5.0,
 ) -> FleetLaunch:
-    """An on-demand controller (reused when it is already up, with its secret), then managed
-    spot jobs `<name>-worker-<i>` up to `workers`, registering with it.
+    """An on-demand controller (reused when it is up and answers, relaunched when its cluster
+    is up but it does not), then managed spot jobs `<name>-worker-<i>` up to `workers`,
+    registering with it over TLS on its fleet port.
 
     The fleet secret is the one this fleet was launched with, else VICUNA_SKY_FLEET_SECRET from
-    the user's environment, else a new one; it reaches both tasks as a SkyPilot secret."""
+    the user's environment, else a new one; it reaches both tasks as a SkyPilot secret, as does
+    the controller's certificate (made once per fleet, its fingerprint pinned by the workers).
+    A relaunched controller has the same URL, secret and certificate: running workers register
+    with it again by themselves."""
     import sky
 
     cluster = f"{name}-controller"
     state = FleetState.load(name)
-    reused = _cluster_status(cluster) == "UP"
+    # Refreshed from the cloud: a cluster the cloud has lost must not read as UP.
+    up = _cluster_status(cluster, refresh=True) == "UP"
     secret = state.secret or controller.secrets.get("VICUNA_SKY_FLEET_SECRET")
     secret = secret.get_secret_value() if hasattr(secret, "get_secret_value") else secret
-    if reused and not secret:
+    if up and not secret:
         raise VicunaSkyError(
             f"{cluster} is running but its fleet secret is not known here: export "
             "VICUNA_SKY_FLEET_SECRET=<its secret>, or take it down "
             f"(vicuna-sky down {cluster} --kind cluster)"
         )
     state.secret = secret or secrets.token_urlsafe(24)
+    pem, fingerprint = state.certificate(name)
     state.save(name)  # before the launch: an interrupted launch can still be re-run
     for task in (controller, worker):
         task.update_secrets({"VICUNA_SKY_FLEET_SECRET": state.secret})
-    if not reused:
+    controller.update_secrets({FLEET_TLS_ENV: pem})
+    reused = up and controller_answers(
+        wait_for_endpoint(cluster, CONTROLLER_PORT, wait_seconds, poll_seconds), state.secret
+    )
+    if not reused:  # no cluster, or one whose controller is dead: (re)run the task on it
         launch(Spec.CONTROLLER, controller, cluster)
     url = wait_for_endpoint(cluster, CONTROLLER_PORT, wait_seconds, poll_seconds)
-    result = FleetLaunch(url=url, controller_reused=reused)
+    fleet_url = (
+        "https://"
+        + wait_for_endpoint(cluster, FLEET_PORT, wait_seconds, poll_seconds).split("://", 1)[-1]
+    )
+    result = FleetLaunch(url=url, controller_reused=reused, controller_relaunched=up and not reused)
     live = _live_jobs(f"{name}-worker-")
     if state.controller_url and state.controller_url != url:
         # Workers keep the CONTROLLER_URL they were launched with: after the controller moved
@@ -135,7 +117,7 @@ def launch_fleet(
         live = set()
     state.controller_url = url
     state.save(name)
-    worker.update_envs({"CONTROLLER_URL": url})
+    worker.update_envs({"CONTROLLER_URL": fleet_url, "CONTROLLER_FINGERPRINT": fingerprint})
     for i in range(workers):
         job = f"{name}-worker-{i}"
         if job in live:
@@ -144,6 +126,28 @@ def launch_fleet(
         launch(Spec.WORKER, worker, job)
         result.launched.append(job)
     return result
+
+
+def controller_answers(url: str, secret: str, tries: int = 3, timeout: float = 5.0) -> bool:
+    """Whether the controller at `url` answers its admin route with the fleet secret: a
+    cluster SkyPilot calls UP may hold a controller process that died."""
+    import httpx
+
+    for attempt in range(tries):
+        try:
+            r = httpx.get(
+                f"{url}/workers",
+                headers={"Authorization": f"Bearer {secret}"},
+                timeout=timeout,
+                follow_redirects=False,
+            )
+            if r.status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        if attempt + 1 < tries:
+            time.sleep(1.0)
+    return False
 
 
 def wait_for_endpoint(
@@ -174,11 +178,15 @@ def wait_for_endpoint(
         sleep(poll_seconds)
 
 
-def _cluster_status(cluster: str) -> str | None:
-    """SkyPilot's status of one cluster (UP, INIT, STOPPED), None when there is none."""
+def _cluster_status(cluster: str, refresh: bool = False) -> str | None:
+    """SkyPilot's status of one cluster (UP, INIT, STOPPED), None when there is none;
+    `refresh` asks the cloud instead of SkyPilot's records."""
+    from sky.utils.common import StatusRefreshMode
+
     import sky
 
-    for record in _or_none(lambda: sky.status(cluster_names=[cluster])):
+    mode = StatusRefreshMode.FORCE if refresh else StatusRefreshMode.NONE
+    for record in _or_none(lambda: sky.status(cluster_names=[cluster], refresh=mode)):
         record = record if isinstance(record, dict) else record.model_dump()
         if record.get("name") == cluster:
             return _name(record.get("status"))

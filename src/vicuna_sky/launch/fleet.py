@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING
 import httpx
 
 from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.launch.fleet_state import FleetState
 from vicuna_sky.launch.local import LocalConfig, LocalRunner
 from vicuna_sky.launch.s3_server import free_port
+from vicuna_sky.serve.tls import FLEET_TLS_ENV
 
 if TYPE_CHECKING:
     import sky
@@ -69,24 +71,54 @@ class LocalSkyFleet:
         config: LocalConfig,
         on_event: Callable[[str], None] | None = None,
         spec_ports: bool = False,
+        state: FleetState | None = None,
     ) -> None:
         """`spec_ports`: the controller and UI on the spec's ports (8000, 7860) when those are
-        free, as a user expects; else (and for tests running fleets side by side) free ones."""
+        free, as a user expects; else (and for tests running fleets side by side) free ones.
+        `state`: a fleet launched before (its secret, certificate and ports), to repair."""
         self.name, self.count, self.config = name, workers, config
         self.on_event = on_event or (lambda _m: None)
+        self.state = state or FleetState()
         given = controller.secrets.get(SECRET)
-        # The user's fleet secret when set (a SkyPilot secret, from the environment), else one
-        # made for this fleet: the controller off loopback refuses to run without one.
-        self.secret = (given.get_secret_value() if given else "") or secrets.token_urlsafe(24)
-        ports = (controller.envs.get("CONTROLLER_PORT"), controller.envs.get("WEBUI_PORT"))
-        self.port, self.webui_port = (port_or_free(int(p or 0) if spec_ports else 0) for p in ports)
+        # The fleet's secret when it has one, else the user's (a SkyPilot secret, from the
+        # environment), else one made for this fleet.
+        self.secret = (
+            self.state.secret
+            or (given.get_secret_value() if given else "")
+            or secrets.token_urlsafe(24)
+        )
+        self.state.secret = self.secret
+        pem, self.fingerprint = self.state.certificate(name)
+        known = self.state.ports
+        wanted = {
+            "controller": controller.envs.get("CONTROLLER_PORT"),
+            "webui": controller.envs.get("WEBUI_PORT"),
+            "fleet": controller.envs.get("FLEET_PORT"),
+        }
+        ports = {
+            k: known.get(k) or port_or_free(int(p or 0) if spec_ports else 0)
+            for k, p in wanted.items()
+        }
+        self.state.ports = ports
+        self.port, self.webui_port, self.fleet_port = (
+            ports["controller"],
+            ports["webui"],
+            ports["fleet"],
+        )
         self.url = f"http://127.0.0.1:{self.port}"
+        self.worker_url = f"https://127.0.0.1:{self.fleet_port}"
+        """Where workers register: the TLS fleet port, as on a cloud."""
         self.controller_task = copy.deepcopy(controller)
-        self.controller_task.update_envs({"CONTROLLER_PORT": str(self.port)})
-        self.controller_task.update_envs({"WEBUI_PORT": str(self.webui_port)})
-        # One machine: nothing needs to reach it from outside (nor could, unauthenticated).
-        self.controller_task.update_envs({"BIND_HOST": "127.0.0.1"})
-        self.controller_task.update_secrets({SECRET: self.secret})
+        self.controller_task.update_envs(
+            {
+                "CONTROLLER_PORT": str(self.port),
+                "WEBUI_PORT": str(self.webui_port),
+                "FLEET_PORT": str(self.fleet_port),
+                # One machine: nothing needs to reach it from outside.
+                "BIND_HOST": "127.0.0.1",
+            }
+        )
+        self.controller_task.update_secrets({SECRET: self.secret, FLEET_TLS_ENV: pem})
         self.controller_task.name = f"{name}-controller"
         self.worker_task = copy.deepcopy(worker)
         self.worker_task.update_envs({"BIND_HOST": "127.0.0.1"})
@@ -96,17 +128,28 @@ class LocalSkyFleet:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, timeout: float = 300.0) -> str:
         """Controller, then the workers; returns once every worker has registered."""
-        self.controller = self._run(self.controller_task)
-        self._wait(lambda: self.registered() is not None, timeout, "the controller to answer")
+        self.start_controller(timeout)
         for i in range(self.count):
             task = copy.deepcopy(self.worker_task)
             port = free_port()
-            task.update_envs({"CONTROLLER_URL": self.url, "WORKER_PORT": str(port)})
+            task.update_envs(
+                {
+                    "CONTROLLER_URL": self.worker_url,
+                    "CONTROLLER_FINGERPRINT": self.fingerprint,
+                    "WORKER_PORT": str(port),
+                }
+            )
             task.update_secrets({SECRET: self.secret})
             task.name = f"{self.name}-worker-{i}"
             self.workers.append(self._run(task))
         self.wait_registered(self.count, timeout)
         return self.url
+
+    def start_controller(self, timeout: float = 300.0) -> None:
+        """The controller alone (a repair: the workers of the fleet's first launcher register
+        with it by themselves, at the same URL, pinning the same certificate)."""
+        self.controller = self._run(self.controller_task)
+        self._wait(lambda: self.registered() is not None, timeout, "the controller to answer")
 
     def stop(self) -> None:
         for job in [*self.workers, *([self.controller] if self.controller else [])]:

@@ -448,7 +448,7 @@ def launch_fleet(
     # The controller's URL is known only once it is up; the dry run shows a placeholder.
     worker_overrides = {k: v for k, v in overrides.items() if k in theirs or k not in ours}
     worker = load_task(
-        Spec.WORKER, recipe, {"CONTROLLER_URL": "http://CONTROLLER:8000", **worker_overrides}
+        Spec.WORKER, recipe, {"CONTROLLER_URL": "https://CONTROLLER:8002", **worker_overrides}
     )
     if dryrun:
         for spec, task in ((Spec.CONTROLLER, controller), (Spec.WORKER, worker)):
@@ -473,7 +473,13 @@ def launch_fleet(
     from vicuna_sky.launch import cloud
 
     fleet = cloud.launch_fleet(controller, worker, name or recipe.name, recipe.serve.workers)
-    how = "reused (already up)" if fleet.controller_reused else "launched"
+    how = (
+        "reused (up, and it answers)"
+        if fleet.controller_reused
+        else "relaunched (its cluster was up but it did not answer)"
+        if fleet.controller_relaunched
+        else "launched"
+    )
     console.print(f"controller {how} at {fleet.url}")
     for what, jobs_ in (
         ("worker job(s) launched", fleet.launched),
@@ -488,12 +494,20 @@ def run_fleet_locally(
     controller: object, worker: object, name: str, workers: int, config: local_lib.LocalConfig
 ) -> None:
     """sky/serve-controller.yaml and sky/serve-worker.yaml on this machine until Ctrl-C: a
-    worker that dies is relaunched like a preempted managed job."""
+    worker that dies is relaunched like a preempted managed job. A re-run while the fleet's
+    workers run (another terminal) repairs it: a controller that answers is left alone; a
+    dead one is started again here, on its port with its secret and certificate, and the
+    running workers register with it."""
     import time
 
     from vicuna_sky.launch.fleet import LocalSkyFleet
+    from vicuna_sky.launch.fleet_state import FleetState
 
     builtin_models(worker, config)
+    runs = Path(config.runs_dir)
+    live = [j for j in jobs.list_jobs(runs) if j.name.startswith(f"{name}-worker-")]
+    live = [j for j in live if jobs.in_progress(j)]
+    state = FleetState.load(name, runs) if live else FleetState()
     fleet = LocalSkyFleet(
         controller,
         worker,
@@ -502,20 +516,41 @@ def run_fleet_locally(
         config,
         on_event=lambda m: console.print(f"  {m}"),
         spec_ports=True,
+        state=state,
     )
-    try:
-        with console.status(f"starting the controller and {workers} worker job(s)..."):
-            url = fleet.start()
-        ui = controller.secrets.get("VICUNA_SKY_UI_PASSWORD")
+    if live and fleet.registered() is not None:
         console.print(
-            f"[bold]fleet up[/] ({workers} worker(s)); Ctrl-C or `vicuna-sky down {name} "
-            f"--local` stops it\n  OpenAI API: {url}/v1\n  chat UI: "
-            + (
-                f"http://127.0.0.1:{fleet.webui_port}"
-                if ui and ui.get_secret_value()
-                else "off (export VICUNA_SKY_UI_PASSWORD to serve it)"
-            )
+            f"fleet {name} is up at {fleet.url} ({fleet.healthy_workers()} worker(s) in "
+            f"rotation, launcher pid {live[0].pid}): nothing to repair"
         )
+        return
+    try:
+        if live:
+            console.print(
+                f"fleet {name}: {len(live)} worker job(s) run (pid {live[0].pid}) but the "
+                f"controller at {fleet.url} does not answer: relaunching it"
+            )
+            with console.status("starting the controller; waiting for the workers..."):
+                fleet.start_controller()
+                fleet.wait_registered(len(live))
+            console.print(
+                f"[bold]controller relaunched[/]: {fleet.healthy_workers()} worker(s) "
+                f"registered again\n  OpenAI API: {fleet.url}/v1; Ctrl-C stops this controller"
+            )
+        else:
+            fleet.state.save(name, runs)  # before the start: a re-run can repair it
+            with console.status(f"starting the controller and {workers} worker job(s)..."):
+                url = fleet.start()
+            ui = controller.secrets.get("VICUNA_SKY_UI_PASSWORD")
+            console.print(
+                f"[bold]fleet up[/] ({workers} worker(s)); Ctrl-C or `vicuna-sky down {name} "
+                f"--local` stops it\n  OpenAI API: {url}/v1\n  chat UI: "
+                + (
+                    f"http://127.0.0.1:{fleet.webui_port}"
+                    if ui and ui.get_secret_value()
+                    else "off (export VICUNA_SKY_UI_PASSWORD to serve it)"
+                )
+            )
         while True:
             time.sleep(1)
     except KeyboardInterrupt:

@@ -91,10 +91,13 @@ def read_spec(spec: Spec) -> dict[str, Any]:
 
 def resources_config(spec: Spec, recipe: Recipe, base: dict[str, Any]) -> dict[str, Any]:
     """The spec's `resources:` with the recipe's hardware choices applied."""
-    if spec is Spec.CONTROLLER:
-        return base  # the controller is deliberately small, CPU and on-demand
     res = copy.deepcopy(base)
     r = recipe.resources
+    if spec is Spec.CONTROLLER:
+        # Deliberately small, CPU and on-demand, but where the recipe allows (its clouds or
+        # regions): a team restricted to one cloud gets its controller there too.
+        _allowed_infra(res, recipe)
+        return res
     if spec is Spec.TRAIN:
         accelerator, count, spot = r.accelerator, r.gpus_per_node, r.spot
         res["disk_size"] = r.disk_size_gb  # restarts: MAX_RESTARTS_ON_ERRORS (recipe.envs)
@@ -108,11 +111,16 @@ def resources_config(spec: Spec, recipe: Recipe, base: dict[str, Any]) -> dict[s
     else:
         res.pop("accelerators", None)
         res["cpus"] = r.cpus or "2+"
+    _allowed_infra(res, recipe)
+    return res
+
+
+def _allowed_infra(res: dict[str, Any], recipe: Recipe) -> None:
+    """The recipe's regions (or clouds) as SkyPilot's `any_of`, replacing the spec's own."""
     res.pop("any_of", None)
-    infras = r.regions or r.clouds
+    infras = recipe.resources.regions or recipe.resources.clouds
     if infras:
         res["any_of"] = [{"infra": infra} for infra in infras]
-    return res
 
 
 def service_config(recipe: Recipe, base: dict[str, Any]) -> dict[str, Any]:

@@ -26,8 +26,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import ipaddress
 import json
+import os
 import struct
 import sys
 import time
@@ -55,7 +57,8 @@ from vicuna_sky.serve.protocol import (
     SamplingParams,
     invalid_request,
 )
-from vicuna_sky.serve.registry import Registry
+from vicuna_sky.serve.registry import Registry, WorkerState
+from vicuna_sky.serve.tls import FLEET_TLS_ENV, TlsError, pinned, server_files
 
 DEFAULT_MAX_TOKENS = 256
 JSON = {"Content-Type": "application/json"}
@@ -77,8 +80,13 @@ class Controller:
         first_token_timeout: float = 120.0,
         inter_token_timeout: float = 60.0,
         request_timeout: float = 600.0,
+        require_tls: bool = False,
     ) -> None:
         self.registry, self.secret = registry, secret
+        self.require_tls = require_tls
+        """Workers register over TLS only (the fleet port), and are reached over https with
+        their certificate pinned: the fleet secret and prompts never travel in clear."""
+        self._pins: dict[str, aiohttp.Fingerprint] = {}
         self.api_keys, self.admin_keys = list(api_keys), list(admin_keys or [])
         self.first_token_timeout = first_token_timeout
         self.inter_token_timeout = inter_token_timeout
@@ -102,6 +110,16 @@ class Controller:
             )
         return self._session
 
+    def pin(self, worker: WorkerState) -> aiohttp.Fingerprint | bool:
+        """How the hop checks `worker`'s certificate: its registered fingerprint (no CA); a
+        plain http worker has none to check (`True`: aiohttp's default, unused for http)."""
+        if not worker.tls_fingerprint:
+            return True
+        pin = self._pins.get(worker.tls_fingerprint)
+        if pin is None:
+            pin = self._pins[worker.tls_fingerprint] = pinned(worker.tls_fingerprint)
+        return pin
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -112,7 +130,15 @@ class Controller:
             raise ApiError(401, "invalid API key", code="invalid_api_key")
 
     def check_worker(self, request: Request) -> None:
-        """Registration, heartbeats and drains carry the fleet secret."""
+        """Registration, heartbeats and drains carry the fleet secret (over TLS, when the
+        controller has a fleet port)."""
+        if self.require_tls and request.url.scheme != "https":
+            raise ApiError(
+                403,
+                "workers register over TLS: use the controller's fleet port (https)",
+                kind="permission_error",
+                code="tls_required",
+            )
         if self.secret and not matches(bearer(request), [self.secret]):
             raise ApiError(403, "wrong fleet secret", kind="permission_error")
 
@@ -199,7 +225,9 @@ class Controller:
             url = f"{worker.address}/generate"
             # A worker answers once it has its first token (streamed) or the whole answer:
             # waiting for it is already a read that a hung worker must not hold up forever.
-            opening = self.http.post(url, data=orjson.dumps(payload), headers=JSON)
+            opening = self.http.post(
+                url, data=orjson.dumps(payload), headers=JSON, ssl=self.pin(worker)
+            )
             wait = self.first_token_timeout if gen.stream else self.request_timeout
             try:
                 async with await self.guarded(worker.address, opening, wait) as r:
@@ -379,6 +407,15 @@ def create_app(controller: Controller, max_body: int | None = None) -> FastAPI:
     @app.post("/workers/register", dependencies=worker_only)
     async def register(reg: Registration, request: Request) -> dict:
         reg = _with_source_host(reg, request)
+        if controller.require_tls and not (
+            reg.address.startswith("https://") and reg.tls_fingerprint
+        ):
+            raise ApiError(
+                400,
+                "this fleet runs over TLS: a worker serves https and registers its certificate's "
+                "fingerprint (tls_fingerprint)",
+                code="tls_required",
+            )
         outcome = controller.registry.register(reg)
         if outcome == "taken":
             raise ApiError(409, f"{reg.address} is registered by another worker", code="taken")
@@ -522,9 +559,8 @@ def create_app(controller: Controller, max_body: int | None = None) -> FastAPI:
             tried.add(worker.address)
             try:
                 url = f"{worker.address}/embed"
-                async with controller.http.post(
-                    url, data=orjson.dumps({"input": texts}), headers=JSON
-                ) as r:
+                body, pin = orjson.dumps({"input": texts}), controller.pin(worker)
+                async with controller.http.post(url, data=body, headers=JSON, ssl=pin) as r:
                     content = await controller.guarded(
                         worker.address, r.read(), controller.request_timeout
                     )
@@ -581,6 +617,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
+        "--fleet-port",
+        type=int,
+        default=0,
+        help="a TLS port for workers (registration, heartbeats); then they may use no other",
+    )
+    p.add_argument(
+        "--tls-file", type=Path, default=None, help=f"key + certificate PEM (else ${FLEET_TLS_ENV})"
+    )
+    p.add_argument(
         "--secret-file", type=Path, default=None, help=f"fleet secret (else ${FLEET_SECRET_ENV})"
     )
     p.add_argument(
@@ -606,7 +651,8 @@ def main(argv: list[str] | None = None) -> None:
         api_keys = read_secrets(args.api_key_file, API_KEYS_ENV)
         admin_keys = read_secrets(args.admin_key_file, ADMIN_KEYS_ENV)
         require_secret_off_loopback(args.host, secret, "the controller")
-    except ConfigError as e:
+        tls = fleet_tls(args.tls_file, args.fleet_port, args.host)
+    except (ConfigError, TlsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     registry = Registry(args.db, args.expiry_seconds, args.forget_seconds, args.max_workers)
@@ -617,9 +663,71 @@ def main(argv: list[str] | None = None) -> None:
         admin_keys,
         first_token_timeout=args.first_token_timeout,
         inter_token_timeout=args.inter_token_timeout,
+        require_tls=tls is not None,
     )
     app = create_app(controller, args.max_body_bytes)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    listeners = [uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")]
+    if tls is not None:
+        certfile, keyfile = tls
+        listeners.append(
+            uvicorn.Config(
+                app,
+                host=args.host,
+                port=args.fleet_port,
+                log_level="warning",
+                ssl_certfile=certfile,
+                ssl_keyfile=keyfile,
+                lifespan="off",  # the app's startup and shutdown run once, with the first
+            )
+        )
+    asyncio.run(_serve(listeners))
+
+
+def fleet_tls(path: Path | None, fleet_port: int, host: str) -> tuple[str, str] | None:
+    """The fleet port's certificate files, or None when workers talk plain HTTP: only on
+    loopback (one machine, nothing crosses a network)."""
+    from vicuna_sky.serve.auth import ConfigError, is_loopback
+
+    if path is not None:
+        try:
+            pem = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read the TLS file {path}: {e}") from None
+    else:
+        pem = os.environ.get(FLEET_TLS_ENV, "")
+    if not fleet_port:
+        if not is_loopback(host):
+            raise ConfigError(
+                f"the controller on {host} is reachable from other machines: give workers a "
+                f"TLS port (--fleet-port, with {FLEET_TLS_ENV} or --tls-file) so the fleet "
+                "secret and prompts never travel in clear"
+            )
+        return None
+    if not pem.strip():
+        raise ConfigError(
+            f"--fleet-port needs the fleet's TLS key and certificate ({FLEET_TLS_ENV} or "
+            "--tls-file)"
+        )
+    return server_files(pem)
+
+
+async def _serve(listeners: list) -> None:
+    """Every listener in one event loop; SIGTERM/SIGINT stop them all (uvicorn's own handlers
+    would stop only the last one started)."""
+    import signal
+
+    import uvicorn
+
+    class Listener(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):  # one handler for all listeners, below
+            yield
+
+    servers = [Listener(config) for config in listeners]
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: [setattr(s, "should_exit", True) for s in servers])
+    await asyncio.gather(*(server.serve() for server in servers))
 
 
 if __name__ == "__main__":

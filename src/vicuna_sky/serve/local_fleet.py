@@ -17,6 +17,7 @@ import httpx
 
 from vicuna_sky.launch.s3_server import free_port
 from vicuna_sky.serve.auth import FLEET_SECRET_ENV
+from vicuna_sky.serve.tls import FLEET_TLS_ENV, fingerprint, make_certificate
 
 
 class FleetError(RuntimeError):
@@ -68,11 +69,18 @@ class Proc:
 
 
 class LocalFleet:
-    def __init__(self, workdir: Path, secret: str = "local-fleet") -> None:
+    def __init__(self, workdir: Path, secret: str = "local-fleet", tls: bool = False) -> None:
+        """`tls`: workers register on the controller's TLS fleet port (a certificate made
+        here, its fingerprint pinned by the workers) and serve https themselves."""
         self.workdir, self.secret = Path(workdir), secret
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.tls_pem = make_certificate() if tls else ""
+        self.fleet_port = free_port() if tls else 0
+        self.fingerprint = fingerprint(self.tls_pem) if tls else ""
+        self.worker_url = f"https://127.0.0.1:{self.fleet_port}" if tls else self.url
+        """Where workers reach the controller."""
         self.procs: list[Proc] = []
         self.workers: dict[str, Proc] = {}
 
@@ -90,9 +98,12 @@ class LocalFleet:
             str(self.port),
             "--db",
             str(self.workdir / "registry.db"),
+            *(["--fleet-port", str(self.fleet_port)] if self.fleet_port else []),
             *extra,
         ]
         env = {FLEET_SECRET_ENV: self.secret, **(env or {})}
+        if self.tls_pem:
+            env[FLEET_TLS_ENV] = self.tls_pem
         self.controller = Proc(args, self.workdir / "controller.log", env)
         self.procs.append(self.controller)
         self.wait_http(f"{self.url}/v1/models", proc=self.controller)
@@ -107,8 +118,12 @@ class LocalFleet:
         secret: str | None = None,
         env: dict[str, str] | None = None,
         python: str = sys.executable,
+        controller_fingerprint: str | None = None,
     ) -> str:
+        """A worker process; returns the address it registers (https with `tls`).
+        `controller_fingerprint` overrides the pinned one (None: the fleet's)."""
         port = free_port()
+        pin = self.fingerprint if controller_fingerprint is None else controller_fingerprint
         args = [
             "vicuna_sky.serve.worker",
             "--backend",
@@ -118,14 +133,15 @@ class LocalFleet:
             "--model-name",
             name,
             "--controller-url",
-            self.url,
+            self.worker_url,
+            *(["--controller-fingerprint", pin] if pin else []),
             "--port",
             str(port),
             "--heartbeat-seconds",
             "0.5",
             *extra,
         ]
-        address = f"http://127.0.0.1:{port}"
+        address = f"{'https' if self.tls_pem else 'http'}://127.0.0.1:{port}"
         env = {FLEET_SECRET_ENV: self.secret if secret is None else secret, **(env or {})}
         proc = Proc(args, self.workdir / f"worker-{port}.log", env, python)
         self.procs.append(proc)

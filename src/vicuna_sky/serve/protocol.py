@@ -221,6 +221,16 @@ class Registration(BaseModel):
     models: list[str] = Field(min_length=1, max_length=16)
     max_concurrency: int = Field(ge=1, le=4096)
     context_length: int = Field(default=0, ge=0, le=MAX_TOKENS_LIMIT)
+    tls_fingerprint: str = Field(default="", max_length=100)
+    """SHA-256 of the certificate an https worker serves (serve/tls.py): the controller pins it
+    on every request it sends there."""
+
+    @field_validator("tls_fingerprint")
+    @classmethod
+    def _fingerprint(cls, value: str) -> str:
+        from vicuna_sky.serve.tls import parse_fingerprint
+
+        return parse_fingerprint(value).hex() if value else ""
 
     @field_validator("address")
     @classmethod

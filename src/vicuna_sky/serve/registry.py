@@ -34,6 +34,8 @@ class WorkerState:
     healthy: bool = True
     """What the worker said in its last heartbeat (False: its engine is stuck)."""
     draining: bool = False
+    tls_fingerprint: str = ""
+    """Of the certificate the worker serves (https); the controller pins it."""
 
     def alive(self, expiry: float) -> bool:
         """Heartbeating and healthy: requests in flight to it may go on."""
@@ -165,5 +167,10 @@ class Registry:
 
 def _state(reg: Registration) -> WorkerState:
     return WorkerState(
-        reg.address, reg.worker_id, reg.models, reg.max_concurrency, reg.context_length
+        reg.address,
+        reg.worker_id,
+        reg.models,
+        reg.max_concurrency,
+        reg.context_length,
+        tls_fingerprint=reg.tls_fingerprint,
     )

@@ -29,7 +29,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
+import aiohttp
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, ORJSONResponse, StreamingResponse
@@ -41,12 +41,15 @@ from vicuna_sky.serve.auth import (
     BodyLimit,
     ConfigError,
     bearer,
+    is_loopback,
     matches,
     read_secret,
     require_secret_off_loopback,
 )
 from vicuna_sky.serve.backends import Backend, Finish, load_backend
 from vicuna_sky.serve.protocol import ApiError, GenerateRequest, Registration, invalid_request
+from vicuna_sky.serve.tls import TlsError, make_certificate, pinned, server_files
+from vicuna_sky.serve.tls import fingerprint as tls_fingerprint
 from vicuna_sky.spot import PreemptionWatcher
 
 log = logging.getLogger("vicuna_sky.serve.worker")
@@ -60,8 +63,12 @@ class Worker:
         controller_url: str,
         heartbeat_seconds: float = 1.0,
         drain_seconds: float = 30.0,
+        controller_fingerprint: str = "",
     ) -> None:
         self.backend, self.registration = backend, registration
+        self.controller_pin = pinned(controller_fingerprint) if controller_fingerprint else True
+        """The certificate the controller must show (https): anything else is refused before
+        the fleet secret is sent."""
         self.address = registration.address
         """As announced (0.0.0.0: the controller fills in the address it sees us at)."""
         self.controller_url = controller_url.rstrip("/")
@@ -141,37 +148,62 @@ class Worker:
                 self.in_flight -= 1
 
     # -- the controller --------------------------------------------------------------------
+    async def tell_controller(
+        self, client: aiohttp.ClientSession, route: str, body: dict
+    ) -> tuple[int, object]:
+        """POST to the controller (pinned when https): (status, parsed JSON or text)."""
+        async with client.post(
+            f"{self.controller_url}/workers/{route}",
+            json=body,
+            headers=self._auth(),
+            ssl=self.controller_pin,
+        ) as r:
+            text = await r.text()
+            with contextlib.suppress(ValueError):
+                return r.status, json.loads(text)
+            return r.status, text
+
     async def keep_registered(self) -> None:
-        async with httpx.AsyncClient(timeout=5.0) as client:
+        """Register, then heartbeat; register again whenever the controller does not know us
+        (it was relaunched: its URL, secret and certificate are the fleet's, so nothing here
+        restarts)."""
+        timeout = aiohttp.ClientTimeout(total=5.0)
+        async with aiohttp.ClientSession(timeout=timeout) as client:
             registered = False
             while not self.stopped.is_set():
                 try:
                     if not registered:
-                        r = await client.post(
-                            f"{self.controller_url}/workers/register",
-                            json=self.registration.model_dump(),
-                            headers=self._auth(),
+                        status, answer = await self.tell_controller(
+                            client, "register", self.registration.model_dump()
                         )
-                        registered = r.status_code == 200
+                        registered = status == 200 and isinstance(answer, dict)
                         if registered:  # the address the controller reaches us at
-                            self.registration.address = r.json().get("address", self.address)
-                        elif r.status_code in (403, 409, 422, 429):
-                            log.error("the controller refused the registration: %s", r.text)
+                            self.registration.address = answer.get("address", self.address)
+                            log.info("registered as %s", self.registration.address)
+                        elif status in (400, 403, 409, 422, 429):
+                            log.error("the controller refused the registration: %s", answer)
                     else:
-                        r = await client.post(
-                            f"{self.controller_url}/workers/heartbeat",
-                            json={
+                        status, _ = await self.tell_controller(
+                            client,
+                            "heartbeat",
+                            {
                                 "address": self.registration.address,
                                 "worker_id": self.registration.worker_id,
                                 "in_flight": self.in_flight,
                                 "healthy": self.healthy,
                             },
-                            headers=self._auth(),
                         )
-                        registered = r.status_code == 200  # 404: unknown, register again now
+                        registered = status == 200  # 404: unknown, register again now
                         if not registered:
                             continue
-                except httpx.HTTPError as e:
+                except aiohttp.ServerFingerprintMismatch:
+                    log.error(
+                        "the controller at %s shows a certificate other than the pinned one: "
+                        "not sending it anything",
+                        self.controller_url,
+                    )
+                    registered = False
+                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                     log.debug("controller unreachable: %s", e)
                     registered = False
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -183,15 +215,15 @@ class Worker:
             return
         self.draining = True
         log.warning("draining (%s): %d request(s) in flight", reason, self.in_flight)
-        with contextlib.suppress(httpx.HTTPError):
-            async with httpx.AsyncClient(timeout=5.0) as client:
-                await client.post(
-                    f"{self.controller_url}/workers/drain",
-                    json={
+        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as client:
+                await self.tell_controller(
+                    client,
+                    "drain",
+                    {
                         "address": self.registration.address,
                         "worker_id": self.registration.worker_id,
                     },
-                    headers=self._auth(),
                 )
         deadline = time.monotonic() + self.drain_seconds
         while self.in_flight and time.monotonic() < deadline:
@@ -290,20 +322,36 @@ async def serve(args: argparse.Namespace) -> None:
         backend.delay = args.echo_delay
     names = args.model_name or [args.model_path.rstrip("/").split("/")[-1]]
     address = args.worker_address or f"http://{args.host}:{args.port}"
+    tls: dict[str, str] = {}
+    fingerprint = ""
+    if args.controller_url.startswith("https://"):
+        # A fleet over TLS: serve https with a certificate of our own, made now; the
+        # controller learns its fingerprint from the registration and pins it.
+        pem = make_certificate("vicuna-sky worker")
+        certfile, keyfile = server_files(pem)
+        tls = {"ssl_certfile": certfile, "ssl_keyfile": keyfile}
+        fingerprint = tls_fingerprint(pem)
+        address = "https://" + address.split("://", 1)[-1]
     registration = Registration(
         address=address,
         worker_id=secrets.token_hex(12),
         models=names,
         max_concurrency=args.max_concurrency,
         context_length=backend.context_length,
+        tls_fingerprint=fingerprint,
     )
     worker = Worker(
-        backend, registration, args.controller_url, args.heartbeat_seconds, args.drain_seconds
+        backend,
+        registration,
+        args.controller_url,
+        args.heartbeat_seconds,
+        args.drain_seconds,
+        controller_fingerprint=args.controller_fingerprint,
     )
     worker.secret, worker.stuck_seconds = args.secret, args.stuck_seconds
     app = create_app(worker, args.max_body_bytes)
     server = uvicorn.Server(
-        uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", **tls)
     )
     server.install_signal_handlers = lambda: None  # SIGTERM means drain, handled below
     loop = asyncio.get_running_loop()
@@ -326,6 +374,26 @@ async def serve(args: argparse.Namespace) -> None:
         task.cancel()
 
 
+def require_pinned_controller(args: argparse.Namespace) -> None:
+    """An https controller is trusted by its pinned fingerprint alone (no CA vouches for a
+    fleet's certificate); a worker other machines reach talks to its controller over TLS."""
+    https = args.controller_url.startswith("https://")
+    if https and not args.controller_fingerprint:
+        raise ConfigError(
+            "an https controller needs its certificate's fingerprint: --controller-fingerprint "
+            "(the launcher passes the fleet's)"
+        )
+    if args.controller_fingerprint:
+        if not https:
+            raise ConfigError("--controller-fingerprint needs an https:// --controller-url")
+        pinned(args.controller_fingerprint)
+    if not https and not is_loopback(args.host):
+        raise ConfigError(
+            f"the worker on {args.host} is reachable from other machines: its controller URL "
+            "must be https (the fleet port) so prompts and the fleet secret travel over TLS"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m vicuna_sky.serve.worker", allow_abbrev=False)
     p.add_argument("--backend", choices=["hf", "vllm", "echo"], default="hf")
@@ -333,6 +401,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model-name", action="append", help="name clients use (repeatable)")
     p.add_argument("--template", default="vicuna_v1.1")
     p.add_argument("--controller-url", "--controller", dest="controller_url", required=True)
+    p.add_argument(
+        "--controller-fingerprint",
+        default="",
+        help="SHA-256 of the controller's certificate (an https controller URL needs it)",
+    )
     p.add_argument(
         "--secret-file", type=Path, default=None, help=f"fleet secret (else ${FLEET_SECRET_ENV})"
     )
@@ -359,13 +432,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.secret = read_secret(args.secret_file, FLEET_SECRET_ENV)
         require_secret_off_loopback(args.host, args.secret, "the worker")
+        require_pinned_controller(args)
         Registration(
             address=args.worker_address or f"http://{args.host}:{args.port}",
             worker_id="x" * 8,
             models=args.model_name or ["m"],
             max_concurrency=args.max_concurrency,
         )
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, TlsError, ValueError) as e:
         print(f"error: {str(e).splitlines()[0] if isinstance(e, ConfigError) else e}",
               file=sys.stderr)  # fmt: skip
         sys.exit(2)

@@ -1,0 +1,164 @@
+"""Controller and workers over TLS on loopback: the controller's certificate pinned by the
+workers, each worker's certificate pinned by the controller (vicuna_sky.serve.tls)."""
+
+import os
+import ssl
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from vicuna_sky.serve.auth import FLEET_SECRET_ENV
+from vicuna_sky.serve.local_fleet import LocalFleet
+from vicuna_sky.serve.tls import (
+    FLEET_TLS_ENV,
+    TlsError,
+    fingerprint,
+    make_certificate,
+    parse_fingerprint,
+    server_files,
+)
+
+SECRET = "fleet-secret"
+WRONG_PIN = "ab" * 32
+
+
+@pytest.fixture(scope="module")
+def tls_fleet(tmp_path_factory):
+    """A controller with a TLS fleet port and one echo worker that knows its fingerprint."""
+    with LocalFleet(tmp_path_factory.mktemp("tls-fleet"), SECRET, tls=True) as fleet:
+        fleet.start_controller()
+        fleet.good = fleet.start_worker("echo", "echo", "echo")
+        fleet.wait_workers({fleet.good})
+        yield fleet
+
+
+def registration(address: str, **extra: object) -> dict:
+    return {
+        "address": address,
+        "worker_id": "a-worker-id",
+        "models": ["m"],
+        "max_concurrency": 1,
+        **extra,
+    }
+
+
+def test_prompts_reach_the_worker_over_tls(tls_fleet):
+    assert tls_fleet.good.startswith("https://")
+    answer = tls_fleet.client().chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": "over tls"}]
+    )
+    assert answer.choices[0].message.content == "echo: over tls"
+    (entry,) = [w for w in tls_fleet.worker_states() if w["address"] == tls_fleet.good]
+    assert len(entry["tls_fingerprint"]) == 64  # pinned by the controller on every request
+
+
+def test_a_worker_that_does_not_know_the_fingerprint_is_refused(tls_fleet):
+    address = tls_fleet.start_worker("echo", "echo", "stranger", controller_fingerprint=WRONG_PIN)
+    deadline = time.monotonic() + 30
+    proc = tls_fleet.workers[address]
+    log = proc.log
+    while "other than the pinned one" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "other than the pinned one" in log.read_text()
+    assert address not in {w["address"] for w in tls_fleet.worker_states()}
+    assert "stranger" not in {m.id for m in tls_fleet.client().models.list().data}
+
+
+def test_workers_may_not_register_in_clear(tls_fleet):
+    """The client port (plain HTTP) takes no registration, even with the right secret."""
+    r = httpx.post(
+        f"{tls_fleet.url}/workers/register",
+        json=registration("http://127.0.0.1:1"),
+        headers={"Authorization": f"Bearer {SECRET}"},
+    )
+    assert r.status_code == 403 and r.json()["error"]["code"] == "tls_required"
+
+
+def test_a_registration_without_a_worker_certificate_is_refused(tls_fleet):
+    # `verify=False` here only: this test plays a worker that got through the handshake.
+    with httpx.Client(verify=False) as client:
+        r = client.post(
+            f"{tls_fleet.worker_url}/workers/register",
+            json=registration("http://127.0.0.1:1"),
+            headers={"Authorization": f"Bearer {SECRET}"},
+        )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "tls_required"
+
+
+def test_the_controller_pins_each_workers_certificate(tls_fleet):
+    """The stranger worker (which never registered itself) is registered here for a model of
+    its own: with a wrong fingerprint the controller sends it nothing; with its certificate's
+    own fingerprint, which no CA vouches for, the prompt goes through."""
+    from openai import APIStatusError
+
+    stranger = next(a for a in tls_fleet.workers if a != tls_fleet.good)
+    host, port = stranger.removeprefix("https://").split(":")
+    actual = fingerprint(ssl.get_server_certificate((host, int(port))))
+
+    def register(pin: str) -> None:
+        with httpx.Client(verify=False) as client:
+            r = client.post(
+                f"{tls_fleet.worker_url}/workers/register",
+                json=registration(stranger, models=["impostor"], tls_fingerprint=pin),
+                headers={"Authorization": f"Bearer {SECRET}"},
+            )
+        assert r.status_code == 200
+
+    def ask() -> str:
+        answer = tls_fleet.client().chat.completions.create(
+            model="impostor", messages=[{"role": "user", "content": "a prompt"}]
+        )
+        return answer.choices[0].message.content
+
+    register(WRONG_PIN)
+    with pytest.raises(APIStatusError) as refused:
+        ask()
+    assert refused.value.status_code == 503
+    register(actual)
+    assert ask() == "echo: a prompt"
+
+
+def run_module(module: str, *args: str, env: dict[str, str] | None = None):
+    return subprocess.run(
+        [sys.executable, "-m", f"vicuna_sky.serve.{module}", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, FLEET_SECRET_ENV: SECRET, **(env or {})},
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    "module, args, said",
+    [
+        ("controller", ["--host", "0.0.0.0", "--port", "1"], "--fleet-port"),
+        ("controller", ["--fleet-port", "1", "--port", "1"], FLEET_TLS_ENV),
+        ("worker", ["--controller-url", "https://127.0.0.1:1"], "--controller-fingerprint"),
+        ("worker", ["--controller-url", "https://x:1", "--controller-fingerprint", "zz"], "SHA"),
+        ("worker", ["--host", "0.0.0.0", "--controller-url", "http://x:1"], "https"),
+    ],
+)
+def test_servers_without_the_tls_they_need_do_not_start(module, args, said):
+    if module == "worker":
+        args = [*args, "--backend", "echo", "--model-path", "echo", "--port", "1"]
+    result = run_module(module, *args, env={FLEET_TLS_ENV: ""})
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and said in result.stderr
+
+
+def test_certificate_material():
+    pem = make_certificate()
+    assert parse_fingerprint(fingerprint(pem)) == parse_fingerprint(fingerprint(pem).upper())
+    assert fingerprint(make_certificate()) != fingerprint(pem)
+    certfile, _ = server_files(pem)
+    assert os.stat(certfile).st_mode & 0o077 == 0  # the key is readable by this user only
+    cert_only = pem[pem.index("-----BEGIN CERTIFICATE-----") :]
+    with pytest.raises(TlsError, match="private key"):
+        server_files(cert_only)
+    other_key = make_certificate()
+    mismatched = other_key[: other_key.index("-----BEGIN CERTIFICATE-----")] + cert_only
+    with pytest.raises(TlsError, match="do not load"):
+        server_files(mismatched)
