@@ -161,9 +161,10 @@ def test_make_installs_resolve_with_the_cpu_torch(resolutions):
 
 
 def setup_installs(spec: str) -> list[str]:
-    """The `pip install` targets a spec's setup names (`-e .`, `-e ".[vllm]"`)."""
+    """What a spec's setup installs through sky/install.sh: `.` or `.[extra]`."""
     setup = yaml.safe_load((ROOT / "sky" / spec).read_text()).get("setup") or ""
-    return re.findall(r"pip install[^\n|&;]*?-e\s+(\S+)", setup)
+    calls = re.findall(r"bash sky/install\.sh(?:[ \t]+(\w+))?", setup)
+    return [f".[{extra}]" if extra else "." for extra in calls]
 
 
 @pytest.mark.parametrize(
@@ -179,9 +180,50 @@ def setup_installs(spec: str) -> list[str]:
 def test_each_spec_installs_its_role_only(spec, installs):
     assert {t.strip("\"'") for t in setup_installs(spec)} == installs
     setup = yaml.safe_load((ROOT / "sky" / spec).read_text())["setup"]
-    pip_lines = [line for line in setup.splitlines() if "pip install" in line]
+    assert "pip install" not in setup  # one install path for every spec: sky/install.sh
+    script = (ROOT / "sky" / "install.sh").read_text()
+    pip_lines = [line for line in script.splitlines() if "pip install" in line]
+    assert pip_lines and all('-e "$target"' in line for line in pip_lines)
     for banned in ("flash-attn", "flash_attn", "skypilot", "[cloud]", "[gpu]"):
         assert not any(banned in line for line in pip_lines), (banned, pip_lines)
+
+
+def test_install_script_skips_what_the_image_has_and_says_how_it_installs(tmp_path):
+    """On a node whose python already has the package (an image with it, or this venv), the
+    script installs nothing; on one without, it names the tool and the time (uv when SkyPilot
+    put it in $HOME/.local/bin)."""
+    import os
+    import subprocess
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path)}
+    done = subprocess.run(
+        ["bash", str(ROOT / "sky" / "install.sh")], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0 and "already in this image" in done.stdout, done
+    # A python without the package, uv where SkyPilot installs it, nothing to install from:
+    # the install is attempted with uv and fails as setup would (FAILED_SETUP, not a hang).
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    (tmp_path / ".local" / "bin").mkdir(parents=True)
+    (tmp_path / ".local" / "bin" / "uv").symlink_to(bin_dir / "uv")
+    env = {
+        **os.environ,
+        "PATH": f"{bare / 'bin'}:{os.environ['PATH']}",
+        "HOME": str(tmp_path),
+        "UV_OFFLINE": "1",
+        "UV_NO_CACHE": "1",
+    }
+    attempt = subprocess.run(
+        ["bash", str(ROOT / "sky" / "install.sh")], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert attempt.returncode != 0
+    assert "already in this image" not in attempt.stdout
+    # uv's own words (pip says nothing of the kind): the install went through uv.
+    assert "the network was disabled" in attempt.stderr, attempt
 
 
 def test_extras_are_the_three_roles_and_no_sdist_only_package():
