@@ -608,6 +608,22 @@ def test_the_dry_run_prints_the_task_offline(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "RUN_TAG: main" in out.stdout and "A100: 8" in out.stdout
     assert "cost plan: unavailable (cannot read SkyPilot's catalog" in out.stdout
+    # Which checkpoint interval the launch would use, and the task says the same.
+    assert "checkpoint every 100 steps (the recipe's: no plan to choose by)" in out.stdout
+    assert re.search(r"CHECKPOINT_EVERY_STEPS: '?100'?\n", out.stdout)
+
+
+def test_the_dry_run_names_the_planned_checkpoint_interval_the_launch_uses(tmp_path, capsys):
+    """With a catalog (the session's fixture), the plan's interval replaces the recipe's in
+    the task, and the dry run says so beside the YAML that shows it."""
+    runner.launch_recipe(
+        Spec.TRAIN, "vicuna-7b", (), dryrun=True, local=False, name=None, runs_dir=tmp_path
+    )
+    out = capsys.readouterr().out
+    said = re.search(r"checkpoint every (\d+) steps: the plan's Young/Daly interval", out)
+    assert said, out[-3000:]
+    assert said.group(1) != "100"  # not the recipe's
+    assert re.search(rf"CHECKPOINT_EVERY_STEPS: '?{said.group(1)}'?\n", out)
 
 
 def test_fleet_overrides_go_to_the_task_that_declares_them(fake_sky, tmp_path, capsys):
