@@ -121,6 +121,24 @@ def test_the_controller_pins_each_workers_certificate(tls_fleet):
     assert ask() == "echo: a prompt"
 
 
+def test_without_a_fleet_port_prompts_go_only_to_workers_on_the_same_machine(tmp_path):
+    """A controller without TLS (a SkyServe replica's: its worker is on loopback) takes no
+    worker elsewhere: the secret and prompts would cross the network in clear."""
+    with LocalFleet(tmp_path, SECRET) as fleet:
+        fleet.start_controller()
+        secret = {"Authorization": f"Bearer {SECRET}"}
+        far = httpx.post(
+            f"{fleet.url}/workers/register", json=registration("http://10.1.2.3:8001"),
+            headers=secret,
+        )  # fmt: skip
+        assert far.status_code == 400 and far.json()["error"]["code"] == "tls_required"
+        near = httpx.post(
+            f"{fleet.url}/workers/register", json=registration("http://127.0.0.1:8001"),
+            headers=secret,
+        )  # fmt: skip
+        assert near.status_code == 200
+
+
 def run_module(module: str, *args: str, env: dict[str, str] | None = None):
     return subprocess.run(
         [sys.executable, "-m", f"vicuna_sky.serve.{module}", *args],
@@ -134,7 +152,6 @@ def run_module(module: str, *args: str, env: dict[str, str] | None = None):
 @pytest.mark.parametrize(
     "module, args, said",
     [
-        ("controller", ["--host", "0.0.0.0", "--port", "1"], "--fleet-port"),
         ("controller", ["--fleet-port", "1", "--port", "1"], FLEET_TLS_ENV),
         ("worker", ["--controller-url", "https://127.0.0.1:1"], "--controller-fingerprint"),
         ("worker", ["--controller-url", "https://x:1", "--controller-fingerprint", "zz"], "SHA"),

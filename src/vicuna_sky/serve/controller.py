@@ -19,6 +19,9 @@ Every port is authenticated: clients with an API key (`--api-key-file` or
 VICUNA_SKY_API_KEYS), workers and admins (`/workers`, `/openapi.json`) with the fleet secret
 (`--secret-file` or VICUNA_SKY_FLEET_SECRET) or an admin key. Secrets never travel on the
 command line, and a controller reachable from other machines refuses to start without one.
+Workers on other machines register on the TLS fleet port (`--fleet-port`) and are reached over
+https with their certificate pinned (serve/tls.py); without a fleet port, only workers on this
+machine may register.
 """
 
 from __future__ import annotations
@@ -46,7 +49,14 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from vicuna_sky.serve.auth import BodyLimit, bearer, matches, read_secret, read_secrets
+from vicuna_sky.serve.auth import (
+    BodyLimit,
+    bearer,
+    is_loopback,
+    matches,
+    read_secret,
+    read_secrets,
+)
 from vicuna_sky.serve.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -136,6 +146,15 @@ class Controller:
             raise ApiError(
                 403,
                 "workers register over TLS: use the controller's fleet port (https)",
+                kind="permission_error",
+                code="tls_required",
+            )
+        if not self.require_tls and not (request.client and is_loopback(request.client.host)):
+            # No TLS: nothing between machines, where the secret and prompts would be in clear.
+            raise ApiError(
+                403,
+                "this controller has no TLS fleet port (--fleet-port): only workers on its own "
+                "machine may register",
                 kind="permission_error",
                 code="tls_required",
             )
@@ -416,6 +435,13 @@ def create_app(controller: Controller, max_body: int | None = None) -> FastAPI:
                 "fingerprint (tls_fingerprint)",
                 code="tls_required",
             )
+        if not controller.require_tls and not is_loopback(urlsplit(reg.address).hostname or ""):
+            raise ApiError(
+                400,
+                "this controller has no TLS fleet port: it sends prompts only to workers on its "
+                "own machine",
+                code="tls_required",
+            )
         outcome = controller.registry.register(reg)
         if outcome == "taken":
             raise ApiError(409, f"{reg.address} is registered by another worker", code="taken")
@@ -651,7 +677,7 @@ def main(argv: list[str] | None = None) -> None:
         api_keys = read_secrets(args.api_key_file, API_KEYS_ENV)
         admin_keys = read_secrets(args.admin_key_file, ADMIN_KEYS_ENV)
         require_secret_off_loopback(args.host, secret, "the controller")
-        tls = fleet_tls(args.tls_file, args.fleet_port, args.host)
+        tls = fleet_tls(args.tls_file, args.fleet_port)
     except (ConfigError, TlsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -683,10 +709,10 @@ def main(argv: list[str] | None = None) -> None:
     asyncio.run(_serve(listeners))
 
 
-def fleet_tls(path: Path | None, fleet_port: int, host: str) -> tuple[str, str] | None:
-    """The fleet port's certificate files, or None when workers talk plain HTTP: only on
-    loopback (one machine, nothing crosses a network)."""
-    from vicuna_sky.serve.auth import ConfigError, is_loopback
+def fleet_tls(path: Path | None, fleet_port: int) -> tuple[str, str] | None:
+    """The fleet port's certificate files, or None when there is no fleet port: then workers
+    talk plain HTTP, and only from this machine (a SkyServe replica's own worker)."""
+    from vicuna_sky.serve.auth import ConfigError
 
     if path is not None:
         try:
@@ -696,13 +722,7 @@ def fleet_tls(path: Path | None, fleet_port: int, host: str) -> tuple[str, str] 
     else:
         pem = os.environ.get(FLEET_TLS_ENV, "")
     if not fleet_port:
-        if not is_loopback(host):
-            raise ConfigError(
-                f"the controller on {host} is reachable from other machines: give workers a "
-                f"TLS port (--fleet-port, with {FLEET_TLS_ENV} or --tls-file) so the fleet "
-                "secret and prompts never travel in clear"
-            )
-        return None
+        return None  # workers on this machine only (Controller.check_worker, register)
     if not pem.strip():
         raise ConfigError(
             f"--fleet-port needs the fleet's TLS key and certificate ({FLEET_TLS_ENV} or "
