@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.errors import VicunaSkyError, one_line
 from vicuna_sky.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -89,8 +89,21 @@ def read_spec(spec: Spec) -> dict[str, Any]:
     return config
 
 
-def resources_config(spec: Spec, recipe: Recipe, base: dict[str, Any]) -> dict[str, Any]:
-    """The spec's `resources:` with the recipe's hardware choices applied."""
+def train_accelerators(recipe: Recipe) -> list[str]:
+    """The recipe's GPU types as SkyPilot accelerator strings (NAME:COUNT). `any` needs the
+    catalog to say what exists: the plan sets those (set_accelerators); here it is the
+    recipe's accelerator."""
+    r = recipe.resources
+    names = [a for a in r.accelerators if a.lower() != "any"] or [r.accelerator]
+    return [a if ":" in a else f"{a}:{r.gpus_per_node}" for a in names]
+
+
+def resources_config(
+    spec: Spec, recipe: Recipe, base: dict[str, Any], accelerators: list[str] | None = None
+) -> dict[str, Any]:
+    """The spec's `resources:` with the recipe's hardware choices applied. Several training
+    GPU types go to SkyPilot as a set (`accelerators: {A100-80GB:8, H100:8}`): its optimizer
+    picks one and its recovery may move to another; `accelerators` overrides the recipe's."""
     if spec is Spec.CONTROLLER:
         return base  # the controller is deliberately small, CPU and on-demand
     res = copy.deepcopy(base)
@@ -102,8 +115,12 @@ def resources_config(spec: Spec, recipe: Recipe, base: dict[str, Any]) -> dict[s
         s = recipe.serve
         accelerator, count, spot = s.accelerator, s.gpus_per_worker, s.spot
     res["use_spot"] = spot
-    if accelerator:
-        res["accelerators"] = f"{accelerator}:{count}"
+    choices = (accelerators or train_accelerators(recipe)) if spec is Spec.TRAIN else []
+    if accelerator and len(choices) > 1:
+        res["accelerators"] = dict.fromkeys(choices)  # a YAML set: {A100:8, H100:8}
+        res.pop("cpus", None)
+    elif accelerator:
+        res["accelerators"] = choices[0] if choices else f"{accelerator}:{count}"
         res.pop("cpus", None)
     else:
         res.pop("accelerators", None)
@@ -186,6 +203,21 @@ def load_task(
     return task
 
 
+def set_accelerators(task: sky.Task, recipe: Recipe, accelerators: list[str]) -> None:
+    """Offer SkyPilot these GPU types for the training task (the plan's, those that fit)."""
+    import sky
+
+    config = resources_config(
+        Spec.TRAIN, recipe, read_spec(Spec.TRAIN).get("resources") or {}, accelerators
+    )
+    try:
+        task.set_resources(sky.Resources.from_yaml_config(config))
+    except Exception as e:  # SkyPilot's own validation: say which set it refused
+        raise SpecError(
+            f"train.yaml: accelerators {', '.join(accelerators)}: {one_line(e)}"
+        ) from None
+
+
 def resolved_yaml(task: sky.Task) -> str:
     """The task as SkyPilot would run it, in YAML, as `sky launch --dryrun` shows it."""
     config = task.to_yaml_config()
@@ -235,13 +267,3 @@ def checkpoint_url(task: sky.Task) -> str:
     the same after any recovery or jobs-controller restart."""
     envs = task.envs
     return f"{envs['BUCKET_URL'].rstrip('/')}/runs/{envs['RUN_NAME']}/{envs['RUN_TAG']}"
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def one_line(error: BaseException) -> str:
-    """SkyPilot errors are multi-line and coloured; keep the first meaningful line."""
-    text = _ANSI.sub("", str(error)).strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
