@@ -94,6 +94,8 @@ def train_accelerators(recipe: Recipe) -> list[str]:
     catalog to say what exists: the plan sets those (set_accelerators); here it is the
     recipe's accelerator."""
     r = recipe.resources
+    if not r.accelerator:
+        return []
     names = [a for a in r.accelerators if a.lower() != "any"] or [r.accelerator]
     return [a if ":" in a else f"{a}:{r.gpus_per_node}" for a in names]
 
