@@ -1,6 +1,6 @@
 """The chaos harness end to end: sky/train.yaml through preemptions of both kinds, run once;
 what the run ends with (weights identical to an uninterrupted run) and what it cost (the plan's
-preemption model, `cost.SpotRun`, against what the preemptions really cost: `cost.realized`, as
+preemption model, `plan.spot.SpotRun`, against what the preemptions really cost: `cost.realized`, as
 `vicuna-sky status` and the chaos report show it)."""
 
 import json
@@ -9,8 +9,8 @@ import statistics
 import pytest
 
 from vicuna_sky.launch import jobs
-from vicuna_sky.launch.cost import SpotRun
 from vicuna_sky.launch.tasks import resolve_recipe
+from vicuna_sky.plan.spot import SpotRun
 from vicuna_sky.recipe import Recipe
 
 PREEMPTIONS = 3

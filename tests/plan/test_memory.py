@@ -29,6 +29,7 @@ def test_13b_full_fine_tuning_on_8_l4_does_not_fit():
     assert memory.fit(lora, "L4").states_gb == pytest.approx(13e9 * 2 / 8 / 1e9)
     assert memory.fit(lora, "L4").fits
     assert memory.fit(r, "TPU-v9") is None  # unknown memory: not judged
+    assert set(fit.to_dict()) == set(memory.EMPTY)  # the JSON's keys, figures or not
 
 
 def test_preflight_uses_the_planners_memory_model():

@@ -27,6 +27,19 @@ from vicuna_sky.recipe import Recipe
 USABLE = 0.85
 """Of a GPU's memory, what training may plan on."""
 
+EMPTY = dict.fromkeys(
+    (
+        "gpu",
+        "need_gb_per_gpu",
+        "usable_gb_per_gpu",
+        "state_gb",
+        "gathered_layers_gb",
+        "activations_gb",
+        "fits",
+    )
+)
+"""MemoryFit.to_dict()'s keys, for a GPU whose memory is unknown."""
+
 FULL_BYTES_PER_PARAM = 16.0
 LORA_BYTES_PER_PARAM = 2.0
 

@@ -33,6 +33,16 @@ SEED_SOURCE = "Vicuna blog (2023-03-30): SkyPilot managed spot, 8 x A100-80GB, 2
 SEED_GPU = "A100-80GB"
 """The seed trained on 8 x A100 80GB, on padded rows (no packing)."""
 
+SEED_KEYS = (
+    "gpu",
+    "packing",
+    "tokens_per_gpu_second",
+    "spot_usd",
+    "spot_where",
+    "on_demand_usd",
+    "on_demand_where",
+)
+
 SKYPILOT_RULE = (
     "SkyPilot's optimizer, with no time estimate, ranks by hourly price (a 1-hour estimate, "
     "sky/optimizer.py) at the cheapest zone of each region, Local Zones and outliers included"
@@ -199,12 +209,14 @@ class Plan:
     def emergency(self) -> dict[str, dict]:
         """Per cloud with a notice: does an emergency checkpoint commit within the window (for
         the best offer's checkpoint and step time)."""
-        if self.best is None:
-            return {}
-        ck = self.best.checkpointing
+        ck = self.best.checkpointing if self.best else None
         out = {}
         for cloud in ("aws", "gcp"):
             window = NOTICE_WINDOW_SECONDS[cloud]
+            if ck is None:  # nothing to checkpoint on: the same keys, no figures
+                out[cloud] = {"window_seconds": window, "needs_seconds": None, "fits": None}
+                out[cloud]["then"] = None
+                continue
             fits = ck.emergency_seconds <= window
             out[cloud] = {
                 "window_seconds": window,
@@ -245,7 +257,7 @@ class Plan:
                     "status": o.status,
                     "fits": o.fits,
                     "offered": o.offered,
-                    "memory": o.memory.to_dict() if o.memory else None,
+                    "memory": o.memory.to_dict() if o.memory else memory.EMPTY,
                     "tokens_per_gpu_second": round(o.throughput.per_gpu, 1)
                     if o.throughput
                     else None,
@@ -529,13 +541,14 @@ def _seed(
     """The seed's figure, and this recipe priced at the seed's settings (SEED_GPU, unpacked
     rows) on the same catalog, so a reader can see what packing, prices and hardware change."""
     usd = seed_figure(recipe.model.params_b)
-    out = {"usd": usd, "source": SEED_SOURCE, "at_seed_settings": None, "packed_same_gpu": None}
+    empty = dict.fromkeys(SEED_KEYS)
+    out = {"usd": usd, "source": SEED_SOURCE, "at_seed_settings": empty, "packed_same_gpu": empty}
     if usd is None or not any(p.gpu == SEED_GPU for p in regions):
         return out
 
-    def cheapest(offers_: list[Offer]) -> dict | None:
+    def cheapest(offers_: list[Offer]) -> dict:
         if not offers_:
-            return None
+            return empty
         spot = min(
             (o for o in offers_ if o.spot_usd is not None), key=lambda o: o.spot_usd, default=None
         )
@@ -546,6 +559,8 @@ def _seed(
         )
         return {
             "gpu": SEED_GPU,
+            "packing": None,
+            "tokens_per_gpu_second": None,
             "spot_usd": spot.spot_usd if spot else None,
             "spot_where": f"{spot.cloud} {spot.region}" if spot else None,
             "on_demand_usd": od.on_demand_usd if od else None,
@@ -553,11 +568,15 @@ def _seed(
         }
 
     unpacked = option(SEED_GPU, packing=False)
-    out["at_seed_settings"] = cheapest(priced(unpacked, packing=False, pool=regions))
-    if out["at_seed_settings"]:
-        out["at_seed_settings"]["packing"] = False
-        out["at_seed_settings"]["tokens_per_gpu_second"] = round(unpacked.throughput.per_gpu, 1)
+    at = cheapest(priced(unpacked, packing=False, pool=regions))
+    out["at_seed_settings"] = at | {
+        "packing": False,
+        "tokens_per_gpu_second": round(unpacked.throughput.per_gpu, 1),
+    }
     if recipe.train.packing:
         packed = option(SEED_GPU)
-        out["packed_same_gpu"] = cheapest(priced(packed, pool=regions))
+        out["packed_same_gpu"] = cheapest(priced(packed, pool=regions)) | {
+            "packing": True,
+            "tokens_per_gpu_second": round(packed.throughput.per_gpu, 1),
+        }
     return out

@@ -75,9 +75,10 @@ def render(plan: Plan) -> list[object]:
             )
     table = Table(title="offers, ranked (enabled clouds first)", title_justify="left")
     cols = ("cloud", "region", "gpu", "spot $/h (zones, range)", "flagged", "preempt/h")
-    cols += ("hours", "spot $", "on-demand $", "take", "$/M tokens")
+    cols += ("hours", "spot $", "on-demand $", "egress $", "take", "$/M tokens")
     for col in cols:
         table.add_column(col, justify="right" if "$" in col or col == "hours" else "left")
+    # spot $ and on-demand $ include the egress $ (0 on the bucket's cloud)
     for o in plan.offers[: plan.top]:
         p = o.price
         spot = (
@@ -97,6 +98,7 @@ def render(plan: Plan) -> list[object]:
             f"{o.work_seconds / 3600:,.1f}",
             _usd(o.spot_usd),
             _usd(o.on_demand_usd),
+            _usd(o.spot_egress_usd if o.recommended == "spot" else o.on_demand_egress_usd),
             o.recommended,
             f"{o.usd / (plan.tokens / 1e6):,.3f}",
         )
@@ -132,8 +134,8 @@ def render(plan: Plan) -> list[object]:
             )
     seed = plan.seed
     if seed.get("usd") is not None:
-        at = seed.get("at_seed_settings")
-        packed = seed.get("packed_same_gpu")
+        at = seed["at_seed_settings"] if seed["at_seed_settings"]["gpu"] else None
+        packed = seed["packed_same_gpu"] if seed["packed_same_gpu"]["gpu"] else None
         text = f"seed figure: ~${seed['usd']:,.0f} ({seed['source']})"
         if at:
             text += (
