@@ -74,7 +74,7 @@ def render(plan: Plan) -> list[object]:
                 )
             )
     table = Table(title="offers, ranked (enabled clouds first)", title_justify="left")
-    cols = ("cloud", "region", "gpu", "spot $/h (zones, range)", "flagged", "preempt/h")
+    cols = ("cloud", "region", "instance", "spot $/h (zones, range)", "flagged", "preempt/h")
     cols += ("hours", "spot $", "on-demand $", "egress $", "take", "$/M tokens")
     for col in cols:
         table.add_column(col, justify="right" if "$" in col or col == "hours" else "left")
@@ -91,7 +91,7 @@ def render(plan: Plan) -> list[object]:
         table.add_row(
             o.cloud + ("" if o.enabled else " (not enabled)"),
             o.region,
-            o.option.gpu,
+            f"{p.instance_type} ({o.option.gpu})",
             spot,
             "; ".join(flagged) or "",
             f"{o.preemptions_per_hour:g}",
