@@ -440,8 +440,9 @@ def make_plan(
         return out
 
     options = [option(gpu) for gpu in names]
+    priceable = (o for opt in options if opt.fits and opt.throughput for o in priced(opt))
     ranked = sorted(
-        (o for opt in options if opt.fits and opt.throughput for o in priced(opt)),
+        (o for o in priceable if o.usd is not None),  # no price at all: nothing to rank
         key=lambda o: (not o.enabled, o.usd, o.cloud, o.region),
     )
     plan = Plan(
@@ -460,7 +461,7 @@ def make_plan(
         recipe_every_steps=recipe.train.checkpoint_every_steps,
         top=top,
     )
-    plan.skypilot_choice, plan.skypilot_price = _skypilot_choice(recipe, ranked, enabled)
+    plan.skypilot_choice, plan.skypilot_price = _skypilot_choice(recipe, ranked)
     seed_regions = offers.regions([z for z in zones if z.gpu == SEED_GPU], special_zones)
     plan.seed = _seed(recipe, seed_regions, option, priced)
     return plan
@@ -515,9 +516,7 @@ def _gpu_names(recipe: Recipe, zones: list[catalog.ZonePrice], clouds: list[str]
     return names
 
 
-def _skypilot_choice(
-    recipe: Recipe, ranked: list[Offer], enabled: frozenset[str]
-) -> tuple[Offer | None, float | None]:
+def _skypilot_choice(recipe: Recipe, ranked: list[Offer]) -> tuple[Offer | None, float | None]:
     """The offer SkyPilot's optimizer would launch from the same set (SKYPILOT_RULE)."""
     spot = recipe.resources.spot
     pool = [o for o in ranked if o.enabled]
