@@ -93,7 +93,7 @@ def test_chaos_overhead_matches_the_plans_prediction(chaos):
     # The plan's inputs, none of them the preemptions' outcome: step time from the uninterrupted
     # reference run; checkpoint write and upload from the recipe's plan section (size x
     # bandwidth, as `vicuna-sky plan` computes them); the relaunch time, which the plan takes as
-    # stated (plan.relaunch_minutes), is this machine's: the mean time from an attempt's start
+    # stated (plan.spot.RELAUNCH_MINUTES), is this machine's: the mean time from an attempt's start
     # to its first step, over every attempt of the run (on a shared CPU it drifts by seconds
     # within minutes, so a figure from another run would measure the machine's load, not the
     # model).
