@@ -174,3 +174,30 @@ def test_the_seed_priced_at_its_own_settings():
     assert at["gpu"] == "A100-80GB" and at["packing"] is False
     # Unpacked rows train far fewer tokens per second: the same tokens cost more.
     assert at["spot_usd"] > packed["spot_usd"] and at["on_demand_usd"] > at["spot_usd"]
+
+
+def test_the_rule_for_skypilots_choice_is_what_its_optimizer_picks(clouds_enabled):
+    """SkyPilot's own optimizer, in-process on the session's catalog, given the set the launch
+    passes: the planner's SKYPILOT_RULE names the same offer."""
+    import sky
+    from sky import optimizer, sky_logging
+    from vicuna_sky.launch.tasks import Spec, resources_config
+
+    r = recipe("vicuna-7b")
+    plan = make_plan(r, enabled=BOTH, any_cloud=True)  # SkyPilot's catalog: the made-up one
+    base = {"job_recovery": {"strategy": "EAGER_NEXT_REGION"}}
+    config = resources_config(Spec.TRAIN, r, base, plan.launch_set)
+    task = sky.Task(name="plan-check", run="true", num_nodes=1)
+    task.set_resources(sky.Resources.from_yaml_config(config))
+    with sky.Dag() as dag:
+        dag.add(task)
+    with sky_logging.silent():
+        optimizer.Optimizer.optimize(dag, quiet=True)
+    best = dag.tasks[0].best_resources
+    mine = plan.skypilot_choice
+    assert (str(best.cloud).lower(), best.region, *best.accelerators) == (
+        mine.cloud,
+        mine.region,
+        mine.option.gpu,
+    )
+    assert best.get_cost(3600) == pytest.approx(plan.skypilot_price)
