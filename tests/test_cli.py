@@ -33,7 +33,7 @@ def test_train_dryrun_prints_task_and_cost_table_offline(cli, clouds_enabled):
     assert "offers, ranked" in text and "a2-highgpu-8g" in text and "a2-ultragpu-8g" in text
     assert "H100:8" in text and "no offer in the catalog" in text
     assert "transferred: MFU 35.2% measured on H200" in text
-    assert "GPU types offered to SkyPilot: A100:8, A100-80GB:8" in text  # best first
+    assert "GPU types offered to SkyPilot: A100:8, A100-80GB:8 on gcp" in text  # best first
 
 
 def test_plan_by_recipe_name(cli, clouds_enabled):

@@ -32,6 +32,8 @@ def test_train_launches_with_the_planned_interval_and_gpu_types(clouds_enabled):
     # The made-up catalog has no H100: SkyPilot is offered the two types that have an offer.
     assert sorted(plan.launch_set) == ["A100-80GB:8", "A100:8"]
     assert {next(iter(res.accelerators)) for res in task.resources} == {"A100", "A100-80GB"}
+    # The plan kept the run on the gs:// bucket's cloud; so does the task SkyPilot gets.
+    assert plan.egress["mode"] == "restricted" and {str(x.cloud) for x in task.resources} == {"GCP"}
     # The user's --env wins; so does a recipe that keeps its own number.
     task = load_task(Spec.TRAIN, r, {"CHECKPOINT_EVERY_STEPS": "7"})
     train_plan(r, task, {"CHECKPOINT_EVERY_STEPS": "7"})

@@ -325,11 +325,11 @@ def train_plan(recipe: Recipe, task: object, overrides: dict[str, str]) -> tuple
                 "no plan to choose by)"
             )
         return None, one_line(e)
-    if plan.launch_set and plan.launch_set != [
-        f"{recipe.resources.accelerator}:{recipe.resources.gpus_per_node}"
-    ]:
-        set_accelerators(task, recipe, plan.launch_set)  # SkyPilot may move between them
-        console.print(f"GPU types offered to SkyPilot: {', '.join(plan.launch_set)}")
+    if plan.launch_set:  # SkyPilot may move between them; on the bucket's cloud when planned so
+        clouds = plan.clouds if plan.egress["mode"] == "restricted" else None
+        set_accelerators(task, recipe, plan.launch_set, clouds)
+        where = f" on {', '.join(clouds)} (the bucket's cloud)" if clouds else ""
+        console.print(f"GPU types offered to SkyPilot: {', '.join(plan.launch_set)}{where}")
     if recipe.plan.use_planned_interval and plan.best and "CHECKPOINT_EVERY_STEPS" not in overrides:
         steps = plan.best.every_steps
         task.update_envs({"CHECKPOINT_EVERY_STEPS": str(steps)})

@@ -101,11 +101,16 @@ def train_accelerators(recipe: Recipe) -> list[str]:
 
 
 def resources_config(
-    spec: Spec, recipe: Recipe, base: dict[str, Any], accelerators: list[str] | None = None
+    spec: Spec,
+    recipe: Recipe,
+    base: dict[str, Any],
+    accelerators: list[str] | None = None,
+    clouds: list[str] | None = None,
 ) -> dict[str, Any]:
     """The spec's `resources:` with the recipe's hardware choices applied. Several training
     GPU types go to SkyPilot as a set (`accelerators: {A100-80GB:8, H100:8}`): its optimizer
-    picks one and its recovery may move to another; `accelerators` overrides the recipe's."""
+    picks one and its recovery may move to another; `accelerators` overrides the recipe's, and
+    `clouds` narrows its clouds (the plan keeps a run on its bucket's cloud)."""
     if spec is Spec.CONTROLLER:
         return base  # the controller is deliberately small, CPU and on-demand
     res = copy.deepcopy(base)
@@ -129,6 +134,8 @@ def resources_config(
         res["cpus"] = r.cpus or "2+"
     res.pop("any_of", None)
     infras = r.regions or r.clouds
+    if clouds:
+        infras = [i for i in r.regions if i.partition("/")[0] in clouds] or clouds
     if infras:
         res["any_of"] = [{"infra": infra} for infra in infras]
     return res
@@ -205,13 +212,15 @@ def load_task(
     return task
 
 
-def set_accelerators(task: sky.Task, recipe: Recipe, accelerators: list[str]) -> None:
-    """Offer SkyPilot these GPU types for the training task (the plan's, those that fit)."""
+def set_accelerators(
+    task: sky.Task, recipe: Recipe, accelerators: list[str], clouds: list[str] | None = None
+) -> None:
+    """Offer SkyPilot these GPU types (the plan's, those that fit) for the training task, on
+    `clouds` if given."""
     import sky
 
-    config = resources_config(
-        Spec.TRAIN, recipe, read_spec(Spec.TRAIN).get("resources") or {}, accelerators
-    )
+    base = read_spec(Spec.TRAIN).get("resources") or {}
+    config = resources_config(Spec.TRAIN, recipe, base, accelerators, clouds)
     try:
         task.set_resources(sky.Resources.from_yaml_config(config))
     except Exception as e:  # SkyPilot's own validation: say which set it refused
