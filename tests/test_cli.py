@@ -29,16 +29,17 @@ def test_train_dryrun_prints_task_and_cost_table_offline(cli, clouds_enabled):
     text = out.stdout
     assert "EAGER_NEXT_REGION" in text and "A100" in text
     assert "LR: '1e-05'" in text or "LR: 1e-05" in text
-    assert "cheapest spot" in text and "cheapest on-demand" in text
-    assert "a2-highgpu-8g" in text and "p4d.24xlarge" in text
-    assert "measured MFU 2.9% on H200" in text or "measured MFU 35.2% on H200" in text
-    assert "SkyPilot optimizer picks: GCP/us-central1" in text
+    # The made-up session catalog: GCP only (the bucket's cloud), no H100 there.
+    assert "offers, ranked" in text and "a2-highgpu-8g" in text and "a2-ultragpu-8g" in text
+    assert "H100:8" in text and "no offer in the catalog" in text
+    assert "transferred: MFU 35.2% measured on H200" in text
+    assert "GPU types offered to SkyPilot: A100:8, A100-80GB:8 on gcp" in text  # best first
 
 
 def test_plan_by_recipe_name(cli, clouds_enabled):
     out = cli("plan", "vicuna-13b")
     assert out.returncode == 0, out.stderr
-    assert "p4de.24xlarge" in out.stdout and "budget $600" in out.stdout
+    assert "a2-ultragpu-8g" in out.stdout and "budget $600" in out.stdout
 
 
 @pytest.mark.parametrize(

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,44 @@ def test_a_key_given_twice_is_an_error(tmp_path):
     assert twice != text
     with pytest.raises(RecipeError, match=r"key 'lr' appears twice \(lines \d+ and \d+\)"):
         Recipe.from_text(twice, source="twice.yaml")
+
+
+@pytest.mark.parametrize(
+    ("yaml", "message"),
+    [
+        ("  write_gb_per_second: 0\n", "'plan.write_gb_per_second' must be positive"),
+        ("  preemptions_per_hour: -1\n", "'plan.preemptions_per_hour' must not be negative"),
+        ("  checkpoint_bytes_per_param: 0.5\n", "'plan.checkpoint_bytes_per_param' must be in"),
+        ("  preemption_rates: {gcp: -0.5}\n", "'plan.preemption_rates.gcp' must not be negative"),
+        ("  preemption_rates: {a/b/c: 0.5}\n", "keyed 'cloud' or 'cloud/region'"),
+        ("  preemption_rates: [1]\n", "'plan.preemption_rates' must be a mapping"),
+        ("  preemption_rates: {gcp: fast}\n", "'plan.preemption_rates.gcp' must be a number"),
+    ],
+)
+def test_plan_section_checked(yaml, message):
+    text = (
+        (ROOT / "recipes" / "vicuna-7b.yaml")
+        .read_text()
+        .replace("  mfu: 0.4\n", "  mfu: 0.4\n" + yaml)
+    )
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        Recipe.from_text(text, source="r.yaml")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("params_b: 6.74", "params_b: 0", "'model.params_b' must be positive, got 0"),
+        ("params_b: 6.74", "params_b: -7", "'model.params_b' must be positive, got -7"),
+        ("[A100-80GB:8, H100:8, A100:8]", "[H100:4]", "asks 4 GPUs per node"),
+        ("[A100-80GB:8, H100:8, A100:8]", "[H100:eight]", "must be NAME or NAME:COUNT"),
+        ("[A100-80GB:8, H100:8, A100:8]", "[any, H100]", "must be NAME or NAME:COUNT"),
+    ],
+)
+def test_accelerators_and_model_size_checked(old, new, message):
+    text = (ROOT / "recipes" / "vicuna-7b.yaml").read_text()
+    assert old in text
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        Recipe.from_text(text.replace(old, new), source="r.yaml")
+    accepted = text.replace("[A100-80GB:8, H100:8, A100:8]", "[any]")
+    assert Recipe.from_text(accepted, source="r.yaml").resources.accelerators == ["any"]

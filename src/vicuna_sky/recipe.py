@@ -87,6 +87,10 @@ class ResourcesSection:
     """GPU type per node as SkyPilot names it; null runs on CPUs."""
     gpus_per_node: int = 8
     """GPUs per node (ignored when accelerator is null)."""
+    accelerators: list[str] = field(default_factory=list)
+    """GPU types the run may use, e.g. [A100-80GB:8, H100:8, A100:8] (each with gpus_per_node
+    GPUs), or [any] for every type that fits; empty = the accelerator alone. The plan prices
+    each, and the launch hands SkyPilot the ones that fit."""
     nodes: int = 1
     """Nodes in the cluster."""
     cpus: str | None = None
@@ -184,10 +188,10 @@ class PlanSection:
     """`train` of a GPU recipe checkpoints every the plan's Young/Daly number of steps (for the
     best offer) instead of train.checkpoint_every_steps; `--env CHECKPOINT_EVERY_STEPS=N` wins,
     and without a plan (offline) the recipe's number stands."""
-    relaunch_minutes: float = 8.0
+    relaunch_minutes: float | None = None
     """Minutes from a preemption to training again, before the checkpoint download (which the
-    plan adds from its size): SkyPilot provisioning a GPU node + setup + model load (assumed;
-    the local backend measures 7-25 s)."""
+    plan adds from its size); null = the planner's figure
+    (vicuna_sky.plan.spot.RELAUNCH_MINUTES)."""
 
 
 @dataclass(frozen=True)
@@ -247,7 +251,11 @@ class Recipe:
             fail("name", "must be non-empty letters, digits, '-', '_' or '.'")
         if not self.bucket.startswith(BUCKET_SCHEMES):
             fail("bucket", f"must be a URL starting with one of {', '.join(BUCKET_SCHEMES)}")
-        for key, value in (("train.lr", t.lr), ("train.epochs", t.epochs)):
+        for key, value in (
+            ("train.lr", t.lr),
+            ("train.epochs", t.epochs),
+            ("model.params_b", self.model.params_b),
+        ):
             if value <= 0:
                 fail(key, f"must be positive, got {value}")
         if t.lora_r < 0:
@@ -275,6 +283,7 @@ class Recipe:
                 f"({t.global_batch_size}) must be a multiple of micro_batch_size x devices "
                 f"({t.micro_batch_size} x {self.world_size} = {per_step})",
             )
+        self._check_accelerators(fail)
         for i, infra in enumerate(r.regions):
             cloud, sep, region = infra.partition("/")
             if not sep or not region:
@@ -284,6 +293,26 @@ class Recipe:
         self._check_plan(fail)
         if self.budget_usd is not None and self.budget_usd <= 0:
             fail("budget_usd", f"must be positive, got {self.budget_usd}")
+
+    def _check_accelerators(self, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
+        r = self.resources
+        if r.accelerators and not r.accelerator:
+            fail("resources.accelerators", "needs resources.accelerator (a CPU run has no GPUs)")
+        if [a.lower() for a in r.accelerators] == ["any"]:
+            return
+        for i, item in enumerate(r.accelerators):
+            name, sep, count = item.partition(":")
+            if not name or name.lower() == "any" or (sep and not count.isdigit()):
+                fail(
+                    f"resources.accelerators[{i}]",
+                    f"must be NAME or NAME:COUNT (or the list [any]), got '{item}'",
+                )
+            if sep and int(count) != r.gpus_per_node:
+                fail(
+                    f"resources.accelerators[{i}]",
+                    f"asks {count} GPUs per node, the recipe's batch is laid out for "
+                    f"gpus_per_node {r.gpus_per_node}",
+                )
 
     def _check_plan(self, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
         p = self.plan
@@ -304,7 +333,7 @@ class Recipe:
         for key, value in (
             ("plan.tokens_per_gpu_second", p.tokens_per_gpu_second),
             ("plan.preemptions_per_hour", p.preemptions_per_hour),
-            ("plan.relaunch_minutes", p.relaunch_minutes),
+            ("plan.relaunch_minutes", p.relaunch_minutes or 0.0),
             *((f"plan.preemption_rates.{k}", v) for k, v in p.preemption_rates.items()),
         ):
             if value < 0:

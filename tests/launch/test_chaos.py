@@ -1,6 +1,6 @@
 """The chaos harness end to end: sky/train.yaml through preemptions of both kinds, run once;
 what the run ends with (weights identical to an uninterrupted run) and what it cost (the plan's
-preemption model, `cost.SpotRun`, against what the preemptions really cost: `cost.realized`, as
+preemption model, `plan.spot.SpotRun`, against what the preemptions really cost: `cost.realized`, as
 `vicuna-sky status` and the chaos report show it)."""
 
 import json
@@ -9,8 +9,8 @@ import statistics
 import pytest
 
 from vicuna_sky.launch import jobs
-from vicuna_sky.launch.cost import SpotRun
 from vicuna_sky.launch.tasks import resolve_recipe
+from vicuna_sky.plan.spot import SpotRun
 from vicuna_sky.recipe import Recipe
 
 PREEMPTIONS = 3
@@ -93,7 +93,7 @@ def test_chaos_overhead_matches_the_plans_prediction(chaos):
     # The plan's inputs, none of them the preemptions' outcome: step time from the uninterrupted
     # reference run; checkpoint write and upload from the recipe's plan section (size x
     # bandwidth, as `vicuna-sky plan` computes them); the relaunch time, which the plan takes as
-    # stated (plan.relaunch_minutes), is this machine's: the mean time from an attempt's start
+    # stated (plan.spot.RELAUNCH_MINUTES), is this machine's: the mean time from an attempt's start
     # to its first step, over every attempt of the run (on a shared CPU it drifts by seconds
     # within minutes, so a figure from another run would measure the machine's load, not the
     # model).

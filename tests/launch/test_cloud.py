@@ -769,7 +769,7 @@ def test_preflight_refuses_before_anything_is_launched(
                 r["resources"].update(accelerator="L4", gpus_per_node=8),
                 r["train"].update(global_batch_size=16),
             ),
-            "preflight memory: 13B parameters need about 208 GB of GPU memory; 8 x L4",
+            "preflight memory: 13B parameters need about 27.7 GB per GPU on 8 x L4",
         ),
     ]  # fmt: skip
     for edit, message in cases:

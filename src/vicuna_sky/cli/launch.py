@@ -129,11 +129,47 @@ def serve(fleet: bool, **options: object) -> None:
     "--top", type=click.IntRange(min=1), default=5, show_default=True, help="Candidates per table."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead of tables.")
-def plan(recipe: str, top: int, as_json: bool) -> None:
-    """Cost plan: tokens, throughput, checkpoint interval, spot offers ranked by expected $."""
+@click.option(
+    "--catalog",
+    "catalog_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Price from a saved copy of SkyPilot's catalogs (DIR/<cloud>/vms.csv), never fetched.",
+)
+@click.option(
+    "--any-cloud",
+    is_flag=True,
+    help="Offers on every cloud, not only the bucket's; cross-cloud checkpoint traffic is priced.",
+)
+@click.option(
+    "--local-zones",
+    "special_zones",
+    is_flag=True,
+    help="Count AWS Local/Wavelength Zones and GCP's special zones in a region's price.",
+)
+@click.option("--verbose", is_flag=True, help="Show SkyPilot's own messages (catalog fetches).")
+def plan(
+    recipe: str,
+    top: int,
+    as_json: bool,
+    catalog_dir: Path | None,
+    any_cloud: bool,
+    special_zones: bool,
+    verbose: bool,
+) -> None:
+    """Cost plan: every GPU type that fits, region offers at typical zone prices, spot or
+    on-demand per offer, ranked by expected $ (enabled clouds first)."""
     from vicuna_sky.launch import runner
 
-    runner.print_plan(runner.load_recipe(recipe), top=top, as_json=as_json)
+    runner.print_plan(
+        runner.load_recipe(recipe),
+        top=top,
+        as_json=as_json,
+        catalog_dir=catalog_dir,
+        any_cloud=any_cloud,
+        special_zones=special_zones,
+        verbose=verbose,
+    )
 
 
 @app.command()

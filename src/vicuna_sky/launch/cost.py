@@ -1,114 +1,22 @@
-"""The cost of a run on spot: expected before it, realized after it (what its machines were
-billed, what the same work would have cost on demand, and what the preemptions added).
+"""The realized cost of a run on spot: what its machines were billed, what the same work would
+have cost on demand, and what the preemptions added. (The expected side, before a run, is the
+planner's: vicuna_sky.plan.spot.SpotRun and `vicuna-sky plan`.)
 
-The module has both sides of the same account. Before a run, `SpotRun` is the expected
-cost (`vicuna-sky plan`): Young/Daly's checkpoint interval and the billed time a run needs when
-each preemption loses work and a relaunch. After a run, `realized` measures: the events are the
-run's attempts (one per machine: when it came up, when it went away) and, locally, the trainer's
-per-step metrics. Work is "kept" when a later attempt did not redo it: an attempt's steps up to
-the checkpoint the next attempt resumed from, and the whole of the last attempt. The on-demand
-cost of the same work is the kept time at the on-demand price; the overhead is everything else
-(restarts, lost steps) at the spot price. The chaos test holds one against the other.
+`realized` measures: the events are the run's attempts (one per machine: when it came up, when it
+went away) and, locally, the trainer's per-step metrics. Work is "kept" when a later attempt did not
+redo it: an attempt's steps up to the checkpoint the next attempt resumed from, and the whole of the
+last attempt. The on-demand cost of the same work is the kept time at the on-demand price; the
+overhead is everything else (restarts, lost steps) at the spot price. The chaos test holds one
+against the other.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vicuna_sky.launch import jobs
-
-
-def young_daly(checkpoint_seconds: float, mtbp_seconds: float) -> float:
-    """The compute time between checkpoints that minimizes expected lost + checkpointing time:
-    sqrt(2 x checkpoint cost x mean time between preemptions) (Young 1974, Daly 2006, to first
-    order). No preemptions: infinite (checkpoint only at the end); free checkpoints: 0."""
-    if mtbp_seconds == math.inf:
-        return math.inf
-    return math.sqrt(2 * checkpoint_seconds * mtbp_seconds)
-
-
-@dataclass(frozen=True)
-class SpotRun:
-    """One run on one offer, in seconds of node wall clock. All inputs, no I/O."""
-
-    work_seconds: float
-    """T: training time with no checkpoint and no preemption (tokens / throughput)."""
-    interval_seconds: float
-    """tau: training time between periodic checkpoints."""
-    checkpoint_seconds: float
-    """C: how long training waits while a periodic checkpoint is written."""
-    commit_lag_seconds: float
-    """U: from a checkpoint's write to its commit in the bucket (the background upload). A
-    preemption before the commit falls back to the one before: expected loss tau/2 + U."""
-    relaunch_seconds: float
-    """R: from a preemption to training again (provisioning, setup, download, load)."""
-    preemptions_per_hour: float
-    """lambda: expected preemptions per hour of this offer (Poisson)."""
-    notice_seconds: float = 0.0
-    """The cloud's notice window (GCP 30 s, AWS 120 s); 0 = no notice."""
-    emergency_seconds: float = math.inf
-    """Finishing the step, writing and uploading an emergency checkpoint."""
-
-    @property
-    def emergency_fits(self) -> bool:
-        return self.emergency_seconds <= self.notice_seconds
-
-    @property
-    def lost_seconds(self) -> float:
-        """Expected billed time one preemption wastes before the relaunch. The node is billed
-        until the cloud takes it at the end of the notice window, and trains no more once it has
-        saved: with an emergency checkpoint that fits, no work is lost, the window is (an upper
-        bound: the job's exit may release the node sooner). Without one: the work since the
-        newest committed checkpoint (tau/2 + U on average, the lag capped at one interval since
-        uploads queue) plus the window spent on a save that never commits."""
-        if self.emergency_fits:
-            return self.notice_seconds
-        return (
-            self.interval_seconds / 2
-            + min(self.commit_lag_seconds, self.interval_seconds)
-            + (self.notice_seconds)
-        )
-
-    @property
-    def per_preemption_seconds(self) -> float:
-        return self.lost_seconds + self.relaunch_seconds
-
-    @property
-    def checkpoints_seconds(self) -> float:
-        """Time spent writing periodic checkpoints over the run's kept work."""
-        if self.interval_seconds == math.inf:
-            return 0.0
-        return self.work_seconds / self.interval_seconds * self.checkpoint_seconds
-
-    @property
-    def billed_seconds(self) -> float:
-        """W = T (1 + C/tau) + n (L + R) with n = lambda W expected preemptions, so
-        W = T (1 + C/tau) / (1 - lambda (L + R)). Infinite when a preemption is expected before
-        one interval's work survives it (the run never finishes)."""
-        rate = self.preemptions_per_hour / 3600
-        waste = rate * self.per_preemption_seconds
-        if waste >= 1:
-            return math.inf
-        return (self.work_seconds + self.checkpoints_seconds) / (1 - waste)
-
-    @property
-    def preemptions(self) -> float:
-        return self.preemptions_per_hour / 3600 * self.billed_seconds
-
-    @property
-    def overhead_seconds(self) -> float:
-        """Billed time that is not training: checkpoints, lost work, relaunches."""
-        return self.billed_seconds - self.work_seconds
-
-    def cost(self, hourly_usd: float, nodes: int) -> float:
-        return self.billed_seconds / 3600 * hourly_usd * nodes
-
-    def on_demand_cost(self, hourly_usd: float, nodes: int) -> float:
-        """The same tokens on demand: no preemption, the same periodic checkpoints."""
-        return (self.work_seconds + self.checkpoints_seconds) / 3600 * hourly_usd * nodes
 
 
 @dataclass(frozen=True)
@@ -157,18 +65,27 @@ def prices_for(recipe: object) -> Prices:
                 "`vicuna-sky plan` fetches it when online"
             )
     if r.accelerator:
-        from vicuna_sky.launch.plan import catalog_candidates
+        from vicuna_sky.plan import catalog as plan_catalog
+        from vicuna_sky.plan import offers
 
-        spot, on_demand = catalog_candidates(recipe, top=50)
-        if not spot or not on_demand:
+        zones = []
+        for cloud in r.clouds or ["aws"]:
+            df = plan_catalog.read(Path(common.get_catalog_path(f"{cloud}/vms.csv")))
+            zones += plan_catalog.zone_prices(cloud, df, r.gpus_per_node)
+        regions = [
+            p
+            for p in offers.regions(zones)
+            if p.gpu.lower() == r.accelerator.lower() and p.spot and p.on_demand
+        ]
+        if not regions:
             raise ValueError(f"no catalog offer for {r.accelerator}:{r.gpus_per_node}")
-        best = spot[0]
-        same = [c for c in on_demand if c.instance_type == best.instance_type] or on_demand
+        best = min(regions, key=lambda p: (p.spot, p.cloud, p.region))
         return Prices(
-            best.hourly_usd,
-            same[0].hourly_usd,
+            best.spot,
+            best.on_demand,
             r.nodes,
-            f"{best.cloud} {best.region} {best.instance_type} (SkyPilot catalog)",
+            f"{best.cloud} {best.region} {best.instance_type} (SkyPilot catalog, median of "
+            f"{best.zones} zones)",
         )
     cloud = (r.clouds or ["aws"])[0]
     instance = catalog.get_default_instance_type(cpus=r.cpus, clouds=cloud)

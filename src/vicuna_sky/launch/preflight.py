@@ -8,8 +8,8 @@ managed job, no local run. `--skip-preflight CHECK` (repeatable) overrides one n
 - `bucket`: the bucket is reachable and writable (a small probe object, removed again).
 - `hf-token`: a gated model on the Hugging Face hub needs HF_TOKEN. Gated or not comes from the
   hub when it answers, else from a known list; the line says which.
-- `memory`: the model and its optimizer state fit the GPUs (full fine-tuning in mixed precision
-  holds about 16 bytes per parameter, sharded over every GPU by FSDP; LoRA about 2).
+- `memory`: the model fits the GPUs, by the planner's memory model (vicuna_sky.plan.memory:
+  state sharded by FSDP, the gathered layers and one micro-batch's activations).
 """
 
 from __future__ import annotations
@@ -25,25 +25,6 @@ from vicuna_sky.recipe import Recipe
 
 CHECKS = ("data", "bucket", "hf-token", "memory")
 
-GPU_MEMORY_GB = {
-    "A100": 40,
-    "A100-80GB": 80,
-    "H100": 80,
-    "H200": 141,
-    "L40S": 48,
-    "L4": 24,
-    "A10G": 24,
-    "A10": 24,
-    "V100": 16,
-    "V100-32GB": 32,
-    "T4": 16,
-}
-"""Memory per GPU (GB), from the vendors' data sheets."""
-
-USABLE = 0.85
-"""Of a GPU's memory, what training may plan on: the CUDA context, the allocator's
-fragmentation and activations take the rest."""
-
 KNOWN_GATED = ("meta-llama/", "mistralai/Mistral-", "mistralai/Mixtral-", "google/gemma")
 """Hub organisations and model families that ask users to accept a licence before download,
 for when the hub cannot be asked (offline)."""
@@ -56,32 +37,30 @@ class Finding:
     line: str
 
 
-def bytes_per_param(lora: bool) -> float:
-    """Full fine-tuning with AdamW in mixed precision: fp32 master weights (4), gradients (4),
-    two moments (8); LoRA: the frozen bf16 base (2), the adapters are small."""
-    return 2.0 if lora else 16.0
-
-
 def check_memory(recipe: Recipe) -> Finding:
+    """The planner's memory model (vicuna_sky.plan.memory) for the recipe's GPU type."""
+    from vicuna_sky.plan import memory
+
     r = recipe.resources
     if not r.accelerator:
         return Finding("memory", True, "memory: CPU run, not checked")
-    per_gpu = GPU_MEMORY_GB.get(r.accelerator.upper()) or GPU_MEMORY_GB.get(r.accelerator)
-    if per_gpu is None:
+    fit = memory.fit(recipe, r.accelerator)
+    if fit is None:
         return Finding("memory", True, f"memory: {r.accelerator}'s memory unknown, not checked")
     gpus = r.gpus_per_node * r.nodes
-    need = recipe.model.params_b * bytes_per_param(recipe.train.lora_r > 0)
-    have = gpus * per_gpu * USABLE
-    what = f"{recipe.model.params_b:g}B parameters need about {need:,.0f} GB"
-    where = f"{gpus} x {r.accelerator} ({per_gpu} GB each, {have:,.0f} GB usable)"
-    if need > have:
+    what = (
+        f"{recipe.model.params_b:g}B parameters need about {fit.need_gb:,.1f} GB per GPU on "
+        f"{gpus} x {fit.gpu} ({fit.usable_gb:,.1f} GB usable each"
+    )
+    if not fit.fits:
         return Finding(
             "memory",
             False,
-            f"{what} of GPU memory; {where} is too little: choose larger or more GPUs "
-            "(resources.accelerator, gpus_per_node, nodes) or LoRA (train.lora_r)",
+            f"{what}; state {fit.states_gb:,.1f} sharded, activations {fit.activations_gb:,.1f}): "
+            "choose larger or more GPUs (resources.accelerator, gpus_per_node, nodes) or LoRA "
+            "(train.lora_r)",
         )
-    return Finding("memory", True, f"memory: {what}; {where}")
+    return Finding("memory", True, f"memory: {what})")
 
 
 def gated(model: str) -> tuple[bool | None, str]:

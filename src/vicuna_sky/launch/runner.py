@@ -24,6 +24,7 @@ from vicuna_sky.launch.tasks import (
     read_spec,
     resolve_recipe,
     resolved_yaml,
+    set_accelerators,
 )
 from vicuna_sky.output import check_output_dir, writing_dir
 from vicuna_sky.recipe import Recipe
@@ -313,7 +314,7 @@ def train_plan(recipe: Recipe, task: object, overrides: dict[str, str]) -> tuple
     """The cost plan of a GPU training run (None and why, when there is none: offline, no
     catalog), and with `plan.use_planned_interval` its Young/Daly checkpoint interval applied
     to the task, unless `--env CHECKPOINT_EVERY_STEPS` chose one."""
-    from vicuna_sky.launch.plan import make_plan
+    from vicuna_sky.plan import make_plan
 
     try:
         plan = make_plan(recipe)
@@ -324,6 +325,11 @@ def train_plan(recipe: Recipe, task: object, overrides: dict[str, str]) -> tuple
                 "no plan to choose by)"
             )
         return None, one_line(e)
+    if plan.launch_set:  # SkyPilot may move between them; on the bucket's cloud when planned so
+        clouds = plan.clouds if plan.egress["mode"] == "restricted" else None
+        set_accelerators(task, recipe, plan.launch_set, clouds)
+        where = f" on {', '.join(clouds)} (the bucket's cloud)" if clouds else ""
+        console.print(f"GPU types offered to SkyPilot: {', '.join(plan.launch_set)}{where}")
     if recipe.plan.use_planned_interval and plan.best and "CHECKPOINT_EVERY_STEPS" not in overrides:
         steps = plan.best.every_steps
         task.update_envs({"CHECKPOINT_EVERY_STEPS": str(steps)})
@@ -339,7 +345,7 @@ def check_budget(recipe: Recipe, over_budget: bool, plan: object = None) -> None
     """Refuse a cloud training run whose best expected cost is over the recipe's budget."""
     if recipe.budget_usd is None or not recipe.resources.accelerator:
         return
-    from vicuna_sky.launch.plan import make_plan
+    from vicuna_sky.plan import make_plan
 
     if plan is None:
         try:
@@ -572,12 +578,17 @@ def check_recipe(recipe_arg: str) -> None:
     console.print(table)
 
 
-def print_plan(recipe: Recipe, top: int = 5, as_json: bool = False, plan: object = None) -> None:
-    from vicuna_sky.launch.plan import make_plan, render
+def print_plan(
+    recipe: Recipe, top: int = 5, as_json: bool = False, plan: object = None, **options: object
+) -> None:
+    """The cost plan as tables, or as JSON (only JSON on stdout). `options` go to make_plan
+    (catalog_dir, any_cloud, special_zones, verbose)."""
+    from vicuna_sky.plan import make_plan
+    from vicuna_sky.plan.render import render
 
     if plan is None:
         try:
-            plan = make_plan(recipe, top=top)
+            plan = make_plan(recipe, top=top, **options)
         except ValueError as e:
             raise VicunaSkyError(str(e)) from None
     if as_json:

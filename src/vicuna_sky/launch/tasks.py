@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.errors import VicunaSkyError, one_line
 from vicuna_sky.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -89,14 +89,34 @@ def read_spec(spec: Spec) -> dict[str, Any]:
     return config
 
 
-def resources_config(spec: Spec, recipe: Recipe, base: dict[str, Any]) -> dict[str, Any]:
-    """The spec's `resources:` with the recipe's hardware choices applied."""
+def train_accelerators(recipe: Recipe) -> list[str]:
+    """The recipe's GPU types as SkyPilot accelerator strings (NAME:COUNT). `any` needs the
+    catalog to say what exists: the plan sets those (set_accelerators); here it is the
+    recipe's accelerator."""
+    r = recipe.resources
+    if not r.accelerator:
+        return []
+    names = [a for a in r.accelerators if a.lower() != "any"] or [r.accelerator]
+    return [a if ":" in a else f"{a}:{r.gpus_per_node}" for a in names]
+
+
+def resources_config(
+    spec: Spec,
+    recipe: Recipe,
+    base: dict[str, Any],
+    accelerators: list[str] | None = None,
+    clouds: list[str] | None = None,
+) -> dict[str, Any]:
+    """The spec's `resources:` with the recipe's hardware choices applied. Several training
+    GPU types go to SkyPilot as a set (`accelerators: {A100-80GB:8, H100:8}`): its optimizer
+    picks one and its recovery may move to another; `accelerators` overrides the recipe's, and
+    `clouds` narrows its clouds (the plan keeps a run on its bucket's cloud)."""
     res = copy.deepcopy(base)
     r = recipe.resources
     if spec is Spec.CONTROLLER:
         # Deliberately small, CPU and on-demand, but where the recipe allows (its clouds or
         # regions): a team restricted to one cloud gets its controller there too.
-        _allowed_infra(res, recipe)
+        _allowed_infra(res, recipe, clouds)
         return res
     if spec is Spec.TRAIN:
         accelerator, count, spot = r.accelerator, r.gpus_per_node, r.spot
@@ -105,20 +125,28 @@ def resources_config(spec: Spec, recipe: Recipe, base: dict[str, Any]) -> dict[s
         s = recipe.serve
         accelerator, count, spot = s.accelerator, s.gpus_per_worker, s.spot
     res["use_spot"] = spot
-    if accelerator:
-        res["accelerators"] = f"{accelerator}:{count}"
+    choices = (accelerators or train_accelerators(recipe)) if spec is Spec.TRAIN else []
+    if accelerator and len(choices) > 1:
+        res["accelerators"] = dict.fromkeys(choices)  # a YAML set: {A100:8, H100:8}
+        res.pop("cpus", None)
+    elif accelerator:
+        res["accelerators"] = choices[0] if choices else f"{accelerator}:{count}"
         res.pop("cpus", None)
     else:
         res.pop("accelerators", None)
         res["cpus"] = r.cpus or "2+"
-    _allowed_infra(res, recipe)
+    _allowed_infra(res, recipe, clouds)
     return res
 
 
-def _allowed_infra(res: dict[str, Any], recipe: Recipe) -> None:
-    """The recipe's regions (or clouds) as SkyPilot's `any_of`, replacing the spec's own."""
+def _allowed_infra(res: dict[str, Any], recipe: Recipe, clouds: list[str] | None) -> None:
+    """The recipe's regions (or clouds) as SkyPilot's `any_of`, replacing the spec's own;
+    `clouds` narrows them (the plan keeps a run on its bucket's cloud)."""
     res.pop("any_of", None)
-    infras = recipe.resources.regions or recipe.resources.clouds
+    r = recipe.resources
+    infras = r.regions or r.clouds
+    if clouds:
+        infras = [i for i in r.regions if i.partition("/")[0] in clouds] or clouds
     if infras:
         res["any_of"] = [{"infra": infra} for infra in infras]
 
@@ -194,6 +222,23 @@ def load_task(
     return task
 
 
+def set_accelerators(
+    task: sky.Task, recipe: Recipe, accelerators: list[str], clouds: list[str] | None = None
+) -> None:
+    """Offer SkyPilot these GPU types (the plan's, those that fit) for the training task, on
+    `clouds` if given."""
+    import sky
+
+    base = read_spec(Spec.TRAIN).get("resources") or {}
+    config = resources_config(Spec.TRAIN, recipe, base, accelerators, clouds)
+    try:
+        task.set_resources(sky.Resources.from_yaml_config(config))
+    except Exception as e:  # SkyPilot's own validation: say which set it refused
+        raise SpecError(
+            f"train.yaml: accelerators {', '.join(accelerators)}: {one_line(e)}"
+        ) from None
+
+
 def resolved_yaml(task: sky.Task) -> str:
     """The task as SkyPilot would run it, in YAML, as `sky launch --dryrun` shows it."""
     config = task.to_yaml_config()
@@ -243,13 +288,3 @@ def checkpoint_url(task: sky.Task) -> str:
     the same after any recovery or jobs-controller restart."""
     envs = task.envs
     return f"{envs['BUCKET_URL'].rstrip('/')}/runs/{envs['RUN_NAME']}/{envs['RUN_TAG']}"
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def one_line(error: BaseException) -> str:
-    """SkyPilot errors are multi-line and coloured; keep the first meaningful line."""
-    text = _ANSI.sub("", str(error)).strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
