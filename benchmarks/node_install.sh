@@ -20,7 +20,8 @@ pip_s=$(( $(date +%s) - start ))
 
 python3 -m venv --without-pip "$work/uv"
 start=$(date +%s)
-UV_CACHE_DIR="$work/uv-cache" "$uv" pip install --quiet --python "$work/uv/bin/python" "$pin" -e .
+UV_CACHE_DIR="$work/uv-cache" "$uv" pip install --quiet --python "$work/uv/bin/python" "$pin" \
+  editables -e .
 uv_s=$(( $(date +%s) - start ))
 
 "$work/pip/bin/python" -c "import vicuna_sky, torch"

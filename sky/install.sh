@@ -25,7 +25,9 @@ uv="$HOME/.local/bin/uv"
 start=$(date +%s)
 if [ -x "$uv" ]; then
   tool=uv
-  "$uv" pip install --quiet --python "$(command -v python)" -e "$target"
+  # `editables`: the editable wheel hatchling builds imports it at start-up, and uv (unlike
+  # pip) does not install it (measured: benchmarks/node_install.sh).
+  "$uv" pip install --quiet --python "$(command -v python)" editables -e "$target"
 else
   tool=pip
   python -m pip install --quiet -e "$target"
