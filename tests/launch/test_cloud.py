@@ -195,7 +195,8 @@ class _no_api_server:
 
 
 @pytest.fixture
-def fake_sky(monkeypatch, tmp_path) -> FakeSky:
+def fake_sky(monkeypatch, tmp_path, clouds_enabled) -> FakeSky:
+    """The SDK faked; AWS and GCP enabled in SkyPilot's state, as `sky check` leaves them."""
     fake = FakeSky()
     fake.install(monkeypatch)
     monkeypatch.setenv("VICUNA_SKY_STATE_DIR", str(tmp_path / "state"))
@@ -723,7 +724,7 @@ def test_no_public_endpoint_without_keys(fake_sky, monkeypatch, capsys):
 
 
 def test_preflight_refuses_before_anything_is_launched(
-    fake_sky, tmp_path, moto_endpoint, new_bucket
+    fake_sky, tmp_path, moto_endpoint, new_bucket, monkeypatch
 ):
     """Missing data, a gated model without HF_TOKEN, a bucket that cannot be written and GPUs
     too small for the model: each is one line before any upload, cluster or job."""
@@ -771,6 +772,10 @@ def test_preflight_refuses_before_anything_is_launched(
             ),
             "preflight memory: 13B parameters need about 27.7 GB per GPU on 8 x L4",
         ),
+        (
+            lambda r: r["resources"].update(clouds=["azure"], regions=[]),
+            "preflight clouds: none of the recipe's clouds (azure) is enabled (enabled: aws, gcp)",
+        ),
     ]  # fmt: skip
     for edit, message in cases:
         with pytest.raises(VicunaSkyError, match=re.escape(message)) as refused:
@@ -781,5 +786,13 @@ def test_preflight_refuses_before_anything_is_launched(
     # A named check can be skipped: the gated model launches without a token.
     launch(lambda r: r["model"].update(path="meta-llama/Llama-2-7b-hf"), skip=("hf-token",))
     assert [c[0] for c in fake_sky.calls] == ["jobs.launch"]
-    with pytest.raises(VicunaSkyError, match="--skip-preflight 'gpu': the checks are data"):
+    with pytest.raises(VicunaSkyError, match="--skip-preflight 'gpu': the checks are clouds"):
         launch(lambda r: None, skip=("gpu",))
+    # `sky check` never ran (or found no credentials): one line saying so.
+    from vicuna_sky.plan import clouds
+
+    fake_sky.calls.clear()
+    monkeypatch.setattr(clouds, "enabled_clouds", lambda verbose=False: frozenset())
+    with pytest.raises(VicunaSkyError, match=re.escape("preflight clouds: no cloud is enabled")):
+        launch(lambda r: None)
+    assert fake_sky.calls == []

@@ -3,6 +3,8 @@
 Each failed check is one line that names the fix, and the launch stops there: no cluster, no
 managed job, no local run. `--skip-preflight CHECK` (repeatable) overrides one named check.
 
+- `clouds`: a cloud the recipe allows is enabled (what `sky check` recorded); SkyPilot would
+  otherwise fail the launch only after the upload, or never find a place to run it.
 - `data`: the training data is in the bucket (a local file was uploaded already, see
   data_push; a bucket path must name an object that exists).
 - `bucket`: the bucket is reachable and writable (a small probe object, removed again).
@@ -23,7 +25,7 @@ from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.launch.tasks import one_line
 from vicuna_sky.recipe import Recipe
 
-CHECKS = ("data", "bucket", "hf-token", "memory")
+CHECKS = ("clouds", "data", "bucket", "hf-token", "memory")
 
 KNOWN_GATED = ("meta-llama/", "mistralai/Mistral-", "mistralai/Mixtral-", "google/gemma")
 """Hub organisations and model families that ask users to accept a licence before download,
@@ -35,6 +37,30 @@ class Finding:
     check: str
     ok: bool
     line: str
+
+
+def check_clouds(recipe: Recipe) -> Finding:
+    """The recipe's clouds (its regions' clouds, else resources.clouds, else any) against the
+    clouds `sky check` enabled (vicuna_sky.plan.clouds: SkyPilot's own record)."""
+    from vicuna_sky.plan.clouds import enabled_clouds
+
+    r = recipe.resources
+    wanted = sorted({i.partition("/")[0].lower() for i in (r.regions or r.clouds)})
+    enabled = enabled_clouds()
+    if not enabled:
+        return Finding(
+            "clouds", False, "no cloud is enabled here: run `sky check` with your credentials"
+        )
+    usable = sorted(set(wanted) & enabled) if wanted else sorted(enabled)
+    if not usable:
+        return Finding(
+            "clouds",
+            False,
+            f"none of the recipe's clouds ({', '.join(wanted)}) is enabled (enabled: "
+            f"{', '.join(sorted(enabled))}): run `sky check` with their credentials, or change "
+            "resources.clouds",
+        )
+    return Finding("clouds", True, f"clouds: {', '.join(usable)} enabled")
 
 
 def check_memory(recipe: Recipe) -> Finding:
@@ -163,12 +189,14 @@ def run(
             f"--skip-preflight {sorted(unknown)[0]!r}: the checks are {', '.join(CHECKS)}"
         )
     checks = {
+        "clouds": lambda: check_clouds(recipe),
         "data": lambda: check_data(bucket, task.envs.get("DATA_PATH", recipe.data.path)),
         "bucket": lambda: check_bucket(bucket),
         "hf-token": lambda: check_hf_token(recipe, task),
         "memory": lambda: check_memory(recipe),
     }
-    order = ("memory", "hf-token", "bucket", "data")  # cheapest first; data needs the bucket
+    # Cheapest first; data needs the bucket.
+    order = ("clouds", "memory", "hf-token", "bucket", "data")
     return [checks[c]() for c in order if c in only and c not in skip]
 
 

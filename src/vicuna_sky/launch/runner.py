@@ -77,7 +77,9 @@ def launch_recipe(
     cloud_train = spec is Spec.TRAIN and not local
     if cloud_train:  # before anything is uploaded (a dry run writes nothing, not even a probe)
         bucket = task.envs["BUCKET_URL"]
-        early = preflight.run(recipe, task, bucket, skip_preflight, ("memory", "hf-token"))
+        early = preflight.run(
+            recipe, task, bucket, skip_preflight, ("clouds", "memory", "hf-token")
+        )
         if dryrun:
             for finding in early:
                 mark = "" if finding.ok else "[yellow]would be refused:[/] "

@@ -19,7 +19,7 @@ from vicuna_sky.plan import catalog, egress, hardware, memory, offers
 from vicuna_sky.plan.checkpoint import Checkpointing, checkpointing
 from vicuna_sky.plan.clouds import enabled_clouds
 from vicuna_sky.plan.errors import PlanError
-from vicuna_sky.plan.spot import SpotRun, preemption_rate, relaunch_minutes
+from vicuna_sky.plan.spot import SpotRun, base_model_seconds, preemption_rate, relaunch_minutes
 from vicuna_sky.plan.throughput import Throughput, throughput
 from vicuna_sky.plan.tokens import TokenCount, token_count
 from vicuna_sky.recipe import Recipe
@@ -409,7 +409,9 @@ def make_plan(
                 interval_seconds=steps * ck.step_seconds,
                 checkpoint_seconds=ck.stall_seconds,
                 commit_lag_seconds=ck.commit_seconds,
-                relaunch_seconds=relaunch_minutes(recipe) * 60 + ck.download_seconds,
+                relaunch_seconds=relaunch_minutes(recipe) * 60
+                + base_model_seconds(recipe)
+                + ck.download_seconds,
                 preemptions_per_hour=rate,
                 notice_seconds=NOTICE_WINDOW_SECONDS.get(price.cloud, 0.0),
                 emergency_seconds=ck.emergency_seconds,

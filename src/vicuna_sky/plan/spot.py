@@ -12,11 +12,24 @@ from dataclasses import dataclass
 
 from vicuna_sky.recipe import Recipe
 
-RELAUNCH_MINUTES = 8.0
-"""From a preemption to training again, before the checkpoint download (the planner adds that
-from the checkpoint's size): SkyPilot provisioning a GPU node, setup, model load. An assumption
-until a measured figure replaces it here (the local backend measures 7-25 s, a cloud node far
-more); a recipe's plan.relaunch_minutes overrides it."""
+# From a preemption to training again, in parts: what this project measured, and the one part
+# only a cloud run can measure. The planner adds the two downloads a relaunch makes from the
+# bucket (the base model, hub-cache/, and the checkpoint) from their sizes.
+PROVISION_MINUTES = 5.0
+"""Assumed, not measured (no cloud here): SkyPilot's managed-job controller noticing the
+preemption and provisioning a spot GPU node in the next region, up to the start of its setup."""
+INSTALL_SECONDS = 41.0
+"""Measured: sky/install.sh's uv install of the node set (torch included) into an empty Python,
+cold cache (`bash benchmarks/node_install.sh`, 2026-12-02, this project's 2-core machine
+under load: pip took 693 s). Zero with an image that has the package."""
+START_SECONDS = 9.1
+"""Measured: a relaunched attempt's start to its first resumed step on the local backend, the
+trainer's own start-up (`benchmarks/chaos_recovery.py --preemptions 4`, tiny recipe: 9.1 s for
+the first attempt and 9.1-9.2 s per relaunch). A real model's read from disk is in the
+downloads' time."""
+RELAUNCH_MINUTES = PROVISION_MINUTES + (INSTALL_SECONDS + START_SECONDS) / 60
+"""From a preemption to training again, before the downloads from the bucket; a recipe's
+plan.relaunch_minutes overrides it."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +117,12 @@ def relaunch_minutes(recipe: Recipe) -> float:
     """The recipe's plan.relaunch_minutes, else RELAUNCH_MINUTES."""
     own = recipe.plan.relaunch_minutes
     return RELAUNCH_MINUTES if own is None else own
+
+
+def base_model_seconds(recipe: Recipe) -> float:
+    """A relaunched node reads the base model (bf16 safetensors) from the bucket's hub-cache/
+    (vicuna_sky.train.model_cache), each node all of it, at the recipe's bucket bandwidth."""
+    return recipe.model.params_b * 2e9 / (recipe.plan.upload_gb_per_second * 1e9)
 
 
 def preemption_rate(recipe: Recipe, cloud: str, region: str) -> float:
