@@ -253,8 +253,11 @@ class Trainer:
                     )
                 every = c.eval_every_steps
                 if evaluator is not None and (step == total or (every and step % every == 0)):
+                    started = time.perf_counter()
                     pending[-1].extra["eval_loss"] = evaluator.loss(model)
                     pending[-1].extra["eval_tokens"] = evaluator.tokens
+                    # Not training time: tokens/s, MFU and the ETA measure the steps alone.
+                    self._clock += time.perf_counter() - started
                 if step % c.checkpoint_every_steps == 0 or (step == total and c.final_checkpoint):
                     stall = ckpt.save(step, model, optimizer, self._extra(step, sampler, scheduler))
                     pending[-1].extra["checkpoint_stall_seconds"] = stall
