@@ -94,3 +94,46 @@ def test_status_of_a_local_run_in_progress_and_after_it_ends(tmp_path):
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert nobody.returncode != 0 and "no local job named 'nobody'" in nobody.stderr
     assert "Traceback" not in nobody.stderr and len(nobody.stderr.strip().splitlines()) == 1
+
+
+def test_status_of_a_cloud_run_reads_its_bucket(tmp_path):
+    """A managed job's metrics as two attempts left them in the bucket (here a file:// one):
+    the newest numbers, one preemption, and dollars for the time the attempts trained."""
+    recipe = tmp_path / "r.yaml"
+    text = (Path(__file__).resolve().parents[2] / "recipes" / "tiny-cpu.yaml").read_text()
+    recipe.write_text(text.replace("s3://vicuna-sky-tiny", f"file://{tmp_path / 'bucket'}"))
+    metrics = tmp_path / "bucket" / "runs" / "vicuna-tiny" / "main" / "metrics"
+    metrics.mkdir(parents=True)
+    now = time.time()
+
+    def record(step: int, at: float, **extra: float) -> str:
+        fields = {"step": step, "time": now - at, "loss": 3.0 - step / 10, "seconds": 10.0}
+        fields |= {"tokens": 100, "tokens_seen": 100 * step, "tokens_per_second": 10.0}
+        return json.dumps(fields | {"mfu": 0.25, "total_steps": 10, **extra})
+
+    first = [json.dumps({"step": 0, "time": now - 400, "eval_loss": 2.5, "total_steps": 10})]
+    first += [record(s, 400 - 10 * s) for s in (1, 2, 3)]
+    (metrics / "20261201T000000Z-aaaaaa.jsonl").write_text("\n".join(first) + "\n")
+    second = [record(3, 200), record(4, 190, eval_loss=2.25), record(5, 180)]
+    (metrics / "20261201T000500Z-bbbbbb.jsonl").write_text("\n".join(second) + "\n")
+    out = subprocess.run(
+        [EXE, "status", "vicuna-tiny-train", "--recipe", str(recipe)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    live = out.stdout
+    assert _field(live, "step") == "5/10" and _field(live, "train loss") == "2.5000"
+    assert _field(live, "eval loss") == "2.2500 (step 4), base model 2.5000"
+    assert _field(live, "MFU") == "25.0%" and _field(live, "ETA") == "0.8 min"
+    assert _field(live, "preemptions") == "1"
+    # Billed: 30 s + 10 s (the first attempt), 20 s + 10 s (the second) at the catalog's price.
+    assert re.fullmatch(r"\$\d\.\d{4} at the spot price of .*", _field(live, "spent")), live
+    empty = subprocess.run(
+        [EXE, "status", "other", "--recipe", str(recipe), "--tag", "nothing-here"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert empty.returncode != 0 and "no training metrics at" in empty.stderr
