@@ -161,6 +161,14 @@ def test_resume_with_evals_is_exact_and_the_curve_marks_it(
     assert resumes == [train[1]["tokens_seen"]]
     png = (bucket / "ckpt" / LOSS_CURVE).read_bytes()
     assert png.startswith(b"\x89PNG") and png == (run.cwd / LOSS_CURVE).read_bytes()
+    # Preempted after its last step (an emergency checkpoint at the end): the next attempt has
+    # nothing to train, and still owes the final model's eval loss.
+    last = run_trainer(tmp_path / "zone-c", args_for(bucket, dropout_model, train_data, eval_data))
+    assert last.wait() == 0, last.output()[-3000:]
+    assert "resumed at step 4" in last.output()
+    [owed] = last.metrics()
+    assert owed["step"] == 4 and owed["eval_loss"] == evals[-1]["eval_loss"]
+    assert history(f"file://{bucket}/ckpt").kept()[2] == [*resumes, train[-1]["tokens_seen"]]
 
 
 def test_tensorboard_files_read_by_tensorboard(with_evals):

@@ -80,9 +80,9 @@ class Progress:
         if self.bar:
             self.bar.update(self.task, completed=step, info=line)
 
-    def evaluated(self, step: int, loss: float, tokens: int) -> None:
-        """An eval with no training step of its own to ride on: the base model's, before the
-        first step."""
+    def evaluated(self, step: int, loss: float, tokens: int, tokens_seen: int) -> None:
+        """An eval with no training step of its own to ride on: the base model's before the
+        first step, or the final one of a run resumed at its last step."""
         if not self.enabled:
             return
         log.info("step %d/%d eval loss %.4f (%d tokens)", step, self.total, loss, tokens)
@@ -92,7 +92,7 @@ class Progress:
                 "time": time.time(),
                 "eval_loss": loss,
                 "eval_tokens": tokens,
-                "tokens_seen": 0,
+                "tokens_seen": tokens_seen,
                 "total_steps": self.total,
             }
         )

@@ -203,9 +203,12 @@ class Trainer:
             evaluator = Evaluator(
                 eval_set, world, c.micro_batch_size, pad_id, attn, pad_to, c.loss_chunk_tokens
             )
-            if resume is None:  # the base model's number: what the fine-tune is judged against
-                progress.evaluated(0, evaluator.loss(model), evaluator.tokens)
         tokens_seen = tokens_before(dataset, c.global_batch_size, c.seed, step)
+        evaluated_at = None  # the step of this attempt's latest eval
+        if evaluator is not None and resume is None:
+            # The base model's number: what the fine-tune is judged against.
+            progress.evaluated(0, evaluator.loss(model), evaluator.tokens, 0)
+            evaluated_at = 0
         # Steps whose loss is not read yet. On a GPU one step stays in flight: the host reads
         # step N-1's numbers (finished by then) while the device runs step N, and collates
         # step N+1 meanwhile; nothing in a step waits for the device.
@@ -256,6 +259,7 @@ class Trainer:
                     started = time.perf_counter()
                     pending[-1].extra["eval_loss"] = evaluator.loss(model)
                     pending[-1].extra["eval_tokens"] = evaluator.tokens
+                    evaluated_at = step
                     # Not training time: tokens/s, MFU and the ETA measure the steps alone.
                     self._clock += time.perf_counter() - started
                 if step % c.checkpoint_every_steps == 0 or (step == total and c.final_checkpoint):
@@ -268,6 +272,10 @@ class Trainer:
                 self._report(pending.popleft(), progress, world, flops_per_token)
             if world.device.type == "cuda":
                 torch.cuda.set_sync_debug_mode(0)  # the export and the last save may wait
+            if evaluator is not None and evaluated_at != step:
+                # Resumed from the last step's (emergency) checkpoint: nothing left to train,
+                # but the final model's eval loss is still owed.
+                progress.evaluated(step, evaluator.loss(model), evaluator.tokens, tokens_seen)
             progress.close()
             if c.export_dir:
                 export(model, tokenizer, c, world, path)
