@@ -149,7 +149,7 @@ def attempt_metrics(attempt: Attempt) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 break  # the line being written when the machine died
-            if "loss" in record:
+            if "loss" in record or "eval_loss" not in record:  # an eval alone is no step
                 out.append(record)
     return out
 
