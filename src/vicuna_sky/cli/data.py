@@ -251,4 +251,7 @@ def data_push(input_path: Path, recipe: str, local: bool, workdir: Path | None) 
     pushed = push_lib.push(input_path, bucket)
     where = f" (the local folder {bucket})" if local else ""
     console.print(f"{push_lib.describe(pushed, r.bucket)}{where}; {conversations} conversations")
-    console.print(f"train on it: --env DATA_PATH={pushed.key} (or set data.path to the file)")
+    console.print(
+        f"train on it: --env DATA_PATH={pushed.key} (a held-out set: --env EVAL_PATH=...; or "
+        "set data.path / data.eval_path to the file)"
+    )
