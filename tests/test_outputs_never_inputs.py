@@ -33,6 +33,13 @@ COMMANDS = {
         ["in.json", "tok", "tok/tokenizer.json", "tok/tokenizer_config.json"],
         True,
     ),
+    "data split --eval-output": (
+        [VICUNA_SKY, "data", "split", "{in.json}", "-o", "train.json", "--eval-count", "1",
+         "--eval-output", "{OUT}", "--tokenizer", "{tok}", "--max-length", "64", "--workers",
+         "1"],
+        ["in.json", "tok", "tok/tokenizer.json"],
+        True,
+    ),
     "eval answer": (
         [VICUNA_SKY, "eval", "answer", "--questions", "{q.jsonl}", "--model", "m",
          "--base-url", NOWHERE, "-o", "{OUT}", "--retries", "0"],

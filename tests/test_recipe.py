@@ -155,3 +155,24 @@ def test_accelerators_and_model_size_checked(old, new, message):
         Recipe.from_text(text.replace(old, new), source="r.yaml")
     accepted = text.replace("[A100-80GB:8, H100:8, A100:8]", "[any]")
     assert Recipe.from_text(accepted, source="r.yaml").resources.accelerators == ["any"]
+
+
+def test_held_out_data_and_eval_cadence_reach_the_trainer():
+    smol = Recipe.from_yaml(ROOT / "recipes" / "smollm2-cpu.yaml")
+    envs = smol.envs()
+    assert envs["EVAL_PATH"] == smol.data.eval_path == "data/demo_sharegpt.eval.json"
+    assert envs["EVAL_EVERY_STEPS"] == "2" and smol.data.eval_fraction == 0.25
+    train_spec = (ROOT / "sky" / "train.yaml").read_text()
+    assert '--eval-path "$EVAL"' in train_spec and '--eval-every-steps "$EVAL_EVERY_STEPS"' in (
+        train_spec
+    )
+    text = (ROOT / "recipes" / "tiny-cpu.yaml").read_text()
+    for bad, key in (
+        (
+            text.replace("  tokens: 20000", "  tokens: 20000\n  eval_fraction: 1.5"),
+            "data.eval_fraction",
+        ),
+        (text.replace("  seed: 0", "  eval_every_steps: -1"), "train.eval_every_steps"),
+    ):
+        with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
+            Recipe.from_text(bad)

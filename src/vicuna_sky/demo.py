@@ -74,17 +74,25 @@ def stage_data(ctx: Context) -> str:
     """Clean the packaged HTML sample, split it to the recipe's context, put it in the bucket."""
     from vicuna_sky.tiny import prepare_demo_data
 
-    target = ctx.bucket_dir / ctx.recipe.data.path
+    r = ctx.recipe
+    target = ctx.bucket_dir / r.data.path
     stats = prepare_demo_data(
-        target, ctx.recipe.data.max_length, ctx.recipe.model.template, ctx.outputs["model"]
+        target, r.data.max_length, r.model.template, ctx.outputs["model"], r.data.eval_fraction
     )
     ctx.outputs["data"] = str(target)
     removed = ", ".join(f"{n} {rule}" for rule, n in stats["removed"].items())
+    held = ""
+    if stats["held_out"]:
+        ctx.outputs["eval data"] = str(ctx.bucket_dir / r.data.eval_path)
+        held = (
+            f"; {stats['held_out']} whole conversations ({stats['held_out_segments']} segments) "
+            "held out for the eval loss"
+        )
     return (
         f"{stats['kept']} of {stats['conversations']} conversations kept ({removed}); "
-        f"{stats['segments']} segments of <= {ctx.recipe.data.max_length} tokens "
-        f"({ctx.recipe.model.template}); "
-        f"{stats['tokens']} tokens, {stats['trainable_tokens']} trained on; in the bucket"
+        f"{stats['segments']} segments of <= {r.data.max_length} tokens to train on "
+        f"({r.model.template}); "
+        f"{stats['tokens']} tokens, {stats['trainable_tokens']} trained on{held}; in the bucket"
     )
 
 
@@ -132,7 +140,29 @@ def stage_train(ctx: Context) -> str:
         if preempted
         else "finished before the preemption could land"
     )
-    return f"{len(job.attempts)} attempt(s): {what}; model exported to {export}"
+    held_out = held_out_losses(ctx, job.metrics_url)
+    return f"{len(job.attempts)} attempt(s): {what}; model exported to {export}{held_out}"
+
+
+def held_out_losses(ctx: Context, url: str) -> str:
+    """The held-out loss of the base model (the trainer's eval before its first step) and of
+    the fine-tuned one (after its last), from the run's metrics in the bucket; the loss curve
+    the trainer drew there."""
+    from vicuna_sky.train.metrics import LOSS_CURVE, history
+
+    _, evals, _ = history(url).kept()
+    if not ctx.recipe.data.eval_path or len(evals) < 2 or evals[0]["step"] != 0:
+        return ""
+    base, tuned = evals[0]["eval_loss"], evals[-1]["eval_loss"]
+    ctx.outputs["held-out loss"] = f"base {base:.4f} -> fine-tuned {tuned:.4f}"
+    curve = Path(url.removeprefix("file://")) / LOSS_CURVE
+    if curve.exists():
+        ctx.outputs["loss curve"] = str(curve)
+    return (
+        f"; held-out loss (mean per answer token, {evals[-1]['eval_tokens']} tokens): base "
+        f"{base:.4f} -> fine-tuned {tuned:.4f} ({(tuned - base) / base:+.1%}); loss curve "
+        f"{curve.name} beside the checkpoints"
+    )
 
 
 def stage_specs(ctx: Context) -> str:

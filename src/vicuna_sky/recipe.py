@@ -49,6 +49,11 @@ class DataSection:
     """Context length in tokens; longer conversations are split to fit."""
     tokens: int = 0
     """Approximate tokens per epoch after cleaning and splitting (for the cost plan)."""
+    eval_path: str = ""
+    """Held-out ShareGPT JSON the trainer reports validation loss on (a file here is uploaded
+    like data.path; else relative to the bucket root); empty = no validation loss."""
+    eval_fraction: float = 0.0
+    """Share of conversations `vicuna-sky data split --recipe` holds out (to data.eval_path)."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,9 @@ class TrainSection:
     """LoRA rank on the attention projections (merged into the export); 0 = full fine-tuning."""
     checkpoint_every_steps: int = 100
     """Optimizer steps between checkpoints; on spot this bounds the work a preemption loses."""
+    eval_every_steps: int = 100
+    """Optimizer steps between validation losses on data.eval_path (also before the first step
+    and after the last); 0 = only before and after."""
     seed: int = 42
     """Seed for data order and initialisation."""
 
@@ -262,6 +270,10 @@ class Recipe:
             fail("train.lora_r", f"must be 0 (full fine-tuning) or a positive rank, got {t.lora_r}")
         if not 0 <= t.warmup_ratio < 1:
             fail("train.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
+        if not 0 <= self.data.eval_fraction < 1:
+            fail("data.eval_fraction", f"must be in [0, 1), got {self.data.eval_fraction}")
+        if t.eval_every_steps < 0:
+            fail("train.eval_every_steps", f"must not be negative, got {t.eval_every_steps}")
         _one_of(self.source, "train.precision", t.precision, PRECISIONS)
         _one_of(self.source, "train.lr_scheduler", t.lr_scheduler, SCHEDULERS)
         _one_of(self.source, "serve.backend", self.serve.backend, SERVE_BACKENDS)
@@ -366,6 +378,7 @@ class Recipe:
             "MODEL_PATH": self.model.path,
             "TEMPLATE": self.model.template,
             "DATA_PATH": self.data.path,
+            "EVAL_PATH": self.data.eval_path,
             "MAX_LENGTH": str(self.data.max_length),
             "NUM_EPOCHS": _num(t.epochs),
             "LR": _num(t.lr),
@@ -379,6 +392,7 @@ class Recipe:
             "PACKING": str(t.packing).lower(),
             "LORA_R": str(t.lora_r),
             "CHECKPOINT_EVERY_STEPS": str(t.checkpoint_every_steps),
+            "EVAL_EVERY_STEPS": str(t.eval_every_steps),
             "MAX_RESTARTS_ON_ERRORS": str(self.resources.max_restarts_on_errors),
             "SEED": str(t.seed),
             "CPU_PROCS_PER_NODE": str(self.resources.cpu_procs_per_node),

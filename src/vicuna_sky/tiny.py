@@ -96,15 +96,20 @@ def build_tiny_llama(out_dir: Path, seed: int = 0, chat_template: str | None = N
 
 
 def prepare_demo_data(
-    target: Path, max_length: int, template: str = "vicuna_v1.1", tokenizer: str | None = None
+    target: Path,
+    max_length: int,
+    template: str = "vicuna_v1.1",
+    tokenizer: str | None = None,
+    eval_fraction: float = 0.0,
 ) -> dict:
     """The packaged HTML sample, cleaned and split to `max_length` tokens of `tokenizer` (a
     model directory; default: the tiny model's), written to `target` (where a recipe's data
-    path points in the local bucket). Returns counts for a summary."""
+    path points in the local bucket). With `eval_fraction`, that share of the conversations is
+    held out to X.eval.json beside it. Returns counts for a summary."""
     import tempfile
 
     from vicuna_sky.data.clean import CleanConfig
-    from vicuna_sky.data.pipeline import clean_file, split_file, stats_file
+    from vicuna_sky.data.pipeline import clean_file, eval_path_for, split_file, stats_file
     from vicuna_sky.data.split import SplitConfig
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,14 +118,19 @@ def prepare_demo_data(
         raw.write_text(json.dumps(demo_conversations(), ensure_ascii=False))
         tokenizer = tokenizer or str(build_tokenizer(tmp / "tokenizer"))
         kept = clean_file(raw, tmp / "clean.json", CleanConfig(workers=1), quiet=True)
-        config = SplitConfig(tokenizer, max_length, template, workers=1)
-        split = split_file(tmp / "clean.json", target, config, quiet=True)
+        config = SplitConfig(
+            tokenizer, max_length, template, workers=1, eval_fraction=eval_fraction
+        )
+        held = eval_path_for(target) if eval_fraction else None
+        split = split_file(tmp / "clean.json", target, config, quiet=True, eval_dst=held)
         stats = stats_file(target, tokenizer, template, max_length)
     return {
         "conversations": len(demo_conversations()),
         "kept": len(kept.samples),
         "removed": {r: n for r, n in kept.counts.items() if r != "kept" and n},
         "segments": len(split.samples),
+        "held_out": split.counts["conversations_held_out"],
+        "held_out_segments": len(split.held_out),
         "tokens": stats.tokens,
         "trainable_tokens": stats.trainable_tokens,
     }

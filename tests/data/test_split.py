@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import fastchat.data.split_long_conversation as fastchat_split
 from hypothesis import HealthCheck, given, settings
@@ -167,3 +168,54 @@ def test_bad_tokenizer_is_one_line(cli, write_json, tmp_path):
         "64",
     )
     assert result.returncode == 2 and "cannot load tokenizer" in result.stderr
+
+
+def _origin(segment_id: str) -> str:
+    """The conversation a segment came from: `<id>_<first turn>` for split ones, `#n` renames."""
+    base = segment_id.split("#")[0]
+    return base.rsplit("_", 1)[0] if base.rsplit("_", 1)[-1].isdigit() else base
+
+
+def test_held_out_split_never_leaks_a_conversation_and_is_deterministic(
+    cli, llama2_path, write_json, tmp_path, dummy_conversations
+):
+    # Short context: most conversations become several segments, the case that could leak.
+    conversations = dummy_conversations[:60]
+    src = write_json("in.json", conversations)
+    common = ["--tokenizer", str(llama2_path), "--max-length", "64", "--workers", "1"]
+    out, held = tmp_path / "train.json", tmp_path / "train.eval.json"
+    result = cli("data", "split", str(src), "-o", str(out), "--eval-fraction", "0.2", *common)
+    assert result.returncode == 0, result.stderr
+    assert "held out for evaluation: 12 conversations" in result.stdout
+    train, evaluate = json.loads(out.read_text()), json.loads(held.read_text())
+    train_from = {_origin(s["id"]) for s in train}
+    eval_from = {_origin(s["id"]) for s in evaluate}
+    assert len(eval_from) == 12 and not train_from & eval_from
+    assert train_from | eval_from == {c["id"] for c in conversations}
+    assert len(evaluate) > len(eval_from)  # held-out conversations were split too, all kept
+    # Each segment's turns are its named conversation's: the ids tell the truth about origin.
+    by_id = {c["id"]: c["conversations"] for c in conversations}
+    for segment in train + evaluate:
+        turns = by_id[_origin(segment["id"])]
+        assert all(t in turns for t in segment["conversations"] if not segment.get("truncated"))
+    # The same seed picks the same conversations, whatever the order of the file; another
+    # seed picks others.
+    config = SplitConfig(str(llama2_path), 64, workers=1, eval_fraction=0.2)
+    again = split(list(reversed(conversations)), config, show_progress=False)
+    assert {_origin(s["id"]) for s in again.held_out} == eval_from
+    other = split(conversations, replace(config, seed=1), show_progress=False)
+    assert {_origin(s["id"]) for s in other.held_out} != eval_from
+    counted = split(conversations, replace(config, eval_count=5), show_progress=False)
+    assert len({_origin(s["id"]) for s in counted.held_out}) == 5
+
+
+def test_held_out_split_bad_input_is_one_line(cli, llama2_path, write_json, tmp_path):
+    src = write_json("in.json", [{"id": "a", "conversations": []}] * 2)
+    common = ["--tokenizer", str(llama2_path), "--max-length", "64"]
+    both = cli("data", "split", str(src), "-o", str(tmp_path / "o.json"), "--eval-fraction",
+               "0.5", "--eval-count", "1", *common)  # fmt: skip
+    assert both.returncode == 2 and "not both" in both.stderr
+    everything = cli("data", "split", str(src), "-o", str(tmp_path / "o.json"), "--eval-count",
+                     "2", *common)  # fmt: skip
+    assert everything.returncode != 0 and "leaves none to train on" in everything.stderr
+    assert "Traceback" not in both.stderr + everything.stderr

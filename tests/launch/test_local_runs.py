@@ -172,20 +172,23 @@ def test_ctrl_c_stops_a_local_fleet_as_the_user_asked(tmp_path):
 
 
 def test_a_recipes_local_data_file_is_uploaded_once_and_trained_on(tmp_path):
-    """data.path names a file here: `train --local` uploads it to the local bucket under its
-    content key and trains on that object; `data push` and the dry runs say when the bucket
-    has it already; a changed file is a new object."""
+    """data.path (and data.eval_path) name files here: `train --local` uploads them to the
+    local bucket under their content keys and trains (and evaluates) on those objects; `data
+    push` and the dry runs say when the bucket has it already; a changed file is a new object."""
     import yaml
 
     data = tmp_path / "mine.json"
     dummy = json.loads((ROOT / "tests/fixtures/fastchat/dummy_conversation.json").read_text())
     data.write_text(json.dumps(dummy[:24]))
+    (tmp_path / "held.json").write_text(json.dumps(dummy[24:30]))
     raw = yaml.safe_load((ROOT / "recipes" / "tiny-cpu.yaml").read_text())
     raw["data"]["path"] = "mine.json"
+    raw["data"]["eval_path"] = "held.json"
     raw["train"]["epochs"] = 1
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump(raw))
     dry = _cli("train", "mine.yaml", "--local", "--dryrun", "--workdir", "w", cwd=tmp_path)
     assert "data: would upload mine.json (" in dry.stdout, dry.stdout
+    assert "data: would upload held.json (" in dry.stdout, dry.stdout
     bucket = tmp_path / "w" / "buckets" / "s3" / "vicuna-sky-tiny"
     assert not bucket.exists()
     trained = _cli("train", "mine.yaml", "--local", "--workdir", "w", cwd=tmp_path, timeout=600)
@@ -199,6 +202,11 @@ def test_a_recipes_local_data_file_is_uploaded_once_and_trained_on(tmp_path):
     job = next(j for j in list_jobs(tmp_path / "w" / "runs") if j.name == "vicuna-tiny-train")
     log = (Path(job.attempts[0].workdir).parent / "run-rank0.log").read_text()
     assert str(stored) in log  # the trainer read that object
+    held = re.search(
+        r"data: uploaded held\.json \(.*?\) to s3://vicuna-sky-tiny/(\S+)", trained.stdout
+    )
+    assert held and (bucket / held.group(1)).read_bytes() == (tmp_path / "held.json").read_bytes()
+    assert "step 0/" in log and "eval loss" in log  # evaluated on it, the base model first
     push = ("data", "push", "mine.json", "--recipe", "mine.yaml", "--local", "--workdir", "w")
     again = _cli(*push, cwd=tmp_path)
     assert (

@@ -121,6 +121,31 @@ def _from_recipe(
     show_default=True,
     help="What to do with one round longer than --max-length.",
 )
+@click.option(
+    "--eval-fraction",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=None,
+    help="Hold out this share of the conversations for evaluation [the recipe's "
+    "data.eval_fraction, else 0].",
+)
+@click.option(
+    "--eval-count",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Hold out this many conversations for evaluation (instead of --eval-fraction).",
+)
+@click.option(
+    "--eval-output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where the held-out conversations go [OUT.eval.json beside -o].",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=None,
+    help="Which conversations are held out [the recipe's train.seed, else 0].",
+)
 def data_split(
     input_path: Path,
     output: Path,
@@ -131,14 +156,39 @@ def data_split(
     max_length: int | None,
     template: str | None,
     overlong: str,
+    eval_fraction: float | None,
+    eval_count: int | None,
+    eval_output: Path | None,
+    seed: int | None,
 ) -> None:
-    """Split conversations on round boundaries to fit the context, as the template renders."""
-    from vicuna_sky.data.pipeline import split_file
+    """Split conversations on round boundaries to fit the context, as the template renders.
+    With --eval-fraction or --eval-count, whole conversations are held out for evaluation."""
+    from vicuna_sky.data.pipeline import eval_path_for, split_file
     from vicuna_sky.data.split import SplitConfig
 
+    if eval_fraction is not None and eval_count is not None:
+        raise click.UsageError("give --eval-fraction or --eval-count, not both")
+    if recipe is not None:
+        from vicuna_sky.launch.runner import load_recipe
+
+        r = load_recipe(recipe)
+        if eval_count is None and eval_fraction is None:
+            eval_fraction = r.data.eval_fraction
+        seed = r.train.seed if seed is None else seed
     tokenizer, max_length, template = _from_recipe(recipe, tokenizer, max_length, template)
-    config = SplitConfig(tokenizer, max_length, template, overlong, workers)
-    split_file(input_path, output, config, overwrite=overwrite)
+    config = SplitConfig(
+        tokenizer,
+        max_length,
+        template,
+        overlong,
+        workers,
+        eval_fraction=eval_fraction or 0.0,
+        eval_count=eval_count or 0,
+        seed=seed or 0,
+    )
+    held = config.eval_count or config.eval_fraction
+    eval_output = (eval_output or eval_path_for(output)) if held else None
+    split_file(input_path, output, config, overwrite=overwrite, eval_dst=eval_output)
 
 
 @data.command(name="stats")
@@ -201,4 +251,7 @@ def data_push(input_path: Path, recipe: str, local: bool, workdir: Path | None) 
     pushed = push_lib.push(input_path, bucket)
     where = f" (the local folder {bucket})" if local else ""
     console.print(f"{push_lib.describe(pushed, r.bucket)}{where}; {conversations} conversations")
-    console.print(f"train on it: --env DATA_PATH={pushed.key} (or set data.path to the file)")
+    console.print(
+        f"train on it: --env DATA_PATH={pushed.key} (a held-out set: --env EVAL_PATH=...; or "
+        "set data.path / data.eval_path to the file)"
+    )

@@ -181,17 +181,40 @@ def check(recipe: str) -> None:
     runner.check_recipe(recipe)
 
 
+RUN_RECIPE = click.option(
+    "--recipe",
+    default=None,
+    help="With NAME, a training run on a cloud: the recipe it was launched from (its bucket "
+    "holds the metrics).",
+)
+RUN_TAG = click.option(
+    "--tag", default="main", show_default=True, help="With --recipe: the run's RUN_TAG."
+)
+
+
 @app.command()
+@click.argument("name", required=False)
 @click.option("--local", is_flag=True, help="Local runs only.")
 @click.option(
     "--cloud",
     is_flag=True,
     help="Ask SkyPilot even when no API server is up (starting one takes about 30 s).",
 )
+@RUN_RECIPE
+@RUN_TAG
 @RUNS_DIR
-def status(local: bool, cloud: bool, runs_dir: Path) -> None:
+def status(
+    name: str | None, local: bool, cloud: bool, recipe: str | None, tag: str, runs_dir: Path
+) -> None:
     """Local runs, then SkyPilot's jobs, clusters and services (SkyPilot's status vocabulary).
-    SkyPilot is asked only when its API server is up or --cloud says so."""
+    SkyPilot is asked only when its API server is up or --cloud says so. With NAME, a training
+    run's latest step, train and eval loss, tokens/s, MFU, ETA, preemptions and dollars so far,
+    from the metrics in its bucket."""
+    if name is not None:
+        from vicuna_sky.launch import live
+
+        live.show(name, runs_dir, recipe, tag)
+        return
     from vicuna_sky.launch import runner
 
     runner.print_status(local=local, runs_dir=runs_dir, cloud=cloud)
@@ -219,6 +242,11 @@ def status(local: bool, cloud: bool, runs_dir: Path) -> None:
     default=None,
     help="A service's replica id (default: the newest ready one).",
 )
+@click.option(
+    "--metrics", is_flag=True, help="A training run's live numbers instead (as `status NAME`)."
+)
+@RUN_RECIPE
+@RUN_TAG
 @RUNS_DIR
 def logs(
     name: str,
@@ -227,10 +255,19 @@ def logs(
     run_id: str | None,
     follow: bool,
     replica: int | None,
+    metrics: bool,
+    recipe: str | None,
+    tag: str,
     runs_dir: Path,
 ) -> None:
     """Show the logs of a job, cluster or service."""
     from vicuna_sky.launch import runner
+
+    if metrics:
+        from vicuna_sky.launch import live
+
+        live.show(name, runs_dir, recipe, tag)
+        return
 
     if (run_id or follow) and not local:
         raise click.UsageError("--run and --follow are for local runs (--local)")

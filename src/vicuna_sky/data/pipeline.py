@@ -119,8 +119,15 @@ def split_file(
     config: split_lib.SplitConfig,
     quiet: bool = False,
     overwrite: bool = False,
+    eval_dst: Path | None = None,
 ) -> Report:
-    return _run(
+    """`eval_dst`: where the held-out conversations go (needed when config holds some out)."""
+    holding_out = bool(config.eval_count or config.eval_fraction)
+    if holding_out and eval_dst is None:
+        raise VicunaSkyError("a held-out split needs a file for the eval set (--eval-output)")
+    if holding_out:
+        check_output_file(eval_dst, [src, dst, config.tokenizer], overwrite=overwrite)
+    report = _run(
         src,
         dst,
         lambda samples: split_lib.split(samples, config, show_progress=not quiet),
@@ -131,11 +138,28 @@ def split_file(
             "rounds_dropped",
             "conversations_dropped",
             "ids_renamed",
+            "conversations_held_out",
         ),
         quiet,
         overwrite,
         inputs=(config.tokenizer,),  # a tokenizer directory (or file) is read too
     )
+    if holding_out:
+        sharegpt.write(report.held_out, eval_dst)
+        if not quiet:
+            console.print(
+                f"held out for evaluation: {report.counts['conversations_held_out']} "
+                f"conversations, {len(report.held_out)} segments -> {eval_dst}",
+                highlight=False,
+                soft_wrap=True,
+            )
+    return report
+
+
+def eval_path_for(dst: Path) -> Path:
+    """The default eval file of a split written to `dst`: X.json -> X.eval.json, beside it."""
+    dst = Path(dst)
+    return dst.with_name(f"{dst.stem}.eval{dst.suffix or '.json'}")
 
 
 STATS_VERSION = 1

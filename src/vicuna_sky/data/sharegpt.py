@@ -42,6 +42,8 @@ class Report:
     """Malformed input and samples the stage could not process, by id and field."""
     dropped: list[tuple[str, str]] = field(default_factory=list)
     """(id, rule) of every well-formed sample a filter left out, in input order."""
+    held_out: list[dict] = field(default_factory=list)
+    """Samples set aside for evaluation (split with a held-out share), never trained on."""
 
 
 def _label(raw: Any, index: int) -> str:

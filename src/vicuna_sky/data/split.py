@@ -9,11 +9,17 @@ and no segment is empty. A single round longer than the context follows `overlon
   `"truncated": true` (the tokenizer then keeps the cut answer's end-of-turn token out of the
   loss). A question that alone does not fit is dropped.
 - `drop`: drop the round.
+
+A held-out set (`eval_fraction` or `eval_count`) is chosen among the input conversations before
+they are segmented, so every segment of a conversation lands on the same side: no conversation
+is partly trained on and partly evaluated. Which conversations are held out depends only on the
+seed and their ids (a seeded hash), not on the order of the file or the tokenizer.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +48,12 @@ class SplitConfig:
     overlong: str = "truncate"
     """What happens to one round longer than max_length: truncate or drop."""
     workers: int = 0
+    eval_fraction: float = 0.0
+    """Share of the conversations held out for evaluation (0 = none)."""
+    eval_count: int = 0
+    """Conversations held out for evaluation; wins over eval_fraction when set."""
+    seed: int = 0
+    """Which conversations are held out: the same seed and ids always pick the same ones."""
 
 
 def _segment(sample: dict, turns: list[dict], first_turn: int, whole: bool) -> dict:
@@ -188,11 +200,41 @@ def unique_ids(samples: list[dict]) -> int:
     return renamed
 
 
+def held_out(samples: list[dict], config: SplitConfig) -> set[int]:
+    """Indices of the input conversations held out: those whose seeded hash of the id ranks
+    lowest. A hash, not a shuffle, so a conversation's side does not depend on the others."""
+    n = len(samples)
+    if config.eval_count:
+        count = config.eval_count
+    elif config.eval_fraction:
+        count = max(1, round(config.eval_fraction * n))
+    else:
+        return set()
+    if count >= n:
+        raise VicunaSkyError(
+            f"holding out {count} of {n} conversations leaves none to train on: "
+            "hold out fewer (--eval-count / --eval-fraction)"
+        )
+
+    def rank(i: int) -> tuple[bytes, int]:
+        key = f"{config.seed}\0{samples[i].get('id')}".encode()
+        return hashlib.sha256(key).digest(), i  # equal ids (never after clean): input order
+
+    return set(sorted(range(n), key=rank)[:count])
+
+
 def split(samples: list[dict], config: SplitConfig, show_progress: bool = True) -> Report:
+    """Segments to train on in `samples`; with a held-out share, the held-out conversations'
+    segments in `held_out` (ids are unique across both)."""
     if config.overlong not in OVERLONG:
         raise VicunaSkyError(f"--overlong must be one of {', '.join(OVERLONG)}")
     if config.max_length < 8:
         raise VicunaSkyError(f"--max-length {config.max_length} is too small to hold a round")
+    if not 0 <= config.eval_fraction < 1:
+        raise VicunaSkyError(f"--eval-fraction {config.eval_fraction}: must be in [0, 1)")
+    if config.eval_count < 0:
+        raise VicunaSkyError(f"--eval-count {config.eval_count}: must not be negative")
+    evaluate = held_out(samples, config)
     _load_worker(config)  # fail fast on a bad tokenizer/template, before forking workers
     results = parallel_map(
         functools.partial(_split_in_worker, config=config),
@@ -204,13 +246,20 @@ def split(samples: list[dict], config: SplitConfig, show_progress: bool = True) 
         show_progress=show_progress,
     )
     report = Report(samples=[])
-    for sample, (segments, counts, error) in zip(samples, results, strict=True):
+    for i, (sample, (segments, counts, error)) in enumerate(zip(samples, results, strict=True)):
         if error:
             report.problems.append(Problem(repr(sample["id"]), "conversations", error))
             report.counts["malformed"] += 1
             continue
-        report.samples += segments
+        if i in evaluate:
+            report.held_out += segments
+            report.counts["conversations_held_out"] += 1
+        else:
+            report.samples += segments
         report.counts.update(counts)
-    report.counts["ids_renamed"] = unique_ids(report.samples)
+    # Unique over both files: an eval record names one conversation, never a training one.
+    report.counts["ids_renamed"] = unique_ids(report.samples + report.held_out)
     report.counts["segments"] = len(report.samples)
+    if evaluate:
+        report.counts["held_out_segments"] = len(report.held_out)
     return report

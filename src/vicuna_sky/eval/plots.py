@@ -1,4 +1,5 @@
-"""Showing an evaluation report: rich tables for the terminal, a JSON document, PNG figures.
+"""Showing an evaluation report: rich tables for the terminal, a JSON document, PNG figures;
+and a training run's loss curve, drawn the same way.
 
 Figures are `matplotlib.figure.Figure` objects made directly, without pyplot: no display, no
 global backend or figure registry to manage, and a figure is freed when it goes out of scope.
@@ -133,10 +134,15 @@ def draw_plots(report: Report, directory: Path | str) -> list[Path]:
     for filename, draw in zip(PLOT_FILES, drawers, strict=True):
         figure = draw(report)
         if figure is not None:
-            with writing(directory / filename) as tmp:
-                figure.savefig(tmp, dpi=DPI, format="png")
-            written.append(directory / filename)
+            written.append(save_figure(figure, directory / filename))
     return written
+
+
+def save_figure(figure: Figure, path: Path) -> Path:
+    """A figure as a PNG, written atomically."""
+    with writing(Path(path)) as tmp:
+        figure.savefig(tmp, dpi=DPI, format="png")
+    return Path(path)
 
 
 def _judged_by(report: Report) -> str:
@@ -219,3 +225,49 @@ def plot_win_tie_loss(report: Report) -> Figure | None:
     ax.spines[["top", "right"]].set_visible(False)
     fig.supxlabel(_judged_by(report), fontsize=8, color="#555555")
     return fig
+
+
+def plot_loss_curve(
+    train: list[tuple[float, float]],
+    evals: list[tuple[float, float]],
+    resumes: list[float],
+    title: str = "Training loss",
+) -> Figure | None:
+    """Train and eval loss (y) against tokens trained on (x); a dashed line where a recovered
+    attempt resumed (a preemption or a restart). Points are (tokens, loss)."""
+    if not train and not evals:
+        return None
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    if train:
+        xs, ys = zip(*train, strict=True)
+        ax.plot(xs, ys, color="#3b75af", linewidth=1.2, label="train loss")
+    if evals:
+        xs, ys = zip(*evals, strict=True)
+        ax.plot(xs, ys, color="#c8553d", marker="o", linewidth=1.5, label="eval loss (held out)")
+        first, last = evals[0][1], evals[-1][1]
+        for x, y in (evals[0], evals[-1]) if len(evals) > 1 else (evals[0],):
+            ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=9)
+        if len(evals) > 1:
+            title += f" (eval {first:.3f} -> {last:.3f})"
+    for i, x in enumerate(resumes):
+        ax.axvline(x, color="#555555", linestyle="--", linewidth=1, label=None if i else "resumed")
+    ax.set_xlabel("tokens trained on")
+    ax.set_ylabel("loss per answer token")
+    ax.set_title(title, fontweight="bold")
+    ax.grid(alpha=0.3)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(frameon=False)
+    return fig
+
+
+def save_loss_curve(history: object, path: Path | str) -> Path | None:
+    """The loss curve of a run's history (`vicuna_sky.train.metrics.History`: the work the
+    final model kept, with every resume marked) as a PNG; None when there is nothing to draw."""
+    train, evals, resumes = history.kept()
+    figure = plot_loss_curve(
+        [(r["tokens_seen"], r["loss"]) for r in train],
+        [(r["tokens_seen"], r["eval_loss"]) for r in evals],
+        resumes,
+    )
+    return None if figure is None else save_figure(figure, Path(path))

@@ -57,6 +57,9 @@ class LocalJob:
     restarts_on_errors: int = 0
     prices: dict = field(default_factory=dict)
     """Catalog prices the run is costed at (cost.Prices fields); empty when unknown."""
+    metrics_url: str = ""
+    """A training run's checkpoint URL as this machine reaches it: the trainer keeps its
+    metrics there (`vicuna-sky status NAME` reads them)."""
     pid: int = 0
     """The process running the job (the launcher), and when it started: together they tell a
     job in progress from one whose launcher died without writing a final status."""
@@ -136,15 +139,18 @@ def describe(job: LocalJob) -> dict[str, Any]:
 
 
 def attempt_metrics(attempt: Attempt) -> list[dict]:
-    """The trainer's per-step records (metrics.jsonl) in an attempt's working directory."""
+    """The trainer's per-step records (metrics.jsonl) in an attempt's working directory; the
+    base model's eval before the first step is no step and is left out."""
     path = Path(attempt.workdir) / "metrics.jsonl"
     out = []
     if path.exists():
         for line in path.read_text().splitlines():
             try:
-                out.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 break  # the line being written when the machine died
+            if "loss" in record or "eval_loss" not in record:  # an eval alone is no step
+                out.append(record)
     return out
 
 

@@ -98,6 +98,8 @@ class LocalRunner:
         upload to a cluster does."""
         root = self.config.bucket_root or Path(self.config.runs_dir) / "buckets"
         self.bucket_root = Path(root).resolve()
+        self.job.metrics_url = self._metrics_url()
+        self.job.save()
 
     # ------------------------------------------------------------------ public
 
@@ -315,6 +317,15 @@ class LocalRunner:
         for _url, local in out.values():
             Path(local).mkdir(parents=True, exist_ok=True)
         return out
+
+    def _metrics_url(self) -> str:
+        """Where sky/train.yaml's trainer keeps checkpoints and metrics, as reached from here;
+        empty for a task that is no training run."""
+        envs = self.task.envs
+        if not all(k in envs for k in ("BUCKET_URL", "RUN_NAME", "RUN_TAG")):
+            return ""
+        url = f"{envs['BUCKET_URL'].rstrip('/')}/runs/{envs['RUN_NAME']}/{envs['RUN_TAG']}"
+        return self._localize(url, self._mounts())
 
     def _bucket_dir(self, url: str) -> Path:
         return self.config.bucket_dir(url)

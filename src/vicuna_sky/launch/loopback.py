@@ -28,6 +28,11 @@ LOOPBACK_SDK_ENV = {
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "SKYPILOT_DISABLE_USAGE_COLLECTION": "1",
     "GRADIO_ANALYTICS_ENABLED": "False",
+    # A WANDB_API_KEY in the user's shell: W&B records offline (`wandb sync` sends it later),
+    # and its crash reports (Sentry) stay off.
+    "WANDB_MODE": "offline",
+    "WANDB_BASE_URL": f"http://{NOWHERE}",
+    "WANDB_ERROR_REPORTING": "false",
 }
 
 

@@ -88,8 +88,8 @@ def launch_recipe(
             preflight.refuse(early)
             check_budget(recipe, over_budget, plan)
             preflight.refuse(preflight.run(recipe, task, bucket, skip_preflight, ("bucket",)))
-    if spec is Spec.TRAIN and "DATA_PATH" not in overrides:
-        push_local_data(recipe, task, config, dryrun)
+    if spec is Spec.TRAIN:
+        push_local_data(recipe, task, config, dryrun, overrides)
     if dryrun:
         console.rule(f"[bold]{spec.value}[/] with {recipe.source}")
         print_yaml(resolved_yaml(task))
@@ -270,7 +270,11 @@ def seed_demo_data(recipe: Recipe, task: object, config: local_lib.LocalConfig) 
     if recipe.model.path not in BUILTIN or target.exists() or Path(recipe.data.path).is_absolute():
         return
     stats = prepare_demo_data(
-        target, recipe.data.max_length, recipe.model.template, task.envs["MODEL_PATH"]
+        target,
+        recipe.data.max_length,
+        recipe.model.template,
+        task.envs["MODEL_PATH"],
+        recipe.data.eval_fraction,
     )
     console.print(
         f"  seeded the local bucket with the demo sample: {stats['segments']} segments -> {target}"
@@ -278,20 +282,26 @@ def seed_demo_data(recipe: Recipe, task: object, config: local_lib.LocalConfig) 
 
 
 def push_local_data(
-    recipe: Recipe, task: object, config: local_lib.LocalConfig | None, dryrun: bool
+    recipe: Recipe,
+    task: object,
+    config: local_lib.LocalConfig | None,
+    dryrun: bool,
+    overrides: dict[str, str] | None = None,
 ) -> None:
-    """A recipe whose `data.path` is a file on this machine: checked, uploaded to the run's
-    bucket under its content key (once), and the task pointed at that object."""
+    """A recipe whose `data.path` (or `data.eval_path`) is a file on this machine: checked,
+    uploaded to the run's bucket under its content key (once), and the task pointed at that
+    object. An `--env DATA_PATH`/`EVAL_PATH` names an object already there."""
     from vicuna_sky.launch import data_push
 
-    source = data_push.local_data(recipe.data.path)
-    if source is None:
-        return
-    data_push.check_format(source)
-    bucket = str(config.bucket_dir(recipe.bucket)) if config else task.envs["BUCKET_URL"]
-    pushed = data_push.push(source, bucket, dry_run=dryrun)
-    task.update_envs({"DATA_PATH": pushed.key})
-    console.print(data_push.describe(pushed, task.envs["BUCKET_URL"], dry_run=dryrun))
+    for env, path in (("DATA_PATH", recipe.data.path), ("EVAL_PATH", recipe.data.eval_path)):
+        source = data_push.local_data(path) if path and env not in (overrides or {}) else None
+        if source is None:
+            continue
+        data_push.check_format(source)
+        bucket = str(config.bucket_dir(recipe.bucket)) if config else task.envs["BUCKET_URL"]
+        pushed = data_push.push(source, bucket, dry_run=dryrun)
+        task.update_envs({env: pushed.key})
+        console.print(data_push.describe(pushed, task.envs["BUCKET_URL"], dry_run=dryrun))
 
 
 def check_local_data(recipe: Recipe, task: object, config: local_lib.LocalConfig) -> None:
@@ -303,6 +313,13 @@ def check_local_data(recipe: Recipe, task: object, config: local_lib.LocalConfig
         raise VicunaSkyError(
             f"{recipe.source}: data.path {data_path!r} is neither a file here nor in the "
             f"bucket ({target}): fix the path, or upload it with `vicuna-sky data push`"
+        )
+    eval_path = task.envs.get("EVAL_PATH", recipe.data.eval_path)
+    held_out = config.bucket_dir(recipe.bucket) / eval_path
+    if eval_path and _user_data(data_path) and not held_out.exists():
+        raise VicunaSkyError(
+            f"{recipe.source}: data.eval_path {eval_path!r} is neither a file here nor in the "
+            "bucket: fix the path, or upload it with `vicuna-sky data push`"
         )
 
 

@@ -26,6 +26,11 @@ class TrainConfig:
     """Local directory or hub id of a causal LM (Llama family first); `tiny-llama` builds one."""
     data_path: str
     """ShareGPT JSON, already cleaned and split (vicuna-sky data clean/split)."""
+    eval_path: str = ""
+    """Held-out ShareGPT JSON (`data split --eval-fraction`); empty = no validation loss."""
+    eval_every_steps: int = 0
+    """Validation loss every this many steps; with an eval set it is also computed before the
+    first step of a fresh run (the base model's) and after the last. 0 = only those two."""
     template: str = "vicuna_v1.1"
     max_length: int = 2048
     epochs: float = 3.0
@@ -67,6 +72,12 @@ class TrainConfig:
     """Stop after this many optimizer steps (0 = run all epochs); for smoke tests."""
     metrics_path: str = "metrics.jsonl"
     """Rank 0 appends one JSON line per step: step, loss, lr, tokens/s (and MFU on GPU)."""
+    tensorboard_dir: str = "tensorboard"
+    """TensorBoard event files (one folder per attempt); empty = none."""
+    metrics_upload_seconds: float = 30.0
+    """How often the metrics and event files are copied beside the checkpoints in the bucket."""
+    run_name: str = ""
+    """The run's name in W&B (when WANDB_API_KEY is set)."""
     preemption_poll_seconds: float = 5.0
 
     def check(self) -> None:
@@ -91,6 +102,10 @@ class TrainConfig:
             raise VicunaSkyError("--keep-checkpoints must be at least 2")
         if not Path(self.data_path).is_file():
             raise VicunaSkyError(f"--data-path {self.data_path}: no such file")
+        if self.eval_path and not Path(self.eval_path).is_file():
+            raise VicunaSkyError(f"--eval-path {self.eval_path}: no such file")
+        if self.eval_every_steps < 0:
+            raise VicunaSkyError("--eval-every-steps must not be negative")
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:

@@ -38,3 +38,30 @@ def next_token_loss_sum(
         else:
             total = total + _chunk_loss(flat[part], shifted[part])
     return total
+
+
+def batch_loss_sum(
+    model: torch.nn.Module, batch: dict, device: torch.device, chunk_tokens: int
+) -> torch.Tensor:
+    """One forward pass over a collated batch: its summed answer-token loss, on the device.
+    Training and evaluation both call this, so an eval loss is the training loss's twin."""
+    from vicuna_sky.train.model import document_block_mask
+
+    batch = to_device(batch, device)
+    labels = batch.pop("labels")
+    segments = batch.pop("segments", None)
+    if segments is not None:
+        batch["attention_mask"] = document_block_mask(segments)
+    logits = model(**batch).logits
+    return next_token_loss_sum(logits, labels, chunk_tokens)
+
+
+def to_device(batch: dict[str, torch.Tensor | None], device: torch.device) -> dict:
+    """Host tensors to the device without a host sync: a copy from pageable memory makes the
+    host wait for the device's queue, one from pinned memory is queued like a kernel."""
+    if device.type != "cuda":
+        return dict(batch)
+    return {
+        k: v.pin_memory().to(device, non_blocking=True) if v is not None else None
+        for k, v in batch.items()
+    }

@@ -1,27 +1,27 @@
 """Rank 0's view of training: a progress bar and one log line per step with loss, lr,
-tokens/s and, on GPUs with a known peak, MFU."""
+tokens/s and, on GPUs with a known peak, MFU; each step's record goes to the metrics log."""
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
+
+from vicuna_sky.train.metrics import MetricsLog
 
 log = logging.getLogger("vicuna_sky.train")
 
 
 class Progress:
     def __init__(
-        self, total: int, done: int, enabled: bool, peak_flops: float, metrics_path: str
+        self, total: int, done: int, enabled: bool, peak_flops: float, metrics: MetricsLog
     ) -> None:
         self.enabled, self.peak = enabled, peak_flops
-        self.metrics = Path(metrics_path) if metrics_path else None
+        self.metrics = metrics
         self.bar = None
         if enabled and sys.stderr.isatty():
             self.bar = RichProgress(
@@ -45,9 +45,11 @@ class Progress:
         flops_per_token: float,
         lr: float,
         peak_mb: float,
+        tokens_seen: int,
         **extra: float,
     ) -> None:
-        """`extra`: more fields for this step's metrics line (checkpoint_stall_seconds, ...)."""
+        """`extra`: more fields for this step's metrics line (checkpoint_stall_seconds,
+        eval_loss, ...). `tokens_seen`: tokens trained on up to and including this step."""
         if not self.enabled:
             return
         rate = tokens / seconds if seconds > 0 else 0.0
@@ -56,8 +58,10 @@ class Progress:
         line += f" mfu {100 * mfu:.1f}%" if mfu is not None else ""
         if "checkpoint_stall_seconds" in extra:
             line += f" checkpoint stall {extra['checkpoint_stall_seconds']:.2f}s"
-        if self.metrics:
-            record = {
+        if extra.get("eval_loss") is not None:
+            line += f" eval loss {extra['eval_loss']:.4f}"
+        self.metrics.write(
+            {
                 "step": step,
                 "time": time.time(),
                 "loss": loss,
@@ -66,13 +70,32 @@ class Progress:
                 "seconds": seconds,
                 "mfu": mfu,
                 "peak_memory_mb": peak_mb,
+                "tokens": tokens,
+                "tokens_seen": tokens_seen,
+                "total_steps": self.total,
                 **extra,
             }
-            with self.metrics.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        )
         log.info("step %d/%d %s", step, self.total, line)
         if self.bar:
             self.bar.update(self.task, completed=step, info=line)
+
+    def evaluated(self, step: int, loss: float, tokens: int, tokens_seen: int) -> None:
+        """An eval with no training step of its own to ride on: the base model's before the
+        first step, or the final one of a run resumed at its last step."""
+        if not self.enabled:
+            return
+        log.info("step %d/%d eval loss %.4f (%d tokens)", step, self.total, loss, tokens)
+        self.metrics.write(
+            {
+                "step": step,
+                "time": time.time(),
+                "eval_loss": loss,
+                "eval_tokens": tokens,
+                "tokens_seen": tokens_seen,
+                "total_steps": self.total,
+            }
+        )
 
     def close(self) -> None:
         if self.bar:

@@ -9,6 +9,7 @@ split into micro-batches and processes, and a resumed run identical to an uninte
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gc
 import logging
 import math
@@ -29,8 +30,10 @@ from vicuna_sky.train import model as model_lib
 from vicuna_sky.train.checkpoint import CheckpointManager
 from vicuna_sky.train.config import TrainConfig
 from vicuna_sky.train.data import ResumableSampler, collate, load_dataset, micro_batches
+from vicuna_sky.train.evaluate import Evaluator
 from vicuna_sky.train.export import export
-from vicuna_sky.train.loss import next_token_loss_sum
+from vicuna_sky.train.loss import batch_loss_sum
+from vicuna_sky.train.metrics import LOSS_CURVE, MetricsLog
 from vicuna_sky.train.progress import Progress
 
 log = logging.getLogger("vicuna_sky.train")
@@ -88,6 +91,7 @@ class _StepRecord:
     """On the host: copied without blocking, valid once `done` has completed."""
     answer_tokens: int
     tokens: int
+    tokens_seen: int
     lr: float
     done: torch.cuda.Event | None
     extra: dict = field(default_factory=dict)
@@ -136,6 +140,11 @@ class Trainer:
             first = str(e).strip().splitlines()[0]
             raise VicunaSkyError(f"cannot load model {c.model_path!r}: {first}") from None
         dataset = load_dataset(Path(c.data_path), tokenizer, c.template, c.max_length, c.packing)
+        eval_set = None
+        if c.eval_path:
+            eval_set = load_dataset(
+                Path(c.eval_path), tokenizer, c.template, c.max_length, c.packing
+            )
         per_step = c.micro_batch_size * world.size
         if c.global_batch_size % per_step:
             raise VicunaSkyError(
@@ -174,12 +183,32 @@ class Trainer:
         watcher = PreemptionWatcher(poll_seconds=c.preemption_poll_seconds).start()
         # DTensor.numel() is the full (unsharded) size: this is the whole model.
         flops_per_token = 6 * sum(p.numel() for p in model.parameters())
+        metrics = MetricsLog(
+            c.metrics_path,
+            c.checkpoint_url,
+            c.tensorboard_dir,
+            c.run_name,
+            c.metrics_upload_seconds,
+            enabled=world.is_main,
+            config=dataclasses.asdict(c),
+        )
         progress = Progress(
-            total, step, world.is_main, peak_flops(world.device) * world.size, c.metrics_path
+            total, step, world.is_main, peak_flops(world.device) * world.size, metrics
         )
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # flex_attention is compiled for one shape: packed rows are padded to one length.
         pad_to = math.ceil(c.max_length / 128) * 128 if attn == "flex_attention" else 0
+        evaluator = None
+        if eval_set is not None:
+            evaluator = Evaluator(
+                eval_set, world, c.micro_batch_size, pad_id, attn, pad_to, c.loss_chunk_tokens
+            )
+        tokens_seen = tokens_before(dataset, c.global_batch_size, c.seed, step)
+        evaluated_at = None  # the step of this attempt's latest eval
+        if evaluator is not None and resume is None:
+            # The base model's number: what the fine-tune is judged against.
+            progress.evaluated(0, evaluator.loss(model), evaluator.tokens, 0)
+            evaluated_at = 0
         # Steps whose loss is not read yet. On a GPU one step stays in flight: the host reads
         # step N-1's numbers (finished by then) while the device runs step N, and collates
         # step N+1 meanwhile; nothing in a step waits for the device.
@@ -213,8 +242,9 @@ class Trainer:
                     if step == 2 and os.environ.get(SYNC_DEBUG_ENV):
                         torch.cuda.set_sync_debug_mode("warn")
                 tokens = sum(dataset.tokens[i] for i in batch)
+                tokens_seen += tokens
                 lr = scheduler.get_last_lr()[0]
-                pending.append(_StepRecord(step, loss_sum, answers, tokens, lr, done))
+                pending.append(_StepRecord(step, loss_sum, answers, tokens, tokens_seen, lr, done))
                 if step % GC_EVERY_STEPS == 0:
                     gc.collect(1)
                 stopping = dist.any_rank(watcher.triggered, world)
@@ -224,6 +254,14 @@ class Trainer:
                     return self._emergency(
                         step, model, optimizer, sampler, scheduler, ckpt, watcher, world
                     )
+                every = c.eval_every_steps
+                if evaluator is not None and (step == total or (every and step % every == 0)):
+                    started = time.perf_counter()
+                    pending[-1].extra["eval_loss"] = evaluator.loss(model)
+                    pending[-1].extra["eval_tokens"] = evaluator.tokens
+                    evaluated_at = step
+                    # Not training time: tokens/s, MFU and the ETA measure the steps alone.
+                    self._clock += time.perf_counter() - started
                 if step % c.checkpoint_every_steps == 0 or (step == total and c.final_checkpoint):
                     stall = ckpt.save(step, model, optimizer, self._extra(step, sampler, scheduler))
                     pending[-1].extra["checkpoint_stall_seconds"] = stall
@@ -234,13 +272,21 @@ class Trainer:
                 self._report(pending.popleft(), progress, world, flops_per_token)
             if world.device.type == "cuda":
                 torch.cuda.set_sync_debug_mode(0)  # the export and the last save may wait
+            if evaluator is not None and evaluated_at != step:
+                # Resumed from the last step's (emergency) checkpoint: nothing left to train,
+                # but the final model's eval loss is still owed.
+                progress.evaluated(step, evaluator.loss(model), evaluator.tokens, tokens_seen)
             progress.close()
             if c.export_dir:
                 export(model, tokenizer, c, world, path)
             ckpt.wait()
+            if world.is_main:
+                metrics.close()
+                draw_loss_curve(metrics)
             return 0
         finally:
             gc.enable()
+            metrics.close()  # after a preemption too: the bucket has this attempt's records
             watcher.stop()
             ckpt.close()
 
@@ -268,6 +314,7 @@ class Trainer:
             flops_per_token,
             record.lr,
             peak_memory_mb(world.device),
+            record.tokens_seen,
             **extra,
         )
 
@@ -288,14 +335,7 @@ class Trainer:
         for i, m in enumerate(micro):
             # Sync gradients only on the last micro-batch: one reduce-scatter per step.
             model.set_requires_gradient_sync(i == len(micro) - 1)
-            m = _to_device(m, world.device)
-            labels = m.pop("labels")
-            segments = m.pop("segments", None)
-            if segments is not None:
-                m["attention_mask"] = model_lib.document_block_mask(segments)
-            logits = model(**m).logits
-            token_loss = next_token_loss_sum(logits, labels, self.config.loss_chunk_tokens)
-            del logits
+            token_loss = batch_loss_sum(model, m, world.device, self.config.loss_chunk_tokens)
             (token_loss * world.size / answer_tokens).backward()
             loss_sum += token_loss.detach()
         torch_dist.all_reduce(loss_sum)
@@ -332,12 +372,28 @@ class Trainer:
         return PREEMPTED_EXIT_CODE
 
 
-def _to_device(batch: dict[str, torch.Tensor | None], device: torch.device) -> dict:
-    """Host tensors to the device without a host sync: a copy from pageable memory makes the
-    host wait for the device's queue, one from pinned memory is queued like a kernel."""
-    if device.type != "cuda":
-        return dict(batch)
-    return {
-        k: v.pin_memory().to(device, non_blocking=True) if v is not None else None
-        for k, v in batch.items()
-    }
+def tokens_before(dataset: object, global_batch: int, seed: int, steps: int) -> int:
+    """Tokens trained on in the first `steps` steps: the sampler's order is a function of the
+    seed alone, so a resumed run replays it (indices only) instead of keeping a count."""
+    sampler = ResumableSampler(len(dataset), global_batch, seed)
+    return sum(dataset.tokens[i] for _ in range(steps) for i in sampler.next_batch())
+
+
+def draw_loss_curve(metrics: MetricsLog) -> None:
+    """The run's loss curve (every attempt's records, from the bucket when there is one) as
+    loss_curve.png here and beside the checkpoints. Best effort: a finished run stays one."""
+    try:
+        from vicuna_sky.eval.plots import save_loss_curve
+        from vicuna_sky.train.metrics import History, history, parse_lines
+
+        if metrics.url:
+            runs = history(metrics.url)
+        else:
+            mine = metrics.path.read_bytes()[metrics.offset :] if metrics.path else b""
+            runs = History([parse_lines(mine.decode())])
+        local = save_loss_curve(runs, Path(LOSS_CURVE))
+        if local is not None:
+            metrics.put(local, LOSS_CURVE)
+            log.info("loss curve: %s", local.resolve())
+    except Exception as e:
+        log.warning("no loss curve: %s: %s", type(e).__name__, e)
