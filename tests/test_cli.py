@@ -89,7 +89,7 @@ def test_missing_data_is_found_before_a_model_is_made(cli, tmp_path):
     """A recipe's own data missing from the bucket is refused before its built-in model is
     converted (a minute for SmolLM2), in one line."""
     raw = (ROOT / "recipes" / "smollm2-cpu.yaml").read_text()
-    (tmp_path / "mine.yaml").write_text(raw.replace("data/demo_sharegpt.json", "data/mine.json"))
+    (tmp_path / "mine.yaml").write_text(raw.replace("path: demo-sample", "path: data/mine.json"))
     out = cli("train", "mine.yaml", "--local", "--workdir", "w", timeout=60)
     assert out.returncode == 2, out.stdout
     assert "data.path 'data/mine.json' is neither a file here nor in the bucket" in out.stderr

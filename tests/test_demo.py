@@ -10,7 +10,10 @@ def test_demo_completes_and_summarises(cli, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "demo summary" in out.stdout
     assert (workdir / "models" / "tiny-llama" / "model.safetensors").is_file()
-    data = workdir / "buckets" / "s3" / "vicuna-sky-tiny" / "data" / "demo_sharegpt.json"
+    # Uploaded by content, as `train` uploads a user's file.
+    (data,) = (workdir / "buckets" / "s3" / "vicuna-sky-tiny" / "data").glob(
+        "sha256-*/demo_sharegpt.json"
+    )
     segments = json.loads(data.read_text())
     assert len(segments) >= 10
     # The bucket holds cleaned, split data: markdown with fenced code, no ChatGPT UI residue.

@@ -60,7 +60,7 @@ def _recipe(path: Path, model: Path) -> None:
     for old, new in (
         ("\nname: vicuna-smol", "\nname: my-chat"),
         ("  path: smollm2-135m", f"  path: {model}"),
-        ("data/demo_sharegpt.json", "data/mine.json"),
+        ("path: demo-sample", "path: data/mine.json"),
         ("s3://vicuna-sky-smol", "s3://my-bucket"),
         ("  model_name: vicuna-smol", "  model_name: my-chat"),
         ("  judge_model: vicuna-smol", "  judge_model: my-chat"),

@@ -160,7 +160,8 @@ def test_accelerators_and_model_size_checked(old, new, message):
 def test_held_out_data_and_eval_cadence_reach_the_trainer():
     smol = Recipe.from_yaml(ROOT / "recipes" / "smollm2-cpu.yaml")
     envs = smol.envs()
-    assert envs["EVAL_PATH"] == smol.data.eval_path == "data/demo_sharegpt.eval.json"
+    # demo-sample's held-out quarter: made and uploaded at launch, which then sets EVAL_PATH.
+    assert smol.data.path == "demo-sample" and envs["EVAL_PATH"] == smol.data.eval_path == ""
     assert envs["EVAL_EVERY_STEPS"] == "2" and smol.data.eval_fraction == 0.25
     train_spec = (ROOT / "sky" / "train.yaml").read_text()
     assert '--eval-path "$EVAL"' in train_spec and '--eval-every-steps "$EVAL_EVERY_STEPS"' in (

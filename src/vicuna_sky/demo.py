@@ -15,7 +15,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.table import Table
@@ -39,6 +39,8 @@ class Context:
     recipe: Recipe
     local: LocalConfig
     outputs: dict[str, str]
+    data_envs: dict[str, str] = field(default_factory=dict)
+    """DATA_PATH / EVAL_PATH: the uploaded sample's objects in the bucket."""
 
     @property
     def bucket_dir(self) -> Path:
@@ -71,19 +73,27 @@ def stage_assets(ctx: Context) -> str:
 
 
 def stage_data(ctx: Context) -> str:
-    """Clean the packaged HTML sample, split it to the recipe's context, put it in the bucket."""
-    from vicuna_sky.tiny import prepare_demo_data
+    """Clean the packaged HTML sample, split it to the recipe's context (demo-sample, made once
+    per setting), and upload it to the bucket by content, as `train` uploads a user's file."""
+    from vicuna_sky.launch import data_push
+    from vicuna_sky.tiny import builtin_data
 
     r = ctx.recipe
-    target = ctx.bucket_dir / r.data.path
-    stats = prepare_demo_data(
-        target, r.data.max_length, r.model.template, ctx.outputs["model"], r.data.eval_fraction
+    train, held_file, stats = builtin_data(
+        ctx.workdir / "data",
+        r.data.max_length,
+        r.model.template,
+        ctx.outputs["model"],
+        r.data.eval_fraction,
     )
-    ctx.outputs["data"] = str(target)
+    for env, source in (("DATA_PATH", train), ("EVAL_PATH", held_file)):
+        if source is not None:
+            ctx.data_envs[env] = data_push.push(source, str(ctx.bucket_dir)).key
+    ctx.outputs["data"] = str(ctx.bucket_dir / ctx.data_envs["DATA_PATH"])
     removed = ", ".join(f"{n} {rule}" for rule, n in stats["removed"].items())
     held = ""
     if stats["held_out"]:
-        ctx.outputs["eval data"] = str(ctx.bucket_dir / r.data.eval_path)
+        ctx.outputs["eval data"] = str(ctx.bucket_dir / ctx.data_envs["EVAL_PATH"])
         held = (
             f"; {stats['held_out']} whole conversations ({stats['held_out_segments']} segments) "
             "held out for the eval loss"
@@ -104,7 +114,7 @@ def stage_train(ctx: Context) -> str:
     from vicuna_sky.launch.runner import fetch_export, fresh_tag
 
     # A fresh RUN_TAG: the demo shows a run from step 0, not a resume of an earlier demo's.
-    overrides = {"MODEL_PATH": ctx.outputs["model"], "RUN_TAG": fresh_tag()}
+    overrides = {"MODEL_PATH": ctx.outputs["model"], "RUN_TAG": fresh_tag(), **ctx.data_envs}
     task = load_task(Spec.TRAIN, ctx.recipe, overrides)
     task.name = f"{ctx.recipe.name}-train"
     runner = LocalRunner(task, ctx.local)
@@ -151,7 +161,7 @@ def held_out_losses(ctx: Context, url: str) -> str:
     from vicuna_sky.train.metrics import LOSS_CURVE, history
 
     _, evals, _ = history(url).kept()
-    if not ctx.recipe.data.eval_path or len(evals) < 2 or evals[0]["step"] != 0:
+    if "EVAL_PATH" not in ctx.data_envs or len(evals) < 2 or evals[0]["step"] != 0:
         return ""
     base, tuned = evals[0]["eval_loss"], evals[-1]["eval_loss"]
     ctx.outputs["held-out loss"] = f"base {base:.4f} -> fine-tuned {tuned:.4f}"

@@ -44,7 +44,8 @@ class ModelSection:
 @dataclass(frozen=True)
 class DataSection:
     path: str
-    """ShareGPT JSON to train on: absolute, or relative to the bucket root."""
+    """ShareGPT JSON to train on: a file here (uploaded by content at launch), else relative to
+    the bucket root; `demo-sample` is the packaged sample, split for the recipe's model."""
     max_length: int = 2048
     """Context length in tokens; longer conversations are split to fit."""
     tokens: int = 0

@@ -13,6 +13,9 @@ from importlib import resources
 from pathlib import Path
 
 DEMO_DATA = "demo_sharegpt.json"
+BUILTIN_DATA = "demo-sample"
+"""A recipe's data.path naming the packaged sample (`builtin_data`): prepared on this machine
+for the recipe's tokenizer, then uploaded and trained on like any user's file."""
 TINY_MODEL = "tiny-llama"
 """The built-in model name: the trainer builds it locally when no such directory exists."""
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
@@ -93,6 +96,41 @@ def build_tiny_llama(out_dir: Path, seed: int = 0, chat_template: str | None = N
     model = LlamaForCausalLM(config)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+def builtin_data(
+    cache: Path,
+    max_length: int,
+    template: str,
+    tokenizer: str,
+    eval_fraction: float = 0.0,
+) -> tuple[Path, Path | None, dict]:
+    """The packaged sample cleaned and split for these settings, made once under `cache`
+    (keyed by them): (training file, held-out file or None, prepare_demo_data's counts)."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    from vicuna_sky.data.pipeline import eval_path_for
+
+    key = hashlib.sha256(
+        json.dumps([max_length, template, str(tokenizer), eval_fraction]).encode()
+    ).hexdigest()[:16]
+    folder = cache / key
+    target = folder / DEMO_DATA
+    held = eval_path_for(target) if eval_fraction else None
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        # Made beside, then moved in whole: an interrupted preparation is never taken as done.
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            stats = prepare_demo_data(
+                Path(tmp) / DEMO_DATA, max_length, template, tokenizer, eval_fraction
+            )
+            (Path(tmp) / "counts.json").write_text(json.dumps(stats))
+            shutil.rmtree(folder, ignore_errors=True)
+            Path(tmp).rename(folder)
+            Path(tmp).mkdir()  # for TemporaryDirectory's own clean-up
+    return target, held, json.loads((folder / "counts.json").read_text())
 
 
 def prepare_demo_data(

@@ -41,10 +41,9 @@ def test_recipe_numbers_must_be_finite(cli, tmp_path, value):
 
 
 def test_a_mistyped_data_path_is_not_replaced_by_the_demo_sample(cli, tmp_path):
-    path = recipe(tmp_path, "tiny-cpu", "path: data/demo_sharegpt.json",
-                  "path: data/demo_sharegpt.jsn")  # fmt: skip
+    path = recipe(tmp_path, "tiny-cpu", "path: demo-sample", "path: demo-sampel")
     result = cli("train", str(path), "--local", "--workdir", str(tmp_path / "w"), timeout=600)
-    one_line_error(result, "data.path 'data/demo_sharegpt.jsn' is neither a file here nor in the")
+    one_line_error(result, "data.path 'demo-sampel' is neither a file here nor in the")
     assert not list((tmp_path / "w").rglob("demo_sharegpt.js*"))
     assert not list((tmp_path / "w").rglob("job.json"))
 

@@ -120,9 +120,11 @@ class Chaos:
         self.workdir = Path(config.workdir).resolve()
 
     def _task(self, run_name: str, local: LocalConfig) -> object:
-        from vicuna_sky.launch.runner import builtin_models
+        from vicuna_sky.launch.runner import builtin_models, push_local_data
 
         task = load_task(Spec.TRAIN, self.recipe, {**self.overrides, "RUN_NAME": run_name})
+        # The recipe's data as any launch uploads it (by content: both runs read one object).
+        push_local_data(self.recipe, task, local, dryrun=False, overrides=self.overrides)
         builtin_models(task, local)  # both runs train the same model directory
         task.name = run_name
         return task
@@ -158,10 +160,7 @@ class Chaos:
                 s3_endpoint_url=s3.url,
                 max_recoveries=self.config.preemptions + 5,
             )
-            from vicuna_sky.launch.runner import seed_demo_data
-
             reference_task = self._task(f"{self.recipe.name}-reference", local)
-            seed_demo_data(self.recipe, reference_task, local)
             os.environ["AWS_ENDPOINT_URL_S3"] = s3.url  # for our own reads of the bucket
             os.environ.update(metadata.env(""))
             reference = LocalRunner(reference_task, local).run()

@@ -122,7 +122,6 @@ def launch_recipe(
         if spec is Spec.TRAIN:
             check_local_data(recipe, task, config)  # before a model is made: not a minute after
             builtin_models(task, config)
-            seed_demo_data(recipe, task, config)
         else:
             builtin_models(task, config)
         job = run_locally(task, config, _prices(recipe) if spec is Spec.TRAIN else None)
@@ -257,28 +256,35 @@ def builtin_models(task: object, config: local_lib.LocalConfig) -> None:
             task.update_envs({key: path})
 
 
-def seed_demo_data(recipe: Recipe, task: object, config: local_lib.LocalConfig) -> None:
-    """A recipe of a built-in model trains on the packaged sample: put it in the local bucket,
-    split for that model's tokenizer, when it is not there yet. Any other recipe's data is the
-    user's to upload."""
-    from vicuna_sky.models import BUILTIN
-    from vicuna_sky.tiny import prepare_demo_data
+def builtin_data(
+    recipe: Recipe, task: object, config: local_lib.LocalConfig | None, dryrun: bool = False
+) -> dict:
+    """data.path `demo-sample` (the packaged sample, tiny.BUILTIN_DATA): made on this machine
+    for the recipe's tokenizer, length, template and held-out share, once (RUNS/data); returns
+    the files for DATA_PATH and EVAL_PATH, which are then uploaded like a user's own."""
+    from vicuna_sky.models import BUILTIN, default_cache, resolve_model_path
+    from vicuna_sky.tiny import BUILTIN_DATA
+    from vicuna_sky.tiny import builtin_data as make
 
-    target = config.bucket_dir(recipe.bucket) / recipe.data.path
-    if _user_data(recipe.data.path):
-        return
-    if recipe.model.path not in BUILTIN or target.exists() or Path(recipe.data.path).is_absolute():
-        return
-    stats = prepare_demo_data(
-        target,
-        recipe.data.max_length,
-        recipe.model.template,
-        task.envs["MODEL_PATH"],
-        recipe.data.eval_fraction,
-    )
-    console.print(
-        f"  seeded the local bucket with the demo sample: {stats['segments']} segments -> {target}"
-    )
+    if recipe.data.path != BUILTIN_DATA:
+        return {}
+    if dryrun:  # a dry run makes nothing: no model, no data
+        console.print(
+            f"data: {BUILTIN_DATA}, the packaged sample: cleaned and split for "
+            f"{task.envs['MODEL_PATH']} here, then uploaded by content (at launch)"
+        )
+        return {}
+    runs = Path(config.runs_dir) if config else default_cache().parent
+    model = task.envs["MODEL_PATH"]
+    if model in BUILTIN:  # the tokenizer to split with; the task keeps the name
+        with console.status(f"making the built-in model {model}..."):
+            model = resolve_model_path(model, (runs / "models").resolve())
+    with console.status("preparing the packaged sample (demo-sample)..."):
+        d = recipe.data
+        train, held, _ = make(
+            runs.resolve() / "data", d.max_length, recipe.model.template, model, d.eval_fraction
+        )
+    return {"DATA_PATH": str(train), **({"EVAL_PATH": str(held)} if held else {})}
 
 
 def push_local_data(
@@ -293,7 +299,9 @@ def push_local_data(
     object. An `--env DATA_PATH`/`EVAL_PATH` names an object already there."""
     from vicuna_sky.launch import data_push
 
-    for env, path in (("DATA_PATH", recipe.data.path), ("EVAL_PATH", recipe.data.eval_path)):
+    paths = {"DATA_PATH": recipe.data.path, "EVAL_PATH": recipe.data.eval_path}
+    paths.update(builtin_data(recipe, task, config, dryrun))
+    for env, path in paths.items():
         source = data_push.local_data(path) if path and env not in (overrides or {}) else None
         if source is None:
             continue
@@ -305,28 +313,22 @@ def push_local_data(
 
 
 def check_local_data(recipe: Recipe, task: object, config: local_lib.LocalConfig) -> None:
-    """A recipe's own data must be in the (local) bucket. Only the bundled sample's own path is
-    seeded: a mistyped path must fail here, not quietly become the demo sample."""
+    """The training (and held-out) data must be in the (local) bucket: a file here or
+    demo-sample was uploaded by then, so a mistyped path fails here, before a model is made."""
     data_path = task.envs.get("DATA_PATH", recipe.data.path)
     target = config.bucket_dir(recipe.bucket) / data_path
-    if _user_data(data_path) and not target.exists():
+    if not target.exists():
         raise VicunaSkyError(
             f"{recipe.source}: data.path {data_path!r} is neither a file here nor in the "
             f"bucket ({target}): fix the path, or upload it with `vicuna-sky data push`"
         )
     eval_path = task.envs.get("EVAL_PATH", recipe.data.eval_path)
     held_out = config.bucket_dir(recipe.bucket) / eval_path
-    if eval_path and _user_data(data_path) and not held_out.exists():
+    if eval_path and not held_out.exists():
         raise VicunaSkyError(
             f"{recipe.source}: data.eval_path {eval_path!r} is neither a file here nor in the "
             "bucket: fix the path, or upload it with `vicuna-sky data push`"
         )
-
-
-def _user_data(data_path: str) -> bool:
-    from vicuna_sky.tiny import DEMO_DATA
-
-    return Path(data_path) != Path("data") / DEMO_DATA
 
 
 def train_plan(recipe: Recipe, task: object, overrides: dict[str, str]) -> tuple[object, str]:
