@@ -23,8 +23,9 @@ API_KEYS_ENV = "VICUNA_SKY_API_KEYS"
 ADMIN_KEYS_ENV = "VICUNA_SKY_ADMIN_KEYS"
 """Keys for the controller's worker list and schema, comma-separated."""
 MAX_BODY_BYTES = 8 * 2**20
+BODY_TIMEOUT_ENV = "VICUNA_SKY_BODY_TIMEOUT"
 BODY_TIMEOUT = 30.0
-"""Seconds the next piece of a request body may take to arrive."""
+"""Seconds the next piece of a request body may take to arrive (VICUNA_SKY_BODY_TIMEOUT)."""
 
 
 class ConfigError(Exception):
@@ -91,8 +92,11 @@ class BodyLimit:
     its length) and before any of it is parsed; 408 when the body stalls for `timeout` seconds;
     a body within the limit is handed on whole."""
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES, timeout: float = BODY_TIMEOUT):
-        self.app, self.limit, self.timeout = app, limit, timeout
+    def __init__(
+        self, app: ASGIApp, limit: int = MAX_BODY_BYTES, timeout: float | None = None
+    ) -> None:
+        self.app, self.limit = app, limit
+        self.timeout = timeout or float(os.environ.get(BODY_TIMEOUT_ENV, BODY_TIMEOUT))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD"):

@@ -11,6 +11,7 @@ answers 503 at once instead of running out of descriptors.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -23,8 +24,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from vicuna_sky.serve.answers import ClientGone
 from vicuna_sky.serve.protocol import ApiError, invalid_request
 
+HEADER_TIMEOUT_ENV = "VICUNA_SKY_HEADER_TIMEOUT"
 HEADER_TIMEOUT = 10.0
-"""Seconds a connection has to send its request headers (on opening, and between requests)."""
+"""Seconds a connection has to send its request headers (on opening, and between requests);
+VICUNA_SKY_HEADER_TIMEOUT overrides it."""
 MAX_CONNECTIONS = 2048
 
 
@@ -82,9 +85,8 @@ class GuardedH11(H11Protocol):
         if old is not None:
             old.cancel()
         waiting_since = self.cycle  # a new request replaces the cycle
-        self._header_timer = self.loop.call_later(
-            HEADER_TIMEOUT, self._headers_too_slow, waiting_since
-        )
+        timeout = float(os.environ.get(HEADER_TIMEOUT_ENV, HEADER_TIMEOUT))
+        self._header_timer = self.loop.call_later(timeout, self._headers_too_slow, waiting_since)
 
     def _headers_too_slow(self, waiting_since: object) -> None:
         if self.cycle is waiting_since and not self.transport.is_closing():
