@@ -91,6 +91,8 @@ async def respond(
         "created": int(time.time()),
         "model": gens[0].model,
     }
+    metrics, model = controller.metrics, gens[0].model
+    started = time.monotonic()
     if req.stream:
         return await _streamed(controller, req, gens[0], kind, shape, head)
 
@@ -109,7 +111,11 @@ async def respond(
         for gen in gens
         for i in range(req.n)
     ]
-    results = await unless_disconnected(request, asyncio.gather(*(collect(g) for g in runs)))
+    metrics.running.labels(model).inc()
+    try:
+        results = await unless_disconnected(request, asyncio.gather(*(collect(g) for g in runs)))
+    finally:
+        metrics.running.labels(model).dec()
     choices = []
     for index, (text, final) in enumerate(results):
         finish = final.get("finish_reason", "stop")
@@ -122,6 +128,9 @@ async def respond(
     # Each prompt counts once, however many choices it has.
     prompt = sum(final.get("prompt_tokens", 0) for _, final in results[:: req.n])
     completion = sum(final.get("completion_tokens", 0) for _, final in results)
+    metrics.e2e.labels(model).observe(time.monotonic() - started)
+    metrics.prompt_tokens.labels(model).inc(prompt)
+    metrics.generation_tokens.labels(model).inc(completion)
     return head | {"choices": choices, "usage": _usage(prompt, completion)}
 
 
@@ -133,8 +142,10 @@ async def _streamed(
     shape: AnswerShape,
     head: dict,
 ) -> StreamingResponse:
+    started = time.monotonic()
     events = controller.generate(gen)
     first = await anext(events)  # 4xx/5xx before anything is sent are plain HTTP errors
+    metrics, model = controller.metrics, gen.model
     options = req.stream_options
     every_chunk = bool(options and options.continuous_usage_stats)
     at_end = bool(options and options.include_usage)
@@ -149,7 +160,17 @@ async def _streamed(
         return b"data: " + orjson.dumps(body) + b"\n\n"
 
     async def sse() -> AsyncIterator[bytes]:
+        metrics.running.labels(model).inc()
+        try:
+            async for piece in answer():
+                yield piece
+        finally:
+            metrics.running.labels(model).dec()
+            metrics.e2e.labels(model).observe(time.monotonic() - started)
+
+    async def answer() -> AsyncIterator[bytes]:
         prompt, completion, text = 0, 0, ""
+        last: float | None = None
         async for event in _chain(first, events):
             if "error" in event:
                 # The answer broke off: the error is the stream's last word, with no [DONE]
@@ -160,6 +181,13 @@ async def _streamed(
             finish = event.get("finish_reason")
             delta = event.get("text", "")
             text += delta
+            if delta:
+                now = time.monotonic()
+                if last is None:
+                    metrics.ttft.labels(model).observe(now - started)
+                else:
+                    metrics.itl.labels(model).observe(now - last)
+                last = now
             if finish:
                 completion = event.get("completion_tokens", completion)
             elif delta:
@@ -178,6 +206,8 @@ async def _streamed(
             if finish and not at_end and usage is None:
                 usage = _usage(prompt, completion)  # on the last chunk, as before
             yield chunk([_choice(kind, 0, delta, finish, stream=True)], usage)
+        metrics.prompt_tokens.labels(model).inc(prompt)
+        metrics.generation_tokens.labels(model).inc(completion)
         if at_end:
             yield chunk([], _usage(prompt, completion))
         yield b"data: [DONE]\n\n"

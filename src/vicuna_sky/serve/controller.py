@@ -38,11 +38,12 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import orjson
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from vicuna_sky.serve.answers import respond, unless_disconnected
 from vicuna_sky.serve.auth import BodyLimit, bearer, matches, read_secret, read_secrets
 from vicuna_sky.serve.http_server import add_error_handlers
+from vicuna_sky.serve.metrics import FleetMetrics
 from vicuna_sky.serve.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -83,6 +84,7 @@ class Controller:
         """A whole non-streamed answer (a hung worker is caught sooner by its heartbeats)."""
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0)
         self._session: aiohttp.ClientSession | None = None
+        self.metrics = FleetMetrics()
         self._gone: dict[str, asyncio.Event] = {}
         """Set when a worker is found dead or unhealthy: its in-flight requests fail over."""
 
@@ -212,6 +214,7 @@ class Controller:
                 )
                 wait = self.first_token_timeout if gen.stream else self.request_timeout
                 async with await self.guarded(worker.address, opening, wait) as r:
+                    self.metrics.requests.labels(gen.model, worker.address, str(r.status)).inc()
                     if r.status != 200:
                         error = _worker_error(r.status, await r.read())
                         if r.status == 503:  # draining: no new work, in-flight work goes on
@@ -264,6 +267,8 @@ class Controller:
                         yield event
             except (WorkerFailed, aiohttp.ClientError, asyncio.TimeoutError, ValueError):
                 self.registry.mark(worker.address, failed=True)
+                self.metrics.requests.labels(gen.model, worker.address, "failed").inc()
+                self.metrics.failovers.labels(gen.model).inc()
             finally:
                 self.registry.release(worker)
 
@@ -437,6 +442,7 @@ def create_app(controller: Controller, max_body: int | None = None) -> FastAPI:
         address, worker_id = str(payload.get("address")), str(payload.get("worker_id"))
         if not controller.registry.mark(address, draining=True, worker_id=worker_id):
             raise ApiError(404, "unknown worker", code="unknown_worker")
+        controller.metrics.drains.inc()
         return {"ok": True}
 
     @app.get("/ready")
@@ -455,6 +461,13 @@ def create_app(controller: Controller, max_body: int | None = None) -> FastAPI:
     @app.get("/workers", dependencies=admin_only)
     async def workers() -> dict:
         return {"workers": controller.registry.snapshot()}
+
+    @app.get("/metrics", dependencies=admin_only, include_in_schema=False)
+    async def metrics() -> Response:
+        workers = controller.registry.snapshot()
+        controller.metrics.workers.labels("registered").set(len(workers))
+        controller.metrics.workers.labels("available").set(sum(w["available"] for w in workers))
+        return controller.metrics.response()
 
     @app.get("/openapi.json", dependencies=admin_only, include_in_schema=False)
     async def schema() -> dict:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, ORJSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, ORJSONResponse, Response, StreamingResponse
 
 from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.serve.answers import unless_disconnected
@@ -47,6 +47,7 @@ from vicuna_sky.serve.auth import (
 )
 from vicuna_sky.serve.backends import Backend, Finish, Started, load_backend
 from vicuna_sky.serve.http_server import add_error_handlers, server_config
+from vicuna_sky.serve.metrics import ServingMetrics
 from vicuna_sky.serve.protocol import ApiError, GenerateRequest, Registration
 from vicuna_sky.spot import PreemptionWatcher
 
@@ -75,6 +76,7 @@ class Worker:
         """The fleet secret: required on the model routes, sent to the controller."""
         self.stuck_seconds = 120.0
         self._progress: dict[int, float] = {}
+        self.metrics = ServingMetrics()
         """In-flight generation -> when it last produced something (or started)."""
 
     @property
@@ -89,59 +91,87 @@ class Worker:
 
     # -- the work --------------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[bytes]:
-        async with self.slots:
-            self.in_flight += 1
-            key = id(request)
-            self._progress[key] = time.monotonic()
+        """NDJSON lines of one generation, in a slot (waiting for one counts as queued)."""
+        model = request.model
+        started = time.monotonic()
+        self.metrics.waiting.labels(model).inc()
+        try:
+            await self.slots.acquire()
+        finally:
+            self.metrics.waiting.labels(model).dec()
+        try:
+            # Closed with its reader: a client gone ends the generation now, not at GC.
+            async with contextlib.aclosing(self._generate(request, started)) as lines:
+                async for line in lines:
+                    yield line
+        finally:
+            self.slots.release()
+
+    async def _generate(self, request: GenerateRequest, started: float) -> AsyncIterator[bytes]:
+        model, metrics, last = request.model, self.metrics, None
+        self.in_flight += 1
+        metrics.running.labels(model).inc()
+        key = id(request)
+        self._progress[key] = time.monotonic()
+        try:
+            pieces = 0
+            text = ""
+            finish, generated, prompt_tokens = None, None, None
             try:
-                pieces = 0
-                text = ""
-                finish, generated, prompt_tokens = None, None, None
-                try:
-                    async for delta in self.backend.generate(request):
-                        self._progress[key] = time.monotonic()
-                        if isinstance(delta, Started):  # the prompt's size, for usage so far
-                            prompt_tokens = delta.prompt_tokens
-                            yield (json.dumps({"prompt_tokens": prompt_tokens}) + "\n").encode()
-                            continue
-                        if isinstance(delta, Finish):
-                            finish, generated = delta.reason, delta.tokens
-                            prompt_tokens = delta.prompt_tokens
-                            continue
-                        pieces += 1
-                        text += delta
-                        yield (json.dumps({"text": delta}) + "\n").encode()
-                except VicunaSkyError as e:  # the request does not fit the model's template
-                    raise ApiError(400, str(e)) from None
-                except (ApiError, asyncio.CancelledError, GeneratorExit):
-                    raise
-                except Exception as e:
-                    log.exception("generation failed")
-                    raise GenerationFailed(f"the generation failed: {type(e).__name__}") from e
-                if finish is None:  # a backend that does not say: about one delta per token
-                    limit = request.max_tokens
-                    finish = "length" if limit is not None and pieces >= limit else "stop"
-                counts = await asyncio.to_thread(
-                    lambda: (
-                        prompt_tokens if prompt_tokens is not None else self._count_prompt(request),
-                        generated
-                        if generated is not None
-                        else self.backend.count_tokens(text, special=False),
-                    )
+                async for delta in self.backend.generate(request):
+                    self._progress[key] = time.monotonic()
+                    if isinstance(delta, Started):  # the prompt's size, for usage so far
+                        prompt_tokens = delta.prompt_tokens
+                        yield (json.dumps({"prompt_tokens": prompt_tokens}) + "\n").encode()
+                        continue
+                    if isinstance(delta, Finish):
+                        finish, generated = delta.reason, delta.tokens
+                        prompt_tokens = delta.prompt_tokens
+                        continue
+                    pieces += 1
+                    text += delta
+                    now = time.monotonic()
+                    if last is None:
+                        metrics.ttft.labels(model).observe(now - started)
+                    else:
+                        metrics.itl.labels(model).observe(now - last)
+                    last = now
+                    yield (json.dumps({"text": delta}) + "\n").encode()
+            except VicunaSkyError as e:  # the request does not fit the model's template
+                raise ApiError(400, str(e)) from None
+            except (ApiError, asyncio.CancelledError, GeneratorExit):
+                raise
+            except Exception as e:
+                log.exception("generation failed")
+                raise GenerationFailed(f"the generation failed: {type(e).__name__}") from e
+            if finish is None:  # a backend that does not say: about one delta per token
+                limit = request.max_tokens
+                finish = "length" if limit is not None and pieces >= limit else "stop"
+            counts = await asyncio.to_thread(
+                lambda: (
+                    prompt_tokens if prompt_tokens is not None else self._count_prompt(request),
+                    generated
+                    if generated is not None
+                    else self.backend.count_tokens(text, special=False),
                 )
-                yield (
-                    json.dumps(
-                        {
-                            "finish_reason": finish,
-                            "prompt_tokens": counts[0],
-                            "completion_tokens": counts[1],
-                        }
-                    )
-                    + "\n"
-                ).encode()
-            finally:
-                self._progress.pop(key, None)
-                self.in_flight -= 1
+            )
+            yield (
+                json.dumps(
+                    {
+                        "finish_reason": finish,
+                        "prompt_tokens": counts[0],
+                        "completion_tokens": counts[1],
+                    }
+                )
+                + "\n"
+            ).encode()
+            metrics.prompt_tokens.labels(model).inc(counts[0])
+            metrics.generation_tokens.labels(model).inc(counts[1])
+        finally:
+            self._progress.pop(key, None)
+            self.in_flight -= 1
+            metrics.running.labels(model).dec()
+            metrics.e2e.labels(model).observe(time.monotonic() - started)
 
     def _count_prompt(self, request: GenerateRequest) -> int:
         """For a backend that does not say: the prompt's own tokens (a template's wrapping is
@@ -253,6 +283,10 @@ def create_app(worker: Worker, max_body: int | None = None) -> FastAPI:
             "draining": worker.draining,
             "healthy": worker.healthy,
         }
+
+    @app.get("/metrics", dependencies=[Depends(check_secret)])
+    async def metrics() -> Response:
+        return worker.metrics.response()
 
     @app.post("/generate", response_model=None, dependencies=[Depends(check_secret)])
     async def generate(
