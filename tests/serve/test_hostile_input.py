@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from vicuna_sky.serve.auth import FLEET_SECRET_ENV
 
@@ -127,7 +128,19 @@ def test_a_stuck_engine_reports_itself_unhealthy_and_its_requests_fail_over(flee
     answer = chat(client, "echo", max_tokens=3)
     assert answer.choices[0].message.content == "echo: hello there"
     assert time.monotonic() - started < 20  # not the 60 s a word the stuck worker would take
-    assert in_flight(stuck) == 1  # it did have the request
+    # It did have the request, and let it go when the controller gave up on it.
+    metrics = httpx.get(f"{fleet.url}/metrics", headers={"Authorization": f"Bearer {SECRET}"})
+    failed = {"model_name": "echo", "worker": stuck, "status": "failed"}
+    assert [
+        sample.value
+        for family in text_string_to_metric_families(metrics.text)
+        for sample in family.samples
+        if sample.name == "vicuna_sky:worker_requests_total" and sample.labels == failed
+    ] == [1.0]
+    deadline = time.monotonic() + 10
+    while in_flight(stuck) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert in_flight(stuck) == 0
     states = {w["address"]: w for w in fleet.worker_states()}
     assert states[stuck]["healthy"] is False and not states[stuck]["available"]
     assert states[healthy]["available"]

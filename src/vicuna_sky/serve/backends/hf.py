@@ -68,7 +68,6 @@ class HFBackend:
         check_vocab(ids, self.vocab_size)
         n = len(ids)
         limit = answer_limit(self.context_length, n, request.max_tokens)
-        yield Started(len(ids))
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         sample = sampling(request.temperature)
         cancel = threading.Event()
@@ -99,6 +98,7 @@ class HFBackend:
         stops = request.stop + ([] if request.ignore_eos else [s for s in self.template.stop if s])
         sent = ""
         try:
+            yield Started(n)  # after the thread starts: a reader gone now still stops it
             while True:
                 piece = await asyncio.to_thread(next, streamer, None)
                 if piece is None:
