@@ -178,7 +178,6 @@ class Controller:
         """Deltas `{"text": ...}` then `{"finish_reason": ..., usage}`, or `{"error": ApiError}`
         once the answer has begun; failover inside."""
         self.require_model(gen.model)
-        encodable(gen.model_dump())
         tried: set[str] = set()
         sent = ""
         prompt_tokens: int | None = None
@@ -210,7 +209,7 @@ class Controller:
                 # waiting for it is already a read that a hung worker must not hold up forever.
                 # Redirects are not followed: a worker answers itself, or is broken.
                 opening = self.http.post(
-                    url, data=orjson.dumps(payload), headers=JSON, allow_redirects=False
+                    url, data=encoded(payload), headers=JSON, allow_redirects=False
                 )
                 wait = self.first_token_timeout if gen.stream else self.request_timeout
                 async with await self.guarded(worker.address, opening, wait) as r:
@@ -278,11 +277,11 @@ CLIENT_ERRORS = (400, 413)
 the worker staying in rotation. Any other 4xx or a 3xx means the address is not a worker."""
 
 
-def encodable(body: object) -> None:
-    """400 for text that cannot travel as UTF-8 (a lone surrogate, which JSON's \\u escapes
-    can carry): refused before any worker is picked."""
+def encoded(body: object) -> bytes:
+    """`body` as JSON; a 400 for text that cannot travel as UTF-8 (a lone surrogate, which
+    JSON's \\u escapes can carry), raised where the worker picked for it is released."""
     try:
-        orjson.dumps(body)
+        return orjson.dumps(body)
     except TypeError as e:
         raise ApiError(400, f"the request is not valid Unicode text: {e}") from None
 
@@ -505,7 +504,6 @@ def create_app(controller: Controller, max_body: int | None = None) -> FastAPI:
     async def embed(req: EmbeddingRequest) -> dict:
         texts = req.inputs()
         controller.require_model(req.model)
-        encodable(texts)
         tried: set[str] = set()
         refused: ApiError | None = None
         while (worker := controller.registry.pick(req.model, tried)) is not None:
@@ -513,7 +511,7 @@ def create_app(controller: Controller, max_body: int | None = None) -> FastAPI:
             try:
                 url = f"{worker.address}/embed"
                 async with controller.http.post(
-                    url, data=orjson.dumps({"input": texts}), headers=JSON, allow_redirects=False
+                    url, data=encoded({"input": texts}), headers=JSON, allow_redirects=False
                 ) as r:
                     content = await controller.guarded(
                         worker.address, r.read(), controller.request_timeout
