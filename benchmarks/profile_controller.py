@@ -68,6 +68,7 @@ def main() -> None:
     stats.sort_stats("cumulative").print_stats(args.top)
     stats.sort_stats("tottime").print_stats(args.top)
     print(out.getvalue())
+    stats.dump_stats(str(HERE / ".profile_controller.prof"))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from fastapi.responses import JSONResponse, Response
 
 from vicuna_sky.serve.answers import respond, unless_disconnected
 from vicuna_sky.serve.auth import BodyLimit, bearer, matches, read_secret, read_secrets
-from vicuna_sky.serve.http_server import add_error_handlers
+from vicuna_sky.serve.http_server import add_error_handlers, dependency
 from vicuna_sky.serve.metrics import FleetMetrics
 from vicuna_sky.serve.protocol import (
     ApiError,
@@ -411,9 +411,9 @@ def create_app(controller: Controller, max_body: int | None = None) -> FastAPI:
     # -- workers ---------------------------------------------------------------------------
     # Who may call comes first (dependencies run before the body is validated): a caller
     # without the secret learns nothing about what a valid request would be.
-    worker_only = [Depends(controller.check_worker)]
-    admin_only = [Depends(controller.check_admin)]
-    clients_only = [Depends(controller.check_key)]
+    worker_only = [Depends(dependency(controller.check_worker))]
+    admin_only = [Depends(dependency(controller.check_admin))]
+    clients_only = [Depends(dependency(controller.check_key))]
 
     @app.post("/workers/register", dependencies=worker_only)
     async def register(reg: Registration, request: Request) -> dict:

@@ -46,7 +46,7 @@ from vicuna_sky.serve.auth import (
     require_secret_off_loopback,
 )
 from vicuna_sky.serve.backends import Backend, Finish, Started, load_backend
-from vicuna_sky.serve.http_server import add_error_handlers, server_config
+from vicuna_sky.serve.http_server import add_error_handlers, dependency, server_config
 from vicuna_sky.serve.metrics import ServingMetrics
 from vicuna_sky.serve.protocol import ApiError, GenerateRequest, Registration
 from vicuna_sky.spot import PreemptionWatcher
@@ -269,6 +269,7 @@ def create_app(worker: Worker, max_body: int | None = None) -> FastAPI:
             raise ApiError(403, "the fleet secret is required", kind="permission_error")
 
     add_error_handlers(app, check_secret)
+    fleet_only = [Depends(dependency(check_secret))]
 
     @app.get("/health")
     async def health(request: Request) -> dict:
@@ -284,11 +285,11 @@ def create_app(worker: Worker, max_body: int | None = None) -> FastAPI:
             "healthy": worker.healthy,
         }
 
-    @app.get("/metrics", dependencies=[Depends(check_secret)])
+    @app.get("/metrics", dependencies=fleet_only)
     async def metrics() -> Response:
         return worker.metrics.response()
 
-    @app.post("/generate", response_model=None, dependencies=[Depends(check_secret)])
+    @app.post("/generate", response_model=None, dependencies=fleet_only)
     async def generate(
         request: GenerateRequest, http: Request
     ) -> StreamingResponse | ORJSONResponse:
@@ -324,7 +325,7 @@ def create_app(worker: Worker, max_body: int | None = None) -> FastAPI:
 
         return StreamingResponse(body(), media_type="application/x-ndjson")
 
-    @app.post("/embed", dependencies=[Depends(check_secret)])
+    @app.post("/embed", dependencies=fleet_only)
     async def embed(payload: dict) -> dict:
         texts = payload.get("input")
         if not isinstance(texts, list) or not texts or not all(_embeddable(x) for x in texts):
