@@ -30,7 +30,8 @@ T = TypeVar("T")
 
 # Answer ids: unique per controller process without a uuid4 per request (os.urandom is a
 # system call, measurable on the hop under load).
-_ids = (f"{secrets.token_hex(6)}{n:012x}" for n in itertools.count())
+_ID_PREFIX = secrets.token_hex(6)
+_ids = (f"{_ID_PREFIX}{n:012x}" for n in itertools.count())
 
 
 class ClientGone(Exception):
