@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=3000)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--save", default=None, help="write the raw profile (pstats) here")
     args = p.parse_args()
     import uvicorn
 
@@ -68,7 +69,8 @@ def main() -> None:
     stats.sort_stats("cumulative").print_stats(args.top)
     stats.sort_stats("tottime").print_stats(args.top)
     print(out.getvalue())
-    stats.dump_stats(str(HERE / ".profile_controller.prof"))
+    if args.save:
+        stats.dump_stats(args.save)  # for snakeviz, or pstats in an interpreter
 
 
 if __name__ == "__main__":
