@@ -54,8 +54,8 @@ async def load(url: str, body: dict, n: int, concurrency: int) -> tuple[float, l
         return n / (time.perf_counter() - start), latencies
 
 
-def serial_p50(url: str, body: dict, n: int = 300) -> float:
-    with httpx.Client(timeout=30) as client:
+def serial_p50(url: str, body: dict, n: int = 300, headers: dict | None = None) -> float:
+    with httpx.Client(timeout=30, headers=headers) as client:
         times = []
         for _ in range(n):
             start = time.perf_counter()
@@ -95,7 +95,8 @@ def main() -> None:
         worker = fleet.start_worker("echo", "echo", "echo", "--max-concurrency", "1000")
         fleet.wait_workers({worker})
         direct_body = {"model": "echo", "messages": BODY["messages"], "max_tokens": 16}
-        ours_direct = serial_p50(f"{worker}/generate", direct_body)
+        fleet_secret = {"Authorization": f"Bearer {fleet.secret}"}  # the worker's own key
+        ours_direct = serial_p50(f"{worker}/generate", direct_body, headers=fleet_secret)
         ours_serial = serial_p50(f"{fleet.url}/v1/chat/completions", BODY)
         ours = asyncio.run(
             load(f"{fleet.url}/v1/chat/completions", BODY, args.requests, args.concurrency)

@@ -38,3 +38,12 @@ def with_two_hf_workers(fleet, model, controller_args=(), first_args=(), name="t
     b = fleet.start_worker("hf", str(model), name)
     fleet.wait_workers({a, b})
     return fleet
+
+
+def in_flight(address: str) -> int:
+    """A worker's requests in flight, from its /health (with the fleet secret: without it the
+    worker says only that it is up)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {SECRET}"}
+    return httpx.get(f"{address}/health", timeout=5, headers=headers).json()["in_flight"]

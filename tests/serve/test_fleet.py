@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from .conftest import with_two_hf_workers
+from .conftest import in_flight, with_two_hf_workers
 
 
 def two_hf_workers(fleet, model):
@@ -128,7 +128,7 @@ def when_busy(fleet, address: str, then) -> threading.Thread:
     def watch() -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if httpx.get(f"{address}/health", timeout=5).json()["in_flight"]:
+            if in_flight(address):
                 then()
                 return
             time.sleep(0.01)
@@ -180,7 +180,7 @@ def stream_killing_its_worker(fleet, words: str, **kw):
         last = chunk
         if not killed and len(received.split()) > 10:
             alive = [w for w, p in fleet.workers.items() if p.proc.poll() is None]
-            busy = [w for w in alive if httpx.get(f"{w}/health").json()["in_flight"]]
+            busy = [w for w in alive if in_flight(w)]
             fleet.workers[busy[0]].stop()
             killed = True
     assert killed
@@ -242,7 +242,7 @@ def drain_with_work_in_flight(fleet, model: str, tell, reason: str, env=None) ->
     # The worker may count an answer a moment after the client has it: start from idle, so
     # the watcher sees the next request, not the tail of the last one.
     deadline = time.monotonic() + 30
-    while httpx.get(f"{a}/health", timeout=5).json()["in_flight"] and time.monotonic() < deadline:
+    while in_flight(a) and time.monotonic() < deadline:
         time.sleep(0.01)
     watcher = when_busy(fleet, a, lambda: tell(a))
     assert ask_model(client, 0, 400) == expected[0]

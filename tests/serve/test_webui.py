@@ -102,3 +102,35 @@ def test_a_blocked_message_never_reaches_a_model_as_context():
         {"role": "user", "content": "thanks"},
         {"role": "assistant", "content": "you are welcome"},
     ]
+
+
+def test_logins_are_rate_limited():
+    """Hole 9: 50 wrong passwords in a burst compare 5; while the limit holds even the right
+    password is refused (a guesser learns nothing), and it is let in once the limit refills."""
+    import time
+
+    from vicuna_sky.serve.webui import LoginGuard
+
+    guard = LoginGuard("right", burst=5, refill_seconds=0.5)
+    compared = [guard("u", "wrong") for _ in range(50)]
+    assert not any(compared) and guard.tokens < 1
+    assert guard("u", "right") is False
+    time.sleep(0.6)
+    assert guard("u", "right") is True
+
+
+def test_the_blocklist_is_not_beaten_by_spacing_invisibles_or_look_alikes():
+    """Hole 11: whitespace, zero-width characters, fullwidth and Cyrillic/Greek look-alikes."""
+    from vicuna_sky.serve.webui import Moderation
+
+    moderation = Moderation(["make a bomb"])
+    for text in [
+        "how to MAKE  A   BOMB",
+        "make\u200ba b\u200dom\u200bb",
+        "m\u0430ke \u0430 b\u043emb",  # Cyrillic a, a, o
+        "\uff4d\uff41\uff4b\uff45 \uff41 \uff42\uff4f\uff4d\uff42",  # fullwidth
+        "m-a-k-e a b.o.m.b",
+        "M\u0391KE A B\u039fMB",  # Greek capital alpha and omicron
+    ]:
+        assert moderation.flagged(text), text
+    assert not moderation.flagged("make a bed, not a bomb shelter list")

@@ -7,6 +7,7 @@ the machine can read them in `ps`.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import os
@@ -22,6 +23,9 @@ API_KEYS_ENV = "VICUNA_SKY_API_KEYS"
 ADMIN_KEYS_ENV = "VICUNA_SKY_ADMIN_KEYS"
 """Keys for the controller's worker list and schema, comma-separated."""
 MAX_BODY_BYTES = 8 * 2**20
+BODY_TIMEOUT_ENV = "VICUNA_SKY_BODY_TIMEOUT"
+BODY_TIMEOUT = 30.0
+"""Seconds the next piece of a request body may take to arrive (VICUNA_SKY_BODY_TIMEOUT)."""
 
 
 class ConfigError(Exception):
@@ -50,8 +54,9 @@ def read_secrets(path: Path | None, env: str) -> list[str]:
 
 
 def bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    return header[7:] if header.startswith("Bearer ") else None
+    """The token of `Authorization: Bearer <token>` (the scheme is case-insensitive, RFC 9110)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
 def matches(given: str | None, allowed: list[str]) -> bool:
@@ -84,10 +89,14 @@ def require_secret_off_loopback(host: str, secret: str, what: str) -> None:
 
 class BodyLimit:
     """413 for a request body over `limit` bytes, counted as it arrives (a client need not say
-    its length) and before any of it is parsed; a body within the limit is handed on whole."""
+    its length) and before any of it is parsed; 408 when the body stalls for `timeout` seconds;
+    a body within the limit is handed on whole."""
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+    def __init__(
+        self, app: ASGIApp, limit: int = MAX_BODY_BYTES, timeout: float | None = None
+    ) -> None:
         self.app, self.limit = app, limit
+        self.timeout = timeout or float(os.environ.get(BODY_TIMEOUT_ENV, BODY_TIMEOUT))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD"):
@@ -99,7 +108,12 @@ class BodyLimit:
             return
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except asyncio.TimeoutError:
+                await _refuse(send, 408, f"the request body stalled for {self.timeout:g} s",
+                              "request_timeout")  # fmt: skip
+                return
             if message["type"] != "http.request":  # the client went away
                 return
             chunks.append(message.get("body", b""))
@@ -122,14 +136,18 @@ class BodyLimit:
 
 
 async def _too_large(send: Send, limit: int) -> None:
+    await _refuse(send, 413, f"the request body is over {limit} bytes", "request_too_large")
+
+
+async def _refuse(send: Send, status: int, message: str, code: str) -> None:
     import json
 
     body = json.dumps(
         {
             "error": {
-                "message": f"the request body is over {limit} bytes",
+                "message": message,
                 "type": "invalid_request_error",
-                "code": "request_too_large",
+                "code": code,
                 "param": None,
             }
         }
@@ -137,7 +155,7 @@ async def _too_large(send: Send, limit: int) -> None:
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": status,
             "headers": [(b"content-type", b"application/json")],
         }
     )

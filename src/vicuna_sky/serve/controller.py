@@ -31,12 +31,9 @@ import asyncio
 import base64
 import contextlib
 import ipaddress
-import json
 import os
 import struct
 import sys
-import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -46,9 +43,9 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import orjson
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
+from vicuna_sky.serve.answers import respond, unless_disconnected
 from vicuna_sky.serve.auth import (
     BodyLimit,
     bearer,
@@ -57,6 +54,8 @@ from vicuna_sky.serve.auth import (
     read_secret,
     read_secrets,
 )
+from vicuna_sky.serve.http_server import add_error_handlers, dependency
+from vicuna_sky.serve.metrics import FleetMetrics
 from vicuna_sky.serve.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -65,12 +64,11 @@ from vicuna_sky.serve.protocol import (
     GenerateRequest,
     Registration,
     SamplingParams,
-    invalid_request,
 )
 from vicuna_sky.serve.registry import Registry, WorkerState
+from vicuna_sky.serve.structured import AnswerShape, answer_shape
 from vicuna_sky.serve.tls import FLEET_TLS_ENV, TlsError, pinned, server_files
 
-DEFAULT_MAX_TOKENS = 256
 JSON = {"Content-Type": "application/json"}
 T = TypeVar("T")
 
@@ -104,6 +102,7 @@ class Controller:
         """A whole non-streamed answer (a hung worker is caught sooner by its heartbeats)."""
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0)
         self._session: aiohttp.ClientSession | None = None
+        self.metrics = FleetMetrics()
         self._gone: dict[str, asyncio.Event] = {}
         """Set when a worker is found dead or unhealthy: its in-flight requests fail over."""
 
@@ -167,6 +166,13 @@ class Controller:
         if allowed and not matches(bearer(request), allowed):
             raise ApiError(401, "the fleet secret or an admin key is required", code="unauthorized")
 
+    def check_caller(self, request: Request) -> None:
+        """Whoever the route is for: workers on /workers/, clients elsewhere."""
+        if request.url.path.startswith("/workers/"):
+            self.check_worker(request)
+        else:
+            self.check_key(request)
+
     def require_model(self, model: str) -> None:
         if model not in self.registry.models():
             raise ApiError(
@@ -219,6 +225,7 @@ class Controller:
         self.require_model(gen.model)
         tried: set[str] = set()
         sent = ""
+        prompt_tokens: int | None = None
         # Deltas already sent (about one per token): a continuation may only use the rest of
         # max_tokens, and the usage it reports is added to them.
         pieces = 0
@@ -235,25 +242,35 @@ class Controller:
                 )
             tried.add(worker.address)
             carried = pieces
-            left = gen.max_tokens - carried
-            if left <= 0:
+            left = None if gen.max_tokens is None else gen.max_tokens - carried
+            if left is not None and left <= 0:
                 self.registry.release(worker)
                 yield {"finish_reason": "length", "completion_tokens": carried}
                 return
             payload = gen.model_copy(update={"prefix": sent, "max_tokens": left}).model_dump()
             url = f"{worker.address}/generate"
-            # A worker answers once it has its first token (streamed) or the whole answer:
-            # waiting for it is already a read that a hung worker must not hold up forever.
-            opening = self.http.post(
-                url, data=orjson.dumps(payload), headers=JSON, ssl=self.pin(worker)
-            )
-            wait = self.first_token_timeout if gen.stream else self.request_timeout
             try:
+                # A worker answers once it has its first token (streamed) or the whole answer:
+                # waiting for it is already a read that a hung worker must not hold up forever.
+                # Redirects are not followed: a worker answers itself, or is broken.
+                opening = self.http.post(
+                    url,
+                    data=encoded(payload),
+                    headers=JSON,
+                    allow_redirects=False,
+                    ssl=self.pin(worker),
+                )
+                wait = self.first_token_timeout if gen.stream else self.request_timeout
                 async with await self.guarded(worker.address, opening, wait) as r:
+                    self.metrics.requests.labels(gen.model, worker.address, str(r.status)).inc()
                     if r.status != 200:
                         error = _worker_error(r.status, await r.read())
                         if r.status == 503:  # draining: no new work, in-flight work goes on
                             self.registry.mark(worker.address, draining=True)
+                        elif r.status not in CLIENT_ERRORS and r.status < 500:
+                            # A 404/405/3xx/403: not a worker of this fleet at that address (a
+                            # wrong WORKER_ADDRESS, the controller itself, another secret).
+                            raise WorkerFailed(f"the worker answered HTTP {r.status}")
                         elif r.status >= 500:
                             server_errors += 1
                             if server_errors > 1:  # it fails wherever it goes: give up
@@ -286,6 +303,11 @@ class Controller:
                         if "text" in event:
                             sent += event["text"]
                             pieces += 1
+                        elif "finish_reason" not in event:  # the prompt's size, told up front
+                            prompt_tokens = event.get("prompt_tokens", prompt_tokens)
+                            continue
+                        if prompt_tokens is not None:
+                            event.setdefault("prompt_tokens", prompt_tokens)
                         if "finish_reason" in event:
                             event["completion_tokens"] = event.get("completion_tokens", 0) + carried
                             yield event
@@ -293,8 +315,24 @@ class Controller:
                         yield event
             except (WorkerFailed, aiohttp.ClientError, asyncio.TimeoutError, ValueError):
                 self.registry.mark(worker.address, failed=True)
+                self.metrics.requests.labels(gen.model, worker.address, "failed").inc()
+                self.metrics.failovers.labels(gen.model).inc()
             finally:
                 self.registry.release(worker)
+
+
+CLIENT_ERRORS = (400, 413)
+"""What a worker answers for the client's mistake (its validation, its body limit): passed on,
+the worker staying in rotation. Any other 4xx or a 3xx means the address is not a worker."""
+
+
+def encoded(body: object) -> bytes:
+    """`body` as JSON; a 400 for text that cannot travel as UTF-8 (a lone surrogate, which
+    JSON's \\u escapes can carry), raised where the worker picked for it is released."""
+    try:
+        return orjson.dumps(body)
+    except TypeError as e:
+        raise ApiError(400, f"the request is not valid Unicode text: {e}") from None
 
 
 def _worker_error(status: int, content: bytes) -> ApiError:
@@ -354,24 +392,33 @@ def _count(value: object) -> int:
     return value
 
 
-def _gen_request(req: SamplingParams, model: str, **fields: object) -> GenerateRequest:
+def _gen_request(
+    req: SamplingParams, model: str, shape: AnswerShape, **fields: object
+) -> GenerateRequest:
     return GenerateRequest(
         model=model,
-        max_tokens=req.answer_limit() or DEFAULT_MAX_TOKENS,
+        max_tokens=req.answer_limit(),  # None: the worker gives the rest of the context
         temperature=req.temperature,
         top_p=req.top_p,
         stop=req.stop_list(),
         seed=req.seed,
         stream=req.stream,
         guided_choice=req.guided_choice,
+        json_schema=shape.json_schema,
+        tools=shape.tools,
+        ignore_eos=req.ignore_eos,
         **fields,
     )
 
 
-def _usage(finals: list[dict]) -> dict:
-    p = max((f.get("prompt_tokens", 0) for f in finals), default=0)
-    c = sum(f.get("completion_tokens", 0) for f in finals)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+def _model_card(model: str, context_length: int) -> dict:
+    return {
+        "id": model,
+        "object": "model",
+        "created": 0,
+        "owned_by": "vicuna-sky",
+        "context_length": context_length,
+    }
 
 
 def _with_source_host(reg: Registration, request: Request) -> Registration:
@@ -408,20 +455,14 @@ def create_app(controller: Controller, max_body: int | None = None) -> FastAPI:
     if max_body:
         app.add_middleware(BodyLimit, limit=max_body)
 
-    @app.exception_handler(ApiError)
-    async def api_error(_request: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
-        return JSONResponse(invalid_request(e.errors()).body(), 400)
+    add_error_handlers(app, controller.check_caller)
 
     # -- workers ---------------------------------------------------------------------------
     # Who may call comes first (dependencies run before the body is validated): a caller
     # without the secret learns nothing about what a valid request would be.
-    worker_only = [Depends(controller.check_worker)]
-    admin_only = [Depends(controller.check_admin)]
-    clients_only = [Depends(controller.check_key)]
+    worker_only = [Depends(dependency(controller.check_worker))]
+    admin_only = [Depends(dependency(controller.check_admin))]
+    clients_only = [Depends(dependency(controller.check_key))]
 
     @app.post("/workers/register", dependencies=worker_only)
     async def register(reg: Registration, request: Request) -> dict:
@@ -465,6 +506,7 @@ def create_app(controller: Controller, max_body: int | None = None) -> FastAPI:
         address, worker_id = str(payload.get("address")), str(payload.get("worker_id"))
         if not controller.registry.mark(address, draining=True, worker_id=worker_id):
             raise ApiError(404, "unknown worker", code="unknown_worker")
+        controller.metrics.drains.inc()
         return {"ok": True}
 
     @app.get("/ready")
@@ -474,9 +516,22 @@ def create_app(controller: Controller, max_body: int | None = None) -> FastAPI:
         serving = bool(controller.registry.models())
         return JSONResponse({"ready": serving}, status_code=200 if serving else 503)
 
+    @app.get("/health")
+    async def health() -> dict:
+        """Liveness, as vLLM's `/health` (guidellm and load balancers call it): open, because it
+        says nothing but that this process answers."""
+        return {"status": "ok"}
+
     @app.get("/workers", dependencies=admin_only)
     async def workers() -> dict:
         return {"workers": controller.registry.snapshot()}
+
+    @app.get("/metrics", dependencies=admin_only, include_in_schema=False)
+    async def metrics() -> Response:
+        workers = controller.registry.snapshot()
+        controller.metrics.workers.labels("registered").set(len(workers))
+        controller.metrics.workers.labels("available").set(sum(w["available"] for w in workers))
+        return controller.metrics.response()
 
     @app.get("/openapi.json", dependencies=admin_only, include_in_schema=False)
     async def schema() -> dict:
@@ -485,99 +540,34 @@ def create_app(controller: Controller, max_body: int | None = None) -> FastAPI:
     # -- OpenAI API ------------------------------------------------------------------------
     @app.get("/v1/models", dependencies=clients_only)
     async def models() -> dict:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": m,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "vicuna-sky",
-                    "context_length": n,
-                }
-                for m, n in sorted(controller.registry.models().items())
-            ],
-        }
+        models = sorted(controller.registry.models().items())
+        return {"object": "list", "data": [_model_card(m, n) for m, n in models]}
 
-    async def collect(gen: GenerateRequest) -> tuple[str, dict]:
-        text, final = "", {}
-        async for event in controller.generate(gen):
-            if "error" in event:
-                raise event["error"]
-            text += event.get("text", "")
-            final = event if "finish_reason" in event else final
-        return text, final
-
-    async def respond(req: SamplingParams, gen: GenerateRequest, kind: str) -> object:
-        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-
-        def choice(index: int, text: str, finish: str | None) -> dict:
-            if kind == "chat":
-                key = "delta" if req.stream else "message"
-                return {
-                    "index": index,
-                    key: {"role": "assistant", "content": text},
-                    "finish_reason": finish,
-                }
-            return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
-
-        obj = {"chat": "chat.completion", "text": "text_completion"}[kind]
-        if not req.stream:
-            # n answers, each its own generation (a seed, if given, moves on by one for each).
-            gens = [
-                gen.model_copy(update={"seed": None if gen.seed is None else gen.seed + i})
-                for i in range(req.n)
-            ]
-            results = await asyncio.gather(*(collect(g) for g in gens))
-            return {
-                "id": rid,
-                "object": obj,
-                "created": created,
-                "model": gen.model,
-                "choices": [
-                    choice(i, text, final.get("finish_reason", "stop"))
-                    for i, (text, final) in enumerate(results)
-                ],
-                "usage": _usage([final for _, final in results]),
-            }
-        events = controller.generate(gen)
-        first = await anext(events)  # 4xx/5xx before anything is sent are plain HTTP errors
-
-        async def sse() -> AsyncIterator[bytes]:
-            chunk_obj = obj + ".chunk" if kind == "chat" else obj
-            async for event in _chain(first, events):
-                if "error" in event:
-                    # The answer broke off: the error is the stream's last word, with no
-                    # [DONE] after it, so no client takes the text so far for a whole answer.
-                    yield f"data: {json.dumps(event['error'].body())}\n\n".encode()
-                    return
-                finish = event.get("finish_reason")
-                body = {
-                    "id": rid,
-                    "object": chunk_obj,
-                    "created": created,
-                    "model": gen.model,
-                    "choices": [choice(0, event.get("text", ""), finish)],
-                }
-                if finish:
-                    body["usage"] = _usage([event])
-                yield f"data: {json.dumps(body)}\n\n".encode()
-            yield b"data: [DONE]\n\n"
-
-        return StreamingResponse(sse(), media_type="text/event-stream")
+    @app.get("/v1/models/{model:path}", dependencies=clients_only)
+    async def model(model: str) -> dict:
+        context = controller.registry.models().get(model)
+        if context is None:
+            raise ApiError(404, f"the model {model!r} does not exist", code="model_not_found")
+        return _model_card(model, context)
 
     @app.post("/v1/chat/completions", dependencies=clients_only)
-    async def chat(req: ChatCompletionRequest) -> object:
-        return await respond(req, _gen_request(req, req.model, messages=req.messages), "chat")
+    async def chat(req: ChatCompletionRequest, request: Request) -> object:
+        shape = answer_shape(req)
+        gen = _gen_request(req, req.model, shape, messages=req.messages)
+        return await respond(controller, request, req, [gen], "chat", shape)
 
     @app.post("/v1/completions", dependencies=clients_only)
-    async def completions(req: CompletionRequest) -> object:
-        return await respond(req, _gen_request(req, req.model, prompt=req.prompt), "text")
+    async def completions(req: CompletionRequest, request: Request) -> object:
+        shape = answer_shape(req)
+        gens = [_gen_request(req, req.model, shape, prompt=p) for p in req.prompts()]
+        return await respond(controller, request, req, gens, "text", shape)
 
     @app.post("/v1/embeddings", dependencies=clients_only)
-    async def embeddings(req: EmbeddingRequest) -> dict:
-        texts = [req.input] if isinstance(req.input, str) else req.input
+    async def embeddings(req: EmbeddingRequest, request: Request) -> dict:
+        return await unless_disconnected(request, embed(req))
+
+    async def embed(req: EmbeddingRequest) -> dict:
+        texts = req.inputs()
         controller.require_model(req.model)
         tried: set[str] = set()
         refused: ApiError | None = None
@@ -585,12 +575,16 @@ def create_app(controller: Controller, max_body: int | None = None) -> FastAPI:
             tried.add(worker.address)
             try:
                 url = f"{worker.address}/embed"
-                body, pin = orjson.dumps({"input": texts}), controller.pin(worker)
-                async with controller.http.post(url, data=body, headers=JSON, ssl=pin) as r:
+                body, pin = encoded({"input": texts}), controller.pin(worker)
+                async with controller.http.post(
+                    url, data=body, headers=JSON, allow_redirects=False, ssl=pin
+                ) as r:
                     content = await controller.guarded(
                         worker.address, r.read(), controller.request_timeout
                     )
-                if 400 <= r.status < 500:
+                if r.status != 200 and r.status != 503 and r.status not in CLIENT_ERRORS:
+                    raise WorkerFailed(f"the worker answered HTTP {r.status}")
+                if r.status in CLIENT_ERRORS:
                     # This worker cannot embed (e.g. a vLLM generation worker); another might.
                     refused = _worker_error(r.status, content)
                     continue
@@ -599,6 +593,14 @@ def create_app(controller: Controller, max_body: int | None = None) -> FastAPI:
                     vectors, tokens = data["data"], _count(data["tokens"])
                     if not isinstance(vectors, list) or len(vectors) != len(texts):
                         raise ValueError("a malformed answer")
+                    if req.dimensions is not None and any(
+                        len(v) != req.dimensions for v in vectors
+                    ):
+                        raise ApiError(
+                            400,
+                            f"dimensions: this model's embeddings have {len(vectors[0])} "
+                            "dimensions, and it cannot shorten them",
+                        )
                     return {
                         "object": "list",
                         "model": req.model,
@@ -621,14 +623,7 @@ def create_app(controller: Controller, max_body: int | None = None) -> FastAPI:
     return app
 
 
-async def _chain(first: dict, rest: AsyncIterator[dict]) -> AsyncIterator[dict]:
-    yield first
-    async for event in rest:
-        yield event
-
-
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn
 
     from vicuna_sky.serve.auth import (
         ADMIN_KEYS_ENV,
@@ -636,8 +631,10 @@ def main(argv: list[str] | None = None) -> None:
         FLEET_SECRET_ENV,
         MAX_BODY_BYTES,
         ConfigError,
+        is_loopback,
         require_secret_off_loopback,
     )
+    from vicuna_sky.serve.http_server import MAX_CONNECTIONS, server_config
 
     p = argparse.ArgumentParser(prog="python -m vicuna_sky.serve.controller", allow_abbrev=False)
     p.add_argument("--host", default="127.0.0.1")
@@ -671,12 +668,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--first-token-timeout", type=float, default=120.0)
     p.add_argument("--inter-token-timeout", type=float, default=60.0)
     p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
+    p.add_argument(
+        "--max-connections", type=int, default=MAX_CONNECTIONS, help="open connections, then 503"
+    )
+    p.add_argument(
+        "--public",
+        action="store_true",
+        help="serve clients without API keys off loopback (an open endpoint, on purpose)",
+    )
     args = p.parse_args(argv)
     try:
         secret = read_secret(args.secret_file, FLEET_SECRET_ENV)
         api_keys = read_secrets(args.api_key_file, API_KEYS_ENV)
         admin_keys = read_secrets(args.admin_key_file, ADMIN_KEYS_ENV)
         require_secret_off_loopback(args.host, secret, "the controller")
+        if not api_keys and not args.public and not is_loopback(args.host):
+            raise ConfigError(
+                f"the controller on {args.host} is reachable from other machines and has no API "
+                f"key: set {API_KEYS_ENV} or --api-key-file (or pass --public to serve anyone)"
+            )
         tls = fleet_tls(args.tls_file, args.fleet_port)
     except (ConfigError, TlsError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -692,15 +702,15 @@ def main(argv: list[str] | None = None) -> None:
         require_tls=tls is not None,
     )
     app = create_app(controller, args.max_body_bytes)
-    listeners = [uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")]
+    listeners = [server_config(app, args.host, args.port, args.max_connections)]
     if tls is not None:
         certfile, keyfile = tls
         listeners.append(
-            uvicorn.Config(
+            server_config(
                 app,
-                host=args.host,
-                port=args.fleet_port,
-                log_level="warning",
+                args.host,
+                args.fleet_port,
+                args.max_connections,
                 ssl_certfile=certfile,
                 ssl_keyfile=keyfile,
                 lifespan="off",  # the app's startup and shutdown run once, with the first

@@ -8,7 +8,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 MAX_GUIDED_CHOICES = 256
 
@@ -67,14 +75,12 @@ IGNORED_WHEN_DEFAULT: dict[str, tuple[object, ...]] = {
     "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0),
     "logit_bias": (None, {}),
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
-    "response_format": (None, {"type": "text"}),
     "parallel_tool_calls": (None, True, False),
-    "stream_options": (None, {}, {"include_usage": True}, {"include_usage": False}),
     "store": (None, False),
+    # A model that does not reason has no effort to set (vLLM ignores it for such models too).
+    "reasoning_effort": (None, "minimal", "low", "medium", "high"),
     "metadata": (None, {}),
     "service_tier": (None, "auto", "default"),
     "echo": (None, False),
@@ -83,42 +89,131 @@ IGNORED_WHEN_DEFAULT: dict[str, tuple[object, ...]] = {
 }
 
 
-class TextPart(BaseModel):
-    """A content part of a chat message; text is all a text model takes."""
+class FunctionCall(BaseModel):
+    name: str = Field(min_length=1, max_length=256)
+    arguments: str
+    """JSON text, as OpenAI sends it."""
 
-    type: Literal["text"]
-    text: str
+
+class ToolCall(BaseModel):
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict] | None = None
     """A string, or a list of text parts (what the openai client sends for structured content),
-    joined into one string."""
+    joined into one string. None only on an assistant turn that calls tools."""
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _developer(cls, value: str) -> str:
+        """OpenAI's newer name for the system message of reasoning models."""
+        return "system" if value == "developer" else value
 
     @field_validator("content")
     @classmethod
-    def _join_parts(cls, value: str | list[TextPart]) -> str:
-        return value if isinstance(value, str) else "".join(p.text for p in value)
+    def _join_parts(cls, value: str | list[dict] | None) -> str | None:
+        if value is None or isinstance(value, str):
+            return value
+        texts = []
+        for part in value:
+            kind = part.get("type")
+            if kind != "text":
+                raise ValueError(f"a {kind!r} part: this model reads text parts only")
+            if not isinstance(part.get("text"), str):
+                raise ValueError("a text part needs its text as a string")
+            texts.append(part["text"])
+        return "".join(texts)
+
+    @model_validator(mode="after")
+    def _content(self) -> ChatMessage:
+        if self.content is None:
+            if self.role != "assistant" or not self.tool_calls:
+                raise ValueError("content may be null only on an assistant turn with tool_calls")
+            self.content = ""
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant turn has tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
+
+    @property
+    def tool_history(self) -> bool:
+        """A turn of a tool conversation (a call or its result): only a template that knows
+        tools can render it."""
+        return self.role == "tool" or bool(self.tool_calls)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: StrictBool = False
+    """OpenAI's: one more chunk at the end, with the usage and no choices."""
+    continuous_usage_stats: StrictBool = False
+    """vLLM's: the usage so far on every chunk (guidellm counts tokens with it)."""
+
+
+class FunctionSpec(BaseModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with, and only with, type 'json_schema'")
+        return self
 
 
 class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    # Strict integers: JSON's true is not a count of 1.
+    max_tokens: StrictInt | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     """The newer name of max_tokens in OpenAI's API."""
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    n: int = Field(default=1, ge=1, le=16)
+    seed: StrictInt | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    n: StrictInt = Field(default=1, ge=1, le=16)
     """Answers per request, each generated on its own (non-streamed requests)."""
-    stream: bool = False
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
     user: str | None = None
     guided_choice: list[str] | None = None
     """vLLM's extension: the answer is one of these strings (the most likely one)."""
+    ignore_eos: StrictBool = False
+    """vLLM's extension: generate max_tokens tokens, past the end of the answer (load tests)."""
+    response_format: ResponseFormat | None = None
 
     @field_validator("guided_choice")
     @classmethod
@@ -142,7 +237,17 @@ class SamplingParams(BaseModel):
                 raise ValueError(f"{name}={value!r} is not supported by this server")
         if self.n > 1 and self.stream:
             raise ValueError("n > 1 is supported without stream only")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is for streamed requests (stream: true)")
         return self
+
+    def answer_schema(self) -> dict | None:
+        """The schema response_format asks the answer to follow (None: free text)."""
+        if self.response_format is None or self.response_format.type == "text":
+            return None
+        if self.response_format.json_schema is None:  # json_object: any JSON object
+            return {"type": "object"}
+        return self.response_format.json_schema.schema_ or {"type": "object"}
 
     def answer_limit(self) -> int | None:
         return self.max_tokens or self.max_completion_tokens
@@ -153,38 +258,120 @@ class SamplingParams(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingParams):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
     @model_validator(mode="after")
     def _roles(self) -> ChatCompletionRequest:
         """Every template takes an optional system message, then user/assistant alternating
         from a user turn: anything else is the client's mistake, answered before any worker
-        sees it."""
-        roles = [m.role for m in self.messages]
-        body = roles[1:] if roles[0] == "system" else roles
-        for i, role in enumerate(body):
-            expected = ("user", "assistant")[i % 2]
+        sees it. A tool exchange (an assistant's calls and the tools' results) sits between a
+        user turn and the assistant's answer, outside the alternation."""
+        turns = [(i, m.role) for i, m in enumerate(self.messages) if not m.tool_history]
+        body = turns[1:] if turns and turns[0][1] == "system" else turns
+        for k, (at, role) in enumerate(body):
+            expected = ("user", "assistant")[k % 2]
             if role != expected:
-                at = i + len(roles) - len(body)
                 raise ValueError(
                     f"messages[{at}] is {role!r}, expected {expected!r}: roles alternate "
                     "user/assistant after an optional system message"
                 )
+        names = [t.function.name for t in self.tools or []]
+        if isinstance(self.tool_choice, NamedToolChoice):
+            if self.tool_choice.function.name not in names:
+                raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, "
+                                 "which is not in tools")  # fmt: skip
+        elif self.tool_choice == "required" and not names:
+            raise ValueError("tool_choice 'required' needs tools")
+        shaped = self.response_format is not None and self.response_format.type != "text"
+        if shaped and self.tools and self.tool_choice != "none":
+            raise ValueError("response_format and tools cannot both shape one answer")
         return self
+
+
+Prompt = str | list[int]
+"""One completion prompt: text, or token ids (what LangChain and vLLM's clients may send)."""
 
 
 class CompletionRequest(SamplingParams):
     model: str
-    prompt: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    """One prompt or a list of them: the answer has `n` choices per prompt, in order."""
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, value: object) -> object:
+        prompts = cls.as_list(value)
+        if not prompts or len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"must be 1 to {MAX_PROMPTS} prompts")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("an empty prompt: there is nothing to complete")
+        if any(isinstance(p, list) and not all(0 <= t < 2**31 for t in p) for p in prompts):
+            raise ValueError("token ids are non-negative integers")
+        return value
+
+    @model_validator(mode="after")
+    def _one_streamed(self) -> CompletionRequest:
+        if self.stream and len(self.prompts()) > 1:
+            raise ValueError("a streamed request takes one prompt")
+        return self
+
+    @staticmethod
+    def as_list(value: object) -> list[Prompt]:
+        if isinstance(value, str):
+            return [value]
+        if value and all(isinstance(x, int) for x in value):  # one prompt of token ids
+            return [list(value)]
+        return list(value)
+
+    def prompts(self) -> list[Prompt]:
+        return self.as_list(self.prompt)
+
+
+MAX_PROMPTS = 64
+MAX_EMBED_INPUTS = 2048
 
 
 class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     model: str
-    input: str | list[str] = Field(min_length=1, max_length=2048)
+    input: str | list[str] | list[int] | list[list[int]]
+    """Text or token ids (LangChain's OpenAIEmbeddings sends token ids), one or a list."""
     encoding_format: Literal["float", "base64"] = "float"
     """base64: little-endian float32 values (what the openai client asks for by default)."""
+    dimensions: StrictInt | None = Field(default=None, ge=1)
+    """Honoured when it is the model's own size; no model here can shorten its vectors."""
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _inputs(cls, value: object) -> object:
+        inputs = CompletionRequest.as_list(value)
+        if not 1 <= len(inputs) <= MAX_EMBED_INPUTS:
+            raise ValueError(f"must be 1 to {MAX_EMBED_INPUTS} inputs")
+        if any(len(x) == 0 for x in inputs):
+            raise ValueError("an empty input: there is nothing to embed")
+        if any(isinstance(p, list) and not all(0 <= t < 2**31 for t in p) for p in inputs):
+            raise ValueError("token ids are non-negative integers")
+        return value
+
+    def inputs(self) -> list[Prompt]:
+        return CompletionRequest.as_list(self.input)
 
 
 class GenerateRequest(BaseModel):
@@ -193,9 +380,11 @@ class GenerateRequest(BaseModel):
 
     model: str
     messages: list[ChatMessage] | None = None
-    prompt: str | None = None
+    prompt: str | list[int] | None = None
+    """Text, or token ids given as they are to the model."""
     prefix: str = ""
-    max_tokens: int = Field(default=256, ge=1, le=MAX_TOKENS_LIMIT)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    """None: up to the end of the model's context."""
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOPS + 8)
@@ -204,6 +393,11 @@ class GenerateRequest(BaseModel):
     """False: the worker answers with one JSON object (cheaper for non-streamed requests)."""
     guided_choice: list[str] | None = None
     """The answer is the most likely of these strings under the model (vLLM's extension)."""
+    json_schema: dict | None = None
+    """The answer is JSON valid against this schema (constrained decoding)."""
+    tools: list[dict] | None = None
+    """Tool definitions, rendered into the prompt by a template that knows tools."""
+    ignore_eos: bool = False
 
     @field_validator("guided_choice")
     @classmethod

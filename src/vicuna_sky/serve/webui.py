@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
+import time
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -20,6 +23,25 @@ from vicuna_sky.serve.auth import is_loopback, matches
 REFUSAL = "This message was blocked by the moderation policy and was not sent to a model."
 
 
+# Latin look-alikes from Cyrillic and Greek (the confusables a blocklist is beaten with).
+HOMOGLYPHS = str.maketrans(
+    {
+        **dict(zip("аеорсухіјѕкмнтвԁԛԝ", "aeopcyxijskmhtbdqw", strict=True)),  # Cyrillic
+        **dict(zip("οαεικνρτυχβ", "oaeikvptuxb", strict=True)),  # Greek
+    }
+)
+
+
+def fold(text: str) -> str:
+    """Text as the blocklist compares it: compatibility forms folded (NFKC: fullwidth and
+    styled letters), invisible format characters (zero-width spaces and joiners) dropped,
+    case folded, look-alike letters mapped to Latin, and everything but letters and digits
+    removed, so "m a k e  a\u200b bomb" spacing and punctuation tricks meet the phrase."""
+    text = unicodedata.normalize("NFKC", text)
+    text = "".join(c for c in text if unicodedata.category(c) != "Cf").casefold()
+    return "".join(c for c in text.translate(HOMOGLYPHS) if c.isalnum())
+
+
 @dataclass
 class Moderation:
     blocklist: list[str] = field(default_factory=list)
@@ -28,8 +50,8 @@ class Moderation:
     api_key: str = ""
 
     def flagged(self, text: str) -> bool:
-        lowered = text.lower()
-        if any(word.lower() in lowered for word in self.blocklist):
+        folded = fold(text)
+        if any(fold(phrase) in folded for phrase in self.blocklist if fold(phrase)):
             return True
         if not self.url:
             return False
@@ -44,6 +66,30 @@ class Moderation:
 
 
 NO_MODEL = "No model is being served right now."
+
+
+class LoginGuard:
+    """The one password, with failed logins rate-limited: `burst` wrong passwords, then one more
+    try every `refill_seconds`. Gradio tells the check nothing about who is trying, so the
+    limit is for everyone: a guesser locks the page for a while, and learns nothing meanwhile
+    (no password is compared while the limit holds)."""
+
+    def __init__(self, password: str, burst: int = 5, refill_seconds: float = 10.0) -> None:
+        self.password, self.burst, self.refill = password, burst, refill_seconds
+        self.tokens, self.at = float(burst), time.monotonic()
+        self.lock = threading.Lock()
+
+    def __call__(self, _user: str, given: str) -> bool:  # any user name, the one password
+        with self.lock:
+            now = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (now - self.at) / self.refill)
+            self.at = now
+            if self.tokens < 1:
+                return False
+            if matches(given, [self.password]):
+                return True
+            self.tokens -= 1
+            return False
 
 
 def conversation(history: list[dict]) -> list[dict]:
@@ -136,15 +182,12 @@ def main(argv: list[str] | None = None) -> None:
     moderation = Moderation(args.blocklist, args.moderation_url, moderation_key)
     demo = build(args.controller_url, api_key, moderation)
 
-    def login(_user: str, given: str) -> bool:  # any user name, the one password
-        return matches(given, [password])
-
     demo.queue().launch(
         server_name=args.host,
         server_port=args.port,
         share=False,
         show_error=True,
-        auth=login if password else None,
+        auth=LoginGuard(password) if password else None,
     )
 
 

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import aiohttp
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, ORJSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, ORJSONResponse, Response, StreamingResponse
 
 from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.serve.answers import unless_disconnected
 from vicuna_sky.serve.auth import (
     FLEET_SECRET_ENV,
     MAX_BODY_BYTES,
@@ -46,8 +46,10 @@ from vicuna_sky.serve.auth import (
     read_secret,
     require_secret_off_loopback,
 )
-from vicuna_sky.serve.backends import Backend, Finish, load_backend
-from vicuna_sky.serve.protocol import ApiError, GenerateRequest, Registration, invalid_request
+from vicuna_sky.serve.backends import Backend, Finish, Started, load_backend
+from vicuna_sky.serve.http_server import add_error_handlers, dependency, server_config
+from vicuna_sky.serve.metrics import ServingMetrics
+from vicuna_sky.serve.protocol import ApiError, GenerateRequest, Registration
 from vicuna_sky.serve.tls import TlsError, make_certificate, pinned, server_files
 from vicuna_sky.serve.tls import fingerprint as tls_fingerprint
 from vicuna_sky.spot import PreemptionWatcher
@@ -81,6 +83,7 @@ class Worker:
         """The fleet secret: required on the model routes, sent to the controller."""
         self.stuck_seconds = 120.0
         self._progress: dict[int, float] = {}
+        self.metrics = ServingMetrics()
         """In-flight generation -> when it last produced something (or started)."""
 
     @property
@@ -95,57 +98,95 @@ class Worker:
 
     # -- the work --------------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[bytes]:
-        async with self.slots:
-            self.in_flight += 1
-            key = id(request)
-            self._progress[key] = time.monotonic()
+        """NDJSON lines of one generation, in a slot (waiting for one counts as queued)."""
+        model = request.model
+        started = time.monotonic()
+        self.metrics.waiting.labels(model).inc()
+        try:
+            await self.slots.acquire()
+        finally:
+            self.metrics.waiting.labels(model).dec()
+        try:
+            # Closed with its reader: a client gone ends the generation now, not at GC.
+            async with contextlib.aclosing(self._generate(request, started)) as lines:
+                async for line in lines:
+                    yield line
+        finally:
+            self.slots.release()
+
+    async def _generate(self, request: GenerateRequest, started: float) -> AsyncIterator[bytes]:
+        model, metrics, last = request.model, self.metrics, None
+        self.in_flight += 1
+        metrics.running.labels(model).inc()
+        key = id(request)
+        self._progress[key] = time.monotonic()
+        try:
+            pieces = 0
+            text = ""
+            finish, generated, prompt_tokens = None, None, None
             try:
-                pieces = 0
-                text = ""
-                finish, generated, prompt_tokens = None, None, None
-                try:
-                    async for delta in self.backend.generate(request):
-                        self._progress[key] = time.monotonic()
-                        if isinstance(delta, Finish):
-                            finish, generated = delta.reason, delta.tokens
-                            prompt_tokens = delta.prompt_tokens
-                            continue
-                        pieces += 1
-                        text += delta
-                        yield (json.dumps({"text": delta}) + "\n").encode()
-                except VicunaSkyError as e:  # the request does not fit the model's template
-                    raise ApiError(400, str(e)) from None
-                except (ApiError, asyncio.CancelledError, GeneratorExit):
-                    raise
-                except Exception as e:
-                    log.exception("generation failed")
-                    raise GenerationFailed(f"the generation failed: {type(e).__name__}") from e
-                if finish is None:  # a backend that does not say: about one delta per token
-                    finish = "length" if pieces >= request.max_tokens else "stop"
-                prompt = " ".join(m.content for m in request.messages or []) or request.prompt
-                counts = await asyncio.to_thread(
-                    lambda: (
-                        prompt_tokens
-                        if prompt_tokens is not None
-                        else self.backend.count_tokens(prompt or ""),
-                        generated
-                        if generated is not None
-                        else self.backend.count_tokens(text, special=False),
-                    )
+                async for delta in self.backend.generate(request):
+                    self._progress[key] = time.monotonic()
+                    if isinstance(delta, Started):  # the prompt's size, for usage so far
+                        prompt_tokens = delta.prompt_tokens
+                        yield (json.dumps({"prompt_tokens": prompt_tokens}) + "\n").encode()
+                        continue
+                    if isinstance(delta, Finish):
+                        finish, generated = delta.reason, delta.tokens
+                        prompt_tokens = delta.prompt_tokens
+                        continue
+                    pieces += 1
+                    text += delta
+                    now = time.monotonic()
+                    if last is None:
+                        metrics.ttft.labels(model).observe(now - started)
+                    else:
+                        metrics.itl.labels(model).observe(now - last)
+                    last = now
+                    yield (json.dumps({"text": delta}) + "\n").encode()
+            except VicunaSkyError as e:  # the request does not fit the model's template
+                raise ApiError(400, str(e)) from None
+            except (ApiError, asyncio.CancelledError, GeneratorExit):
+                raise
+            except Exception as e:
+                log.exception("generation failed")
+                raise GenerationFailed(f"the generation failed: {type(e).__name__}") from e
+            if finish is None:  # a backend that does not say: about one delta per token
+                limit = request.max_tokens
+                finish = "length" if limit is not None and pieces >= limit else "stop"
+            counts = await asyncio.to_thread(
+                lambda: (
+                    prompt_tokens if prompt_tokens is not None else self._count_prompt(request),
+                    generated
+                    if generated is not None
+                    else self.backend.count_tokens(text, special=False),
                 )
-                yield (
-                    json.dumps(
-                        {
-                            "finish_reason": finish,
-                            "prompt_tokens": counts[0],
-                            "completion_tokens": counts[1],
-                        }
-                    )
-                    + "\n"
-                ).encode()
-            finally:
-                self._progress.pop(key, None)
-                self.in_flight -= 1
+            )
+            yield (
+                json.dumps(
+                    {
+                        "finish_reason": finish,
+                        "prompt_tokens": counts[0],
+                        "completion_tokens": counts[1],
+                    }
+                )
+                + "\n"
+            ).encode()
+            metrics.prompt_tokens.labels(model).inc(counts[0])
+            metrics.generation_tokens.labels(model).inc(counts[1])
+        finally:
+            self._progress.pop(key, None)
+            self.in_flight -= 1
+            metrics.running.labels(model).dec()
+            metrics.e2e.labels(model).observe(time.monotonic() - started)
+
+    def _count_prompt(self, request: GenerateRequest) -> int:
+        """For a backend that does not say: the prompt's own tokens (a template's wrapping is
+        the backend's to count, as hf and vllm do)."""
+        if isinstance(request.prompt, list):
+            return len(request.prompt)
+        text = " ".join(m.content or "" for m in request.messages or []) or request.prompt
+        return self.backend.count_tokens(text or "")
 
     # -- the controller --------------------------------------------------------------------
     async def tell_controller(
@@ -231,6 +272,16 @@ class Worker:
         self.stopped.set()
 
 
+def _embeddable(x: object) -> bool:
+    if isinstance(x, str):
+        return bool(x)
+    return (
+        isinstance(x, list)
+        and bool(x)
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in x)
+    )
+
+
 class GenerationFailed(Exception):
     """The backend raised while generating (the worker stays up; the request ends)."""
 
@@ -240,44 +291,55 @@ def create_app(worker: Worker, max_body: int | None = None) -> FastAPI:
     if max_body:
         app.add_middleware(BodyLimit, limit=max_body)
 
-    @app.exception_handler(ApiError)
-    async def api_error(_request: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
-
     @app.exception_handler(GenerationFailed)
     async def failed(_request: Request, e: GenerationFailed) -> JSONResponse:
         error = ApiError(500, str(e), kind="server_error")
         return JSONResponse(error.body(), status_code=500)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
-        return JSONResponse(invalid_request(e.errors()).body(), 400)
-
     def check_secret(request: Request) -> None:
         if worker.secret and not matches(bearer(request), [worker.secret]):
             raise ApiError(403, "the fleet secret is required", kind="permission_error")
 
+    add_error_handlers(app, check_secret)
+    fleet_only = [Depends(dependency(check_secret))]
+
     @app.get("/health")
-    async def health() -> dict:
+    async def health(request: Request) -> dict:
+        """Open, for probes; the worker's state only to the fleet (it tells how busy and what
+        models this address serves)."""
+        if worker.secret and not matches(bearer(request), [worker.secret]):
+            return {"status": "ok"}
         return {
+            "status": "ok",
             "models": worker.registration.models,
             "in_flight": worker.in_flight,
             "draining": worker.draining,
             "healthy": worker.healthy,
         }
 
-    @app.post("/generate", response_model=None, dependencies=[Depends(check_secret)])
-    async def generate(request: GenerateRequest) -> StreamingResponse | ORJSONResponse:
+    @app.get("/metrics", dependencies=fleet_only)
+    async def metrics() -> Response:
+        return worker.metrics.response()
+
+    @app.post("/generate", response_model=None, dependencies=fleet_only)
+    async def generate(
+        request: GenerateRequest, http: Request
+    ) -> StreamingResponse | ORJSONResponse:
         if worker.draining:
             raise ApiError(503, "worker is draining", kind="server_error")
         stream = worker.generate(request)
         if not request.stream:
-            text, final = "", {}
-            async for line in stream:
-                event = json.loads(line)
-                text += event.get("text", "")
-                final = event if "finish_reason" in event else final
-            return ORJSONResponse(final | {"text": text})
+
+            async def whole() -> ORJSONResponse:
+                text, final = "", {}
+                async for line in stream:
+                    event = json.loads(line)
+                    text += event.get("text", "")
+                    final = event if "finish_reason" in event else final
+                return ORJSONResponse(final | {"text": text})
+
+            # The controller hangs up when its client does: the generation stops with it.
+            return await unless_disconnected(http, whole())
         try:
             first = await anext(stream)  # errors before the first token become proper 4xx/5xx
         except StopAsyncIteration:
@@ -295,15 +357,17 @@ def create_app(worker: Worker, max_body: int | None = None) -> FastAPI:
 
         return StreamingResponse(body(), media_type="application/x-ndjson")
 
-    @app.post("/embed", dependencies=[Depends(check_secret)])
+    @app.post("/embed", dependencies=fleet_only)
     async def embed(payload: dict) -> dict:
         texts = payload.get("input")
-        if not isinstance(texts, list) or not all(isinstance(x, str) for x in texts):
-            raise ApiError(400, "input: a list of strings")
+        if not isinstance(texts, list) or not texts or not all(_embeddable(x) for x in texts):
+            raise ApiError(400, "input: a list of non-empty strings or token id lists")
         async with worker.slots:
             vectors = await worker.backend.embed(texts)
             tokens = await asyncio.to_thread(
-                lambda: sum(worker.backend.count_tokens(x) for x in texts)
+                lambda: sum(
+                    len(x) if isinstance(x, list) else worker.backend.count_tokens(x) for x in texts
+                )
             )
             return {"data": vectors, "tokens": tokens}
 
@@ -350,9 +414,7 @@ async def serve(args: argparse.Namespace) -> None:
     )
     worker.secret, worker.stuck_seconds = args.secret, args.stuck_seconds
     app = create_app(worker, args.max_body_bytes)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", **tls)
-    )
+    server = uvicorn.Server(server_config(app, args.host, args.port, **tls))
     server.install_signal_handlers = lambda: None  # SIGTERM means drain, handled below
     loop = asyncio.get_running_loop()
     watcher = PreemptionWatcher()

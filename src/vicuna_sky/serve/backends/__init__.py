@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vicuna_sky.serve.protocol import ApiError, GenerateRequest
 
@@ -31,17 +31,27 @@ class Finish:
     worker counts the messages' text."""
 
 
+@dataclass(frozen=True)
+class Started:
+    """What a backend may yield before its first delta: the prompt's size in tokens, as the
+    model sees it (the usage of a stream so far, vLLM's `continuous_usage_stats`)."""
+
+    prompt_tokens: int
+
+
 class Backend(Protocol):
     context_length: int
 
-    def generate(self, request: GenerateRequest) -> AsyncIterator[str | Finish]:
-        """Text deltas of the answer (after `request.prefix`, if any), then maybe a `Finish`."""
+    def generate(self, request: GenerateRequest) -> AsyncIterator[str | Started | Finish]:
+        """Maybe a `Started` first, then text deltas of the answer (after `request.prefix`, if
+        any), then maybe a `Finish`."""
 
     def count_tokens(self, text: str, special: bool = True) -> int:
         """Tokens in `text`; `special=False` leaves out what the tokenizer adds (BOS), as for
         generated text."""
 
-    async def embed(self, texts: list[str]) -> list[list[float]]: ...
+    async def embed(self, texts: list[str | list[int]]) -> list[list[float]]:
+        """One vector per input: text, or token ids taken as they are."""
 
 
 GREEDY_BELOW = 1e-4
@@ -64,15 +74,46 @@ def render_prompt(template: Template, request: GenerateRequest) -> tuple[str, bo
 
     Chat messages go through the data pipeline's template, so the model is prompted exactly as it
     was trained. A continuation (`request.prefix`) picks up after the text already sent, as the
-    same assistant turn."""
+    same assistant turn. Tools and a tool exchange go through the tokenizer's chat template when
+    it takes tools (see `tools.py`)."""
     from vicuna_sky.data.conversation import Message
+    from vicuna_sky.serve.backends.tools import render_with_tools, uses_tools
 
     if request.messages is None:
+        if isinstance(request.prompt, list):
+            raise ValueError("a prompt of token ids has no text: use prompt_token_ids")
         return (request.prompt or "") + request.prefix, False
-    messages = [Message(m.role, m.content) for m in request.messages]
-    rendered = template.render(messages, add_generation_prompt=True)
-    text = rendered.text + (" " + request.prefix if request.prefix else "")
-    return text, rendered.has_bos
+    if uses_tools(request):
+        text, has_bos = render_with_tools(template, request)
+    else:
+        messages = [Message(m.role, m.content or "") for m in request.messages]
+        rendered = template.render(messages, add_generation_prompt=True)
+        text, has_bos = rendered.text, rendered.has_bos
+    return text + (" " + request.prefix if request.prefix else ""), has_bos
+
+
+def prompt_token_ids(template: Template, tokenizer: Any, request: GenerateRequest) -> list[int]:
+    """The prompt as the model takes it: rendered and tokenized, or the client's token ids (and
+    the tokens of a continuation's prefix after them)."""
+    if isinstance(request.prompt, list):
+        prefix = tokenizer(request.prefix, add_special_tokens=False)["input_ids"]
+        return [*request.prompt, *(prefix if request.prefix else [])]
+    prompt, has_bos = render_prompt(template, request)
+    return list(tokenizer(prompt, add_special_tokens=not has_bos)["input_ids"])
+
+
+def answer_limit(context_length: int, prompt_tokens: int, max_tokens: int | None) -> int:
+    """The answer's token budget: what the client asked for, or by default (vLLM's) the rest of
+    the context; a 400 when the prompt and the answer cannot both fit."""
+    limit = max_tokens or max(1, context_length - prompt_tokens)
+    check_context_length(context_length, prompt_tokens, limit)
+    return limit
+
+
+def check_vocab(ids: list[int], vocab_size: int) -> None:
+    """Token ids a client sent must be the model's."""
+    if any(i >= vocab_size for i in ids):
+        raise ApiError(400, f"a token id is outside this model's vocabulary of {vocab_size}")
 
 
 def check_context_length(context_length: int, prompt_tokens: int, max_tokens: int) -> None:

@@ -16,23 +16,37 @@ class EchoBackend:
     """Seconds per word; 0 for benchmarks, a little for tests that kill a worker mid-answer."""
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[str]:
-        if request.guided_choice:
-            raise ApiError(400, "guided_choice needs a model: the echo backend has none")
-        last = (request.messages or [])[-1].content if request.messages else request.prompt or ""
+        if request.guided_choice or request.json_schema is not None:
+            raise ApiError(400, "guided_choice and structured output need a model: echo has none")
+        if request.messages:
+            last = request.messages[-1].content or ""
+        elif isinstance(request.prompt, list):
+            last = " ".join(map(str, request.prompt))
+        else:
+            last = request.prompt or ""
         # One delta per word ("echo:", " w1", " w2", ...); a continuation starts after the prefix.
         words = f"echo: {last}".split(" ")
         deltas = [words[0], *(" " + w for w in words[1:])]
+        if request.ignore_eos and request.max_tokens:  # repeat the answer up to max_tokens
+            deltas = [deltas[i % len(deltas)] for i in range(request.max_tokens)]
         if request.prefix:
             sent = ""
             while deltas and request.prefix.startswith(sent + deltas[0]):
                 sent += deltas.pop(0)
-        for delta in deltas[: request.max_tokens]:
+        for i, delta in enumerate(deltas[: request.max_tokens]):
+            # Yield to the event loop now and then even with no delay: a huge answer must not
+            # starve heartbeats, disconnects and signal handlers.
             if self.delay:
                 await asyncio.sleep(self.delay)
+            elif i % 64 == 63:
+                await asyncio.sleep(0)
             yield delta
 
     def count_tokens(self, text: str, special: bool = True) -> int:
         return len(text.split())
 
-    async def embed(self, texts: list[str]) -> list[list[float]]:
-        return [[float(len(t)), float(sum(map(ord, t)) % 997)] for t in texts]
+    async def embed(self, texts: list[str | list[int]]) -> list[list[float]]:
+        return [
+            [float(len(t)), float(sum(map(ord, t)) % 997 if isinstance(t, str) else sum(t) % 997)]
+            for t in texts
+        ]

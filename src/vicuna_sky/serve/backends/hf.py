@@ -8,8 +8,12 @@ from collections.abc import AsyncIterator
 
 from vicuna_sky.serve.backends import (
     Finish,
+    Started,
+    answer_limit,
     check_context_length,
+    check_vocab,
     cut_at_stop,
+    prompt_token_ids,
     render_prompt,
     sampling,
 )
@@ -43,13 +47,15 @@ class HFBackend:
         self.model.to(self.device).eval()
         self.template = get_template(template, self.tokenizer)
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.vocab_size = int(self.model.config.vocab_size)
+        self._ll_tokenizer: object | None = None
         self.last_thread: threading.Thread | None = None
         """The most recent generation thread (tests check that it stops when told)."""
 
     def count_tokens(self, text: str, special: bool = True) -> int:
         return len(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[str | Finish]:
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[str | Started | Finish]:
         from transformers import TextIteratorStreamer
 
         if request.guided_choice:
@@ -58,30 +64,41 @@ class HFBackend:
             return
         # Rendering and tokenizing a long prompt takes a while: off the event loop, which must
         # keep answering heartbeats and other requests meanwhile.
-        ids = await asyncio.to_thread(self._prompt_ids, request)
-        n = ids["input_ids"].shape[1]
-        check_context_length(self.context_length, n, request.max_tokens)
+        ids = await asyncio.to_thread(prompt_token_ids, self.template, self.tokenizer, request)
+        check_vocab(ids, self.vocab_size)
+        n = len(ids)
+        limit = answer_limit(self.context_length, n, request.max_tokens)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         sample = sampling(request.temperature)
         cancel = threading.Event()
+        input_ids = self.torch.tensor([ids], device=self.device)
         kwargs = dict(
-            **{k: v.to(self.device) for k, v in ids.items()},
+            input_ids=input_ids,
+            attention_mask=self.torch.ones_like(input_ids),
             streamer=streamer,
-            max_new_tokens=request.max_tokens,
+            max_new_tokens=limit,
             do_sample=sample,
             pad_token_id=self.tokenizer.eos_token_id,
             stopping_criteria=[_Cancelled(cancel)],
         )
-        if sample:
+        if request.json_schema is not None:
+            kwargs["logits_processor"] = await asyncio.to_thread(self._constrained, request, sample)
+            kwargs["eos_token_id"] = self.tokenizer.eos_token_id
+        elif sample:
             kwargs |= {"temperature": request.temperature, "top_p": request.top_p}
+        if request.ignore_eos and request.json_schema is None:
+            kwargs["min_new_tokens"] = limit  # the end-of-sequence token is never chosen
         if request.seed is not None:
             self.torch.manual_seed(request.seed % 2**63)  # torch takes no negative seeds
         result: dict[str, object] = {}
         thread = threading.Thread(target=self._run, args=(kwargs, result), daemon=True)
         thread.start()
-        stops = request.stop + [s for s in self.template.stop if s]
+        # The template's end-of-turn strings end the answer as end-of-sequence does: not with
+        # ignore_eos.
+        stops = request.stop + ([] if request.ignore_eos else [s for s in self.template.stop if s])
         sent = ""
         try:
+            yield Started(n)  # after the thread starts: a reader gone now still stops it
             while True:
                 piece = await asyncio.to_thread(next, streamer, None)
                 if piece is None:
@@ -98,19 +115,21 @@ class HFBackend:
             if "error" in result:
                 raise result["error"]
             tokens = result.get("new_tokens", 0)
-            yield Finish("length" if tokens >= request.max_tokens else "stop", tokens, n)
+            yield Finish("length" if tokens >= limit else "stop", tokens, n)
         finally:
             # A stop string, or a client that went away: the model stops at its next token
             # instead of running on to max_tokens for nobody.
             cancel.set()
             self.last_thread = thread
 
-    async def _guided(self, request: GenerateRequest) -> AsyncIterator[str | Finish]:
+    async def _guided(self, request: GenerateRequest) -> AsyncIterator[str | Started | Finish]:
         """vLLM's `guided_choice`: the allowed string the model finds most likely. A
         continuation after a failover keeps to the choices that start with the text sent."""
         choices = [c for c in request.guided_choice if c.startswith(request.prefix)]
         if not choices:
             raise ApiError(400, "no guided_choice string continues the text already sent")
+        if isinstance(request.prompt, list):
+            raise ApiError(400, "guided_choice takes a text prompt, not token ids")
         whole = request.model_copy(update={"prefix": ""})
         rendered = await asyncio.to_thread(render_prompt, self.template, whole)
         best = await asyncio.to_thread(self.most_likely, *rendered, choices)
@@ -149,9 +168,30 @@ class HFBackend:
     def _longest(self, choices: list[str]) -> int:
         return max(len(self._choice_ids(c)) for c in choices)
 
-    def _prompt_ids(self, request: GenerateRequest) -> dict:
-        prompt, has_bos = render_prompt(self.template, request)
-        return self.tokenizer(prompt, return_tensors="pt", add_special_tokens=not has_bos)
+    def _constrained(self, request: GenerateRequest, sample: bool) -> list:
+        """The schema's mask first, then temperature and top-p over what it allows (transformers
+        would apply its own warpers before a custom processor, and top-p could then keep only
+        tokens the schema forbids)."""
+        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+        from vicuna_sky.serve.backends.grammar import (
+            SchemaLogits,
+            compile_schema,
+            grammar_tokenizer,
+        )
+
+        if self._ll_tokenizer is None:
+            self._ll_tokenizer = grammar_tokenizer(self.tokenizer, self.vocab_size)
+        matcher = compile_schema(request.json_schema or {}, self._ll_tokenizer)
+        prefix = self.tokenizer(request.prefix, add_special_tokens=False)["input_ids"]
+        processors: list = [
+            SchemaLogits(matcher, self.vocab_size, prefix if request.prefix else None)
+        ]
+        if sample:
+            processors.append(TemperatureLogitsWarper(request.temperature))
+            if request.top_p < 1.0:
+                processors.append(TopPLogitsWarper(request.top_p))
+        return processors
 
     def _run(self, kwargs: dict, result: dict[str, object]) -> None:
         """generate() in this thread; an exception is handed to the reader, and the streamer is
@@ -164,13 +204,22 @@ class HFBackend:
             result["error"] = e
             kwargs["streamer"].end()
 
-    async def embed(self, texts: list[str]) -> list[list[float]]:
+    async def embed(self, texts: list[str | list[int]]) -> list[list[float]]:
+        for x in texts:
+            if isinstance(x, list):
+                check_vocab(x, self.vocab_size)
+
         def run() -> list[list[float]]:
             out = []
             with self.torch.no_grad():
                 for text in texts:
-                    ids = self.tokenizer(text, return_tensors="pt").to(self.device)
-                    hidden = self.model(**ids, output_hidden_states=True).hidden_states[-1]
+                    if isinstance(text, list):  # token ids, as given
+                        ids = self.torch.tensor([text], device=self.device)
+                    else:
+                        ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
+                    hidden = self.model(
+                        input_ids=ids.to(self.device), output_hidden_states=True
+                    ).hidden_states[-1]
                     vector = hidden[0].mean(dim=0)
                     out.append((vector / vector.norm()).float().cpu().tolist())
             return out

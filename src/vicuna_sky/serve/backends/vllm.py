@@ -22,7 +22,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from vicuna_sky.serve.backends import Finish, check_context_length, render_prompt, sampling
+from vicuna_sky.serve.backends import (
+    Finish,
+    Started,
+    answer_limit,
+    check_vocab,
+    prompt_token_ids,
+    sampling,
+)
 from vicuna_sky.serve.protocol import ApiError, GenerateRequest
 
 CPU_KVCACHE_GIB = "1"
@@ -89,16 +96,18 @@ class VLLMBackend:
     def count_tokens(self, text: str, special: bool = True) -> int:
         return len(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
-    def _sampling(self, request: GenerateRequest) -> Any:
+    def _sampling(self, request: GenerateRequest, limit: int) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        stops = list(dict.fromkeys(request.stop + [s for s in self.template.stop if s]))
+        ends = [] if request.ignore_eos else [s for s in self.template.stop if s]
+        stops = list(dict.fromkeys(request.stop + ends))
         return SamplingParams(
             # temperature 0 is greedy decoding in vLLM, as do_sample=False is in transformers.
             temperature=request.temperature if sampling(request.temperature) else 0.0,
             top_p=request.top_p,
-            max_tokens=request.max_tokens,
+            max_tokens=limit,
+            ignore_eos=request.ignore_eos,
             seed=request.seed,
             stop=stops,
             skip_special_tokens=True,
@@ -108,17 +117,22 @@ class VLLMBackend:
 
     @staticmethod
     def _guided(request: GenerateRequest) -> dict[str, Any]:
-        """guided_choice passed to vLLM's structured outputs (constrained decoding); the
-        parameter was `guided_decoding` before vLLM 0.11."""
-        if not request.guided_choice:
+        """guided_choice and a JSON schema passed to vLLM's structured outputs (constrained
+        decoding, with whichever grammar backend vLLM picks); the parameter was
+        `guided_decoding` before vLLM 0.11."""
+        if request.guided_choice:
+            spec: dict[str, Any] = {"choice": request.guided_choice}
+        elif request.json_schema is not None:
+            spec = {"json": request.json_schema}
+        else:
             return {}
         try:
             from vllm.sampling_params import StructuredOutputsParams
         except ImportError:
             from vllm.sampling_params import GuidedDecodingParams
 
-            return {"guided_decoding": GuidedDecodingParams(choice=request.guided_choice)}
-        return {"structured_outputs": StructuredOutputsParams(choice=request.guided_choice)}
+            return {"guided_decoding": GuidedDecodingParams(**spec)}
+        return {"structured_outputs": StructuredOutputsParams(**spec)}
 
     @staticmethod
     def _engine_prompt(ids: list[int]) -> Any:
@@ -128,15 +142,14 @@ class VLLMBackend:
             return {"prompt_token_ids": ids}  # TokensPrompt
         return tokens_input(ids)
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[str | Finish]:
-        prompt, has_bos = await asyncio.to_thread(render_prompt, self.template, request)
-        ids = await asyncio.to_thread(
-            lambda: list(self.tokenizer(prompt, add_special_tokens=not has_bos)["input_ids"])
-        )
-        check_context_length(self.context_length, len(ids), request.max_tokens)
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[str | Started | Finish]:
+        ids = await asyncio.to_thread(prompt_token_ids, self.template, self.tokenizer, request)
+        check_vocab(ids, len(self.tokenizer))
+        limit = answer_limit(self.context_length, len(ids), request.max_tokens)
+        yield Started(len(ids))
         request_id = f"vicuna-{uuid.uuid4().hex}"
         outputs = self.engine.generate(
-            self._engine_prompt(ids), self._sampling(request), request_id
+            self._engine_prompt(ids), self._sampling(request, limit), request_id
         )
         finished = False
         try:
@@ -159,7 +172,7 @@ class VLLMBackend:
                 await outputs.aclose()
                 await self.engine.abort(request_id)
 
-    async def embed(self, texts: list[str]) -> list[list[float]]:
+    async def embed(self, texts: list[str | list[int]]) -> list[list[float]]:
         raise ApiError(
             400,
             "this worker serves the model with vLLM, which does not embed with a generative "

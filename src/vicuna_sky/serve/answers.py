@@ -1,0 +1,227 @@
+"""OpenAI answers from worker generations: chat and text completions, whole or streamed (SSE).
+
+A request becomes one generation per choice: `n` per prompt, in order (a completion request may
+carry several prompts, as LangChain's always does). A whole answer is gathered while the client
+is still there; a client that goes away cancels every generation it started, so no worker slot
+decodes for nobody. Tool calls and the usage are added here, as OpenAI shapes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import suppress
+from typing import TYPE_CHECKING, TypeVar
+
+import orjson
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from vicuna_sky.serve.protocol import GenerateRequest, SamplingParams
+from vicuna_sky.serve.structured import AnswerShape, tool_calls
+
+if TYPE_CHECKING:
+    from vicuna_sky.serve.controller import Controller
+
+T = TypeVar("T")
+
+# Answer ids: unique per controller process without a uuid4 per request (os.urandom is a
+# system call, measurable on the hop under load).
+_ID_PREFIX = secrets.token_hex(6)
+_ids = (f"{_ID_PREFIX}{n:012x}" for n in itertools.count())
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready."""
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """`work`, cancelled as soon as the client disconnects (starlette does not cancel a handler
+    whose client went away; only a streamed response notices)."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            with suppress(asyncio.CancelledError, Exception):
+                await task
+    if not task.done() or task.cancelled():
+        raise ClientGone
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    # The body has been read: the next message the server has for the app is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _choice(kind: str, index: int, text: str, finish: str | None, stream: bool) -> dict:
+    if kind == "chat":
+        key = "delta" if stream else "message"
+        return {
+            "index": index,
+            key: {"role": "assistant", "content": text},
+            "finish_reason": finish,
+        }
+    return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+async def respond(
+    controller: Controller,
+    request: Request,
+    req: SamplingParams,
+    gens: list[GenerateRequest],
+    kind: str,
+    shape: AnswerShape,
+) -> object:
+    """The answer to `req`: `gens` holds one generation per prompt, each run `req.n` times."""
+    rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{next(_ids)}"
+    head = {
+        "id": rid,
+        "object": "chat.completion" if kind == "chat" else "text_completion",
+        "created": int(time.time()),
+        "model": gens[0].model,
+    }
+    metrics, model = controller.metrics, gens[0].model
+    started = time.monotonic()
+    if req.stream:
+        return await _streamed(controller, req, gens[0], kind, shape, head)
+
+    async def collect(gen: GenerateRequest) -> tuple[str, dict]:
+        text, final = "", {}
+        async for event in controller.generate(gen):
+            if "error" in event:
+                raise event["error"]
+            text += event.get("text", "")
+            final = event if "finish_reason" in event else final
+        return text, final
+
+    # n answers per prompt, each its own generation (a seed, if given, moves on by one for each).
+    runs = [
+        gen.model_copy(update={"seed": None if gen.seed is None else gen.seed + i})
+        for gen in gens
+        for i in range(req.n)
+    ]
+    metrics.running.labels(model).inc()
+    try:
+        results = await unless_disconnected(request, asyncio.gather(*(collect(g) for g in runs)))
+    finally:
+        metrics.running.labels(model).dec()
+    choices = []
+    for index, (text, final) in enumerate(results):
+        finish = final.get("finish_reason", "stop")
+        choice = _choice(kind, index, text, finish, stream=False)
+        calls = tool_calls(shape, text) if kind == "chat" else None
+        if calls:
+            choice["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+            choice["finish_reason"] = "tool_calls"
+        choices.append(choice)
+    # Each prompt counts once, however many choices it has.
+    prompt = sum(final.get("prompt_tokens", 0) for _, final in results[:: req.n])
+    completion = sum(final.get("completion_tokens", 0) for _, final in results)
+    metrics.e2e.labels(model).observe(time.monotonic() - started)
+    metrics.prompt_tokens.labels(model).inc(prompt)
+    metrics.generation_tokens.labels(model).inc(completion)
+    return head | {"choices": choices, "usage": _usage(prompt, completion)}
+
+
+async def _streamed(
+    controller: Controller,
+    req: SamplingParams,
+    gen: GenerateRequest,
+    kind: str,
+    shape: AnswerShape,
+    head: dict,
+) -> StreamingResponse:
+    started = time.monotonic()
+    events = controller.generate(gen)
+    first = await anext(events)  # 4xx/5xx before anything is sent are plain HTTP errors
+    metrics, model = controller.metrics, gen.model
+    options = req.stream_options
+    every_chunk = bool(options and options.continuous_usage_stats)
+    at_end = bool(options and options.include_usage)
+    chunk_head = head | {"object": "chat.completion.chunk" if kind == "chat" else "text_completion"}
+    # A call is given whole once it is complete: its text is JSON for the client, not content.
+    held = kind == "chat" and shape.must_call
+
+    def chunk(choices: list[dict], usage: dict | None = None) -> bytes:
+        body = chunk_head | {"choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return b"data: " + orjson.dumps(body) + b"\n\n"
+
+    async def sse() -> AsyncIterator[bytes]:
+        metrics.running.labels(model).inc()
+        try:
+            async for piece in answer():
+                yield piece
+        finally:
+            metrics.running.labels(model).dec()
+            metrics.e2e.labels(model).observe(time.monotonic() - started)
+
+    async def answer() -> AsyncIterator[bytes]:
+        prompt, completion, text = 0, 0, ""
+        last: float | None = None
+        async for event in _chain(first, events):
+            if "error" in event:
+                # The answer broke off: the error is the stream's last word, with no [DONE]
+                # after it, so no client takes the text so far for a whole answer.
+                yield b"data: " + orjson.dumps(event["error"].body()) + b"\n\n"
+                return
+            prompt = event.get("prompt_tokens", prompt)
+            finish = event.get("finish_reason")
+            delta = event.get("text", "")
+            text += delta
+            if delta:
+                now = time.monotonic()
+                if last is None:
+                    metrics.ttft.labels(model).observe(now - started)
+                else:
+                    metrics.itl.labels(model).observe(now - last)
+                last = now
+            if finish:
+                completion = event.get("completion_tokens", completion)
+            elif delta:
+                completion += 1  # about one delta per token; the final count corrects it
+            usage = _usage(prompt, completion) if every_chunk else None
+            if held and not finish:
+                continue
+            if finish and held and (calls := tool_calls(shape, text)):
+                delta_calls = [c | {"index": i} for i, c in enumerate(calls)]
+                choice = {"index": 0, "delta": {"role": "assistant", "tool_calls": delta_calls},
+                          "finish_reason": None}  # fmt: skip
+                yield chunk([choice], usage)
+                finish, delta = "tool_calls", ""
+            elif finish and held:
+                delta = text
+            if finish and not at_end and usage is None:
+                usage = _usage(prompt, completion)  # on the last chunk, as before
+            yield chunk([_choice(kind, 0, delta, finish, stream=True)], usage)
+        metrics.prompt_tokens.labels(model).inc(prompt)
+        metrics.generation_tokens.labels(model).inc(completion)
+        if at_end:
+            yield chunk([], _usage(prompt, completion))
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(sse(), media_type="text/event-stream")
+
+
+async def _chain(first: dict, rest: AsyncIterator[dict]) -> AsyncIterator[dict]:
+    yield first
+    async for event in rest:
+        yield event

@@ -1,0 +1,124 @@
+"""What the controller and the workers share as HTTP servers: OpenAI-shaped errors on every route,
+and a uvicorn that does not let slow or idle connections pile up.
+
+uvicorn times out idle keep-alive connections only: a client that sends half its headers, or
+half its body, holds a socket (and a file descriptor) forever. Here a connection must complete
+its request headers within `header_timeout` (`GuardedH11`), each piece of a body must arrive
+within `body_timeout` (`auth.BodyLimit`), and past `max_connections` open connections uvicorn
+answers 503 at once instead of running out of descriptors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from vicuna_sky.serve.answers import ClientGone
+from vicuna_sky.serve.protocol import ApiError, invalid_request
+
+HEADER_TIMEOUT_ENV = "VICUNA_SKY_HEADER_TIMEOUT"
+HEADER_TIMEOUT = 10.0
+"""Seconds a connection has to send its request headers (on opening, and between requests);
+VICUNA_SKY_HEADER_TIMEOUT overrides it."""
+MAX_CONNECTIONS = 2048
+
+
+def dependency(check: Callable[[Request], None]) -> Callable[[Request], Awaitable[None]]:
+    """`check` as a FastAPI dependency run on the event loop: FastAPI runs a plain function in
+    its thread pool, a thread hop per request (measured by benchmarks/profile_controller.py)
+    for a check that takes microseconds."""
+
+    async def run(request: Request) -> None:
+        check(request)
+
+    return run
+
+
+def add_error_handlers(app: FastAPI, authorize: Callable[[Request], None] | None = None) -> None:
+    """Every error as `{"error": {...}}`, unknown routes and methods included. `authorize`
+    (raising ApiError) runs before a request's body is judged: a caller without credentials
+    hears 401/403, never what a valid body would be."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        if authorize is not None:
+            try:
+                authorize(request)
+            except ApiError as denied:
+                return JSONResponse(denied.body(), status_code=denied.status)
+        return JSONResponse(invalid_request(e.errors()).body(), 400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, e: HTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        message = {404: "no such route", 405: "method not allowed"}.get(e.status_code, e.detail)
+        error = ApiError(e.status_code, str(message), code=codes.get(e.status_code))
+        return JSONResponse(error.body(), status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(ClientGone)
+    async def gone(_request: Request, _e: ClientGone) -> JSONResponse:
+        # Nobody reads it: the client closed its connection (nginx's 499).
+        return JSONResponse(ApiError(499, "the client closed the request").body(), 499)
+
+
+class GuardedH11(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection that has not sent whole request headers
+    within HEADER_TIMEOUT of opening or of its last response."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        timer = getattr(self, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        old = getattr(self, "_header_timer", None)
+        if old is not None:
+            old.cancel()
+        waiting_since = self.cycle  # a new request replaces the cycle
+        timeout = float(os.environ.get(HEADER_TIMEOUT_ENV, HEADER_TIMEOUT))
+        self._header_timer = self.loop.call_later(timeout, self._headers_too_slow, waiting_since)
+
+    def _headers_too_slow(self, waiting_since: object) -> None:
+        if self.cycle is waiting_since and not self.transport.is_closing():
+            self.transport.close()
+
+
+def server_config(
+    app: FastAPI, host: str, port: int, max_connections: int = MAX_CONNECTIONS, **kw: Any
+) -> Any:
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        http=GuardedH11,
+        timeout_keep_alive=5,
+        # No X-Forwarded-For rewriting: nothing here reads the client's address from a proxy,
+        # and checking the proxy's address costs an ip_address() parse per request.
+        proxy_headers=False,
+        limit_concurrency=max_connections,
+        **kw,
+    )
