@@ -535,8 +535,10 @@ def test_checkpoints_are_keyed_by_the_run_name(fake_sky, tmp_path):
     options = dict(
         dryrun=False, local=False, name=None, runs_dir=tmp_path, skip_preflight=NO_BUCKET
     )
-    runner.launch_recipe(Spec.TRAIN, "tiny-cpu", (), **options)
-    runner.launch_recipe(Spec.TRAIN, "tiny-cpu", (), fresh=True, **options)
+    # The data named in the bucket: nothing to upload (there is no bucket server here).
+    data = ("DATA_PATH=data/train.json",)
+    runner.launch_recipe(Spec.TRAIN, "tiny-cpu", data, **options)
+    runner.launch_recipe(Spec.TRAIN, "tiny-cpu", data, fresh=True, **options)
     again, fresh = (call[3]["RUN_TAG"] for call in fake_sky.named("jobs.launch"))
     assert again == "main" and re.fullmatch(r"fresh-\d{8}T\d{6}Z", fresh)
 
@@ -547,12 +549,13 @@ def test_a_second_run_of_a_job_in_progress_is_refused(fake_sky, tmp_path):
     options = dict(
         dryrun=False, local=False, name=None, runs_dir=tmp_path, skip_preflight=NO_BUCKET
     )
-    runner.launch_recipe(Spec.TRAIN, "tiny-cpu", (), **options)
+    data = ("DATA_PATH=data/train.json",)  # in the bucket: nothing to upload
+    runner.launch_recipe(Spec.TRAIN, "tiny-cpu", data, **options)
     with pytest.raises(VicunaSkyError, match="vicuna-tiny-train is already running as a managed"):
-        runner.launch_recipe(Spec.TRAIN, "tiny-cpu", (), **options)
+        runner.launch_recipe(Spec.TRAIN, "tiny-cpu", data, **options)
     assert len(fake_sky.named("jobs.launch")) == 1
     fake_sky.jobs[0]["status"] = "SUCCEEDED"
-    runner.launch_recipe(Spec.TRAIN, "tiny-cpu", (), **options)
+    runner.launch_recipe(Spec.TRAIN, "tiny-cpu", data, **options)
     assert len(fake_sky.named("jobs.launch")) == 2
 
 

@@ -300,7 +300,8 @@ def push_local_data(
     from vicuna_sky.launch import data_push
 
     paths = {"DATA_PATH": recipe.data.path, "EVAL_PATH": recipe.data.eval_path}
-    paths.update(builtin_data(recipe, task, config, dryrun))
+    if "DATA_PATH" not in (overrides or {}):
+        paths.update(builtin_data(recipe, task, config, dryrun))
     for env, path in paths.items():
         source = data_push.local_data(path) if path and env not in (overrides or {}) else None
         if source is None:
