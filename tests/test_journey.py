@@ -66,7 +66,7 @@ def _recipe(path: Path, model: Path) -> None:
         ("  judge_model: vicuna-smol", "  judge_model: my-chat"),
         ("  baseline_path: smollm2-135m", f"  baseline_path: {model}"),
         ("  workers: 2", "  workers: 1"),
-        ("  epochs: 2", "  epochs: 1"),
+        ("  epochs: 3", "  epochs: 1"),
         # The tiny model's context is 1024 tokens: shorter answers keep the judge's pairwise
         # prompt (two answers to two turns) inside it. SmolLM2's is 8192.
         ("  max_tokens: 64", "  max_tokens: 24"),

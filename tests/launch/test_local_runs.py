@@ -41,12 +41,14 @@ def test_an_attempt_copies_what_skypilot_would_upload(tmp_path):
         (project / name).parent.mkdir(parents=True, exist_ok=True)
         (project / name).write_text("x")
     shutil.copy(ROOT / ".skyignore", project / ".skyignore")
-    task = sky.Task(name="copy", run="find . -type f | sort > files.txt", workdir=str(project))
+    # Listed before files.txt exists (a `find | sort > files.txt` races the redirection).
+    listing = 'files=$(find . -type f | sort); echo "$files" > files.txt'
+    task = sky.Task(name="copy", run=listing, workdir=str(project))
     runner = LocalRunner(task, LocalConfig(runs_dir=tmp_path / "runs"))
     job = runner.run()
     assert job.status == "SUCCEEDED"
     copied = (Path(job.attempts[0].workdir) / "files.txt").read_text().split()
-    assert copied == ["./.skyignore", "./files.txt", "./recipes/mine.yaml", "./src/keep.py"]
+    assert copied == ["./.skyignore", "./recipes/mine.yaml", "./src/keep.py"]
 
 
 def _wait_running(runs: Path, name: str, timeout: float = 120) -> LocalJob:
