@@ -42,7 +42,8 @@ def _init_worker(parent: int, initializer: Callable[..., Any] | None, initargs: 
 def _stop(pool: ProcessPoolExecutor) -> None:
     """Stop now: queued chunks cancelled, workers killed and reaped (no orphans, no hang)."""
     processes = list((pool._processes or {}).values())  # no public API lists them
-    manager = pool._executor_manager_thread  # shutdown() forgets it
+    manager = pool._executor_manager_thread  # shutdown() forgets it (and the result queue)
+    results = pool._result_queue
     # A chunk being fed to a worker when it dies stays half-written in the pipe, and the queue's
     # feeder thread blocks on it forever (this process holds the pipe's other end too); joining
     # that thread, as the pool and the exit hooks do, hung the exit (seen once in eight loaded
@@ -56,6 +57,15 @@ def _stop(pool: ProcessPoolExecutor) -> None:
     for process in processes:
         with contextlib.suppress(OSError, ValueError, AssertionError):
             process.join(5)
+    # A worker killed half-way through sending its result (a chunk's result is hundreds of KB,
+    # many pipe-fulls) leaves a partial message in the result pipe. The manager thread reads
+    # it and waits for the rest, forever: this process holds the pipe's write end too, so the
+    # read never ends in EOF. The exit hooks join that thread without a timeout, and Ctrl-C
+    # hung (2 of 14 runs). The workers are gone and nothing else writes there: closing our
+    # write end turns the wait into EOF, the manager thread sees a broken pool and ends.
+    if results is not None:
+        with contextlib.suppress(OSError):
+            results._writer.close()
     # The pool's manager thread closes its wake-up pipe when it sees the workers gone; Python's
     # exit hook writes to that pipe, and if the two race (on a busy machine) the exit printed
     # "OSError: Bad file descriptor" with a traceback after "aborted". Once the thread has
