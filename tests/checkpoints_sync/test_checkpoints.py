@@ -84,6 +84,24 @@ def test_gc_keeps_newest_and_never_the_only_one(store_url, tmp_path):
         cps.gc(keep=0)
 
 
+def test_gc_keeps_a_newer_upload_in_progress(store_url, tmp_path):
+    """Issue #30 row 6: step 2 is being uploaded (files, no manifest yet) when retention runs
+    for step 1: it is the next checkpoint, not an abandoned one, and none of it is deleted."""
+    store = open_store(store_url)
+    cps = Checkpoints(store)
+    cps.commit(make_checkpoint(tmp_path, 1), 1)
+    uploading = make_checkpoint(tmp_path, 2)
+    store.put_file(uploading / ".metadata", "step-2/.metadata")
+    store.put_file(uploading / "shards" / "__0_0.distcp", "step-2/shards/__0_0.distcp")
+    assert cps.gc(keep=1) == []
+    assert {o.key for o in store.list() if o.key.startswith("step-2/")} == {
+        "step-2/.metadata",
+        "step-2/shards/__0_0.distcp",
+    }
+    cps.commit(uploading, 2)  # the upload ends: step 2 is whole, and gc may now take step 1
+    assert cps.gc(keep=1) == [1] and cps.restore_latest(tmp_path / "resume") == 2
+
+
 def test_recommit_replaces(store_url, tmp_path):
     cps = Checkpoints(open_store(store_url))
     first = make_checkpoint(tmp_path / "a", 7)
