@@ -1,8 +1,24 @@
-"""Who may call the fleet's servers: keys compared whole, on every route that takes one."""
+"""Who may call the fleet's servers: keys compared whole, on every route that takes one; secrets
+read from files or the environment; bodies bounded. In process first, the real fleet last."""
+
+import json
 
 import httpx
+import pytest
+from fastapi import FastAPI, Request
+from starlette.testclient import TestClient
 
-from vicuna_sky.serve.auth import matches
+from vicuna_sky.serve.auth import (
+    FLEET_SECRET_ENV,
+    BodyLimit,
+    ConfigError,
+    bearer,
+    is_loopback,
+    matches,
+    read_secret,
+    read_secrets,
+    require_secret_off_loopback,
+)
 
 from .conftest import SECRET
 
@@ -22,6 +38,88 @@ def test_matches_wants_the_whole_secret():
         assert not matches(given, [API_KEY]), given
         assert not matches(given, [ADMIN_KEY, API_KEY]), given
     assert not matches(API_KEY, [])
+
+
+def test_bearer_takes_only_a_bearer_token():
+    def request(*headers: tuple[bytes, bytes]) -> Request:
+        return Request({"type": "http", "headers": list(headers)})
+
+    assert bearer(request((b"authorization", b"Bearer abc def"))) == "abc def"
+    assert bearer(request((b"authorization", b"Basic abc"))) is None
+    assert bearer(request((b"authorization", b"bearer abc"))) is None
+    assert bearer(request()) is None
+
+
+def test_secrets_come_from_a_file_first_then_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOME_SECRET", "  from-env  ")
+    monkeypatch.setenv("SOME_KEYS", " a, b ,,c ")
+    path = tmp_path / "secret"
+    path.write_text("  first  \nsecond\n")
+    assert read_secret(path, "SOME_SECRET") == "first"
+    assert read_secret(None, "SOME_SECRET") == "from-env"
+    assert read_secret(None, "NO_SUCH_SECRET_ENV") == ""
+    path.write_text("")
+    assert read_secret(path, "SOME_SECRET") == ""  # an empty file is no secret, not the env's
+    path.write_text("\n")
+    with pytest.raises(ConfigError, match="cannot read the secret file"):
+        read_secret(path, "SOME_SECRET")
+    with pytest.raises(ConfigError, match="cannot read the secret file"):
+        read_secret(tmp_path / "missing", "SOME_SECRET")
+    path.write_text(" k1 \n\n  \nk2\n")
+    assert read_secrets(path, "SOME_KEYS") == ["k1", "k2"]
+    assert read_secrets(None, "SOME_KEYS") == ["a", "b", "c"]
+    assert read_secrets(None, "NO_SUCH_KEYS_ENV") == []
+    with pytest.raises(ConfigError, match="cannot read the key file"):
+        read_secrets(tmp_path / "missing", "SOME_KEYS")
+
+
+def test_only_loopback_may_go_without_the_fleet_secret():
+    for host in ("localhost", "127.0.0.1", "127.8.9.10", "::1"):
+        assert is_loopback(host), host
+        require_secret_off_loopback(host, "", "the controller")
+    for host in ("0.0.0.0", "10.0.0.7", "::", "example.com", "localhost.example.com"):
+        assert not is_loopback(host), host
+        with pytest.raises(ConfigError, match=f"the worker on {host} is reachable") as e:
+            require_secret_off_loopback(host, "", "the worker")
+        assert FLEET_SECRET_ENV in str(e.value)
+        require_secret_off_loopback(host, "a-secret", "the worker")
+
+
+def body_limited_app(limit: int) -> TestClient:
+    app = FastAPI()
+
+    @app.post("/body")
+    async def body(request: Request) -> dict:
+        data = await request.body()
+        return {"size": len(data), "head": data[:4].decode()}
+
+    @app.get("/get")
+    async def get() -> dict:
+        return {"ok": True}
+
+    app.add_middleware(BodyLimit, limit=limit)
+    return TestClient(app)
+
+
+def test_a_body_over_the_limit_is_413_whether_declared_or_streamed():
+    client = body_limited_app(100)
+    r = client.post("/body", content=b"abcd" + b"x" * 96)
+    assert r.status_code == 200 and r.json() == {"size": 100, "head": "abcd"}
+    for too_big in (b"x" * 101, iter([b"x" * 60, b"y" * 41])):  # declared / chunked
+        r = client.post("/body", content=too_big)
+        assert r.status_code == 413 and r.headers["content-type"] == "application/json"
+        assert r.json() == {
+            "error": {
+                "message": "the request body is over 100 bytes",
+                "type": "invalid_request_error",
+                "code": "request_too_large",
+                "param": None,
+            }
+        }
+    r = client.post("/body", content=iter([b"abcd", b"x" * 50, b"y" * 46]))  # chunked, whole
+    assert r.status_code == 200 and r.json() == {"size": 100, "head": "abcd"}
+    assert client.get("/get").json() == {"ok": True}
+    assert json.loads(client.post("/body", content=b"").text) == {"size": 0, "head": ""}
 
 
 def test_a_strict_prefix_of_any_key_is_refused_on_every_route(fleet):
