@@ -12,8 +12,21 @@ from .conftest import SECRET
 ADDRESS = "http://127.0.0.1:9"
 
 
-def registration(worker_id: str = "owner-0001") -> Registration:
-    return Registration(address=ADDRESS, worker_id=worker_id, models=["m"], max_concurrency=2)
+def registration(
+    worker_id: str = "owner-0001", address: str = ADDRESS, models=("m",), concurrency=2, context=0
+) -> Registration:
+    return Registration(
+        address=address,
+        worker_id=worker_id,
+        models=list(models),
+        max_concurrency=concurrency,
+        context_length=context,
+    )
+
+
+def expire(registry: Registry, address: str, seconds: float) -> None:
+    """Make the worker at `address` silent for `seconds` (no sleeping)."""
+    registry.workers[address].last_seen -= seconds
 
 
 def test_only_the_owner_heartbeats_for_an_address():
@@ -33,6 +46,86 @@ def test_only_the_owner_heartbeats_for_an_address():
         time.sleep(0.05)
     assert not registry.alive(ADDRESS) and registry.pick("m", set()) is None
     assert not registry.heartbeat("http://127.0.0.1:10", "owner-0001")  # unknown address
+
+
+def test_an_address_is_taken_while_its_owner_lives_and_the_registry_is_bounded():
+    registry = Registry(None, expiry_seconds=3, max_workers=2)
+    assert registry.register(registration()) == "ok"
+    assert registry.register(registration("intruder-01")) == "taken"
+    assert registry.register(registration(models=["m", "n"])) == "ok"  # the owner, again
+    assert registry.workers[ADDRESS].models == ["m", "n"]
+    assert registry.register(registration("other-0001", "http://127.0.0.1:10")) == "ok"
+    assert registry.register(registration("third-0001", "http://127.0.0.1:11")) == "full"
+    expire(registry, ADDRESS, 3.5)  # silent past expiry: anyone may take the address
+    assert not registry.alive(ADDRESS)
+    assert registry.register(registration("newcomer-1")) == "ok"
+    assert registry.workers[ADDRESS].worker_id == "newcomer-1"
+    registry.workers[ADDRESS].healthy = False  # alive means heartbeating and healthy
+    assert not registry.alive(ADDRESS) and not registry.alive("http://127.0.0.1:99")
+
+
+def test_the_least_loaded_worker_serving_the_model_is_picked_and_counted():
+    registry = Registry(None, expiry_seconds=3)
+    a, b = "http://127.0.0.1:20", "http://127.0.0.1:21"
+    registry.register(registration("worker-a01", a, models=["m"], concurrency=4))
+    registry.register(registration("worker-b01", b, models=["m", "n"], concurrency=2))
+    picks = [registry.pick("m", set()).address for _ in range(6)]
+    # By load over capacity, then by requests in flight (a: 4 slots, b: 2; the first of equals).
+    assert picks == [a, b, a, b, a, a]
+    assert registry.workers[a].in_flight == 4 and registry.workers[b].in_flight == 2
+    assert registry.pick("n", set()).address == b and registry.pick("n", {b}) is None
+    assert registry.pick("m", {a}).address == b and registry.pick("x", set()) is None
+    for _ in range(6):
+        registry.release(registry.workers[a])
+    assert registry.workers[a].in_flight == 0  # never below zero
+    registry.mark(b, draining=True)
+    assert registry.pick("n", set()) is None and registry.pick("m", set()).address == a
+
+
+def test_mark_takes_a_worker_out_only_for_its_owner():
+    registry = Registry(None)
+    registry.register(registration())
+    assert not registry.mark(ADDRESS, draining=True, worker_id="intruder-01")
+    assert not registry.mark("http://127.0.0.1:99", failed=True)
+    assert registry.mark(ADDRESS) and registry.pick("m", set()) is not None  # marks nothing
+    assert registry.mark(ADDRESS, draining=True, worker_id="owner-0001")
+    assert registry.workers[ADDRESS].draining and not registry.workers[ADDRESS].failed
+    assert registry.mark(ADDRESS, failed=True)
+    assert registry.mark(ADDRESS)  # a later plain mark clears neither
+    assert registry.workers[ADDRESS].failed and registry.workers[ADDRESS].draining
+
+
+def test_models_and_snapshot_show_the_workers_in_rotation():
+    registry = Registry(None, expiry_seconds=3)
+    a, b, c = "http://127.0.0.1:30", "http://127.0.0.1:31", "http://127.0.0.1:32"
+    registry.register(registration("worker-a01", a, models=["m"], context=2048))
+    registry.register(registration("worker-b01", b, models=["m", "n"], context=4096))
+    registry.register(registration("worker-c01", c, models=["o"], context=8192))
+    registry.mark(c, failed=True)
+    assert registry.models() == {"m": 4096, "n": 4096}
+    snapshot = {w["address"]: w for w in registry.snapshot()}
+    assert [snapshot[x]["available"] for x in (a, b, c)] == [True, True, False]
+    assert snapshot[b]["models"] == ["m", "n"] and snapshot[c]["failed"]
+    assert snapshot[a]["worker_id"] == "worker-a01" and snapshot[a]["in_flight"] == 0
+
+
+def test_workers_are_persisted_and_the_long_silent_forgotten(tmp_path):
+    db = tmp_path / "registry.db"
+    registry = Registry(db, expiry_seconds=1, forget_seconds=10)
+    a, b = "http://127.0.0.1:40", "http://127.0.0.1:41"
+    registry.register(registration("worker-a01", a, context=1024))
+    registry.register(registration("worker-b01", b))
+    registry._db.execute("INSERT INTO workers VALUES ('http://x:1', '{\"old\": 1}')")
+    registry._db.commit()
+    restarted = Registry(db, expiry_seconds=1, forget_seconds=10)  # a controller restart
+    assert set(restarted.workers) == {a, b}  # the unreadable row is skipped
+    assert restarted.workers[a].context_length == 1024 and restarted.alive(a)
+    expire(restarted, a, 5)
+    assert restarted.forget_expired() == [] and not restarted.alive(a)  # expired, not forgotten
+    expire(restarted, a, 6)
+    assert restarted.forget_expired() == [a] and set(restarted.workers) == {b}
+    assert set(Registry(db).workers) == {b}  # gone from the database too
+    assert Registry(None, expiry_seconds=20, forget_seconds=5).forget == 20  # never below expiry
 
 
 def test_a_foreign_heartbeat_is_404_and_keeps_no_dead_worker_in_rotation(fleet):
