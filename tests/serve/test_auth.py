@@ -122,6 +122,37 @@ def test_a_body_over_the_limit_is_413_whether_declared_or_streamed():
     assert json.loads(client.post("/body", content=b"").text) == {"size": 0, "head": ""}
 
 
+def test_the_body_limit_hands_on_the_body_once_then_what_follows_it():
+    """The ASGI messages themselves: a client gone mid-body reaches no app; after the replayed
+    body, the app's next receive() is the server's next message (the disconnect)."""
+    import asyncio
+
+    def run(messages: list[dict]) -> tuple[list[dict] | None, list[dict]]:
+        seen: list[dict] | None = None
+        sent: list[dict] = []
+
+        async def app(scope, receive, send):
+            nonlocal seen
+            seen = [await receive(), await receive()]
+
+        async def receive():
+            return messages.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "headers": []}
+        asyncio.run(BodyLimit(app, limit=10)(scope, receive, send))
+        return seen, sent
+
+    gone = {"type": "http.disconnect"}
+    seen, sent = run([{"type": "http.request", "body": b"ab", "more_body": True}, gone])
+    assert seen is None and sent == []
+    part = {"type": "http.request", "body": b"ab", "more_body": True}
+    seen, _ = run([part, {"type": "http.request", "body": b"cd"}, gone])
+    assert seen == [{"type": "http.request", "body": b"abcd", "more_body": False}, gone]
+
+
 def test_a_strict_prefix_of_any_key_is_refused_on_every_route(fleet):
     """Issue #30 row 2: a client key, the fleet secret and an admin key, each cut short, on
     every route that takes it (the controller's and a worker's), is refused as a wrong key is."""
