@@ -52,6 +52,7 @@ def test_an_address_is_taken_while_its_owner_lives_and_the_registry_is_bounded()
     registry = Registry(None, expiry_seconds=3, max_workers=2)
     assert registry.register(registration()) == "ok"
     assert registry.register(registration("intruder-01")) == "taken"
+    assert registry.register(registration("zz-intruder")) == "taken"  # ids only compared equal
     assert registry.register(registration(models=["m", "n"])) == "ok"  # the owner, again
     assert registry.workers[ADDRESS].models == ["m", "n"]
     assert registry.register(registration("other-0001", "http://127.0.0.1:10")) == "ok"
