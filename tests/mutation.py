@@ -2,6 +2,7 @@
 
     make mutation                       every module below
     make mutation MUTATE="auth atomic"  some of them (names from MODULES)
+    make mutation MUTATE="--retry-survivors auth"   after adding tests: run its survivors again
 
 Each module is mutated on disk, one mutant at a time, and only its own tests run against it
 (`tests` below): a mutant is killed when they fail or time out. On disk, not in memory, because
@@ -18,6 +19,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -106,7 +108,7 @@ def run(*args: str) -> str:
     return subprocess.run(args, cwd=ROOT, check=True, capture_output=True, text=True).stdout
 
 
-def score(name: str, module: Module) -> dict:
+def score(name: str, module: Module, retry_survivors: bool = False) -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
     config, session = WORK / f"{name}.toml", WORK / f"{name}.sqlite"
     test_command = " ".join(
@@ -137,6 +139,9 @@ exclude-operators = {json.dumps(EXCLUDED_OPERATORS)}
         run(str(bin_dir / "cr-filter-operators"), str(session), str(config))
         if module.functions:
             run(str(bin_dir / "cr-filter-lines"), "--config", str(config), str(session))
+    elif retry_survivors:  # only new tests can change their outcome; the killed stay killed
+        with sqlite3.connect(session) as db:
+            db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
     # Resumes where an interrupted run stopped; every file is restored after each mutant.
     subprocess.run([str(bin_dir / "cosmic-ray"), "exec", str(config), str(session)], cwd=ROOT)
     source = (ROOT / module.path).read_text().splitlines()
@@ -168,7 +173,9 @@ exclude-operators = {json.dumps(EXCLUDED_OPERATORS)}
     }
 
 
-def main(names: list[str]) -> int:
+def main(args: list[str]) -> int:
+    retry = "--retry-survivors" in args
+    names = [a for a in args if a != "--retry-survivors"] or list(MODULES)
     unknown = sorted(set(names) - set(MODULES))
     if unknown:
         print(f"unknown module(s) {unknown}; known: {' '.join(MODULES)}", file=sys.stderr)
@@ -178,7 +185,7 @@ def main(names: list[str]) -> int:
         print(f"commit or stash these first (they are mutated in place):\n{dirty}")
         return 2
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    results = [score(name, MODULES[name]) for name in names]
+    results = [score(name, MODULES[name], retry) for name in names]
     print()
     for r in results:
         for survivor in r["survivors"]:
@@ -196,4 +203,4 @@ def main(names: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:] or list(MODULES)))
+    sys.exit(main(sys.argv[1:]))
