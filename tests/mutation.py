@@ -43,11 +43,12 @@ class Module:
     """pytest arguments: the tests relevant to this module, nothing else."""
     functions: tuple[str, ...] = ()
     """Only these functions (or methods) are mutated; empty: the whole file."""
-    timeout: float = 300.0
+    timeout: float = 120.0
+    """Seconds for one mutant's tests (a mutant that hangs them is killed by the timeout)."""
 
 
 MODULES = {
-    "auth": Module("src/vicuna_sky/serve/auth.py", ["tests/serve/test_auth.py"]),
+    "auth": Module("src/vicuna_sky/serve/auth.py", ["tests/serve/test_auth.py"], timeout=60),
     "registry": Module("src/vicuna_sky/serve/registry.py", ["tests/serve/test_registry.py"]),
     "failover": Module(
         "src/vicuna_sky/serve/controller.py",
