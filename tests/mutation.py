@@ -93,6 +93,35 @@ def function_lines(path: Path, names: tuple[str, ...]) -> list[str]:
     ]
 
 
+def annotation_lines(path: Path) -> set[int]:
+    """Lines inside type annotations: with `from __future__ import annotations` they are never
+    evaluated, so a mutant there (`str | None` -> `str + None`) changes nothing."""
+    lines: set[int] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        annotations = []
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            args = node.args
+            every = [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]
+            annotations = [a.annotation for a in every if a is not None] + [node.returns]
+        elif isinstance(node, ast.AnnAssign):
+            annotations = [node.annotation]
+        for annotation in filter(None, annotations):
+            lines.update(range(annotation.lineno, annotation.end_lineno + 1))
+    return lines
+
+
+def skip_annotation_mutants(session: Path, path: Path) -> None:
+    from cosmic_ray.work_db import use_db
+    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+    lines = annotation_lines(path)
+    with use_db(str(session)) as db:
+        for item in list(db.pending_work_items):
+            if item.mutations[0].start_pos[0] in lines:
+                result = WorkResult(worker_outcome=WorkerOutcome.SKIPPED, output="annotation")
+                db.set_result(item.job_id, result)
+
+
 def equivalent_mutants() -> dict[tuple[str, str, str], str]:
     """(file, source line stripped, operator) -> why, from tests/MUTATIONS.md's table."""
     text = (ROOT / "tests" / "MUTATIONS.md").read_text()
@@ -140,13 +169,14 @@ exclude-operators = {json.dumps(EXCLUDED_OPERATORS)}
         run(str(bin_dir / "cr-filter-operators"), str(session), str(config))
         if module.functions:
             run(str(bin_dir / "cr-filter-lines"), "--config", str(config), str(session))
+        skip_annotation_mutants(session, ROOT / module.path)
     elif retry_survivors:  # only new tests can change their outcome; the killed stay killed
         with sqlite3.connect(session) as db:
             db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
     # Resumes where an interrupted run stopped; every file is restored after each mutant.
     subprocess.run([str(bin_dir / "cosmic-ray"), "exec", str(config), str(session)], cwd=ROOT)
     source = (ROOT / module.path).read_text().splitlines()
-    equivalent = equivalent_mutants()
+    equivalent, annotations = equivalent_mutants(), annotation_lines(ROOT / module.path)
     killed = survived = 0
     survivors, excused = [], []
     for raw in run(str(bin_dir / "cosmic-ray"), "dump", str(session)).splitlines():
@@ -158,7 +188,7 @@ exclude-operators = {json.dumps(EXCLUDED_OPERATORS)}
         where = (module.path, source[line - 1].strip(), mutation["operator_name"])
         if result["test_outcome"] == "killed":
             killed += 1
-        elif where in equivalent:
+        elif where in equivalent or line in annotations:
             excused.append(where)
         else:
             survived += 1

@@ -126,6 +126,11 @@ def test_workers_are_persisted_and_the_long_silent_forgotten(tmp_path):
     expire(restarted, a, 6)
     assert restarted.forget_expired() == [a] and set(restarted.workers) == {b}
     assert set(Registry(db).workers) == {b}  # gone from the database too
+    restarted.register(registration("worker-a01", a))
+    smaller = Registry(db, max_workers=1)  # restarted with fewer places than it has workers
+    assert len(smaller.workers) == 2
+    assert smaller.register(registration("worker-c01", "http://127.0.0.1:42")) == "full"
+    assert smaller.register(registration("worker-a01", a)) == "ok"  # a known one re-registers
     assert Registry(None, expiry_seconds=20, forget_seconds=5).forget == 20  # never below expiry
 
 
