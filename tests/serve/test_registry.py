@@ -1,6 +1,7 @@
 """The controller's worker registry: an address belongs to the worker process that registered it."""
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
@@ -126,7 +127,9 @@ def test_workers_are_persisted_and_the_long_silent_forgotten(tmp_path):
     expire(restarted, a, 6)
     assert restarted.forget_expired() == [a] and set(restarted.workers) == {b}
     assert set(Registry(db).workers) == {b}  # gone from the database too
-    restarted.register(registration("worker-a01", a))
+    # The controller's threads share the registry: another thread may write the database.
+    with ThreadPoolExecutor(1) as thread:
+        assert thread.submit(restarted.register, registration("worker-a01", a)).result() == "ok"
     smaller = Registry(db, max_workers=1)  # restarted with fewer places than it has workers
     assert len(smaller.workers) == 2
     assert smaller.register(registration("worker-c01", "http://127.0.0.1:42")) == "full"
