@@ -149,9 +149,12 @@ def run(*args: str) -> str:
 def score(name: str, module: Module, retry_survivors: bool = False) -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
     config, session = WORK / f"{name}.toml", WORK / f"{name}.sqlite"
-    test_command = " ".join(
-        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *module.tests]
-    )
+    # A mutant that hangs the tests gets Ctrl-C (SIGINT) at the module's timeout: pytest then
+    # tears its fixtures down, so the servers a test started are stopped, not orphaned (as
+    # cosmic-ray's own timeout, a SIGKILL of pytest alone, would leave them).
+    pytest = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+    limit = ["timeout", "-s", "INT", "-k", "20", str(int(module.timeout))]
+    test_command = " ".join([*limit, *pytest, *module.tests])
     lines = ""
     if module.functions:
         ranges = function_lines(ROOT / module.path, module.functions)
@@ -159,7 +162,7 @@ def score(name: str, module: Module, retry_survivors: bool = False) -> dict:
     config.write_text(
         f"""[cosmic-ray]
 module-path = "{module.path}"
-timeout = {module.timeout}
+timeout = {module.timeout + 30}
 excluded-modules = []
 test-command = {json.dumps(test_command)}
 
