@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shlex
 import sqlite3
 import subprocess
 import sys
@@ -154,7 +155,11 @@ def score(name: str, module: Module, retry_survivors: bool = False) -> dict:
     # cosmic-ray's own timeout, a SIGKILL of pytest alone, would leave them).
     pytest = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
     limit = ["timeout", "-s", "INT", "-k", "20", str(int(module.timeout))]
-    test_command = " ".join([*limit, *pytest, *module.tests])
+    test_command = shlex.join([*limit, *pytest, *module.tests])
+    # The tests must pass unmutated, or every mutant would count as killed.
+    baseline = subprocess.run(shlex.split(test_command), cwd=ROOT, capture_output=True, text=True)
+    if baseline.returncode != 0:
+        raise SystemExit(f"{name}: the tests fail without a mutant:\n{baseline.stdout[-3000:]}")
     lines = ""
     if module.functions:
         ranges = function_lines(ROOT / module.path, module.functions)
