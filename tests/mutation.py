@@ -69,7 +69,12 @@ MODULES = {
     ),
     "manifest": Module(
         "checkpoints_sync/manifest.py",
-        ["tests/checkpoints_sync/test_checkpoints.py", "-k", "not s3 and not gs"],
+        [
+            "tests/checkpoints_sync/test_manifest.py",
+            "tests/checkpoints_sync/test_checkpoints.py",
+            "-k",
+            "not s3 and not gs",
+        ],
     ),
     "atomic": Module(
         "checkpoints_sync/atomic.py",

@@ -115,3 +115,17 @@ def test_temp_names_are_unique_and_beside_the_target(tmp_path):
     names = {temp_name(tmp_path / "x", ".tmp") for _ in range(50)}
     assert len(names) == 50 and all(n.parent == tmp_path for n in names)
     assert all(f"-{os.getpid()}-" in n.name for n in names)
+
+
+def test_the_host_part_of_a_name_is_safe_and_short(monkeypatch):
+    import importlib
+    import socket
+
+    try:
+        monkeypatch.setattr(socket, "gethostname", lambda: "a.b-c" + "x" * 40)
+        assert importlib.reload(atomic)._HOST == "a_b_c" + "x" * 27  # 32 characters
+        monkeypatch.setattr(socket, "gethostname", lambda: "")
+        assert importlib.reload(atomic)._HOST == "host"
+    finally:
+        monkeypatch.undo()
+        importlib.reload(atomic)

@@ -105,6 +105,8 @@ def test_models_and_snapshot_show_the_workers_in_rotation():
     registry.register(registration("worker-c01", c, models=["o"], context=8192))
     registry.mark(c, failed=True)
     assert registry.models() == {"m": 4096, "n": 4096}
+    registry.register(registration("worker-d01", "http://127.0.0.1:33", models=["p"]))
+    assert registry.models()["p"] == 0  # a worker that does not say its context length
     snapshot = {w["address"]: w for w in registry.snapshot()}
     assert [snapshot[x]["available"] for x in (a, b, c)] == [True, True, False]
     assert snapshot[b]["models"] == ["m", "n"] and snapshot[c]["failed"]
@@ -135,6 +137,10 @@ def test_workers_are_persisted_and_the_long_silent_forgotten(tmp_path):
     assert smaller.register(registration("worker-c01", "http://127.0.0.1:42")) == "full"
     assert smaller.register(registration("worker-a01", a)) == "ok"  # a known one re-registers
     assert Registry(None, expiry_seconds=20, forget_seconds=5).forget == 20  # never below expiry
+    memory = Registry(None, expiry_seconds=1, forget_seconds=10)  # no database at all
+    memory.register(registration("worker-a01", a))
+    expire(memory, a, 11)
+    assert memory.forget_expired() == [a] and memory.workers == {}
 
 
 def test_a_foreign_heartbeat_is_404_and_keeps_no_dead_worker_in_rotation(fleet):
