@@ -152,6 +152,19 @@ def test_the_body_limit_hands_on_the_body_once_then_what_follows_it():
     seen, _ = run([part, {"type": "http.request", "body": b"cd"}, gone])
     assert seen == [{"type": "http.request", "body": b"abcd", "more_body": False}, gone]
 
+    # A declared length over the limit is refused before a byte of the body is read.
+    async def unread():
+        raise AssertionError("the body was read")
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "headers": [(b"content-length", b"11")]}
+    asyncio.run(BodyLimit(unread, limit=10)(scope, unread, send))
+    assert sent[0]["status"] == 413
+
 
 def test_a_strict_prefix_of_any_key_is_refused_on_every_route(fleet):
     """Issue #30 row 2: a client key, the fleet secret and an admin key, each cut short, on
