@@ -204,6 +204,8 @@ exclude-operators = {json.dumps(EXCLUDED_OPERATORS)}
         item, result = json.loads(raw)
         if not result or result["worker_outcome"] in ("skipped", "no-test"):
             continue
+        if result["test_outcome"] == "incompetent":  # not valid Python: no mutant at all
+            continue
         mutation = item["mutations"][0]
         line = mutation["start_pos"][0]
         where = (module.path, source[line - 1].strip(), mutation["operator_name"])
