@@ -48,6 +48,10 @@ def test_a_file_is_replaced_whole_with_the_mode_it_had(tmp_path):
     with atomic_file(target) as tmp:
         tmp.write_text("two")
     assert target.read_text() == "two" and target.stat().st_mode & 0o7777 == 0o640
+    target.chmod(0o751)  # every bit of the mode is kept, execute bits included
+    with atomic_file(target) as tmp:
+        tmp.write_text("two")
+    assert target.stat().st_mode & 0o7777 == 0o751
     with atomic_file(target, mode=0o600) as tmp:
         tmp.write_text("three")
     assert target.stat().st_mode & 0o7777 == 0o600
@@ -69,6 +73,9 @@ def test_file_mode_of_a_missing_file_is_what_open_gives():
 
 def test_a_directory_is_renamed_whole_onto_nothing_or_an_empty_one(tmp_path):
     target = tmp_path / "deep" / "export"
+    with atomic_dir(tmp_path / "a" / "b" / "c") as tmp:  # every missing parent is made
+        pass
+    assert (tmp_path / "a" / "b" / "c").is_dir()
     with atomic_dir(target) as tmp:
         assert tmp.is_dir() and tmp.stat().st_mode & 0o777 == 0o777 & ~atomic.UMASK
         (tmp / "model.safetensors").write_text("w")
@@ -101,6 +108,23 @@ def test_litter_of_dead_writers_is_swept_and_a_live_ones_kept(tmp_path):
         tmp.write_text("x")
     assert not other_suffix.exists() and live.exists()
     assert sweep_litter(tmp_path / "missing" / "x", ".tmp") == []
+
+
+def test_asking_whether_a_writer_lives_sends_it_nothing(tmp_path):
+    """Signal 0 only asks: a live writer (here a `sleep` that would die of a SIGHUP) is left
+    running, and its temporary kept."""
+    import signal
+
+    writer = subprocess.Popen(
+        ["sleep", "60"], preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    )
+    try:
+        live = litter(tmp_path / "out.json", writer.pid)
+        assert sweep_litter(tmp_path / "out.json", ".tmp") == []
+        assert live.exists() and writer.poll() is None
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 def test_a_process_of_another_user_counts_as_alive(monkeypatch):

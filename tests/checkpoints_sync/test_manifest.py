@@ -59,6 +59,7 @@ def entry(**changes) -> dict:
         "[" * 100_000 + "]" * 100_000,
         json.dumps([1]),
         json.dumps(good(format=2)),
+        json.dumps(good(format=0)),
         *(json.dumps(good(step=s)) for s in (-1, "3", 3.0, True, None)),
         *(json.dumps(good(time=t)) for t in ("1", None, [1])),
         json.dumps(good()).replace("1.5", "Infinity"),
@@ -81,3 +82,13 @@ def test_the_step_must_be_the_directorys():
     with pytest.raises(InvalidManifest, match="directory step 4"):
         Manifest.from_json(text, step=4)
     assert Manifest.from_json(json.dumps(good(time=2))).time == 2.0  # an int time is a time
+
+
+def test_a_manifest_read_cannot_be_changed():
+    import dataclasses
+
+    manifest = Manifest.from_json(json.dumps(good()))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        manifest.step = 4
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        manifest.files[0].size = 9

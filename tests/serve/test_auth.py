@@ -10,6 +10,7 @@ from starlette.testclient import TestClient
 
 from vicuna_sky.serve.auth import (
     FLEET_SECRET_ENV,
+    MAX_BODY_BYTES,
     BodyLimit,
     ConfigError,
     bearer,
@@ -74,7 +75,8 @@ def test_secrets_come_from_a_file_first_then_the_environment(tmp_path, monkeypat
 
 
 def test_only_loopback_may_go_without_the_fleet_secret():
-    for host in ("localhost", "127.0.0.1", "127.8.9.10", "::1"):
+    # A host from the command line is a new string, not the interned literal.
+    for host in ("".join(["local", "host"]), "127.0.0.1", "127.8.9.10", "::1"):
         assert is_loopback(host), host
         require_secret_off_loopback(host, "", "the controller")
     for host in ("0.0.0.0", "10.0.0.7", "::", "example.com", "localhost.example.com"):
@@ -83,6 +85,11 @@ def test_only_loopback_may_go_without_the_fleet_secret():
             require_secret_off_loopback(host, "", "the worker")
         assert FLEET_SECRET_ENV in str(e.value)
         require_secret_off_loopback(host, "a-secret", "the worker")
+
+
+def test_the_default_body_limit_is_8_mib():
+    assert MAX_BODY_BYTES == 8 * 1024 * 1024
+    assert BodyLimit(None).limit == MAX_BODY_BYTES
 
 
 def body_limited_app(limit: int) -> TestClient:
@@ -116,6 +123,8 @@ def test_a_body_over_the_limit_is_413_whether_declared_or_streamed():
                 "param": None,
             }
         }
+    r = client.post("/body", content=iter([b"a", b"x" * 100]))  # the second chunk is too much
+    assert r.status_code == 413
     r = client.post("/body", content=iter([b"abcd", b"x" * 50, b"y" * 46]))  # chunked, whole
     assert r.status_code == 200 and r.json() == {"size": 100, "head": "abcd"}
     assert client.get("/get").json() == {"ok": True}
