@@ -127,6 +127,10 @@ def test_asking_whether_a_writer_lives_sends_it_nothing(tmp_path):
         writer.wait()
 
 
+def test_alive_asks_the_kernel():
+    assert atomic._alive(os.getpid()) is True and atomic._alive(dead_pid()) is False
+
+
 def test_a_process_of_another_user_counts_as_alive(monkeypatch):
     def refused(pid, sig):
         raise PermissionError
