@@ -24,10 +24,11 @@ def test_build_and_read_back(tmp_path):
     (tmp_path / "shards" / "__0_0.distcp").write_bytes(b"x" * 1000)
     (tmp_path / ".metadata").write_bytes(b"")  # an empty file: size 0 is a count
     (tmp_path / NAME).write_text("an old manifest is never listed")
-    assert local_files(tmp_path) == [".metadata", "shards/__0_0.distcp"]
+    (tmp_path / ".a").write_text("a name that sorts before the manifest's")
+    assert local_files(tmp_path) == [".a", ".metadata", "shards/__0_0.distcp"]
     manifest = build(tmp_path, step=0)
-    assert manifest.step == 0 and manifest.total_bytes == 1000
-    assert manifest.files[1] == FileEntry(
+    assert manifest.step == 0 and manifest.total_bytes == 1000 + 39
+    assert manifest.files[2] == FileEntry(
         "shards/__0_0.distcp", 1000, hashlib.sha256(b"x" * 1000).hexdigest()
     )
     assert Manifest.from_json(manifest.to_json(), step=0) == manifest
@@ -79,8 +80,13 @@ def test_every_bad_field_is_one_invalid_manifest(text):
 def test_the_step_must_be_the_directorys():
     text = json.dumps(good())
     assert Manifest.from_json(text, step=3).step == 3 and Manifest.from_json(text).time == 1.5
-    with pytest.raises(InvalidManifest, match="directory step 4"):
-        Manifest.from_json(text, step=4)
+    for other in (4, 2):
+        with pytest.raises(InvalidManifest, match=f"directory step {other}"):
+            Manifest.from_json(text, step=other)
+    big = json.dumps(good(step=10**6))  # parsed: an equal int, not the same object
+    assert Manifest.from_json(big, step=int("1000000")).step == 10**6
+    # A path that sorts before the manifest's own name is an ordinary path.
+    assert Manifest.from_json(json.dumps(entry(path=".cache/x"))).files[0].path == ".cache/x"
     assert Manifest.from_json(json.dumps(good(time=2))).time == 2.0  # an int time is a time
 
 

@@ -78,7 +78,9 @@ def test_the_least_loaded_worker_serving_the_model_is_picked_and_counted():
     assert registry.workers[a].in_flight == 4 and registry.workers[b].in_flight == 2
     assert registry.pick("n", set()).address == b and registry.pick("n", {b}) is None
     assert registry.pick("m", {a}).address == b and registry.pick("x", set()) is None
-    for _ in range(6):
+    registry.release(registry.workers[a])
+    assert registry.workers[a].in_flight == 3  # one request ends: one fewer
+    for _ in range(5):
         registry.release(registry.workers[a])
     assert registry.workers[a].in_flight == 0  # never below zero
     registry.mark(b, draining=True)
@@ -89,9 +91,10 @@ def test_mark_takes_a_worker_out_only_for_its_owner():
     registry = Registry(None)
     registry.register(registration())
     assert not registry.mark(ADDRESS, draining=True, worker_id="intruder-01")
+    assert not registry.mark(ADDRESS, draining=True, worker_id="zz-intruder")
     assert not registry.mark("http://127.0.0.1:99", failed=True)
     assert registry.mark(ADDRESS) and registry.pick("m", set()) is not None  # marks nothing
-    assert registry.mark(ADDRESS, draining=True, worker_id="owner-0001")
+    assert registry.mark(ADDRESS, draining=True, worker_id="".join(["owner-", "0001"]))
     assert registry.workers[ADDRESS].draining and not registry.workers[ADDRESS].failed
     assert registry.mark(ADDRESS, failed=True)
     assert registry.mark(ADDRESS)  # a later plain mark clears neither
