@@ -161,6 +161,19 @@ def test_the_body_limit_hands_on_the_body_once_then_what_follows_it():
     seen, _ = run([part, {"type": "http.request", "body": b"cd"}, gone])
     assert seen == [{"type": "http.request", "body": b"abcd", "more_body": False}, gone]
 
+    # Not a request (the server's lifespan events): handed on untouched, nothing buffered.
+    startup = {"type": "lifespan.startup"}
+    seen: list[dict] = []
+
+    async def lifespan_app(scope, receive, send):
+        seen.append(await receive())
+
+    async def events():
+        return startup
+
+    asyncio.run(BodyLimit(lifespan_app, limit=10)({"type": "lifespan"}, events, None))
+    assert seen == [startup]
+
     # A declared length over the limit is refused before a byte of the body is read.
     async def unread():
         raise AssertionError("the body was read")
