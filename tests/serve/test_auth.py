@@ -161,6 +161,10 @@ def test_the_body_limit_hands_on_the_body_once_then_what_follows_it():
     seen, _ = run([part, {"type": "http.request", "body": b"cd"}, gone])
     assert seen == [{"type": "http.request", "body": b"abcd", "more_body": False}, gone]
 
+    # Each chunk counts: a small first one does not let a big second one through.
+    small = {"type": "http.request", "body": b"a", "more_body": True}
+    seen, sent = run([small, {"type": "http.request", "body": b"x" * 20}, gone])
+    assert seen is None and sent[0]["status"] == 413
     # Not a request (the server's lifespan events): handed on untouched, nothing buffered.
     startup = {"type": "lifespan.startup"}
     seen: list[dict] = []
