@@ -61,6 +61,7 @@ clean:
 # only, and needs click>=8.2 where skypilot pins <8.2. Opt-in, never in CI: minutes a module.
 #   make mutation                        every module
 #   make mutation MUTATE="auth atomic"   some (names from tests/mutation.py's MODULES)
+#   make mutation MUTATE="--retry-survivors auth"   its survivors again, after new tests
 COSMIC_RAY := cosmic-ray==8.7.0
 MUTATE ?=
 
