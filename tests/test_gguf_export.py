@@ -134,15 +134,14 @@ def test_mistral_gqa_sharded_bf16(mistral, tmp_path, out_type):
     assert "output.weight" not in {t.name for t in reader.tensors}  # tied: token_embd serves
 
 
-def test_q_and_k_are_stored_as_llama_cpp_rotates_them(mistral, tmp_path):
-    """llama.cpp's RoPE rotates adjacent pairs: per head, rotate-half row i and row i + d/2 are
-    stored as rows 2i and 2i + 1 (k over the 2 KV heads)."""
-    done = export_gguf(mistral, tmp_path / "m.gguf", "f32", progress=False)
-    stored = {t.name: np.array(t.data) for t in gguf.GGUFReader(done["path"]).tensors}
-    index = json.loads((mistral / "model.safetensors.index.json").read_text())["weight_map"]
+def _q_and_k_are_permuted_per_head(model_dir: Path, gguf_file: Path) -> None:
+    """Per head, rotate-half row i and row i + d/2 are stored as rows 2i and 2i + 1 (k over
+    the 2 KV heads)."""
+    stored = {t.name: np.array(t.data) for t in gguf.GGUFReader(gguf_file).tensors}
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
     for proj, heads in (("q", 4), ("k", 2)):
         name = f"model.layers.1.self_attn.{proj}_proj.weight"
-        with safe_open(mistral / index[name], framework="pt") as f:
+        with safe_open(model_dir / index[name], framework="pt") as f:
             hf = f.get_tensor(name).float().numpy()
         rows = hf.shape[0] // heads
         expected = np.empty_like(hf)
@@ -150,8 +149,25 @@ def test_q_and_k_are_stored_as_llama_cpp_rotates_them(mistral, tmp_path):
             head = hf[h * rows : (h + 1) * rows]
             expected[h * rows : (h + 1) * rows : 2] = head[: rows // 2]
             expected[h * rows + 1 : (h + 1) * rows : 2] = head[rows // 2 :]
-        assert np.array_equal(stored[f"blk.1.attn_{proj}.weight"], expected)
+        assert np.array_equal(stored[f"blk.1.attn_{proj}.weight"], expected), proj
         assert not np.array_equal(stored[f"blk.1.attn_{proj}.weight"], hf)
+
+
+def test_q_and_k_are_stored_as_llama_cpp_rotates_them(mistral, tmp_path):
+    """llama.cpp's RoPE rotates adjacent pairs (see `_q_and_k_are_permuted_per_head`)."""
+    done = export_gguf(mistral, tmp_path / "m.gguf", "f32", progress=False)
+    _q_and_k_are_permuted_per_head(mistral, Path(done["path"]))
+
+
+def test_q_and_k_read_in_chunks_of_a_head_and_a_half(mistral, tmp_path, monkeypatch):
+    """Issue #30 row 8: a chunk of rows must hold whole heads to be permuted on its own. A
+    13B's hidden size (5120 columns) gives chunks that are not a whole number of heads; here
+    a chunk of 1.5 heads' rows (96 of q's 4 x 64 and of k's 2 x 64, 128 columns each)."""
+    import vicuna_sky.gguf_export as export
+
+    monkeypatch.setattr(export, "CHUNK_ELEMENTS", 96 * 128)
+    done = export_gguf(mistral, tmp_path / "m.gguf", "f32", progress=False)
+    _q_and_k_are_permuted_per_head(mistral, Path(done["path"]))
 
 
 @pytest.fixture(scope="module")

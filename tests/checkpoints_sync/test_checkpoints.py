@@ -84,6 +84,47 @@ def test_gc_keeps_newest_and_never_the_only_one(store_url, tmp_path):
         cps.gc(keep=0)
 
 
+def test_gc_keeps_a_newer_upload_in_progress(store_url, tmp_path):
+    """Issue #30 row 6: step 2 is being uploaded (files, no manifest yet) when retention runs
+    for step 1: it is the next checkpoint, not an abandoned one, and none of it is deleted."""
+    store = open_store(store_url)
+    cps = Checkpoints(store)
+    cps.commit(make_checkpoint(tmp_path, 1), 1)
+    uploading = make_checkpoint(tmp_path, 2)
+    store.put_file(uploading / ".metadata", "step-2/.metadata")
+    store.put_file(uploading / "shards" / "__0_0.distcp", "step-2/shards/__0_0.distcp")
+    assert cps.gc(keep=1) == []
+    assert {o.key for o in store.list() if o.key.startswith("step-2/")} == {
+        "step-2/.metadata",
+        "step-2/shards/__0_0.distcp",
+    }
+    cps.commit(uploading, 2)  # the upload ends: step 2 is whole, and gc may now take step 1
+    assert cps.gc(keep=1) == [1] and cps.restore_latest(tmp_path / "resume") == 2
+
+
+def test_other_objects_under_the_prefix_hide_no_step(store_url, tmp_path):
+    """A key that is no step (listed before the steps: "notes.txt" < "step-1") is skipped,
+    not the end of the listing."""
+    store = open_store(store_url)
+    cps = Checkpoints(store)
+    cps.commit(make_checkpoint(tmp_path, 1), 1)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    store.put_file(notes, "notes.txt")
+    store.put_file(notes, "a-dir/notes.txt")
+    assert cps.committed() == [1] and cps.latest() == 1
+
+
+def test_a_step_is_a_whole_number_from_zero(store_url, tmp_path):
+    cps = Checkpoints(open_store(store_url))
+    directory = make_checkpoint(tmp_path, 0, files=1, size=10)
+    for step in (-1, 1.0, "1", True):
+        with pytest.raises(ValueError, match="whole number"):
+            cps.commit(directory, step)
+    cps.commit(directory, 0)
+    assert cps.committed() == [0]
+
+
 def test_recommit_replaces(store_url, tmp_path):
     cps = Checkpoints(open_store(store_url))
     first = make_checkpoint(tmp_path / "a", 7)

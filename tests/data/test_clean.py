@@ -138,6 +138,26 @@ def test_duplicates_and_counts():
     }
 
 
+def test_duplicates_are_the_first_question_and_answer_whatever_the_system_prompt():
+    """Issue #30 row 9: the key is the first (question, answer), the system turn left out: the
+    same question answered otherwise is kept, the same pair under another system prompt (or
+    none) is a duplicate."""
+    q, a = "How do I sort a list?", "Use sorted(xs), it returns a new list."
+
+    def with_system(cid: str, system: str, answer: str = a) -> dict:
+        return conv(cid, ("system", system), ("human", q), ("gpt", ANSWER.format(answer)))
+
+    samples = [
+        with_system("a", "You are terse."),
+        with_system("b", "You are terse.", answer="Call xs.sort() to sort it in place."),
+        with_system("c", "You are a pirate."),
+        qa("d", q=q, a=a),
+    ]
+    report = clean(samples, CleanConfig(workers=1), show_progress=False)
+    assert [s["id"] for s in report.samples] == ["a", "b"]
+    assert report.dropped == [("c", "duplicate_content"), ("d", "duplicate_content")]
+
+
 def test_same_result_as_fastchat_in_parallel_and_serial(dummy_conversations):
     """FastChat's dummy data is plain text: there, its cleaning is right and ours must agree."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):

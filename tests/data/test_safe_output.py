@@ -231,6 +231,46 @@ def test_interrupting_a_parallel_clean_ends_it_cleanly(slow_input, tmp_path, how
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["big.json"]
 
 
+HALF_SENT_RESULT = """
+import gc, os, signal, struct, sys, time
+from multiprocessing.queues import SimpleQueue
+from vicuna_sky.data.parallel import parallel_map
+
+def half_sent(i):
+    if i == 0:
+        # What a worker killed half-way through sending a chunk's result leaves in the pipe:
+        # a header that promises a megabyte, and ten bytes of it. Then Ctrl-C.
+        results = next(o for o in gc.get_objects() if isinstance(o, SimpleQueue))
+        os.write(results._writer.fileno(), struct.pack("!i", 1_000_000) + b"x" * 10)
+        os.kill(os.getppid(), signal.SIGINT)
+    time.sleep(600)
+
+try:
+    parallel_map(half_sent, [0, 1], workers=2, show_progress=False)
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_a_worker_killed_half_way_through_its_result_does_not_hang_the_exit(tmp_path):
+    """The cause of the Ctrl-C hang (issue #30), made certain: the pool's manager thread read
+    a partial result and waited for the rest forever, and the exit waited for that thread."""
+    if default_workers() < 2:
+        pytest.skip("needs two cores")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HALF_SENT_RESULT],
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code == 130, proc.stderr.read().decode()
+
+
 def test_sigkill_of_the_parent_leaves_no_worker(slow_input, tmp_path):
     proc, workers = _start_clean(slow_input, tmp_path / "out.json")
     proc.kill()

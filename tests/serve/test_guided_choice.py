@@ -68,6 +68,25 @@ def test_the_chosen_string_is_the_most_likely_one(backend):
     assert answer(backend, "x", ["only"]) == "only"
 
 
+def test_every_pair_of_choices_in_both_orders_picks_the_full_forward_winner(backend):
+    """Issue #30 row 5: each choice is scored on the prompt's cache alone (cropped back after
+    the one before); a cache left with another choice's tokens in it changes the pick of some
+    pair. Every pair, both orders, every prompt, against a plain forward pass."""
+    from itertools import permutations
+
+    from vicuna_sky.serve.backends import render_prompt
+
+    for content in PROMPTS:
+        request = GenerateRequest(model="m", messages=[ChatMessage(role="user", content=content)])
+        prompt, has_bos = render_prompt(backend.template, request)
+        scored = full_forward_scores(backend, prompt, has_bos, CHOICES)
+        scores = dict(zip(CHOICES, scored, strict=True))
+        for pair in permutations(CHOICES, 2):
+            if abs(scores[pair[0]] - scores[pair[1]]) < 1e-4:
+                continue  # a tie within float error: either pick is right
+            assert backend.most_likely(prompt, has_bos, list(pair)) == max(pair, key=scores.get)
+
+
 def test_a_continuation_keeps_to_the_choices_that_start_with_the_text_sent(backend):
     assert answer(backend, "hello", ["[[A]]", "[[B]]", "no"], prefix="[[") in ("A]]", "B]]")
     assert answer(backend, "hello", ["[[A]]", "no"], prefix="n") == "o"

@@ -1,11 +1,18 @@
-"""The worker's concurrency limit cannot leak, whatever the backend does."""
+"""The worker: its concurrency limit cannot leak, whatever the backend does; a draining worker
+takes no new work."""
 
 import asyncio
+import threading
+import time
 
+import httpx
 import pytest
 
+from vicuna_sky.launch.metadata_server import MetadataServer
 from vicuna_sky.serve.protocol import GenerateRequest, Registration
 from vicuna_sky.serve.worker import GenerationFailed, Worker
+
+from .conftest import SECRET
 
 
 class Raising:
@@ -59,3 +66,49 @@ def test_hf_generation_stops_when_its_reader_goes_away(tiny_chat_model):
     asyncio.run(read_a_little())
     backend.last_thread.join(timeout=0.5)
     assert not backend.last_thread.is_alive()
+
+
+def test_a_draining_worker_refuses_new_work_while_it_finishes_its_answer(fleet):
+    """Issue #30 row 4: a preemption notice starts a drain while an answer is in flight (an
+    echo worker, 0.1 s a word: 5 s of answer); a `/generate` sent to the worker directly (not
+    through the controller, which already routes around it) is 503, and the answer in flight
+    still ends whole."""
+    fleet.start_controller()
+    words = " ".join(f"w{i}" for i in range(50))
+    answers: list[str] = []
+    with MetadataServer() as metadata:
+        env = metadata.env("aws") | {"VICUNA_SKY_NOTICE_POLL_SECONDS": "0.02"}
+        worker = fleet.start_worker("echo", "echo", "echo", "--echo-delay", "0.1", env=env)
+        fleet.wait_workers({worker})
+
+        def ask() -> None:
+            r = fleet.client().chat.completions.create(
+                model="echo", messages=[{"role": "user", "content": words}], max_tokens=200
+            )
+            answers.append(r.choices[0].message.content)
+
+        asking = threading.Thread(target=ask, daemon=True)
+        asking.start()
+
+        def health() -> dict:
+            return httpx.get(f"{worker}/health", timeout=5).json()
+
+        deadline = time.monotonic() + 30
+        while not health()["in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        metadata.notice()
+        while not health()["draining"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        state = health()
+        assert state["draining"] and state["in_flight"] == 1, state
+        r = httpx.post(
+            f"{worker}/generate",
+            json={"model": "echo", "prompt": "new work", "stream": False},
+            headers={"Authorization": f"Bearer {SECRET}"},
+            timeout=30,
+        )
+        assert r.status_code == 503, r.text
+        assert health()["in_flight"] == 1  # the answer is still going: the 503 came during it
+        asking.join(60)
+    assert answers == [f"echo: {words}"]
+    assert fleet.workers[worker].proc.wait(30) == 0

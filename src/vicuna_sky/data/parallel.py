@@ -42,7 +42,8 @@ def _init_worker(parent: int, initializer: Callable[..., Any] | None, initargs: 
 def _stop(pool: ProcessPoolExecutor) -> None:
     """Stop now: queued chunks cancelled, workers killed and reaped (no orphans, no hang)."""
     processes = list((pool._processes or {}).values())  # no public API lists them
-    manager = pool._executor_manager_thread  # shutdown() forgets it
+    manager = pool._executor_manager_thread  # shutdown() forgets it (and the result queue)
+    results = pool._result_queue
     # A chunk being fed to a worker when it dies stays half-written in the pipe, and the queue's
     # feeder thread blocks on it forever (this process holds the pipe's other end too); joining
     # that thread, as the pool and the exit hooks do, hung the exit (seen once in eight loaded
@@ -56,6 +57,15 @@ def _stop(pool: ProcessPoolExecutor) -> None:
     for process in processes:
         with contextlib.suppress(OSError, ValueError, AssertionError):
             process.join(5)
+    # A worker killed half-way through sending its result (a chunk's result is hundreds of KB,
+    # many pipe-fulls) leaves a partial message in the result pipe. The manager thread reads
+    # it and waits for the rest, forever: this process holds the pipe's write end too, so the
+    # read never ends in EOF. The exit hooks join that thread without a timeout, and Ctrl-C
+    # hung (2 of 14 runs). The workers are gone and nothing else writes there: closing our
+    # write end turns the wait into EOF, the manager thread sees a broken pool and ends.
+    if results is not None:
+        with contextlib.suppress(OSError):
+            results._writer.close()
     # The pool's manager thread closes its wake-up pipe when it sees the workers gone; Python's
     # exit hook writes to that pipe, and if the two race (on a busy machine) the exit printed
     # "OSError: Bad file descriptor" with a traceback after "aborted". Once the thread has
@@ -109,8 +119,15 @@ def parallel_map(
             initializer=_init_worker,
             initargs=(os.getpid(), initializer, initargs),
         )
+        # Futures of our own, not pool.map: on an interrupt, map's iterator cancels the queued
+        # futures from this thread, and the pool's manager thread, seeing the killed workers,
+        # then sets an exception on each of them; on a cancelled one that raises (Python 3.11),
+        # and the thread died with a traceback after "aborted" (1 in 50 loaded Ctrl-C runs).
+        # Here only the manager cancels them (`shutdown(cancel_futures=True)` in `_stop`).
+        futures = [pool.submit(_run_chunk, fn, chunk) for chunk in chunks]
         try:
-            for done in pool.map(_run_chunk, [fn] * len(chunks), chunks):
+            for future in futures:
+                done = future.result()
                 results.extend(done)
                 progress.advance(task, len(done))
         except BaseException:

@@ -1,0 +1,170 @@
+"""The controller's worker registry: an address belongs to the worker process that registered it."""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from vicuna_sky.serve.protocol import Registration
+from vicuna_sky.serve.registry import Registry
+
+from .conftest import SECRET
+
+ADDRESS = "http://127.0.0.1:9"
+
+
+def registration(
+    worker_id: str = "owner-0001", address: str = ADDRESS, models=("m",), concurrency=2, context=0
+) -> Registration:
+    return Registration(
+        address=address,
+        worker_id=worker_id,
+        models=list(models),
+        max_concurrency=concurrency,
+        context_length=context,
+    )
+
+
+def expire(registry: Registry, address: str, seconds: float) -> None:
+    """Make the worker at `address` silent for `seconds` (no sleeping)."""
+    registry.workers[address].last_seen -= seconds
+
+
+def test_only_the_owner_heartbeats_for_an_address():
+    """Issue #30 row 3 (in process): a foreign `worker_id` neither refreshes a silent worker
+    nor brings a failed one back."""
+    registry = Registry(None, expiry_seconds=0.5)
+    assert registry.register(registration()) == "ok"
+    assert registry.heartbeat(ADDRESS, "owner-0001")
+    registry.mark(ADDRESS, failed=True)
+    assert not registry.heartbeat(ADDRESS, "intruder-01")
+    assert registry.pick("m", set()) is None  # still failed
+    # The owner's heartbeat clears it (its id parsed from JSON: equal, not the same object).
+    assert registry.heartbeat(ADDRESS, "".join(["owner-", "0001"]))
+    assert registry.pick("m", set()) is not None
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:  # the owner is silent; an intruder is not
+        assert not registry.heartbeat(ADDRESS, "intruder-01")
+        time.sleep(0.05)
+    assert not registry.alive(ADDRESS) and registry.pick("m", set()) is None
+    assert not registry.heartbeat("http://127.0.0.1:10", "owner-0001")  # unknown address
+
+
+def test_an_address_is_taken_while_its_owner_lives_and_the_registry_is_bounded():
+    registry = Registry(None, expiry_seconds=3, max_workers=2)
+    assert registry.register(registration()) == "ok"
+    assert registry.register(registration("intruder-01")) == "taken"
+    assert registry.register(registration("zz-intruder")) == "taken"  # ids only compared equal
+    assert registry.register(registration(models=["m", "n"])) == "ok"  # the owner, again
+    assert registry.workers[ADDRESS].models == ["m", "n"]
+    assert registry.register(registration("other-0001", "http://127.0.0.1:10")) == "ok"
+    assert registry.register(registration("third-0001", "http://127.0.0.1:11")) == "full"
+    expire(registry, ADDRESS, 3.5)  # silent past expiry: anyone may take the address
+    assert not registry.alive(ADDRESS)
+    assert registry.register(registration("newcomer-1")) == "ok"
+    assert registry.workers[ADDRESS].worker_id == "newcomer-1"
+    registry.workers[ADDRESS].healthy = False  # alive means heartbeating and healthy
+    assert not registry.alive(ADDRESS) and not registry.alive("http://127.0.0.1:99")
+
+
+def test_the_least_loaded_worker_serving_the_model_is_picked_and_counted():
+    registry = Registry(None, expiry_seconds=3)
+    a, b = "http://127.0.0.1:20", "http://127.0.0.1:21"
+    registry.register(registration("worker-a01", a, models=["m"], concurrency=4))
+    registry.register(registration("worker-b01", b, models=["m", "n"], concurrency=2))
+    picks = [registry.pick("m", set()).address for _ in range(6)]
+    # By load over capacity, then by requests in flight (a: 4 slots, b: 2; the first of equals).
+    assert picks == [a, b, a, b, a, a]
+    assert registry.workers[a].in_flight == 4 and registry.workers[b].in_flight == 2
+    assert registry.pick("n", set()).address == b and registry.pick("n", {b}) is None
+    assert registry.pick("m", {a}).address == b and registry.pick("x", set()) is None
+    registry.release(registry.workers[a])
+    assert registry.workers[a].in_flight == 3  # one request ends: one fewer
+    for _ in range(5):
+        registry.release(registry.workers[a])
+    assert registry.workers[a].in_flight == 0  # never below zero
+    registry.mark(b, draining=True)
+    assert registry.pick("n", set()) is None and registry.pick("m", set()).address == a
+
+
+def test_mark_takes_a_worker_out_only_for_its_owner():
+    registry = Registry(None)
+    registry.register(registration())
+    assert not registry.mark(ADDRESS, draining=True, worker_id="intruder-01")
+    assert not registry.mark(ADDRESS, draining=True, worker_id="zz-intruder")
+    assert not registry.mark("http://127.0.0.1:99", failed=True)
+    assert registry.mark(ADDRESS) and registry.pick("m", set()) is not None  # marks nothing
+    assert registry.mark(ADDRESS, draining=True, worker_id="".join(["owner-", "0001"]))
+    assert registry.workers[ADDRESS].draining and not registry.workers[ADDRESS].failed
+    assert registry.mark(ADDRESS, failed=True)
+    assert registry.mark(ADDRESS)  # a later plain mark clears neither
+    assert registry.workers[ADDRESS].failed and registry.workers[ADDRESS].draining
+
+
+def test_models_and_snapshot_show_the_workers_in_rotation():
+    registry = Registry(None, expiry_seconds=3)
+    a, b, c = "http://127.0.0.1:30", "http://127.0.0.1:31", "http://127.0.0.1:32"
+    registry.register(registration("worker-a01", a, models=["m"], context=2048))
+    registry.register(registration("worker-b01", b, models=["m", "n"], context=4096))
+    registry.register(registration("worker-c01", c, models=["o"], context=8192))
+    registry.mark(c, failed=True)
+    assert registry.models() == {"m": 4096, "n": 4096}
+    registry.register(registration("worker-d01", "http://127.0.0.1:33", models=["p"]))
+    assert registry.models()["p"] == 0  # a worker that does not say its context length
+    snapshot = {w["address"]: w for w in registry.snapshot()}
+    assert [snapshot[x]["available"] for x in (a, b, c)] == [True, True, False]
+    assert snapshot[b]["models"] == ["m", "n"] and snapshot[c]["failed"]
+    assert snapshot[a]["worker_id"] == "worker-a01" and snapshot[a]["in_flight"] == 0
+
+
+def test_workers_are_persisted_and_the_long_silent_forgotten(tmp_path):
+    db = tmp_path / "registry.db"
+    registry = Registry(db, expiry_seconds=1, forget_seconds=10)
+    a, b = "http://127.0.0.1:40", "http://127.0.0.1:41"
+    registry.register(registration("worker-a01", a, context=1024))
+    registry.register(registration("worker-b01", b))
+    registry._db.execute("INSERT INTO workers VALUES ('http://x:1', '{\"old\": 1}')")
+    registry._db.commit()
+    restarted = Registry(db, expiry_seconds=1, forget_seconds=10)  # a controller restart
+    assert set(restarted.workers) == {a, b}  # the unreadable row is skipped
+    assert restarted.workers[a].context_length == 1024 and restarted.alive(a)
+    expire(restarted, a, 5)
+    assert restarted.forget_expired() == [] and not restarted.alive(a)  # expired, not forgotten
+    expire(restarted, a, 6)
+    assert restarted.forget_expired() == [a] and set(restarted.workers) == {b}
+    assert set(Registry(db).workers) == {b}  # gone from the database too
+    # The controller's threads share the registry: another thread may write the database.
+    with ThreadPoolExecutor(1) as thread:
+        assert thread.submit(restarted.register, registration("worker-a01", a)).result() == "ok"
+    smaller = Registry(db, max_workers=1)  # restarted with fewer places than it has workers
+    assert len(smaller.workers) == 2
+    assert smaller.register(registration("worker-c01", "http://127.0.0.1:42")) == "full"
+    assert smaller.register(registration("worker-a01", a)) == "ok"  # a known one re-registers
+    assert Registry(None, expiry_seconds=20, forget_seconds=5).forget == 20  # never below expiry
+    memory = Registry(None, expiry_seconds=1, forget_seconds=10)  # no database at all
+    memory.register(registration("worker-a01", a))
+    expire(memory, a, 11)
+    assert memory.forget_expired() == [a] and memory.workers == {}
+
+
+def test_a_foreign_heartbeat_is_404_and_keeps_no_dead_worker_in_rotation(fleet):
+    """Issue #30 row 3: the worker dies; heartbeats for its address with another worker_id are
+    refused, and it leaves rotation when its own heartbeats stop."""
+    fleet.start_controller("--expiry-seconds", "1", "--forget-seconds", "600")
+    worker = fleet.start_worker("echo", "echo", "echo")
+    fleet.wait_workers({worker})
+    fleet.workers[worker].stop()
+    secret = {"Authorization": f"Bearer {SECRET}"}
+    statuses = set()
+    deadline = time.monotonic() + 3  # three expiries
+    while time.monotonic() < deadline:
+        r = httpx.post(
+            f"{fleet.url}/workers/heartbeat",
+            json={"address": worker, "worker_id": "intruder-0001"},
+            headers=secret,
+        )
+        statuses.add(r.status_code)
+        time.sleep(0.1)
+    assert statuses == {404}
+    assert worker not in fleet.available()
+    assert worker in {w["address"] for w in fleet.worker_states()}  # known, not in rotation

@@ -1,0 +1,33 @@
+"""The trainer's data order: a resumed sampler gives exactly the batches the uninterrupted one
+would have, wherever it stopped."""
+
+import pytest
+
+from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.train.data import ResumableSampler
+
+
+@pytest.mark.parametrize("stop", [0, 3, 7, 10, 16, 23])  # epoch starts, middles, later epochs
+def test_a_resumed_sampler_continues_the_same_order(stop):
+    reference = ResumableSampler(60, 8, seed=3)  # 7 steps an epoch, 4 samples dropped
+    batches = [reference.next_batch() for _ in range(30)]
+    first = ResumableSampler(60, 8, seed=3)
+    for _ in range(stop):
+        first.next_batch()
+    resumed = ResumableSampler(60, 8, seed=3)
+    resumed.load_state_dict(first.state_dict())
+    assert [resumed.next_batch() for _ in range(30 - stop)] == batches[stop:]
+    # Each epoch is a new order of whole batches, each sample at most once in an epoch.
+    epochs = [[i for batch in batches[e * 7 : (e + 1) * 7] for i in batch] for e in range(4)]
+    assert all(len(set(e)) == 56 for e in epochs) and len({tuple(e) for e in epochs}) == 4
+
+
+def test_a_checkpoint_of_other_data_or_batch_is_refused():
+    state = ResumableSampler(60, 8, seed=3).state_dict()
+    for other in (
+        ResumableSampler(61, 8, 3),
+        ResumableSampler(60, 4, 3),
+        ResumableSampler(60, 8, 4),
+    ):
+        with pytest.raises(VicunaSkyError, match="resume with the same data"):
+            other.load_state_dict(state)
