@@ -107,7 +107,12 @@ def test_own_data_and_recipe_through_every_stage(tmp_path, monkeypatch):
     stats = _cli("data", "stats", str(target), "--recipe", "my.yaml", cwd=tmp_path)
     assert "(chat_template, max length 256)" in stats.stdout
     segments = json.loads(target.read_text())
-    assert {s["id"].split("_")[0] for s in segments} == {f"mine-{i}" for i in range(12)}
+    # The recipe holds a quarter of the conversations out (data.eval_fraction), whole.
+    held_out = json.loads(target.with_name("mine.eval.json").read_text())
+    trained = {s["id"].split("_")[0] for s in segments}
+    held = {s["id"].split("_")[0] for s in held_out}
+    assert trained | held == {f"mine-{i}" for i in range(12)} and not trained & held
+    assert len(held) == 3
 
     # Train: the summary says where the model is.
     trained = _cli("train", "my.yaml", "--local", "--workdir", "w", cwd=tmp_path)

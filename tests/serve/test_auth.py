@@ -47,7 +47,8 @@ def test_bearer_takes_only_a_bearer_token():
 
     assert bearer(request((b"authorization", b"Bearer abc def"))) == "abc def"
     assert bearer(request((b"authorization", b"Basic abc"))) is None
-    assert bearer(request((b"authorization", b"bearer abc"))) is None
+    # The scheme is case-insensitive (RFC 9110); the token is not.
+    assert bearer(request((b"authorization", b"bearer abc"))) == "abc"
     assert bearer(request()) is None
 
 

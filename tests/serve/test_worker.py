@@ -91,7 +91,9 @@ def test_a_draining_worker_refuses_new_work_while_it_finishes_its_answer(fleet):
         asking.start()
 
         def health() -> dict:
-            return httpx.get(f"{worker}/health", timeout=5).json()
+            # The state shows only with the fleet secret.
+            headers = {"Authorization": f"Bearer {SECRET}"}
+            return httpx.get(f"{worker}/health", timeout=5, headers=headers).json()
 
         deadline = time.monotonic() + 30
         while not health()["in_flight"] and time.monotonic() < deadline:
