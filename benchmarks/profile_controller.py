@@ -43,7 +43,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp, LocalFleet(Path(tmp)) as fleet:
         port = free_port()
-        fleet.url = f"http://127.0.0.1:{port}"  # the workers register with this process
+        fleet.url = fleet.worker_url = f"http://127.0.0.1:{port}"  # workers register here
         controller = Controller(Registry(None), fleet.secret, [])
         app = create_app(controller, MAX_BODY_BYTES)
         server = uvicorn.Server(server_config(app, "127.0.0.1", port))

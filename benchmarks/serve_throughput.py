@@ -94,7 +94,8 @@ def main() -> None:
         fleet.start_controller()
         worker = fleet.start_worker("echo", "echo", "echo", "--max-concurrency", "1000")
         fleet.wait_workers({worker})
-        direct_body = {"model": "echo", "messages": BODY["messages"], "max_tokens": 16}
+        # What the controller sends a worker for a non-streamed request.
+        direct_body = {"model": "echo", "messages": BODY["messages"], "max_tokens": 16, "stream": False}
         fleet_secret = {"Authorization": f"Bearer {fleet.secret}"}  # the worker's own key
         ours_direct = serial_p50(f"{worker}/generate", direct_body, headers=fleet_secret)
         ours_serial = serial_p50(f"{fleet.url}/v1/chat/completions", BODY)

@@ -13,7 +13,6 @@ import itertools
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable
-from contextlib import suppress
 from typing import TYPE_CHECKING, TypeVar
 
 import orjson
@@ -40,20 +39,34 @@ class ClientGone(Exception):
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     """`work`, cancelled as soon as the client disconnects (starlette does not cancel a handler
-    whose client went away; only a streamed response notices)."""
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_disconnect(request))
+    whose client went away; only a streamed response notices). `work` runs in the caller's
+    task, which a watcher cancels: one task per request, not two."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _disconnect(request)
+        gone = True
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if gone and took_back(task):
+            raise ClientGone from None
+        raise
     finally:
-        watch.cancel()
-        if not task.done():
-            task.cancel()
-            with suppress(asyncio.CancelledError, Exception):
-                await task
-    if not task.done() or task.cancelled():
-        raise ClientGone
-    return task.result()
+        watcher.cancel()
+
+
+def took_back(task: asyncio.Task) -> bool:
+    """Take back a cancellation of `task` made to interrupt it (not to end it): False when it was
+    cancelled for another reason as well (counted from Python 3.11, then re-raised)."""
+    uncancel = getattr(task, "uncancel", None)  # Python 3.10 nodes have no count to undo
+    return uncancel is None or uncancel() == 0
 
 
 async def _disconnect(request: Request) -> None:
@@ -119,7 +132,8 @@ async def respond(
     ]
     metrics.running.labels(model).inc()
     try:
-        results = await unless_disconnected(request, asyncio.gather(*(collect(g) for g in runs)))
+        work = asyncio.gather(*map(collect, runs)) if len(runs) > 1 else _listed(collect(runs[0]))
+        results = await unless_disconnected(request, work)
     finally:
         metrics.running.labels(model).dec()
     choices = []
@@ -219,6 +233,10 @@ async def _streamed(
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(sse(), media_type="text/event-stream")
+
+
+async def _listed(work: Awaitable[T]) -> list[T]:
+    return [await work]
 
 
 async def _chain(first: dict, rest: AsyncIterator[dict]) -> AsyncIterator[dict]:

@@ -35,7 +35,7 @@ import os
 import struct
 import sys
 from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -45,7 +45,7 @@ import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from vicuna_sky.serve.answers import respond, unless_disconnected
+from vicuna_sky.serve.answers import respond, took_back, unless_disconnected
 from vicuna_sky.serve.auth import (
     BodyLimit,
     bearer,
@@ -54,7 +54,7 @@ from vicuna_sky.serve.auth import (
     read_secret,
     read_secrets,
 )
-from vicuna_sky.serve.http_server import add_error_handlers, dependency
+from vicuna_sky.serve.http_server import add_error_handlers, dependency, json_post
 from vicuna_sky.serve.metrics import FleetMetrics
 from vicuna_sky.serve.protocol import (
     ApiError,
@@ -103,8 +103,12 @@ class Controller:
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0)
         self._session: aiohttp.ClientSession | None = None
         self.metrics = FleetMetrics()
-        self._gone: dict[str, asyncio.Event] = {}
-        """Set when a worker is found dead or unhealthy: its in-flight requests fail over."""
+        self._reading: dict[str, set[asyncio.Task]] = {}
+        """The tasks waiting on each worker's answer: cancelled when it is found dead or
+        unhealthy, so that their requests fail over."""
+        self._abandoned: dict[asyncio.Task, str] = {}
+        """Tasks cancelled because their worker failed them (dead, or too slow), and why: not
+        by their client, nor by a shutdown."""
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -184,40 +188,49 @@ class Controller:
         """Fail over the requests in flight to a worker that stopped heartbeating or says it is
         unhealthy, and forget workers long gone."""
         while True:
-            for address, gone in list(self._gone.items()):
-                alive = self.registry.alive(address)
-                if not alive and not gone.is_set():
-                    gone.set()
-                elif alive and gone.is_set():
-                    self._gone[address] = asyncio.Event()
+            for address, tasks in list(self._reading.items()):
+                if tasks and not self.registry.alive(address):
+                    for task in list(tasks):
+                        self._abandon(task, "the worker stopped heartbeating or is unhealthy")
             self.registry.forget_expired()
             await asyncio.sleep(every)
 
+    def _abandon(self, task: asyncio.Task, why: str) -> None:
+        if task not in self._abandoned:
+            self._abandoned[task] = why
+            task.cancel()
+
     async def guarded(self, address: str, step: Awaitable[T], timeout: float | None) -> T:
         """`step` (a read from the worker) unless the worker is found gone or `timeout` passes
-        first: then WorkerFailed."""
-        gone = self._gone.get(address)
-        if gone is None or (gone.is_set() and self.registry.alive(address)):  # back since
-            gone = self._gone[address] = asyncio.Event()
-        if gone.is_set():
-            raise WorkerFailed("the worker stopped heartbeating")
-        task = asyncio.ensure_future(step)
-        watch = asyncio.ensure_future(gone.wait())
+        first: then WorkerFailed. The read runs in the caller's task, which `watch_workers` or
+        a timer cancels: no task of its own, nor a watcher per read (measured on the hop by
+        benchmarks/profile_controller.py)."""
+        if not self.registry.alive(address):
+            if asyncio.iscoroutine(step):
+                step.close()
+            raise WorkerFailed("the worker stopped heartbeating or is unhealthy")
+        task = asyncio.current_task()
+        assert task is not None
+        reading = self._reading.setdefault(address, set())
+        reading.add(task)
+        timer = None
+        if timeout is not None:
+            why = f"no answer within {timeout:g} s"
+            timer = asyncio.get_running_loop().call_later(timeout, self._abandon, task, why)
         try:
-            done, _ = await asyncio.wait(
-                {task, watch}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
+            return await step
+        except asyncio.CancelledError:
+            why = self._abandoned.pop(task, None)
+            if why is not None and took_back(task):
+                raise WorkerFailed(why) from None
+            raise
         finally:
-            watch.cancel()
-            if not task.done():
-                task.cancel()
-                with suppress(asyncio.CancelledError, Exception):
-                    await task
-        if task in done:
-            return task.result()
-        if watch in done:
-            raise WorkerFailed("the worker stopped heartbeating or reported itself unhealthy")
-        raise WorkerFailed(f"no answer within {timeout:g} s")
+            if timer is not None:
+                timer.cancel()
+            self._abandoned.pop(task, None)
+            reading.discard(task)
+            if not reading:
+                self._reading.pop(address, None)
 
     async def generate(self, gen: GenerateRequest) -> AsyncIterator[dict]:
         """Deltas `{"text": ...}` then `{"finish_reason": ..., usage}`, or `{"error": ApiError}`
@@ -550,21 +563,23 @@ def create_app(controller: Controller, max_body: int | None = None) -> FastAPI:
             raise ApiError(404, f"the model {model!r} does not exist", code="model_not_found")
         return _model_card(model, context)
 
-    @app.post("/v1/chat/completions", dependencies=clients_only)
     async def chat(req: ChatCompletionRequest, request: Request) -> object:
         shape = answer_shape(req)
         gen = _gen_request(req, req.model, shape, messages=req.messages)
         return await respond(controller, request, req, [gen], "chat", shape)
 
-    @app.post("/v1/completions", dependencies=clients_only)
     async def completions(req: CompletionRequest, request: Request) -> object:
         shape = answer_shape(req)
         gens = [_gen_request(req, req.model, shape, prompt=p) for p in req.prompts()]
         return await respond(controller, request, req, gens, "text", shape)
 
-    @app.post("/v1/embeddings", dependencies=clients_only)
     async def embeddings(req: EmbeddingRequest, request: Request) -> dict:
         return await unless_disconnected(request, embed(req))
+
+    # The routes every prompt takes, lean (and matched first).
+    json_post(app, "/v1/embeddings", EmbeddingRequest, controller.check_key, embeddings)
+    json_post(app, "/v1/completions", CompletionRequest, controller.check_key, completions)
+    json_post(app, "/v1/chat/completions", ChatCompletionRequest, controller.check_key, chat)
 
     async def embed(req: EmbeddingRequest) -> dict:
         texts = req.inputs()

@@ -3,7 +3,7 @@ and a uvicorn that does not let slow or idle connections pile up.
 
 uvicorn times out idle keep-alive connections only: a client that sends half its headers, or
 half its body, holds a socket (and a file descriptor) forever. Here a connection must complete
-its request headers within `header_timeout` (`GuardedH11`), each piece of a body must arrive
+its request headers within `header_timeout` (`HeaderDeadline`), each piece of a body must arrive
 within `body_timeout` (`auth.BodyLimit`), and past `max_connections` open connections uvicorn
 answers 503 at once instead of running out of descriptors.
 """
@@ -11,15 +11,18 @@ answers 503 at once instead of running out of descriptors.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from vicuna_sky.serve.answers import ClientGone
 from vicuna_sky.serve.protocol import ApiError, invalid_request
@@ -40,6 +43,52 @@ def dependency(check: Callable[[Request], None]) -> Callable[[Request], Awaitabl
         check(request)
 
     return run
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def json_post(
+    app: FastAPI,
+    path: str,
+    body: type[M],
+    authorize: Callable[[Request], None],
+    handle: Callable[[M, Request], Awaitable[object]],
+) -> None:
+    """`POST path`, its JSON body validated as `body`, answered by `handle` (a dict is sent as
+    JSON; a Response as it is). A plain Starlette route: the routes every prompt takes skip
+    FastAPI's dependency solving, its stdlib JSON parse and its response encoding, which were a
+    third of the controller's CPU per request (benchmarks/profile_controller.py). Matched before
+    the other routes. `authorize` runs before the body is judged, as on FastAPI's routes."""
+
+    async def endpoint(request: Request) -> Response:
+        authorize(request)
+        try:
+            parsed = body.model_validate_json(await request.body())
+        except ValidationError as e:
+            errors = e.errors()
+            if errors[0]["type"] == "json_invalid" and "hex escape" in errors[0]["msg"]:
+                # A lone surrogate (\ud800): JSON can write it, no UTF-8 text can hold it.
+                what = f"the request is not valid Unicode text: {errors[0]['msg']}"
+                raise ApiError(400, what) from None
+            raise invalid_request([{**x, "loc": ("body", *x["loc"])} for x in errors]) from None
+        answer = await handle(parsed, request)
+        if isinstance(answer, Response):
+            return answer
+        return Response(orjson.dumps(answer), media_type="application/json")
+
+    app.add_route(path, endpoint, methods=["POST"], include_in_schema=False)
+    app.router.routes.insert(0, app.router.routes.pop())
+
+    # The same route declared to FastAPI, for the OpenAPI document only: requests never reach
+    # it, the route above matching first.
+    async def documented(**_: object) -> None:
+        raise AssertionError("unreachable")
+
+    parameter = inspect.Parameter("body", inspect.Parameter.KEYWORD_ONLY, annotation=body)
+    documented.__signature__ = inspect.Signature([parameter])  # type: ignore[attr-defined]
+    documented.__name__ = handle.__name__
+    app.post(path, response_model=None)(documented)
 
 
 def add_error_handlers(app: FastAPI, authorize: Callable[[Request], None] | None = None) -> None:
@@ -73,35 +122,45 @@ def add_error_handlers(app: FastAPI, authorize: Callable[[Request], None] | None
         return JSONResponse(ApiError(499, "the client closed the request").body(), 499)
 
 
-class GuardedH11(H11Protocol):
-    """uvicorn's h11 protocol, closing a connection that has not sent whole request headers
-    within HEADER_TIMEOUT of opening or of its last response."""
+class HeaderDeadline:
+    """Closes a connection that has not sent whole request headers within HEADER_TIMEOUT of
+    opening or of its last response. Mixed into uvicorn's protocols, which replace `cycle` once
+    a request's headers are complete."""
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
         self._arm_header_timer()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
+        super().on_response_complete()  # type: ignore[misc]
         self._arm_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         timer = getattr(self, "_header_timer", None)
         if timer is not None:
             timer.cancel()
-        super().connection_lost(exc)
+        super().connection_lost(exc)  # type: ignore[misc]
 
     def _arm_header_timer(self) -> None:
         old = getattr(self, "_header_timer", None)
         if old is not None:
             old.cancel()
-        waiting_since = self.cycle  # a new request replaces the cycle
+        waiting_since = self.cycle  # type: ignore[attr-defined]
         timeout = float(os.environ.get(HEADER_TIMEOUT_ENV, HEADER_TIMEOUT))
-        self._header_timer = self.loop.call_later(timeout, self._headers_too_slow, waiting_since)
+        self._header_timer = self.loop.call_later(  # type: ignore[attr-defined]
+            timeout, self._headers_too_slow, waiting_since
+        )
 
     def _headers_too_slow(self, waiting_since: object) -> None:
-        if self.cycle is waiting_since and not self.transport.is_closing():
-            self.transport.close()
+        transport = self.transport  # type: ignore[attr-defined]
+        if self.cycle is waiting_since and not transport.is_closing():  # type: ignore[attr-defined]
+            transport.close()
+
+
+class GuardedHttpTools(HeaderDeadline, HttpToolsProtocol):
+    """uvicorn's httptools protocol (llhttp, in C) with the header deadline. Not h11: its
+    pure-Python parsing was a fifth of the controller's CPU per request (measured by
+    benchmarks/profile_controller.py)."""
 
 
 def server_config(
@@ -114,7 +173,7 @@ def server_config(
         host=host,
         port=port,
         log_level="warning",
-        http=GuardedH11,
+        http=GuardedHttpTools,
         timeout_keep_alive=5,
         # No X-Forwarded-For rewriting: nothing here reads the client's address from a proxy,
         # and checking the proxy's address costs an ip_address() parse per request.

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import aiohttp
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, ORJSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.serve.answers import unless_disconnected
@@ -47,7 +47,7 @@ from vicuna_sky.serve.auth import (
     require_secret_off_loopback,
 )
 from vicuna_sky.serve.backends import Backend, Finish, Started, load_backend
-from vicuna_sky.serve.http_server import add_error_handlers, dependency, server_config
+from vicuna_sky.serve.http_server import add_error_handlers, dependency, json_post, server_config
 from vicuna_sky.serve.metrics import ServingMetrics
 from vicuna_sky.serve.protocol import ApiError, GenerateRequest, Registration
 from vicuna_sky.serve.tls import TlsError, make_certificate, pinned, server_files
@@ -154,14 +154,20 @@ class Worker:
             if finish is None:  # a backend that does not say: about one delta per token
                 limit = request.max_tokens
                 finish = "length" if limit is not None and pieces >= limit else "stop"
-            counts = await asyncio.to_thread(
-                lambda: (
+
+            def count() -> tuple[int, int]:
+                return (
                     prompt_tokens if prompt_tokens is not None else self._count_prompt(request),
                     generated
                     if generated is not None
                     else self.backend.count_tokens(text, special=False),
                 )
-            )
+
+            # A tokenizer takes milliseconds on a long text: off the event loop, unless nothing
+            # is left to count or the backend counts instantly (a thread hop per request).
+            instant = getattr(self.backend, "instant_counts", False)
+            known = prompt_tokens is not None and generated is not None
+            counts = count() if known or instant else await asyncio.to_thread(count)
             yield (
                 json.dumps(
                     {
@@ -321,22 +327,19 @@ def create_app(worker: Worker, max_body: int | None = None) -> FastAPI:
     async def metrics() -> Response:
         return worker.metrics.response()
 
-    @app.post("/generate", response_model=None, dependencies=fleet_only)
-    async def generate(
-        request: GenerateRequest, http: Request
-    ) -> StreamingResponse | ORJSONResponse:
+    async def generate(request: GenerateRequest, http: Request) -> StreamingResponse | dict:
         if worker.draining:
             raise ApiError(503, "worker is draining", kind="server_error")
         stream = worker.generate(request)
         if not request.stream:
 
-            async def whole() -> ORJSONResponse:
+            async def whole() -> dict:
                 text, final = "", {}
                 async for line in stream:
                     event = json.loads(line)
                     text += event.get("text", "")
                     final = event if "finish_reason" in event else final
-                return ORJSONResponse(final | {"text": text})
+                return final | {"text": text}
 
             # The controller hangs up when its client does: the generation stops with it.
             return await unless_disconnected(http, whole())
@@ -356,6 +359,8 @@ def create_app(worker: Worker, max_body: int | None = None) -> FastAPI:
                 yield (json.dumps(error.body()) + "\n").encode()
 
         return StreamingResponse(body(), media_type="application/x-ndjson")
+
+    json_post(app, "/generate", GenerateRequest, check_secret, generate)  # every prompt's route
 
     @app.post("/embed", dependencies=fleet_only)
     async def embed(payload: dict) -> dict:

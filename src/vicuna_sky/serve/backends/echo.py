@@ -13,6 +13,8 @@ class EchoBackend:
 
     context_length = 1_000_000
     delay = 0.0
+    instant_counts = True
+    """Its token counts are word counts: the worker need not count in a thread."""
     """Seconds per word; 0 for benchmarks, a little for tests that kill a worker mid-answer."""
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[str]:
