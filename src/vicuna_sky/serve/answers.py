@@ -23,7 +23,7 @@ from vicuna_sky.serve.protocol import GenerateRequest, SamplingParams
 from vicuna_sky.serve.structured import AnswerShape, tool_calls
 
 if TYPE_CHECKING:
-    from vicuna_sky.serve.controller import Controller
+    from vicuna_sky.serve.hop import WorkerHop
 
 T = TypeVar("T")
 
@@ -95,7 +95,7 @@ def _usage(prompt: int, completion: int) -> dict:
 
 
 async def respond(
-    controller: Controller,
+    controller: WorkerHop,
     request: Request,
     req: SamplingParams,
     gens: list[GenerateRequest],
@@ -126,7 +126,7 @@ async def respond(
 
     # n answers per prompt, each its own generation (a seed, if given, moves on by one for each).
     runs = [
-        gen.model_copy(update={"seed": None if gen.seed is None else gen.seed + i})
+        gen.model_copy(update={"seed": gen.seed + i}) if i and gen.seed is not None else gen
         for gen in gens
         for i in range(req.n)
     ]
@@ -155,7 +155,7 @@ async def respond(
 
 
 async def _streamed(
-    controller: Controller,
+    controller: WorkerHop,
     req: SamplingParams,
     gen: GenerateRequest,
     kind: str,

@@ -11,9 +11,10 @@ answers 503 at once instead of running out of descriptors.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import orjson
@@ -22,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from vicuna_sky.serve.answers import ClientGone
@@ -48,6 +50,45 @@ def dependency(check: Callable[[Request], None]) -> Callable[[Request], Awaitabl
 M = TypeVar("M", bound=BaseModel)
 
 
+def api_app(title: str, max_body: int | None = None, **kw: Any) -> FastAPI:
+    """A FastAPI app for the fleet: no public docs (admins fetch the schema with a key), bodies
+    over `max_body` refused as they arrive (auth.BodyLimit), and `json_post` routes."""
+    from vicuna_sky.serve.auth import BodyLimit
+
+    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None, **kw)
+    app.state.json_posts = {}
+    app.add_middleware(JsonPosts, routes=app.state.json_posts, handlers=app.exception_handlers)
+    if max_body:
+        app.add_middleware(BodyLimit, limit=max_body)  # outside: JsonPosts' routes are limited
+    return app
+
+
+class JsonPosts:
+    """The routes every prompt takes (`json_post`), answered before FastAPI's exception
+    middleware, its router and its request/response wrapping: those were a third of the
+    controller's CPU per request (measured by benchmarks/profile_controller.py). Errors go
+    through the app's own exception handlers, as on any other route."""
+
+    def __init__(self, app: ASGIApp, routes: dict, handlers: dict) -> None:
+        self.app, self.routes, self.handlers = app, routes, handlers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = scope["type"] == "http" and scope["method"] == "POST"
+        endpoint = endpoint and self.routes.get(scope["path"])
+        if not endpoint:
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive, send)
+        try:
+            response = await endpoint(request)
+        except Exception as e:
+            handler = next((self.handlers[t] for t in type(e).__mro__ if t in self.handlers), None)
+            if handler is None:
+                raise
+            response = await handler(request, e)
+        await response(scope, receive, send)
+
+
 def json_post(
     app: FastAPI,
     path: str,
@@ -55,11 +96,9 @@ def json_post(
     authorize: Callable[[Request], None],
     handle: Callable[[M, Request], Awaitable[object]],
 ) -> None:
-    """`POST path`, its JSON body validated as `body`, answered by `handle` (a dict is sent as
-    JSON; a Response as it is). A plain Starlette route: the routes every prompt takes skip
-    FastAPI's dependency solving, its stdlib JSON parse and its response encoding, which were a
-    third of the controller's CPU per request (benchmarks/profile_controller.py). Matched before
-    the other routes. `authorize` runs before the body is judged, as on FastAPI's routes."""
+    """`POST path` on an `api_app`, its JSON body validated as `body` (pydantic's own JSON
+    parser), answered by `handle`: a dict is sent as JSON (orjson), a Response as it is.
+    `authorize` runs before the body is judged, as on the FastAPI routes."""
 
     async def endpoint(request: Request) -> Response:
         authorize(request)
@@ -77,11 +116,10 @@ def json_post(
             return answer
         return Response(orjson.dumps(answer), media_type="application/json")
 
-    app.add_route(path, endpoint, methods=["POST"], include_in_schema=False)
-    app.router.routes.insert(0, app.router.routes.pop())
+    app.state.json_posts[path] = endpoint
 
-    # The same route declared to FastAPI, for the OpenAPI document only: requests never reach
-    # it, the route above matching first.
+    # The same route declared to FastAPI, for the OpenAPI document only: JsonPosts answers
+    # every request to it first.
     async def documented(**_: object) -> None:
         raise AssertionError("unreachable")
 
@@ -181,3 +219,33 @@ def server_config(
         limit_concurrency=max_connections,
         **kw,
     )
+
+
+async def serve_listeners(listeners: list) -> None:
+    """Every listener in one event loop; SIGTERM/SIGINT stop them all (uvicorn's own handlers
+    would stop only the last one started)."""
+    import signal
+
+    import uvicorn
+
+    class Listener(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):  # one handler for all listeners, below
+            yield
+
+    servers = [Listener(config) for config in listeners]
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: [setattr(s, "should_exit", True) for s in servers])
+    await asyncio.gather(*(server.serve() for server in servers))
+
+
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """`main` in uvloop's event loop where uvloop is installed (Linux, macOS): the hop's socket
+    work in C, not in asyncio's Python loop; asyncio's own elsewhere."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)

@@ -38,7 +38,6 @@ from vicuna_sky.serve.answers import unless_disconnected
 from vicuna_sky.serve.auth import (
     FLEET_SECRET_ENV,
     MAX_BODY_BYTES,
-    BodyLimit,
     ConfigError,
     bearer,
     is_loopback,
@@ -47,7 +46,14 @@ from vicuna_sky.serve.auth import (
     require_secret_off_loopback,
 )
 from vicuna_sky.serve.backends import Backend, Finish, Started, load_backend
-from vicuna_sky.serve.http_server import add_error_handlers, dependency, json_post, server_config
+from vicuna_sky.serve.http_server import (
+    add_error_handlers,
+    api_app,
+    dependency,
+    json_post,
+    run_event_loop,
+    server_config,
+)
 from vicuna_sky.serve.metrics import ServingMetrics
 from vicuna_sky.serve.protocol import ApiError, GenerateRequest, Registration
 from vicuna_sky.serve.tls import TlsError, make_certificate, pinned, server_files
@@ -293,9 +299,7 @@ class GenerationFailed(Exception):
 
 
 def create_app(worker: Worker, max_body: int | None = None) -> FastAPI:
-    app = FastAPI(title="vicuna-sky worker", docs_url=None, redoc_url=None, openapi_url=None)
-    if max_body:
-        app.add_middleware(BodyLimit, limit=max_body)
+    app = api_app("vicuna-sky worker", max_body)
 
     @app.exception_handler(GenerationFailed)
     async def failed(_request: Request, e: GenerationFailed) -> JSONResponse:
@@ -512,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    asyncio.run(serve(args))
+    run_event_loop(serve(args))
 
 
 if __name__ == "__main__":
