@@ -159,9 +159,9 @@ def plan(
 ) -> None:
     """Cost plan: every GPU type that fits, region offers at typical zone prices, spot or
     on-demand per offer, ranked by expected $ (enabled clouds first)."""
-    from vicuna_sky.launch import runner
+    from vicuna_sky.launch import report, runner
 
-    runner.print_plan(
+    report.print_plan(
         runner.load_recipe(recipe),
         top=top,
         as_json=as_json,
@@ -215,9 +215,9 @@ def status(
 
         live.show(name, runs_dir, recipe, tag)
         return
-    from vicuna_sky.launch import runner
+    from vicuna_sky.launch import report
 
-    runner.print_status(local=local, runs_dir=runs_dir, cloud=cloud)
+    report.print_status(local=local, runs_dir=runs_dir, cloud=cloud)
 
 
 @app.command()
@@ -261,7 +261,7 @@ def logs(
     runs_dir: Path,
 ) -> None:
     """Show the logs of a job, cluster or service."""
-    from vicuna_sky.launch import runner
+    from vicuna_sky.launch import report
 
     if metrics:
         from vicuna_sky.launch import live
@@ -271,7 +271,7 @@ def logs(
 
     if (run_id or follow) and not local:
         raise click.UsageError("--run and --follow are for local runs (--local)")
-    runner.show_logs(
+    report.show_logs(
         name,
         kind=kind,
         local=local,
