@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -79,27 +81,32 @@ class Run:
         return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
+def trainer_argv(bucket: Path, model: Path, train_data: Path, **overrides: object) -> list[str]:
+    """The trainer's command line for the tiny model: 2 epochs of `train_data`, checkpoints
+    and the export under `bucket`; `overrides` (max_steps=4, ...) change or add flags."""
+    values = {
+        "model-path": str(model),
+        "data-path": str(train_data),
+        "max-length": "128",
+        "epochs": "2",
+        "lr": "1e-3",
+        "warmup-ratio": "0.1",
+        "global-batch-size": "8",
+        "micro-batch-size": "2",
+        "precision": "fp32",
+        "checkpoint-every-steps": "2",
+        "seed": "0",
+        "checkpoint-url": f"file://{bucket}/ckpt",
+        "export-url": f"file://{bucket}/model",
+    }
+    values.update({k.replace("_", "-"): str(v) for k, v in overrides.items()})
+    return [x for k, v in values.items() for x in (f"--{k}", v)]
+
+
 @pytest.fixture
 def trainer_args(tiny_model, train_data, tmp_path):
     def args(bucket: Path | None = None, **overrides) -> list[str]:
-        bucket = bucket or tmp_path / "bucket"
-        values = {
-            "model-path": str(tiny_model),
-            "data-path": str(train_data),
-            "max-length": "128",
-            "epochs": "2",
-            "lr": "1e-3",
-            "warmup-ratio": "0.1",
-            "global-batch-size": "8",
-            "micro-batch-size": "2",
-            "precision": "fp32",
-            "checkpoint-every-steps": "2",
-            "seed": "0",
-            "checkpoint-url": f"file://{bucket}/ckpt",
-            "export-url": f"file://{bucket}/model",
-        }
-        values.update({k.replace("_", "-"): str(v) for k, v in overrides.items()})
-        return [x for k, v in values.items() for x in (f"--{k}", v)]
+        return trainer_argv(bucket or tmp_path / "bucket", tiny_model, train_data, **overrides)
 
     return args
 
@@ -145,3 +152,13 @@ def metadata_server():
 
     with MetadataServer() as server:
         yield server
+
+
+def weights(export_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(export_dir / "model.safetensors"))
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

@@ -9,21 +9,12 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from checkpoints_sync import Checkpoints, open_store
 
+from .conftest import assert_identical, trainer_argv, weights
+
 FIXTURES_DUMMY = "fastchat/dummy_conversation.json"
-
-
-def weights(export_dir) -> dict[str, torch.Tensor]:
-    return load_file(str(export_dir / "model.safetensors"))
-
-
-def assert_identical(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
 
 
 @pytest.fixture(scope="module")
@@ -49,27 +40,10 @@ def dropout_model(tmp_path_factory, tiny_model):
 
 
 def args_for(bucket, model, train_data, eval_data=None) -> list[str]:
-    values = {
-        "model-path": str(model),
-        "data-path": str(train_data),
-        "max-length": "128",
-        "epochs": "2",
-        "lr": "1e-3",
-        "warmup-ratio": "0.1",
-        "global-batch-size": "8",
-        "micro-batch-size": "2",
-        "precision": "fp32",
-        "packing": "true",
-        "checkpoint-every-steps": "2",
-        "max-steps": "4",
-        "seed": "0",
-        "metrics-upload-seconds": "0",
-        "checkpoint-url": f"file://{bucket}/ckpt",
-        "export-url": f"file://{bucket}/model",
-    }
-    if eval_data is not None:
-        values |= {"eval-path": str(eval_data), "eval-every-steps": "2"}
-    return [x for k, v in values.items() for x in (f"--{k}", v)]
+    evals = {"eval_path": eval_data, "eval_every_steps": 2} if eval_data is not None else {}
+    return trainer_argv(
+        bucket, model, train_data, packing="true", max_steps=4, metrics_upload_seconds=0, **evals
+    )
 
 
 WANDB_OFFLINE = {"WANDB_API_KEY": "local-test-key", "WANDB_MODE": "offline"}

@@ -7,20 +7,11 @@ import signal
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from checkpoints_sync import Checkpoints, open_store
 from vicuna_sky.spot import PREEMPTED_EXIT_CODE
 
-
-def weights(export_dir) -> dict[str, torch.Tensor]:
-    return load_file(str(export_dir / "model.safetensors"))
-
-
-def assert_identical(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+from .conftest import assert_identical, weights
 
 
 @pytest.fixture(scope="module")
