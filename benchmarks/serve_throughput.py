@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
@@ -64,6 +65,12 @@ def serial_p50(url: str, body: dict, n: int = 300, headers: dict | None = None) 
     return statistics.median(times)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def report(name: str, rps: float, lat: list[float], serial: float, direct: float) -> None:
     lat = sorted(lat)
     p99 = lat[int(0.99 * (len(lat) - 1))]
@@ -95,13 +102,20 @@ def main() -> None:
         worker = fleet.start_worker("echo", "echo", "echo", "--max-concurrency", "1000")
         fleet.wait_workers({worker})
         # What the controller sends a worker for a non-streamed request.
-        direct_body = {"model": "echo", "messages": BODY["messages"], "max_tokens": 16, "stream": False}
+        direct_body = {
+            "model": "echo",
+            "messages": BODY["messages"],
+            "max_tokens": 16,
+            "stream": False,
+        }
         fleet_secret = {"Authorization": f"Bearer {fleet.secret}"}  # the worker's own key
         ours_direct = serial_p50(f"{worker}/generate", direct_body, headers=fleet_secret)
         ours_serial = serial_p50(f"{fleet.url}/v1/chat/completions", BODY)
+        cpu_before = cpu_seconds(fleet.controller.proc.pid)
         ours = asyncio.run(
             load(f"{fleet.url}/v1/chat/completions", BODY, args.requests, args.concurrency)
         )
+        controller_cpu = (cpu_seconds(fleet.controller.proc.pid) - cpu_before) / args.requests
 
         ports = [free_port() for _ in range(3)]
         controller = f"http://127.0.0.1:{ports[0]}"
@@ -185,6 +199,8 @@ def main() -> None:
     report("vicuna-sky", *ours, ours_serial, ours_direct)
     report("FastChat", *theirs, fc_serial, fc_direct)
     print(f"throughput: {ours[0] / theirs[0]:.1f}x FastChat's")
+    # CPU, not time: the figure that moves least with what else the machine runs.
+    print(f"our controller: {controller_cpu * 1e6:.0f} us of CPU (user + system) per request")
 
 
 if __name__ == "__main__":

@@ -30,13 +30,18 @@ def expire(registry: Registry, address: str, seconds: float) -> None:
     registry.workers[address].last_seen -= seconds
 
 
-def test_only_the_owner_heartbeats_for_an_address():
+def test_only_the_owner_heartbeats_for_an_address(monkeypatch):
     """Issue #30 row 3 (in process): a foreign `worker_id` neither refreshes a silent worker
     nor brings a failed one back."""
+    from vicuna_sky.serve import registry as registry_module
+
+    monkeypatch.setattr(registry_module, "BACKOFF_SECONDS", (0.05, 0.05))
     registry = Registry(None, expiry_seconds=0.5)
     assert registry.register(registration()) == "ok"
     assert registry.heartbeat(ADDRESS, "owner-0001")
     registry.mark(ADDRESS, failed=True)
+    registry.mark(ADDRESS, failed=True)  # twice in a row: out for 0.05 s
+    time.sleep(0.06)  # past its back-off: the next heartbeat of its owner brings it back
     assert not registry.heartbeat(ADDRESS, "intruder-01")
     assert registry.pick("m", set()) is None  # still failed
     # The owner's heartbeat clears it (its id parsed from JSON: equal, not the same object).
@@ -168,3 +173,40 @@ def test_a_foreign_heartbeat_is_404_and_keeps_no_dead_worker_in_rotation(fleet):
     assert statuses == {404}
     assert worker not in fleet.available()
     assert worker in {w["address"] for w in fleet.worker_states()}  # known, not in rotation
+
+
+def test_a_worker_that_keeps_failing_stays_out_longer_each_time(monkeypatch):
+    """Heartbeats do not bring a failed worker back before its back-off: none for a first
+    failure, then 1 s, doubled for each failure in a row up to 30 s; an answer starts it over."""
+    from vicuna_sky.serve import registry as registry_module
+
+    registry = Registry(None, expiry_seconds=60)
+    registry.register(registration())
+    worker = registry.workers[ADDRESS]
+    registry.mark(ADDRESS, failed=True)
+    assert registry.pick("m", set()) is None  # out at once
+    assert registry.heartbeat(ADDRESS, worker.worker_id)  # a first failure: back with it
+    assert registry.pick("m", set()).address == ADDRESS
+    registry.release(worker)  # that request failed too: no answer yet
+    backoffs = []
+    for _ in range(7):
+        start = time.monotonic()
+        registry.mark(ADDRESS, failed=True)
+        backoffs.append(worker.failed_until - start)
+        assert registry.heartbeat(ADDRESS, worker.worker_id)  # at once: still out
+        assert worker.failed and registry.pick("m", set()) is None
+    assert [round(b) for b in backoffs] == [1, 2, 4, 8, 16, 30, 30]
+    registry.release(worker, answered=True)
+    registry.mark(ADDRESS, failed=True)
+    assert registry.heartbeat(ADDRESS, worker.worker_id)  # an answer started it over
+    assert not worker.failed
+
+    monkeypatch.setattr(registry_module, "BACKOFF_SECONDS", (0.05, 0.1))
+    registry.mark(ADDRESS, failed=True)  # the second in a row: 0.05 s out
+    assert registry.heartbeat(ADDRESS, worker.worker_id) and worker.failed
+    time.sleep(0.06)
+    assert registry.heartbeat(ADDRESS, worker.worker_id)
+    assert not worker.failed and registry.pick("m", set()).address == ADDRESS
+    registry.release(worker)  # no answer: the count goes on
+    registry.mark(ADDRESS, failed=True)
+    assert 0.09 < worker.failed_until - time.monotonic() <= 0.1  # the third: 0.1 s

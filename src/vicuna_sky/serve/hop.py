@@ -171,6 +171,7 @@ class WorkerHop:
                 return
             payload = request | {"prefix": sent, "max_tokens": left}
             url = f"{worker.address}/generate"
+            answered = False  # a whole answer: the worker's failure back-off starts over
             try:
                 # A worker answers once it has its first token (streamed) or the whole answer:
                 # waiting for it is already a read that a hung worker must not hold up forever.
@@ -207,6 +208,7 @@ class WorkerHop:
                     if not gen.stream:
                         content = await self.guarded(worker.address, r.read(), self.request_timeout)
                         final = _final(content)
+                        answered = True
                         yield {"text": final.pop("text")}
                         yield final
                         return
@@ -232,6 +234,7 @@ class WorkerHop:
                             event.setdefault("prompt_tokens", prompt_tokens)
                         if "finish_reason" in event:
                             event["completion_tokens"] = event.get("completion_tokens", 0) + carried
+                            answered = True
                             yield event
                             return
                         yield event
@@ -240,7 +243,7 @@ class WorkerHop:
                 self.metrics.requests.labels(gen.model, worker.address, "failed").inc()
                 self.metrics.failovers.labels(gen.model).inc()
             finally:
-                self.registry.release(worker)
+                self.registry.release(worker, answered)
 
     # -- embeddings --------------------------------------------------------------------------
     async def embed(self, req: EmbeddingRequest) -> dict:
@@ -251,6 +254,7 @@ class WorkerHop:
         refused: ApiError | None = None
         while (worker := self.registry.pick(req.model, tried)) is not None:
             tried.add(worker.address)
+            answered = False
             try:
                 url = f"{worker.address}/embed"
                 body, pin = encoded({"input": texts}), self.pin(worker)
@@ -277,6 +281,7 @@ class WorkerHop:
                             f"dimensions: this model's embeddings have {len(vectors[0])} "
                             "dimensions, and it cannot shorten them",
                         )
+                    answered = True
                     return {
                         "object": "list",
                         "model": req.model,
@@ -291,7 +296,7 @@ class WorkerHop:
             except (WorkerFailed, aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError):
                 self.registry.mark(worker.address, failed=True)
             finally:
-                self.registry.release(worker)
+                self.registry.release(worker, answered)
         if refused is not None:
             raise refused
         raise ApiError(503, f"no worker for {req.model!r} is available", kind="server_error")

@@ -2,9 +2,10 @@
 
 A worker is in rotation while it heartbeats and says it is healthy; it leaves rotation at once
 when it misses `expiry_seconds` of heartbeats, fails a request, reports its engine stuck or says
-it is draining, and comes back with its next good heartbeat. One silent for `forget_seconds` is
-removed. An address belongs to the worker process that registered it (its `worker_id`): another
-cannot take it over, heartbeat for it or drain it while the owner is alive.
+it is draining, and comes back with its next good heartbeat (after a failed request, the first
+one after its back-off: BACKOFF_SECONDS). One silent for `forget_seconds` is removed. An
+address belongs to the worker process that registered it (its `worker_id`): another cannot
+take it over, heartbeat for it or drain it while the owner is alive.
 """
 
 from __future__ import annotations
@@ -19,6 +20,13 @@ from typing import Literal
 
 from vicuna_sky.serve.protocol import Registration
 
+BACKOFF_SECONDS = (1.0, 30.0)
+"""A worker that fails a request comes back with its next heartbeat; one that fails again before
+it answers anything stays out of rotation for 1 s, then twice as long for each failure in a row,
+up to 30 s, however well it heartbeats. One that fails every request (a wrong address, a broken
+engine) takes one every 30 s, not one a second; a single failure (a slow moment) costs nothing.
+An answer starts it over."""
+
 
 @dataclass
 class WorkerState:
@@ -31,6 +39,10 @@ class WorkerState:
     in_flight: int = 0
     """Requests this controller has sent and not finished (the least-load key)."""
     failed: bool = False
+    failures: int = 0
+    """Requests failed in a row (the back-off's exponent)."""
+    failed_until: float = 0.0
+    """Monotonic time before which heartbeats do not bring a failed worker back."""
     healthy: bool = True
     """What the worker said in its last heartbeat (False: its engine is stuck)."""
     draining: bool = False
@@ -94,7 +106,9 @@ class Registry:
             worker = self.workers.get(address)
             if worker is None or worker.worker_id != worker_id:
                 return False
-            worker.last_seen, worker.failed, worker.healthy = time.monotonic(), False, healthy
+            worker.last_seen, worker.healthy = time.monotonic(), healthy
+            if worker.failed and worker.last_seen >= worker.failed_until:
+                worker.failed = False
             return True
 
     def mark(
@@ -109,7 +123,12 @@ class Registry:
             worker = self.workers.get(address)
             if worker is None or (worker_id is not None and worker.worker_id != worker_id):
                 return False
-            worker.failed |= failed
+            if failed:
+                worker.failures += 1
+                first, most = BACKOFF_SECONDS
+                again = worker.failures - 2  # 0: the second failure in a row
+                backoff = 0.0 if again < 0 else min(most, first * 2 ** min(again, 16))
+                worker.failed, worker.failed_until = True, time.monotonic() + backoff
             worker.draining |= draining
             return True
 
@@ -160,9 +179,13 @@ class Registry:
             best.in_flight += 1
             return best
 
-    def release(self, worker: WorkerState) -> None:
+    def release(self, worker: WorkerState, answered: bool = False) -> None:
+        """`worker` has one request less; `answered`: it gave a whole answer (its back-off
+        starts over)."""
         with self._lock:
             worker.in_flight = max(0, worker.in_flight - 1)
+            if answered:
+                worker.failures = 0
 
 
 def _state(reg: Registration) -> WorkerState:
