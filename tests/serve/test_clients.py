@@ -108,6 +108,37 @@ def test_openai_completions_take_lists_and_token_ids(client):
     assert len(two.choices) == 2 and two.usage.prompt_tokens == 5
 
 
+def test_openai_streams_several_choices_at_once(client, fleet):
+    """n > 1 and a list of prompts, streamed: one stream, each chunk naming its choice, each
+    choice whole and in order, the usage over all of them."""
+    texts: dict[int, str] = {}
+    stream = client.chat.completions.create(
+        model="echo", messages=QUESTION, n=3, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+    assert texts == {0: "echo: hello there", 1: "echo: hello there", 2: "echo: hello there"}
+    finished = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert sorted(c.index for c in finished) == [0, 1, 2]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3 * 3
+    assert chunks[-1].usage.prompt_tokens == 2  # one prompt, counted once
+
+    parts: dict[int, str] = {}
+    for chunk in client.completions.create(model="echo", prompt=["one two", "three"], stream=True):
+        for choice in chunk.choices:
+            parts[choice.index] = parts.get(choice.index, "") + choice.text
+    assert parts == {0: "echo: one two", 1: "echo: three"}
+
+    # Refused by the worker before anything is sent: a plain 400, every generation let go.
+    with pytest.raises(openai.BadRequestError, match="guided_choice"):
+        client.chat.completions.create(
+            model="echo", messages=QUESTION, n=4, stream=True, extra_body={"guided_choice": ["a"]}
+        )
+    assert all(w["in_flight"] == 0 and w["available"] for w in fleet.worker_states())
+
+
 def test_openai_embeddings(client):
     long = client.embeddings.create(model="tiny", input="word " * 600)  # past 2048 characters
     assert len(long.data) == 1

@@ -112,8 +112,14 @@ async def respond(
     }
     metrics, model = controller.metrics, gens[0].model
     started = time.monotonic()
+    # n answers per prompt, each its own generation (a seed, if given, moves on by one for each).
+    runs = [
+        gen.model_copy(update={"seed": gen.seed + i}) if i and gen.seed is not None else gen
+        for gen in gens
+        for i in range(req.n)
+    ]
     if req.stream:
-        return await _streamed(controller, req, gens[0], kind, shape, head)
+        return await _streamed(controller, req, runs, kind, shape, head)
 
     async def collect(gen: GenerateRequest) -> tuple[str, dict]:
         text, final = "", {}
@@ -124,12 +130,6 @@ async def respond(
             final = event if "finish_reason" in event else final
         return text, final
 
-    # n answers per prompt, each its own generation (a seed, if given, moves on by one for each).
-    runs = [
-        gen.model_copy(update={"seed": gen.seed + i}) if i and gen.seed is not None else gen
-        for gen in gens
-        for i in range(req.n)
-    ]
     metrics.running.labels(model).inc()
     try:
         work = asyncio.gather(*map(collect, runs)) if len(runs) > 1 else _listed(collect(runs[0]))
@@ -157,26 +157,46 @@ async def respond(
 async def _streamed(
     controller: WorkerHop,
     req: SamplingParams,
-    gen: GenerateRequest,
+    runs: list[GenerateRequest],
     kind: str,
     shape: AnswerShape,
     head: dict,
 ) -> StreamingResponse:
+    """One SSE stream for every run: choice i's chunks carry index i, in the order they come."""
     started = time.monotonic()
-    events = controller.generate(gen)
-    first = await anext(events)  # 4xx/5xx before anything is sent are plain HTTP errors
-    metrics, model = controller.metrics, gen.model
+    streams = [controller.generate(run) for run in runs]
+    # 4xx/5xx before anything is sent are plain HTTP errors.
+    if len(streams) == 1:
+        firsts = [await anext(streams[0])]
+    else:
+        opening = [asyncio.ensure_future(anext(events)) for events in streams]
+        try:
+            firsts = await asyncio.gather(*opening)
+        except BaseException:
+            for task in opening:
+                task.cancel()
+            await asyncio.gather(*opening, return_exceptions=True)
+            for events in streams:
+                await events.aclose()
+            raise
+    metrics, model = controller.metrics, runs[0].model
     options = req.stream_options
     every_chunk = bool(options and options.continuous_usage_stats)
     at_end = bool(options and options.include_usage)
     chunk_head = head | {"object": "chat.completion.chunk" if kind == "chat" else "text_completion"}
     # A call is given whole once it is complete: its text is JSON for the client, not content.
     held = kind == "chat" and shape.must_call
+    prompts = [0] * len(runs)
+    completions = [0] * len(runs)
 
-    def chunk(choices: list[dict], usage: dict | None = None) -> bytes:
+    def usage() -> dict:
+        # Each prompt counts once, however many choices it has.
+        return _usage(sum(prompts[:: req.n]), sum(completions))
+
+    def chunk(choices: list[dict], with_usage: bool = False) -> bytes:
         body = chunk_head | {"choices": choices}
-        if usage is not None:
-            body["usage"] = usage
+        if with_usage:
+            body["usage"] = usage()
         return b"data: " + orjson.dumps(body) + b"\n\n"
 
     async def sse() -> AsyncIterator[bytes]:
@@ -189,18 +209,19 @@ async def _streamed(
             metrics.e2e.labels(model).observe(time.monotonic() - started)
 
     async def answer() -> AsyncIterator[bytes]:
-        prompt, completion, text = 0, 0, ""
+        texts = [""] * len(runs)
         last: float | None = None
-        async for event in _chain(first, events):
+        done = 0
+        async for index, event in _merged(firsts, streams):
             if "error" in event:
                 # The answer broke off: the error is the stream's last word, with no [DONE]
                 # after it, so no client takes the text so far for a whole answer.
                 yield b"data: " + orjson.dumps(event["error"].body()) + b"\n\n"
                 return
-            prompt = event.get("prompt_tokens", prompt)
+            prompts[index] = event.get("prompt_tokens", prompts[index])
             finish = event.get("finish_reason")
             delta = event.get("text", "")
-            text += delta
+            texts[index] += delta
             if delta:
                 now = time.monotonic()
                 if last is None:
@@ -209,37 +230,72 @@ async def _streamed(
                     metrics.itl.labels(model).observe(now - last)
                 last = now
             if finish:
-                completion = event.get("completion_tokens", completion)
+                completions[index] = event.get("completion_tokens", completions[index])
+                done += 1
             elif delta:
-                completion += 1  # about one delta per token; the final count corrects it
-            usage = _usage(prompt, completion) if every_chunk else None
+                completions[index] += 1  # about one delta per token; the final count corrects it
             if held and not finish:
                 continue
-            if finish and held and (calls := tool_calls(shape, text)):
+            if finish and held and (calls := tool_calls(shape, texts[index])):
                 delta_calls = [c | {"index": i} for i, c in enumerate(calls)]
-                choice = {"index": 0, "delta": {"role": "assistant", "tool_calls": delta_calls},
-                          "finish_reason": None}  # fmt: skip
-                yield chunk([choice], usage)
+                choice = {"index": index, "finish_reason": None,
+                          "delta": {"role": "assistant", "tool_calls": delta_calls}}  # fmt: skip
+                yield chunk([choice], every_chunk)
                 finish, delta = "tool_calls", ""
             elif finish and held:
-                delta = text
-            if finish and not at_end and usage is None:
-                usage = _usage(prompt, completion)  # on the last chunk, as before
-            yield chunk([_choice(kind, 0, delta, finish, stream=True)], usage)
-        metrics.prompt_tokens.labels(model).inc(prompt)
-        metrics.generation_tokens.labels(model).inc(completion)
+                delta = texts[index]
+            # The usage rides on every chunk (continuous_usage_stats), or on the last choice's
+            # last one unless a chunk of its own follows (include_usage).
+            with_usage = every_chunk or (bool(finish) and done == len(runs) and not at_end)
+            yield chunk([_choice(kind, index, delta, finish, stream=True)], with_usage)
+        metrics.prompt_tokens.labels(model).inc(sum(prompts[:: req.n]))
+        metrics.generation_tokens.labels(model).inc(sum(completions))
         if at_end:
-            yield chunk([], _usage(prompt, completion))
+            yield chunk([], with_usage=True)
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(sse(), media_type="text/event-stream")
 
 
+async def _merged(
+    firsts: list[dict], streams: list[AsyncIterator[dict]]
+) -> AsyncIterator[tuple[int, dict]]:
+    """(choice index, event) from every stream, each in its own order, as they come; one stream
+    is read in place. Every stream is closed when the reader stops."""
+    if len(streams) == 1:
+        try:
+            yield 0, firsts[0]
+            async for event in streams[0]:
+                yield 0, event
+        finally:
+            await streams[0].aclose()
+        return
+    queue: asyncio.Queue[tuple[int, dict | None]] = asyncio.Queue()
+
+    async def pump(index: int) -> None:
+        await queue.put((index, firsts[index]))
+        async for event in streams[index]:
+            await queue.put((index, event))
+        await queue.put((index, None))
+
+    pumps = [asyncio.ensure_future(pump(i)) for i in range(len(streams))]
+    try:
+        running = len(pumps)
+        while running:
+            index, event = await queue.get()
+            if event is None:
+                running -= 1
+                continue
+            yield index, event
+            if "error" in event:
+                return
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        for events in streams:
+            await events.aclose()
+
+
 async def _listed(work: Awaitable[T]) -> list[T]:
     return [await work]
-
-
-async def _chain(first: dict, rest: AsyncIterator[dict]) -> AsyncIterator[dict]:
-    yield first
-    async for event in rest:
-        yield event

@@ -205,7 +205,7 @@ class SamplingParams(BaseModel):
     stop: str | list[str] | None = None
     seed: StrictInt | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     n: StrictInt = Field(default=1, ge=1, le=16)
-    """Answers per request, each generated on its own (non-streamed requests)."""
+    """Answers per prompt, each generated on its own (streamed: one stream, chunks by index)."""
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -235,8 +235,6 @@ class SamplingParams(BaseModel):
                 raise ValueError(f"unsupported field {name!r}")
             if value not in IGNORED_WHEN_DEFAULT[name]:
                 raise ValueError(f"{name}={value!r} is not supported by this server")
-        if self.n > 1 and self.stream:
-            raise ValueError("n > 1 is supported without stream only")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is for streamed requests (stream: true)")
         return self
@@ -323,12 +321,6 @@ class CompletionRequest(SamplingParams):
         if any(isinstance(p, list) and not all(0 <= t < 2**31 for t in p) for p in prompts):
             raise ValueError("token ids are non-negative integers")
         return value
-
-    @model_validator(mode="after")
-    def _one_streamed(self) -> CompletionRequest:
-        if self.stream and len(self.prompts()) > 1:
-            raise ValueError("a streamed request takes one prompt")
-        return self
 
     @staticmethod
     def as_list(value: object) -> list[Prompt]:
