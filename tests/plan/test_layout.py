@@ -17,6 +17,7 @@ ORDER = [
     "memory",
     "checkpoint",
     "spot",
+    "result",
     "planner",
     "render",
 ]

@@ -12,12 +12,14 @@ Modules, arrows one way (each imports only those above it; tests/plan/test_layou
   memory       does the model fit (the preflight uses it too)
   checkpoint   size, time, Young/Daly's interval
   spot         the spot model: expected billed time; RELAUNCH_MINUTES
+  result       what a plan says: GpuOption, Offer, Plan (and its JSON)
   planner      all of it -> a Plan (ranked offers, the seed explained, JSON)
   render       the Plan as rich tables
 Nothing here imports from vicuna_sky.launch; the launcher imports the planner.
 """
 
 from vicuna_sky.plan.errors import PlanError
-from vicuna_sky.plan.planner import Offer, Plan, make_plan
+from vicuna_sky.plan.planner import make_plan
+from vicuna_sky.plan.result import Offer, Plan
 
 __all__ = ["Offer", "Plan", "PlanError", "make_plan"]

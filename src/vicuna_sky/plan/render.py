@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from vicuna_sky.plan.planner import SKYPILOT_RULE, Plan
+from vicuna_sky.plan.result import SKYPILOT_RULE, Plan
 
 
 def _hm(seconds: float) -> str:
