@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from vicuna_sky.errors import VicunaSkyError
-from vicuna_sky.launch import cloud, runner
+from vicuna_sky.launch import cloud, runner, serve_fleet
 from vicuna_sky.launch.s3_server import free_port
 from vicuna_sky.launch.tasks import (
     Spec,
@@ -246,12 +246,12 @@ def test_the_worker_spec_asks_for_the_public_address_unless_overridden(metadata)
 def test_fleet_overrides_go_to_the_task_that_declares_them(fake_sky, tmp_path, capsys):
     options = dict(dryrun=True, local=False, name=None, runs_dir=tmp_path)
     envs = ("SERVE_BACKEND=echo", "SERVED_MODEL_NAME=m", "WEBUI_PORT=7000")
-    runner.launch_fleet("vicuna-7b", envs, **options)
+    serve_fleet.launch_fleet("vicuna-7b", envs, **options)
     printed = capsys.readouterr().out
     assert "SERVE_BACKEND: echo" in printed and "WEBUI_PORT: '7000'" in printed
     assert printed.count("SERVED_MODEL_NAME: m") == 2  # both tasks declare it
     with pytest.raises(SpecError, match=r"declares no env 'SERVE_BACKNED' \(did you mean"):
-        runner.launch_fleet("vicuna-7b", ("SERVE_BACKNED=echo",), **options)
+        serve_fleet.launch_fleet("vicuna-7b", ("SERVE_BACKNED=echo",), **options)
     assert not fake_sky.calls
 
 
@@ -273,9 +273,9 @@ def test_no_public_endpoint_without_keys(fake_sky, monkeypatch, capsys):
     with pytest.raises(VicunaSkyError, match="VICUNA_SKY_API_KEYS is not set"):
         runner.launch_recipe(Spec.SERVICE, "vicuna-7b", (), **options)
     with pytest.raises(VicunaSkyError, match="--public to serve without keys"):
-        runner.launch_fleet("vicuna-7b", (), **options)
+        serve_fleet.launch_fleet("vicuna-7b", (), **options)
     assert fake_sky.calls == []
-    runner.launch_fleet("vicuna-7b", (), **{**options, "dryrun": True})
+    serve_fleet.launch_fleet("vicuna-7b", (), **{**options, "dryrun": True})
     printed = capsys.readouterr().out
     assert "endpoint: would be refused" in printed
     assert "controller cluster: vicuna-7b-controller; worker jobs: vicuna-7b-worker-0" in printed

@@ -116,9 +116,9 @@ def serve(fleet: bool, **options: object) -> None:
     """Serve: sky/service.yaml on SkyServe, or with --fleet a controller and spot workers.
     On a cloud the API needs keys (export VICUNA_SKY_API_KEYS=key1,key2) unless --public."""
     if fleet:
-        from vicuna_sky.launch import runner
+        from vicuna_sky.launch import serve_fleet
 
-        runner.launch_fleet(options.pop("recipe"), options.pop("envs"), **options)
+        serve_fleet.launch_fleet(options.pop("recipe"), options.pop("envs"), **options)
     else:
         launch("SERVICE", **options)
 
