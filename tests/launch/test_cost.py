@@ -53,3 +53,62 @@ def test_managed_job_record():
     c = cost.realized_from_managed_job(record, cost.Prices(9.5, 30.0, 1, "made up"))
     assert (c.spot_usd, c.on_demand_usd, c.preemptions) == (19.0, 60.0, 2)
     assert c.saving == pytest.approx(1 - 19 / 60)
+
+
+def test_a_fresh_restart_keeps_nothing_of_the_attempt_before_it(tmp_path):
+    """A relaunch that found no checkpoint starts over: the first attempt's steps are all
+    redone. The third resumed at step 4, so the second's steps 1 to 4 (step 4 included) stay."""
+    first = attempt(tmp_path, 1, 0.0, 100.0, range(1, 11))
+    second = attempt(tmp_path, 2, 100.0, 150.0, range(1, 7))  # no "resumed at": fresh
+    third = attempt(tmp_path, 3, 150.0, 250.0, range(5, 20), resumed=4, status="SUCCEEDED")
+    job = LocalJob("run", "task-1", str(tmp_path), attempts=[first, second, third])
+    assert cost.kept_seconds(job) == 100 + 4 * 5.0
+    c = cost.realized(job, cost.Prices(3.6, 10.8, 1, "made up"))
+    assert c.billed_hours == pytest.approx(250 / 3600) and c.kept_hours == pytest.approx(120 / 3600)
+    assert (c.attempts, c.preemptions) == (3, 2)
+    assert c.saving == pytest.approx(1 - (250 * 3.6) / (120 * 10.8))
+
+
+def test_a_step_without_its_duration_counts_none(tmp_path):
+    first = attempt(tmp_path, 1, 0.0, 100.0, range(1, 5))
+    lines = [json.dumps({"step": 1, "seconds": 5.0}), json.dumps({"step": 2})]
+    (tmp_path / "attempt-1" / "workdir" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    second = attempt(tmp_path, 2, 100.0, 130.0, range(3, 5), resumed=2, status="SUCCEEDED")
+    job = LocalJob("run", "task-1", str(tmp_path), attempts=[first, second])
+    assert cost.kept_seconds(job) == 30 + 5.0
+
+
+def test_an_attempt_still_running_is_not_billed_yet(tmp_path):
+    first = attempt(tmp_path, 1, 0.0, 100.0, range(1, 11))
+    running = attempt(tmp_path, 2, 100.0, 0.0, range(9, 12), resumed=8, status="RUNNING")
+    job = LocalJob("run", "task-1", str(tmp_path), attempts=[first, running])
+    prices = cost.Prices(3.6, 10.8, 1, "made up")
+    c = cost.realized(job, prices)
+    assert c.billed_hours == pytest.approx(100 / 3600) == c.kept_hours
+    assert (c.attempts, c.preemptions) == (2, 1)
+    nothing = LocalJob("run", "task-2", str(tmp_path), attempts=[running])
+    assert cost.kept_seconds(nothing) == 0.0
+    c = cost.realized(nothing, prices)
+    assert (c.billed_hours, c.kept_hours, c.spot_usd, c.overhead_usd) == (0, 0, 0, 0)
+    assert c.saving == 0.0  # nothing to compare with, not a division by zero
+
+
+def test_kept_work_is_never_more_than_the_billed_time(tmp_path):
+    """Steps timed by the trainer, attempts by the launcher: when the steps claim more time
+    than the attempts were up (clocks disagree), the kept time is the billed time."""
+    first = attempt(tmp_path, 1, 0.0, 20.0, range(1, 11))  # 10 steps of 5 s in 20 s
+    second = attempt(tmp_path, 2, 20.0, 30.0, range(11, 13), resumed=10, status="SUCCEEDED")
+    job = LocalJob("run", "task-1", str(tmp_path), attempts=[first, second])
+    c = cost.realized(job, cost.Prices(3.6, 10.8, 1, "made up"))
+    assert c.kept_hours == c.billed_hours == pytest.approx(30 / 3600)
+    assert c.overhead_usd == 0
+
+
+def test_a_managed_job_record_without_figures():
+    c = cost.realized_from_managed_job(
+        {"job_duration": None, "recovery_count": None}, cost.Prices(9.5, 30.0, 2, "made up")
+    )
+    assert (c.attempts, c.preemptions, c.billed_hours, c.spot_usd, c.saving) == (1, 0, 0, 0, 0)
+    c = cost.realized_from_managed_job({"job_duration": 1800.0}, cost.Prices(9.5, 30.0, 2, "m"))
+    assert (c.attempts, c.billed_hours, c.kept_hours, c.overhead_usd) == (1, 1.0, 1.0, 0.0)
+    assert (c.spot_usd, c.on_demand_usd) == (9.5, 30.0)  # one node-hour: 30 min on 2 nodes
