@@ -60,6 +60,27 @@ def test_an_input_file_guards_only_itself(place):
     assert check_output_file(str(place / "out.json"), []) == place / "out.json"
 
 
+def test_a_new_output_beside_an_input_is_fine_whichever_way_its_name_sorts(place):
+    for name in ("a.json", "in.jsom", "in.json2", "z.json"):
+        assert check_output_file(place / name, [place / "in.json"]) == place / name
+
+
+def test_an_output_under_an_input_file_is_under_a_file(place):
+    with pytest.raises(VicunaSkyError, match=f"{place / 'in.json'} is a file, not a directory"):
+        check_output_file(place / "in.json" / "out.json", [place / "in.json"])
+
+
+def test_the_flags_are_given_by_name(place):
+    """`check_output_file(path, inputs, True)` is no way to say overwrite (nor resumable)."""
+    (place / "out.json").write_text("old")
+    with pytest.raises(TypeError):
+        check_output_file(place / "out.json", [], True)
+    with pytest.raises(TypeError):
+        check_output_dir(place / "data", [], True)
+    assert check_output_file(path=place / "out.json", inputs=[place / "in.json"], overwrite=True)
+    assert check_output_dir(path=place / "data", inputs=[place / "in.json"], overwrite=True)
+
+
 def test_missing_or_unset_inputs_are_not_inputs(place):
     out = place / "out.json"
     assert check_output_file(out, [None, "", place / "gone.json"]) == out
@@ -206,13 +227,24 @@ def test_writing_dir_into_an_empty_directory(place):
 
 
 def test_a_block_that_fails_replaces_nothing(place):
+    full = f"^cannot write {place / 'data'}: No space left on device$"  # the reason, no errno
     with (
-        pytest.raises(VicunaSkyError, match="cannot write"),
+        pytest.raises(VicunaSkyError, match=full),
         writing_dir(place / "data", overwrite=True) as tmp,
     ):
         (tmp / "b.json").write_text("b")
         raise OSError(28, "No space left on device")
     assert contents(place / "data") == {"a.json": "a"}
+    with (
+        pytest.raises(VicunaSkyError, match=f"^cannot write {place / 'new'}: No space left"),
+        writing_dir(place / "new") as tmp,
+    ):
+        raise OSError(28, "No space left on device")
+    with (
+        pytest.raises(VicunaSkyError, match=f"^cannot write {place / 'f'}: No space left on dev"),
+        writing(place / "f"),
+    ):
+        raise OSError(28, "No space left on device")
     assert sorted(p.name for p in place.iterdir()) == ["data", "file", "in.json"]
 
 
