@@ -92,10 +92,11 @@ MODULES = {
     # In process: the CLI tests of the same rule (tests/test_outputs_never_inputs.py) take two
     # minutes a mutant here.
     "output": Module("src/vicuna_sky/output.py", ["tests/test_output.py"], timeout=60),
-    # Not the packing tests: they run a model forward and test `pack`, not the labels.
+    # tests/data/test_labels.py first: its cases without a tokenizer catch most mutants before
+    # transformers is imported. Not the packing tests: they test `pack`, not the labels.
     "labels": Module(
         "src/vicuna_sky/data/tokenize.py",
-        ["tests/data/test_tokenize.py", "-k", "not pack"],
+        ["tests/data/test_labels.py", "tests/data/test_tokenize.py", "-k", "not pack"],
         functions=("_label_tokens", "tokenize_messages", "trainable"),
     ),
     "cost": Module("src/vicuna_sky/launch/cost.py", ["tests/launch/test_cost.py"], timeout=60),
