@@ -9,6 +9,8 @@ from vicuna_sky.launch.jobs import Attempt, LocalJob
 from vicuna_sky.launch.tasks import resolve_recipe
 from vicuna_sky.recipe import Recipe
 
+from ..plan.conftest import replace
+
 
 def test_prices_from_the_catalog():
     tiny = cost.prices_for(Recipe.from_yaml(resolve_recipe("tiny-cpu")))
@@ -58,14 +60,14 @@ def test_managed_job_record():
 def test_a_fresh_restart_keeps_nothing_of_the_attempt_before_it(tmp_path):
     """A relaunch that found no checkpoint starts over: the first attempt's steps are all
     redone. The third resumed at step 4, so the second's steps 1 to 4 (step 4 included) stay."""
-    first = attempt(tmp_path, 1, 0.0, 100.0, range(1, 11))
-    second = attempt(tmp_path, 2, 100.0, 150.0, range(1, 7))  # no "resumed at": fresh
+    first = attempt(tmp_path, 1, 0.0, 100.0, range(1, 11), status="FAILED")  # an error, no
+    second = attempt(tmp_path, 2, 100.0, 150.0, range(1, 7))  # preemption; no "resumed at"
     third = attempt(tmp_path, 3, 150.0, 250.0, range(5, 20), resumed=4, status="SUCCEEDED")
     job = LocalJob("run", "task-1", str(tmp_path), attempts=[first, second, third])
     assert cost.kept_seconds(job) == 100 + 4 * 5.0
     c = cost.realized(job, cost.Prices(3.6, 10.8, 1, "made up"))
     assert c.billed_hours == pytest.approx(250 / 3600) and c.kept_hours == pytest.approx(120 / 3600)
-    assert (c.attempts, c.preemptions) == (3, 2)
+    assert (c.attempts, c.preemptions) == (3, 1)
     assert c.saving == pytest.approx(1 - (250 * 3.6) / (120 * 10.8))
 
 
@@ -112,3 +114,22 @@ def test_a_managed_job_record_without_figures():
     c = cost.realized_from_managed_job({"job_duration": 1800.0}, cost.Prices(9.5, 30.0, 2, "m"))
     assert (c.attempts, c.billed_hours, c.kept_hours, c.overhead_usd) == (1, 1.0, 1.0, 0.0)
     assert (c.spot_usd, c.on_demand_usd) == (9.5, 30.0)  # one node-hour: 30 min on 2 nodes
+
+
+def test_the_gpu_offer_is_the_recipes_gpu_at_its_cheapest_spot_price():
+    r = Recipe.from_yaml(resolve_recipe("vicuna-7b"))  # A100-80GB:8, on gcp or aws
+    expected = cost.Prices(
+        11.8, 37.5, 1, "gcp us-central1 a2-ultragpu-8g (SkyPilot catalog, median of 1 zones)"
+    )
+    assert cost.prices_for(r) == expected
+    lower = replace(r, "resources", accelerator="a100-80gb")
+    assert cost.prices_for(lower) == expected
+    with pytest.raises(ValueError, match="no catalog offer for H100:8"):
+        cost.prices_for(replace(r, "resources", accelerator="H100"))
+
+
+def test_a_cloud_without_a_local_catalog_is_an_error_not_a_download():
+    for name in ("vicuna-7b", "tiny-cpu"):
+        r = replace(Recipe.from_yaml(resolve_recipe(name)), "resources", clouds=["aws", "azure"])
+        with pytest.raises(ValueError, match="no local SkyPilot catalog for azure"):
+            cost.prices_for(r)
