@@ -31,3 +31,22 @@ def test_a_checkpoint_of_other_data_or_batch_is_refused():
     ):
         with pytest.raises(VicunaSkyError, match="resume with the same data"):
             other.load_state_dict(state)
+
+
+def test_the_order_of_a_seed_is_pinned():
+    """A relaunched node may install a newer release of this package than the one that wrote
+    the checkpoint: the order is a fixed function of (seed, epoch), the same in every release,
+    so the resumed run continues the order the checkpoint was in."""
+    for seed, batches in [
+        (3, [[4, 5, 0, 1], [2, 8, 3, 6], [1, 9, 5, 6], [4, 3, 8, 0]]),
+        (0, [[4, 1, 7, 5], [3, 9, 0, 8], [5, 6, 1, 2], [0, 8, 9, 3]]),
+    ]:
+        sampler = ResumableSampler(10, 4, seed=seed)  # 2 steps an epoch
+        assert [sampler.next_batch() for _ in range(4)] == batches
+
+
+def test_an_epoch_is_the_whole_batches_that_fit():
+    assert ResumableSampler(60, 8, seed=3).steps_per_epoch == 7
+    assert ResumableSampler(8, 8, seed=3).steps_per_epoch == 1
+    with pytest.raises(VicunaSkyError, match=r"^7 training samples cannot fill one global batch"):
+        ResumableSampler(7, 8, seed=3)
