@@ -133,3 +133,11 @@ def test_a_cloud_without_a_local_catalog_is_an_error_not_a_download():
         r = replace(Recipe.from_yaml(resolve_recipe(name)), "resources", clouds=["aws", "azure"])
         with pytest.raises(ValueError, match="no local SkyPilot catalog for azure"):
             cost.prices_for(r)
+
+
+def test_a_cpu_recipe_is_priced_on_its_first_cloud():
+    tiny = Recipe.from_yaml(resolve_recipe("tiny-cpu"))
+    gcp = cost.prices_for(replace(tiny, "resources", clouds=["gcp", "aws"]))
+    assert gcp == cost.Prices(0.03, 0.10, 1, "gcp n2-standard-2 (SkyPilot catalog)")
+    default = cost.prices_for(replace(tiny, "resources", clouds=[]))  # none named: AWS
+    assert default == cost.Prices(0.04, 0.10, 1, "aws m6i.large (SkyPilot catalog)")
