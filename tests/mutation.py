@@ -207,7 +207,9 @@ def score(name: str, module: Module, retry_survivors: bool = False) -> dict:
     # A mutant that hangs the tests gets Ctrl-C (SIGINT) at the module's timeout: pytest then
     # tears its fixtures down, so the servers a test started are stopped, not orphaned (as
     # cosmic-ray's own timeout, a SIGKILL of pytest alone, would leave them).
+    # LangSmith's pytest plugin (a dependency's) takes two seconds to import and has no use here.
     pytest = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+    pytest += ["-p", "no:langsmith_plugin"]
     limit = ["timeout", "-s", "INT", "-k", "20", str(int(module.timeout))]
     test_command = shlex.join([*limit, *pytest, *module.tests])
     # The tests must pass unmutated, or every mutant would count as killed.
