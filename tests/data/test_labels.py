@@ -2,6 +2,7 @@
 tokenizer's offset mapping takes), and `tokenize_messages` with the Llama-2 tokenizer where a
 conversation has several answers. tests/data/test_tokenize.py holds the labels to FastChat's."""
 
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -32,6 +33,18 @@ def test_several_spans_and_the_tokens_after_the_last():
 def test_adjacent_spans_each_get_their_tokens():
     offsets = [(0, 2), (2, 4), (4, 6), (6, 8)]
     assert _label_tokens(offsets, [(2, 4), (4, 6)], TEXT) == [False, True, True, False]
+
+
+def test_offsets_with_gaps_between_tokens():
+    """Some tokenizers leave the spaces out of their offsets: no token starts where a span ends."""
+    offsets = [(0, 2), (3, 4), (5, 6), (7, 8), (9, 12), (13, 16)]
+    spans = [(2, 4), (5, 8), (12, 16)]
+    assert _label_tokens(offsets, spans, TEXT) == [False, True, True, True, False, True]
+
+
+def test_trainable_counts_labels_by_value():
+    """Labels read back from JSON are new int objects, -100 included."""
+    assert Tokenized([1, 2, 3, 4], json.loads("[-100, -100, 3, 4]")).trainable == 2
 
 
 def test_a_token_covering_nothing_inside_an_answer_carries_no_loss():

@@ -1,6 +1,8 @@
 """The trainer's data order: a resumed sampler gives exactly the batches the uninterrupted one
 would have, wherever it stopped."""
 
+import json
+
 import pytest
 
 from vicuna_sky.errors import VicunaSkyError
@@ -50,3 +52,14 @@ def test_an_epoch_is_the_whole_batches_that_fit():
     assert ResumableSampler(8, 8, seed=3).steps_per_epoch == 1
     with pytest.raises(VicunaSkyError, match=r"^7 training samples cannot fill one global batch"):
         ResumableSampler(7, 8, seed=3)
+
+
+def test_a_state_read_back_from_a_checkpoint_resumes_at_any_size():
+    """The state comes back from the checkpoint file as new int objects (past CPython's small
+    ints: a real dataset's size), and must still match this run's settings."""
+    first = ResumableSampler(1000, 300, seed=1234)
+    first.next_batch()
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = ResumableSampler(1000, 300, seed=1234)
+    resumed.load_state_dict(state)
+    assert resumed.next_batch() == first.next_batch()
