@@ -141,3 +141,15 @@ def test_a_cpu_recipe_is_priced_on_its_first_cloud():
     assert gcp == cost.Prices(0.03, 0.10, 1, "gcp n2-standard-2 (SkyPilot catalog)")
     default = cost.prices_for(replace(tiny, "resources", clouds=[]))  # none named: AWS
     assert default == cost.Prices(0.04, 0.10, 1, "aws m6i.large (SkyPilot catalog)")
+
+
+def test_preemptions_count_the_preempted_attempts_as_read_back_from_the_job_record(tmp_path):
+    """Statuses come back from the job's JSON record (new strings, not the literals)."""
+    statuses = json.loads('["PREEMPTED", "PREEMPTED", "FAILED", "SUCCEEDED"]')
+    attempts = [
+        attempt(tmp_path, n, 10.0 * n, 10.0 * n + 10, range(1, 3), status=status)
+        for n, status in enumerate(statuses, 1)
+    ]
+    job = LocalJob("run", "task-1", str(tmp_path), attempts=attempts)
+    c = cost.realized(job, cost.Prices(3.6, 10.8, 1, "made up"))
+    assert (c.attempts, c.preemptions) == (4, 2)
