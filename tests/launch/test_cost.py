@@ -126,6 +126,9 @@ def test_the_gpu_offer_is_the_recipes_gpu_at_its_cheapest_spot_price():
     assert cost.prices_for(lower) == expected
     with pytest.raises(ValueError, match="no catalog offer for H100:8"):
         cost.prices_for(replace(r, "resources", accelerator="H100"))
+    # The catalog has A100s eight to a node only; other GPUs (an L4) come one to a node.
+    with pytest.raises(ValueError, match="no catalog offer for A100:1"):
+        cost.prices_for(replace(r, "resources", accelerator="A100", gpus_per_node=1))
 
 
 def test_a_cloud_without_a_local_catalog_is_an_error_not_a_download():
