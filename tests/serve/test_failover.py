@@ -246,6 +246,17 @@ def test_a_worker_dying_mid_answer_is_continued_by_another(controller):
     assert stubs[0].address not in controller.available()
 
 
+def test_one_token_left_is_still_a_continuation(controller):
+    model, stubs = workers(
+        controller,
+        lines({"text": "a"}, {"text": "b"}),
+        lines({"text": "c"}, {"finish_reason": "length", "completion_tokens": 1}),
+    )
+    events = ask_streamed(controller, model, max_tokens=3)
+    assert text_of(events) == "abc"
+    assert (stubs[1].payloads[0]["prefix"], stubs[1].payloads[0]["max_tokens"]) == ("ab", 1)
+
+
 def test_a_continuation_without_max_tokens_has_none(controller):
     model, stubs = workers(
         controller,
