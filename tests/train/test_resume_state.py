@@ -73,6 +73,9 @@ def test_no_warmup_and_all_warmup():
     for scheduler in ("linear", "cosine"):
         factor = lr_lambda(config(scheduler, 1.0), 4)
         assert [factor(s) for s in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+    # One step after warmup: it decays all the way in that step.
+    last = lr_lambda(config("linear", 0.75), 4)
+    assert [last(s) for s in range(5)] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0, 0.0])
 
 
 @pytest.mark.parametrize("stop", [0, 1, 4, 9])
