@@ -49,7 +49,6 @@ class Module:
     """Seconds for one mutant's tests (a mutant that hangs them is killed by the timeout)."""
 
 
-BY_HAND = "tests/plan/test_planner.py::test_one_offer_by_hand"
 MODULES = {
     "auth": Module("src/vicuna_sky/serve/auth.py", ["tests/serve/test_auth.py"], timeout=60),
     "registry": Module("src/vicuna_sky/serve/registry.py", ["tests/serve/test_registry.py"]),
@@ -102,9 +101,8 @@ MODULES = {
     ),
     "cost": Module("src/vicuna_sky/launch/cost.py", ["tests/launch/test_cost.py"], timeout=60),
     # The plan's formulas: the spot model (expected billed time, cost, the relaunch's terms) and
-    # the checkpoint's times and Young/Daly's interval. The planner's offer worked out by hand
-    # checks the checkpoint's figures per node (its other tests rank offers from the catalogs:
-    # seconds each, on every mutant); tests/plan/test_spot.py has the spot model's by hand.
+    # the checkpoint's times and Young/Daly's interval, each against its own tests worked out by
+    # hand (the planner's rank offers from the catalogs: seconds each, on every mutant).
     "plan-spot": Module(
         "src/vicuna_sky/plan/spot.py",
         ["tests/plan/test_spot.py"],
@@ -112,7 +110,7 @@ MODULES = {
     ),
     "plan-checkpoint": Module(
         "src/vicuna_sky/plan/checkpoint.py",
-        ["tests/plan/test_checkpoint.py", "tests/plan/test_spot.py", BY_HAND],
+        ["tests/plan/test_checkpoint.py", "tests/plan/test_spot.py"],
         timeout=60,
     ),
     # The trainer's resume state, in process (tests/train/test_trainer.py's torchrun resumes take
