@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from vicuna_sky.plan.checkpoint import checkpointing, young_daly
-from vicuna_sky.plan.tokens import token_count
+from vicuna_sky.plan.checkpoint import Checkpointing, checkpointing, young_daly
+from vicuna_sky.plan.tokens import TokenCount, token_count
 
 from .conftest import recipe, replace
 
@@ -37,3 +37,41 @@ def test_checkpoint_times_and_interval_in_steps():
     two = checkpointing(replace(r, "resources", nodes=2), token_count(r), per_gpu=3000.0)
     assert two.stall_seconds == two.write_seconds == pytest.approx(6.74e9 * 12 / 0.8e9)
     assert two.commit_seconds == two.upload_seconds
+
+
+def test_free_checkpoints_without_preemptions_are_still_only_the_final_one():
+    assert young_daly(0.0, float("inf")) == math.inf  # not sqrt(0 x inf), which is nan
+
+
+def test_checkpoint_download_and_steps_by_hand():
+    r = replace(recipe("vicuna-7b"), "train", packing=True, epochs=2.5)
+    tokens = token_count(r)
+    for nodes in (1, 2):
+        ck = checkpointing(replace(r, "resources", nodes=nodes), tokens, per_gpu=3000.0)
+        # A relaunch downloads each node's share of 80.9 GB at the bucket's 0.5 GB/s.
+        assert ck.download_seconds == pytest.approx(6.74e9 * 12 / (nodes * 0.5e9))
+    # Without stats: steps of 128 full 2048-token rows, 2.5 epochs of them, rounded up.
+    steps_per_epoch = round(tokens.per_epoch / (128 * 2048))
+    assert ck.total_steps == math.ceil(steps_per_epoch * 2.5)
+
+
+def test_steps_from_the_datas_own_stats():
+    """With the data's counts: an epoch is its sequences in whole global batches, and a step
+    carries the epoch's tokens spread over them."""
+    r = replace(recipe("vicuna-7b"), "train", packing=True, epochs=3.0)
+    stats = TokenCount(per_epoch=64_000_000, sequences=50_000, measured=True, basis="stats")
+    ck = checkpointing(r, stats, per_gpu=3000.0)
+    assert ck.tokens_per_step == pytest.approx(64_000_000 / (50_000 // 128))  # 390 steps
+    assert ck.total_steps == 3 * 390
+    assert ck.steps_basis == "50,000 sequences per epoch / global batch 128"
+
+
+def test_young_daly_uses_an_hour_of_3600_seconds():
+    """One preemption an hour, a 0.5 s stall: sqrt(2 x 0.5 x 3600) = 60 s, which is 10.5001
+    steps here: 11 (an hour of 3599 s would give 10.4986: 10)."""
+    ck = Checkpointing(
+        size_bytes=1e9, write_seconds=0.0, upload_seconds=0.0, download_seconds=0.0,
+        stall_seconds=0.5, step_seconds=60 / 10.5001, tokens_per_step=1.0, steps_basis="",
+        total_steps=1_000,
+    )  # fmt: skip
+    assert ck.planned_steps(1.0) == 11
