@@ -64,6 +64,11 @@ def test_steps_from_the_datas_own_stats():
     assert ck.tokens_per_step == pytest.approx(64_000_000 / (50_000 // 128))  # 390 steps
     assert ck.total_steps == 3 * 390
     assert ck.steps_basis == "50,000 sequences per epoch / global batch 128"
+    # Fewer sequences than a global batch, or just over one: one step, never none.
+    one = replace(r, "train", epochs=1.0)
+    for sequences in (100, 130):
+        small = TokenCount(per_epoch=1000, sequences=sequences, measured=True, basis="stats")
+        assert checkpointing(one, small, per_gpu=3000.0).total_steps == 1
 
 
 def test_young_daly_uses_an_hour_of_3600_seconds():
