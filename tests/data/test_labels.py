@@ -47,6 +47,14 @@ def test_trainable_counts_labels_by_value():
     assert Tokenized([1, 2, 3, 4], json.loads("[-100, -100, 3, 4]")).trainable == 2
 
 
+def test_a_conversation_of_hundreds_of_answers():
+    """300 answers of one token each, a question token before each and one after the last
+    (past CPython's small ints: the span count is a new int object wherever it is computed)."""
+    offsets = [(i, i + 1) for i in range(601)]
+    spans = [(i, i + 1) for i in range(1, 600, 2)]
+    assert _label_tokens(offsets, spans, "x" * 601) == [i % 2 == 1 for i in range(601)]
+
+
 def test_a_token_covering_nothing_inside_an_answer_carries_no_loss():
     offsets = [(0, 4), (4, 6), (6, 6), (6, 8), (8, 16)]
     assert _label_tokens(offsets, [(4, 8)], TEXT) == [False, True, False, True, False]
@@ -124,6 +132,24 @@ def test_a_cut_answer_without_an_end_marker_keeps_all_its_tokens(llama2):
     whole = tokenize_messages([], NoMarkerTemplate(), llama2)
     cut = tokenize_messages([], NoMarkerTemplate(), llama2, end_of_turn_on_last=False)
     assert trained(llama2, whole) == trained(llama2, cut) == ["fine thanks"]
+
+
+@dataclass(frozen=True)
+class LongMarkerTemplate:
+    """A template whose end of turn is several tokens long."""
+
+    name: str = "long-marker"
+    stop: tuple[str, ...] = (" END OF TURN",)
+
+    def render(self, messages, add_generation_prompt=False) -> Rendered:
+        return Rendered("Question: hi Answer: fine thanks END OF TURN", [(20, 44)])
+
+
+def test_a_cut_answer_loses_every_token_of_its_end_of_turn(llama2):
+    whole = tokenize_messages([], LongMarkerTemplate(), llama2)
+    cut = tokenize_messages([], LongMarkerTemplate(), llama2, end_of_turn_on_last=False)
+    assert trained(llama2, whole) == ["fine thanks END OF TURN"]
+    assert trained(llama2, cut) == ["fine thanks"]
 
 
 def test_max_length_cuts_ids_and_labels_alike(llama2):
