@@ -11,7 +11,7 @@ import torch
 
 from vicuna_sky.data.tokenize import Tokenized
 from vicuna_sky.train.checkpoint import rng_state, set_rng_state
-from vicuna_sky.train.config import TrainConfig
+from vicuna_sky.train.config import TrainConfig, parse_args
 from vicuna_sky.train.data import Dataset, ResumableSampler
 from vicuna_sky.train.trainer import lr_lambda, tokens_before
 
@@ -42,9 +42,9 @@ def test_the_rng_state_restores_the_gpu_generator_too():
 
 
 def config(scheduler: str, warmup_ratio: float) -> TrainConfig:
-    return TrainConfig(
-        model_path="m", data_path="d", lr_scheduler=scheduler, warmup_ratio=warmup_ratio
-    )
+    """From a command line, as the trainer gets it (its strings are new ones, not literals)."""
+    argv = ["--model-path=m", "--data-path=d", f"--lr-scheduler={scheduler}"]
+    return parse_args([*argv, f"--warmup-ratio={warmup_ratio}"])
 
 
 def test_warmup_is_a_linear_ramp_over_a_rounded_up_share_of_the_steps():
