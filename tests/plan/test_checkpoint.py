@@ -33,6 +33,12 @@ def test_checkpoint_times_and_interval_in_steps():
     # Preempted often, Young/Daly would checkpoint faster than a checkpoint commits: the floor.
     assert ck.planned_steps(20.0) == round(ck.commit_seconds / ck.step_seconds)
     assert ck.planned_steps(0.0) == ck.total_steps  # never preempted: the final one only
+    assert ck.steps(float("inf")) == ck.total_steps  # any infinity, not just math.inf
+    assert ck.steps(ck.step_seconds / 3) == 1  # an interval shorter than a step: every step
+    # On a notice: finish the step, then write and upload (10.9 + 202.2 + 161.8 s).
+    assert ck.emergency_seconds == pytest.approx(
+        128 * 2048 / 24_000 + 6.74e9 * 12 / 0.4e9 + 6.74e9 * 12 / 0.5e9
+    )
     # Two nodes save synchronously: training waits for the write of each node's half.
     two = checkpointing(replace(r, "resources", nodes=2), token_count(r), per_gpu=3000.0)
     assert two.stall_seconds == two.write_seconds == pytest.approx(6.74e9 * 12 / 0.8e9)
@@ -64,9 +70,10 @@ def test_steps_from_the_datas_own_stats():
     assert ck.tokens_per_step == pytest.approx(64_000_000 / (50_000 // 128))  # 390 steps
     assert ck.total_steps == 3 * 390
     assert ck.steps_basis == "50,000 sequences per epoch / global batch 128"
-    # Fewer sequences than a global batch, or just over one: one step, never none.
+    # Fewer sequences than a global batch, or just over one: one step, never none; the same
+    # without stats for fewer tokens than half a step.
     one = replace(r, "train", epochs=1.0)
-    for sequences in (100, 130):
+    for sequences in (100, 130, 0):
         small = TokenCount(per_epoch=1000, sequences=sequences, measured=True, basis="stats")
         assert checkpointing(one, small, per_gpu=3000.0).total_steps == 1
 
