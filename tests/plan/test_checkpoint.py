@@ -80,10 +80,18 @@ def test_steps_from_the_datas_own_stats():
 
 def test_young_daly_uses_an_hour_of_3600_seconds():
     """One preemption an hour, a 0.5 s stall: sqrt(2 x 0.5 x 3600) = 60 s, which is 10.5001
-    steps here: 11 (an hour of 3599 s would give 10.4986: 10)."""
-    ck = Checkpointing(
-        size_bytes=1e9, write_seconds=0.0, upload_seconds=0.0, download_seconds=0.0,
-        stall_seconds=0.5, step_seconds=60 / 10.5001, tokens_per_step=1.0, steps_basis="",
-        total_steps=1_000,
-    )  # fmt: skip
-    assert ck.planned_steps(1.0) == 11
+    steps here: 11 (an hour of 3599 s would give 10.4986: 10), or 10.4999: 10 (3601 s: 11)."""
+    for steps, planned in ((10.5001, 11), (10.4999, 10)):
+        ck = Checkpointing(
+            size_bytes=1e9, write_seconds=0.0, upload_seconds=0.0, download_seconds=0.0,
+            stall_seconds=0.5, step_seconds=60 / steps, tokens_per_step=1.0, steps_basis="",
+            total_steps=1_000,
+        )  # fmt: skip
+        assert ck.planned_steps(1.0) == planned
+
+
+def test_a_stall_longer_than_the_write_leaves_only_the_upload_to_commit():
+    r = replace(recipe("vicuna-7b"), "plan", stage_gb_per_second=0.2, write_gb_per_second=0.4)
+    ck = checkpointing(r, token_count(r), per_gpu=3000.0)
+    assert ck.stall_seconds > ck.write_seconds  # the write is done when training resumes
+    assert ck.commit_seconds == ck.upload_seconds
