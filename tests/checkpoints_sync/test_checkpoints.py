@@ -1,10 +1,14 @@
+import hashlib
+import logging
 import os
 from pathlib import Path
 
 import pytest
 
 from checkpoints_sync import Checkpoints, open_store
+from checkpoints_sync.checkpoints import CorruptCheckpoint
 from checkpoints_sync.manifest import NAME
+from checkpoints_sync.store import StoreError
 
 
 def make_checkpoint(root: Path, step: int, files: int = 3, size: int = 50_000) -> Path:
@@ -168,3 +172,133 @@ def test_reading_while_another_process_collects_garbage(tmp_path):
         watcher.join(30)
     assert errors == [] and writer.committed() == [60]
     assert len(seen) > 1  # the reader ran alongside, through many commits
+
+
+# -- pull: where a step may be downloaded to ---------------------------------------------
+def committed_step(store_url, tmp_path, step=1):
+    cps = Checkpoints(open_store(store_url))
+    cps.commit(make_checkpoint(tmp_path / "local", step, files=1, size=1000), step)
+    return cps
+
+
+def test_pull_into_a_non_empty_directory_is_refused_and_touches_nothing(store_url, tmp_path):
+    cps = committed_step(store_url, tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    beside = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(StoreError, match="not empty"):
+        cps.download(1, mine)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert (mine / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == beside  # nothing staged beside it
+
+
+def test_pull_into_an_empty_directory_or_a_new_path_under_new_parents(store_url, tmp_path):
+    cps = committed_step(store_url, tmp_path)
+    (tmp_path / "empty").mkdir()
+    for destination in (tmp_path / "empty", tmp_path / "a" / "b" / "new"):
+        cps.download(1, destination)
+        assert (destination / ".metadata").read_text() == "step 1"
+
+
+def test_pull_onto_a_file_or_a_symlink_is_refused_and_leaves_it(store_url, tmp_path):
+    cps = committed_step(store_url, tmp_path)
+    a_file, dangling = tmp_path / "file", tmp_path / "dangling"
+    a_file.write_text("mine")
+    dangling.symlink_to(tmp_path / "nowhere")
+    for destination in (a_file, dangling):
+        with pytest.raises(StoreError, match="exists and is not a directory"):
+            cps.download(1, destination)
+    assert a_file.read_text() == "mine"
+    assert dangling.is_symlink() and not dangling.exists()
+
+
+def test_pull_under_a_file_is_refused(store_url, tmp_path):
+    cps = committed_step(store_url, tmp_path)
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(StoreError, match=f"{tmp_path / 'file'} is not a directory"):
+        cps.download(1, tmp_path / "file" / "checkpoint")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_replace_takes_the_place_of_a_directory_a_file_or_a_symlink(store_url, tmp_path):
+    """The trainer's own half-saved step directory (or whatever it left at that path) is
+    replaced by the verified download; a symlink is replaced, never what it points to."""
+    cps = committed_step(store_url, tmp_path)
+    stale = tmp_path / "stale"
+    (stale / "shards").mkdir(parents=True)
+    (stale / "shards" / "half-written").write_bytes(b"x")
+    a_file = tmp_path / "file"
+    a_file.write_text("old")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious").write_text("keep")
+    link = tmp_path / "link"
+    link.symlink_to(elsewhere)
+    for destination in (stale, a_file, link, tmp_path / "new"):
+        cps.download(1, destination, replace=True)
+        assert not destination.is_symlink()
+        assert sorted(str(p.relative_to(destination)) for p in destination.rglob("*")) == [
+            ".checkpoint-manifest.json",
+            ".metadata",
+            "shards",
+            "shards/__0_0.distcp",
+        ]
+    assert [p.name for p in elsewhere.iterdir()] == ["precious"]
+
+
+# -- verification, retention, listing -------------------------------------------------------
+def test_a_corrupt_file_is_caught_whichever_way_its_checksum_sorts(store_url, tmp_path):
+    """Same size, other bytes: the checksum differs, sorting before or after the real one."""
+    store = open_store(store_url)
+    cps = Checkpoints(store)
+    local = make_checkpoint(tmp_path / "local", 1, files=1, size=1000)
+    cps.commit(local, 1)
+    real = hashlib.sha256((local / "shards" / "__0_0.distcp").read_bytes()).hexdigest()
+    below = above = None
+    for i in range(256):
+        data = bytes([i]) * 1000
+        digest = hashlib.sha256(data).hexdigest()
+        below = data if below is None and digest < real else below
+        above = data if above is None and digest > real else above
+    for n, data in enumerate((below, above)):
+        evil = tmp_path / "evil"
+        evil.write_bytes(data)
+        store.put_file(evil, "step-1/shards/__0_0.distcp")
+        with pytest.raises(CorruptCheckpoint, match="does not match its manifest"):
+            cps.download(1, tmp_path / f"out-{n}")
+        assert not (tmp_path / f"out-{n}").exists()
+
+
+def test_gc_deletes_an_abandoned_upload_between_committed_steps(store_url, tmp_path):
+    store = open_store(store_url)
+    cps = Checkpoints(store)
+    for step in (1, 3):
+        cps.commit(make_checkpoint(tmp_path, step, files=1, size=100), step)
+    abandoned = make_checkpoint(tmp_path, 2, files=1, size=100)
+    store.put_file(abandoned / ".metadata", "step-2/.metadata")
+    assert cps.gc(keep=2) == [2]
+    assert cps.committed() == [1, 3]
+    assert {o.key.split("/")[0] for o in store.list()} == {"step-1", "step-3"}
+
+
+def test_an_upload_in_progress_draws_no_warning(store_url, tmp_path, caplog):
+    """A step with files and no manifest yet is no checkpoint at all, not a broken one: listing
+    says nothing of it, whatever its files are named (before or after the manifest's name)."""
+    store = open_store(store_url)
+    cps = Checkpoints(store)
+    cps.commit(make_checkpoint(tmp_path, 1, files=1, size=100), 1)
+    uploading = make_checkpoint(tmp_path, 2, files=1, size=100)
+    store.put_file(uploading / ".metadata", "step-2/.metadata")
+    store.put_file(uploading / ".metadata", "step-2/.aaa")
+    store.put_file(uploading / ".metadata", "step-2/zzz")
+    with caplog.at_level(logging.WARNING, logger="checkpoints_sync"):
+        assert cps.committed() == [1]
+    assert caplog.records == []
+    junk = tmp_path / "junk"
+    junk.write_text("{not json")
+    store.put_file(junk, f"step-3/{NAME}")
+    with caplog.at_level(logging.WARNING, logger="checkpoints_sync"):
+        assert cps.committed() == [1]
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["ignoring step-3"]

@@ -5,7 +5,15 @@ import math
 import pytest
 
 from vicuna_sky.plan.checkpoint import young_daly
-from vicuna_sky.plan.spot import SpotRun
+from vicuna_sky.plan.spot import (
+    RELAUNCH_MINUTES,
+    SpotRun,
+    base_model_seconds,
+    preemption_rate,
+    relaunch_minutes,
+)
+
+from .conftest import recipe, replace
 
 
 def test_young_daly_interval():
@@ -72,3 +80,42 @@ def test_young_daly_minimizes_the_expected_billed_time():
         for f in (0.25, 0.5, 0.8, 1.0, 1.25, 2.0, 4.0)
     }
     assert min(billed, key=billed.get) == 1.0
+
+
+def test_an_emergency_save_that_just_fits_the_window_counts():
+    exact = made_up_run(notice_seconds=120, emergency_seconds=120)
+    assert exact.emergency_fits and exact.lost_seconds == 120
+    assert not made_up_run().emergency_fits  # no notice, no emergency save
+
+
+def test_checkpointing_only_at_the_end_costs_no_periodic_time():
+    final_only = made_up_run(interval_seconds=math.inf)
+    assert final_only.checkpoints_seconds == 0
+    assert final_only.on_demand_cost(30.0, 2) == pytest.approx(600.0)
+    never = made_up_run(preemptions_per_hour=0)
+    assert never.billed_seconds == 39_600 and never.preemptions == 0
+    assert never.overhead_seconds == 3_600  # the periodic checkpoints only
+
+
+def test_a_run_that_loses_exactly_its_pace_never_finishes():
+    # 1 preemption/h, each costing an hour (1,800 + 180 lost + 1,620 relaunch): no progress.
+    run = made_up_run(preemptions_per_hour=1, relaunch_seconds=1_620)
+    assert run.per_preemption_seconds == 3_600 and run.billed_seconds == math.inf
+
+
+def test_the_relaunch_time_and_preemption_rate_of_a_recipe():
+    # What the plan states: provisioning (5 min, assumed), the install (41 s) and the trainer's
+    # start (9.1 s), both measured (see the constants' notes).
+    assert pytest.approx(5 * 60 + 41 + 9.1) == RELAUNCH_MINUTES * 60
+    r = recipe("vicuna-7b")
+    assert relaunch_minutes(r) == RELAUNCH_MINUTES
+    assert relaunch_minutes(replace(r, "plan", relaunch_minutes=2.5)) == 2.5
+    assert relaunch_minutes(replace(r, "plan", relaunch_minutes=0.0)) == 0.0  # set, not unset
+    # Each node reads all of the base model (bf16: 2 bytes a parameter) at the bucket's rate.
+    slow = replace(r, "plan", upload_gb_per_second=0.25)
+    assert base_model_seconds(slow) == pytest.approx(r.model.params_b * 2 / 0.25)
+    rates = {"GCP": 0.3, "gcp/us-central1": 0.5}
+    r = replace(r, "plan", preemptions_per_hour=0.1, preemption_rates=rates)
+    assert preemption_rate(r, "gcp", "US-Central1") == 0.5  # the region's own, any case
+    assert preemption_rate(r, "gcp", "europe-west4") == 0.3  # the cloud's
+    assert preemption_rate(r, "aws", "us-central1") == 0.1  # the default

@@ -1,0 +1,336 @@
+"""The controller's failover path (`Controller.generate`), against a real controller process on
+loopback and stub workers that answer as a broken, draining or misplaced worker would: what the
+client gets, which worker is asked, and which stays in rotation. Each test has models of its
+own, so one controller serves them all."""
+
+import http.server
+import itertools
+import json
+import threading
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from .conftest import SECRET
+
+Answer = Callable[[dict], tuple[int, bytes | list[bytes]]]
+_models = itertools.count()
+
+
+class Stub:
+    """A worker at a real address: `answer(payload)` gives the status and the body (bytes: one
+    JSON answer; a list: stream lines, written one by one, the connection closed after them)."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer, self.payloads = answer, []
+        stub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                stub.payloads.append(payload)
+                status, body = stub.answer(payload)
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                if isinstance(body, bytes):
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                for chunk in [body] if isinstance(body, bytes) else body:
+                    self.wfile.write(chunk)
+                    self.wfile.flush()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+
+def error(status: int, message: str, **more: str) -> Answer:
+    body = json.dumps({"error": {"message": message, **more}}).encode()
+    return lambda payload: (status, body)
+
+
+def raw(status: int, body: bytes) -> Answer:
+    return lambda payload: (status, body)
+
+
+def lines(*events: dict) -> Answer:
+    return lambda payload: (200, [json.dumps(e).encode() + b"\n" for e in events])
+
+
+def whole(text: str) -> Answer:
+    answer = {"text": text, "finish_reason": "stop", "prompt_tokens": 3, "completion_tokens": 2}
+    return lambda payload: (200, json.dumps(answer).encode())
+
+
+@pytest.fixture(scope="module")
+def controller(module_fleet) -> Iterator:
+    module_fleet.start_controller("--expiry-seconds", "600")  # stubs never heartbeat
+    stubs: list[Stub] = []
+    module_fleet.stubs = stubs
+    yield module_fleet
+    for stub in stubs:
+        stub.server.shutdown()
+
+
+def workers(fleet, *answers: Answer) -> tuple[str, list[Stub]]:
+    """A new model served by one stub per answer, registered in this order (the first is
+    picked first while loads are equal)."""
+    model = f"m{next(_models)}"
+    stubs = [Stub(a) for a in answers]
+    fleet.stubs.extend(stubs)
+    headers = {"Authorization": f"Bearer {SECRET}"}
+    for n, stub in enumerate(stubs):
+        body = {"address": stub.address, "worker_id": f"stub-{model}-{n}", "models": [model]}
+        httpx.post(f"{fleet.url}/workers/register", json=body | {"max_concurrency": 4},
+                   headers=headers).raise_for_status()  # fmt: skip
+    fleet.wait_workers({s.address for s in stubs})
+    return model, stubs
+
+
+def ask(fleet, model: str, **params: object) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **params}
+    return httpx.post(f"{fleet.url}/v1/chat/completions", json=body, timeout=30)
+
+
+def ask_streamed(fleet, model: str, **params: object) -> list[dict]:
+    """The stream's data events, [DONE] as the string "[DONE]"."""
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+            "stream_options": {"include_usage": True}, **params}  # fmt: skip
+    out = []
+    with httpx.stream("POST", f"{fleet.url}/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                data = line.removeprefix("data: ")
+                out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def text_of(events: list) -> str:
+    return "".join(
+        e["choices"][0]["delta"].get("content") or ""
+        for e in events
+        if isinstance(e, dict) and e.get("choices")
+    )
+
+
+def hits(stubs: list[Stub]) -> list[int]:
+    return [len(s.payloads) for s in stubs]
+
+
+# -- before the answer begins ---------------------------------------------------------------
+def test_a_500_is_retried_once_then_the_client_gets_a_502(controller):
+    model, stubs = workers(
+        controller, error(500, "out of memory"), error(500, "out of memory"), whole("unused")
+    )
+    r = ask(controller, model)
+    assert r.status_code == 502
+    assert r.json()["error"]["message"] == "workers failed: out of memory"
+    assert r.json()["error"]["type"] == "server_error"
+    assert hits(stubs) == [1, 1, 0]  # it fails wherever it goes: the third is not asked
+    assert {s.address for s in stubs} <= controller.available()  # a 500 is no broken worker
+
+
+def test_one_500_then_the_answer_of_another_worker(controller):
+    model, stubs = workers(controller, error(500, "out of memory"), whole("fine"))
+    r = ask(controller, model)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "fine"
+    assert hits(stubs) == [1, 1]
+
+
+def test_a_client_error_is_passed_on_and_not_retried(controller):
+    model, stubs = workers(
+        controller,
+        error(400, "max_tokens is too large", type="invalid_request_error", code="too_long"),
+        whole("unused"),
+    )
+    r = ask(controller, model)
+    assert r.status_code == 400
+    assert r.json()["error"] | {"param": None} == {
+        "message": "max_tokens is too large",
+        "type": "invalid_request_error",
+        "code": "too_long",
+        "param": None,
+    }
+    assert hits(stubs) == [1, 0]
+    assert stubs[0].address in controller.available()  # the client's mistake, not the worker's
+
+
+def test_a_client_error_without_a_body_is_still_the_clients(controller):
+    model, stubs = workers(controller, raw(413, b""), whole("unused"))
+    r = ask(controller, model)
+    assert r.status_code == 413
+    assert r.json()["error"]["message"] == "worker error"
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert hits(stubs) == [1, 0]
+
+
+def test_an_error_body_that_is_not_json(controller):
+    model, stubs = workers(controller, raw(500, b"<html>oops"), raw(502, b"[1, 2]"))
+    r = ask(controller, model)
+    assert r.status_code == 502
+    assert r.json()["error"]["message"] == "workers failed: worker answered HTTP 502"
+    assert hits(stubs) == [1, 1]
+    model, stubs = workers(controller, raw(400, b"not json"))
+    r = ask(controller, model)
+    assert r.status_code == 400 and r.json()["error"]["message"] == "worker answered HTTP 400"
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_an_address_that_is_no_worker_is_taken_out_of_rotation(controller):
+    """A 404 or a 403 (another service, or a worker of another fleet at that address): the
+    request goes to the next worker, and the address gets no more requests."""
+    model, stubs = workers(controller, raw(404, b"Not Found"), error(403, "no"), whole("here"))
+    for _ in range(2):
+        r = ask(controller, model)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "here"
+    assert hits(stubs) == [1, 1, 2]
+    assert controller.available() & {s.address for s in stubs} == {stubs[2].address}
+
+
+def test_a_draining_worker_gets_no_new_work(controller):
+    model, stubs = workers(controller, error(503, "draining"), whole("from the other"))
+    for _ in range(2):
+        r = ask(controller, model)
+        assert r.json()["choices"][0]["message"]["content"] == "from the other"
+    assert hits(stubs) == [1, 2]
+    assert stubs[0].address not in controller.available()
+
+
+def test_no_worker_left_is_a_503(controller):
+    model, stubs = workers(controller, raw(404, b""))
+    r = ask(controller, model)
+    assert r.status_code == 503
+    assert r.json()["error"]["message"] == f"no worker for {model!r} is available"
+    assert r.json()["error"]["type"] == "server_error"
+    assert hits(stubs) == [1]
+    r = ask(controller, "no-such-model")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_malformed_answer_is_a_broken_worker(controller):
+    model, stubs = workers(controller, raw(200, b"not json"), lines(), whole("good"))
+    r = ask(controller, model)
+    assert r.json()["choices"][0]["message"]["content"] == "good"
+    assert r.json()["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert hits(stubs) == [1, 1, 1]
+    assert controller.available() & {s.address for s in stubs} == {stubs[2].address}
+
+
+def test_the_worker_is_asked_for_the_whole_answer_at_once_unless_streamed(controller):
+    model, stubs = workers(controller, whole("all of it"))
+    ask(controller, model, max_tokens=5)
+    assert stubs[0].payloads[0]["stream"] is False and stubs[0].payloads[0]["max_tokens"] == 5
+    assert stubs[0].payloads[0]["prefix"] == ""
+
+
+# -- once the answer has begun ---------------------------------------------------------------
+def test_a_worker_dying_mid_answer_is_continued_by_another(controller):
+    """The second worker is given the text sent so far and the rest of max_tokens; the client
+    gets one answer, and usage counts both workers' tokens."""
+    model, stubs = workers(
+        controller,
+        lines({"prompt_tokens": 7}, {"text": "Hel"}, {"text": "lo"}),  # then the line drops
+        lines({"text": " world"}, {"finish_reason": "stop", "completion_tokens": 1}),
+    )
+    events = ask_streamed(controller, model, max_tokens=10)
+    assert text_of(events) == "Hello world"
+    assert events[-1] == "[DONE]"
+    assert events[-2]["usage"] == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    second = stubs[1].payloads[0]
+    assert (second["prefix"], second["max_tokens"], second["stream"]) == ("Hello", 8, True)
+    assert stubs[0].address not in controller.available()
+
+
+def test_one_token_left_is_still_a_continuation(controller):
+    model, stubs = workers(
+        controller,
+        lines({"text": "a"}, {"text": "b"}),
+        lines({"text": "c"}, {"finish_reason": "length", "completion_tokens": 1}),
+    )
+    events = ask_streamed(controller, model, max_tokens=3)
+    assert text_of(events) == "abc"
+    assert (stubs[1].payloads[0]["prefix"], stubs[1].payloads[0]["max_tokens"]) == ("ab", 1)
+
+
+def test_a_continuation_without_max_tokens_has_none(controller):
+    model, stubs = workers(
+        controller,
+        lines({"text": "a"}),
+        lines({"text": "b"}, {"finish_reason": "stop", "prompt_tokens": 2, "completion_tokens": 1}),
+    )
+    events = ask_streamed(controller, model)
+    assert text_of(events) == "ab"
+    assert events[-2]["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+    assert (stubs[1].payloads[0]["prefix"], stubs[1].payloads[0]["max_tokens"]) == ("a", None)
+
+
+def test_an_answer_cut_at_max_tokens_needs_no_other_worker(controller):
+    model, stubs = workers(
+        controller,
+        lines({"prompt_tokens": 4}, {"text": "a"}, {"text": "b"}),
+        lines({"text": "unused"}),
+    )
+    events = ask_streamed(controller, model, max_tokens=2)
+    assert text_of(events) == "ab"
+    finish = [e["choices"][0]["finish_reason"] for e in events if isinstance(e, dict)
+              and e.get("choices") and e["choices"][0].get("finish_reason")]  # fmt: skip
+    assert finish == ["length"]
+    assert events[-2]["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+    assert hits(stubs) == [1, 0]
+
+
+def test_a_worker_dying_mid_answer_with_no_other_ends_the_stream_with_an_error(controller):
+    model, stubs = workers(controller, lines({"text": "Hel"}))
+    events = ask_streamed(controller, model)
+    assert text_of(events) == "Hel"
+    assert events[-1]["error"]["message"] == (
+        "the worker failed mid-answer and no other worker could continue it"
+    )
+    assert "[DONE]" not in events
+    assert hits(stubs) == [1]
+
+
+def test_an_error_after_the_answer_began_ends_the_stream_and_is_not_retried(controller):
+    model, stubs = workers(
+        controller, lines({"text": "Hel"}, {"error": {"message": "CUDA error"}}), whole("unused")
+    )
+    events = ask_streamed(controller, model)
+    assert text_of(events) == "Hel"
+    assert events[-1]["error"]["message"] == "CUDA error"
+    assert events[-1]["error"]["type"] == "server_error"
+    assert hits(stubs) == [1, 0]
+    model, stubs = workers(controller, lines({"text": "Hel"}, {"error": "not an object"}))
+    assert ask_streamed(controller, model)[-1]["error"]["message"] == "the generation failed"
+
+
+def test_a_500_after_the_answer_began_on_another_worker_ends_the_stream(controller):
+    """The first worker dies mid-answer; the two next answer 500: the client has text already,
+    so the error comes in the stream, not as an HTTP status."""
+    model, stubs = workers(
+        controller,
+        lines({"text": "Hel"}),
+        error(500, "out of memory"),
+        error(500, "out of memory"),
+    )
+    events = ask_streamed(controller, model)
+    assert text_of(events) == "Hel"
+    assert events[-1]["error"]["message"] == "workers failed: out of memory"
+    assert hits(stubs) == [1, 1, 1]
+    model, stubs = workers(controller, lines({"text": "Hel"}), error(400, "too long"))
+    events = ask_streamed(controller, model)
+    assert events[-1]["error"]["message"] == "too long"
+
+
+def test_blank_lines_in_a_stream_are_skipped(controller):
+    model, stubs = workers(
+        controller,
+        lambda p: (200, [b"\n", b'{"text": "ok"}\n', b"  \n", b'{"finish_reason": "stop"}\n']),
+    )
+    events = ask_streamed(controller, model)
+    assert text_of(events) == "ok" and events[-1] == "[DONE]"
+    assert hits(stubs) == [1]
