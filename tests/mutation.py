@@ -55,7 +55,7 @@ MODULES = {
     # Stub workers (tests/serve/test_failover.py) answer as broken, draining or misplaced
     # workers would; the fleet tests with real workers take minutes a mutant.
     "failover": Module(
-        "src/vicuna_sky/serve/controller.py",
+        "src/vicuna_sky/serve/hop.py",
         ["tests/serve/test_controller.py", "tests/serve/test_failover.py"],
         functions=("generate", "_worker_error"),
         timeout=90,
