@@ -234,3 +234,18 @@ keeps its usual place after them."""
 def pytest_collection_modifyitems(config, items) -> None:
     rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
+
+@pytest.fixture
+def offline_env(tmp_path) -> dict[str, str]:
+    """The environment of a CLI run with no SkyPilot catalog in its HOME and no way out (a
+    proxy on a closed loopback port): anything fetched from the internet fails at once."""
+    home = tmp_path / "home"
+    home.mkdir()
+    return {
+        **os.environ,
+        "HOME": str(home),
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+        "COLUMNS": "200",
+    }

@@ -9,7 +9,6 @@ state. No API server is started and nothing leaves this machine.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -199,18 +198,10 @@ def test_service_logs_pick_a_live_replica_or_the_one_asked_for(fake_sky):
 # -- 8. the dry run offline -----------------------------------------------------------------------
 
 
-def test_the_dry_run_prints_the_task_offline(tmp_path):
+def test_the_dry_run_prints_the_task_offline(tmp_path, offline_env):
     """No catalog in HOME and no way out (a proxy on a closed loopback port): the catalog
     download fails at once, the task still prints and the plan says why it is missing."""
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {
-        **os.environ,
-        "HOME": str(home),
-        "HTTPS_PROXY": "http://127.0.0.1:9",
-        "HTTP_PROXY": "http://127.0.0.1:9",
-        "COLUMNS": "200",
-    }
+    env = offline_env
     exe = Path(sys.executable).parent / "vicuna-sky"
     out = subprocess.run(
         [str(exe), "train", "vicuna-7b", "--dryrun"],

@@ -2,7 +2,6 @@
 bad input one line with exit status 2."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -124,17 +123,9 @@ def test_a_malformed_catalog_is_named(cli, tmp_path):
     assert len(out.stderr.strip().splitlines()) == 1
 
 
-def test_skypilots_fetch_messages_stay_off_the_screen_unless_verbose(tmp_path):
+def test_skypilots_fetch_messages_stay_off_the_screen_unless_verbose(tmp_path, offline_env):
     """No catalog in HOME and no way out (a proxy on a closed loopback port)."""
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {
-        **os.environ,
-        "HOME": str(home),
-        "HTTPS_PROXY": "http://127.0.0.1:9",
-        "HTTP_PROXY": "http://127.0.0.1:9",
-        "COLUMNS": "200",
-    }
+    env = offline_env
     exe = [str(Path(sys.executable).parent / "vicuna-sky"), "plan", "vicuna-7b", "--json"]
 
     def run(*extra):
