@@ -118,6 +118,14 @@ def text_of(events: list) -> str:
     )
 
 
+def finish_reasons(events: list) -> list[str]:
+    return [
+        e["choices"][0]["finish_reason"]
+        for e in events
+        if isinstance(e, dict) and e.get("choices") and e["choices"][0].get("finish_reason")
+    ]
+
+
 def hits(stubs: list[Stub]) -> list[int]:
     return [len(s.payloads) for s in stubs]
 
@@ -140,6 +148,16 @@ def test_one_500_then_the_answer_of_another_worker(controller):
     r = ask(controller, model)
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "fine"
     assert hits(stubs) == [1, 1]
+
+
+def test_a_504_is_a_server_error_not_a_drain(controller):
+    """Only a 503 says "draining"; a 504 (a proxy in front of the worker timing out) is retried
+    elsewhere like any 5xx, and the worker stays in rotation."""
+    model, stubs = workers(controller, error(504, "gateway timeout"), whole("fine"))
+    r = ask(controller, model)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "fine"
+    assert hits(stubs) == [1, 1]
+    assert {s.address for s in stubs} <= controller.available()
 
 
 def test_a_client_error_is_passed_on_and_not_retried(controller):
@@ -277,10 +295,20 @@ def test_an_answer_cut_at_max_tokens_needs_no_other_worker(controller):
     )
     events = ask_streamed(controller, model, max_tokens=2)
     assert text_of(events) == "ab"
-    finish = [e["choices"][0]["finish_reason"] for e in events if isinstance(e, dict)
-              and e.get("choices") and e["choices"][0].get("finish_reason")]  # fmt: skip
-    assert finish == ["length"]
+    assert finish_reasons(events) == ["length"]
     assert events[-2]["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+    assert hits(stubs) == [1, 0]
+
+
+def test_pieces_past_max_tokens_need_no_other_worker(controller):
+    """A worker that sent more pieces than max_tokens (a backend counting otherwise), then
+    dropped: nothing is left to continue, so no other worker is asked for a negative rest."""
+    model, stubs = workers(
+        controller, lines({"text": "a"}, {"text": "b"}, {"text": "c"}), lines({"text": "unused"})
+    )
+    events = ask_streamed(controller, model, max_tokens=2)
+    assert text_of(events) == "abc"
+    assert finish_reasons(events) == ["length"]
     assert hits(stubs) == [1, 0]
 
 
