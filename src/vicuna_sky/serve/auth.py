@@ -87,43 +87,94 @@ def require_secret_off_loopback(host: str, secret: str, what: str) -> None:
         )
 
 
+class BodyRefused(Exception):
+    """A request body refused as it arrives: too large (413) or stalled (408)."""
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+def body_timeout() -> float:
+    return float(os.environ.get(BODY_TIMEOUT_ENV, BODY_TIMEOUT))
+
+
+async def read_body(
+    scope: Scope, receive: Receive, limit: int | None, timeout: float
+) -> bytes | None:
+    """The whole request body, counted as it arrives (a client need not say its length) and
+    refused (BodyRefused) past `limit` bytes or when a piece takes over `timeout` seconds; None
+    when the client went away first."""
+    if limit is not None:
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit)
+    chunks, size = [], 0
+    while True:
+        message = await _next_piece(receive, timeout)
+        if message["type"] != "http.request":  # the client went away
+            return None
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if limit is not None and size > limit:
+            raise _too_large(limit)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def _next_piece(receive: Receive, timeout: float) -> Message:
+    """`receive()` within `timeout`, in the caller's task: a timer cancels it (asyncio.wait_for
+    would make a task per piece, on every request)."""
+    from vicuna_sky.serve.answers import took_back
+
+    task = asyncio.current_task()
+    assert task is not None
+    stalled = False
+
+    def stall() -> None:
+        nonlocal stalled
+        stalled = True
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(timeout, stall)
+    try:
+        return await receive()
+    except asyncio.CancelledError:
+        if stalled and took_back(task):
+            raise BodyRefused(
+                408, f"the request body stalled for {timeout:g} s", "request_timeout"
+            ) from None
+        raise
+    finally:
+        timer.cancel()
+
+
+def _too_large(limit: int) -> BodyRefused:
+    return BodyRefused(413, f"the request body is over {limit} bytes", "request_too_large")
+
+
 class BodyLimit:
-    """413 for a request body over `limit` bytes, counted as it arrives (a client need not say
-    its length) and before any of it is parsed; 408 when the body stalls for `timeout` seconds;
-    a body within the limit is handed on whole."""
+    """413 for a request body over `limit` bytes, 408 when it stalls for `timeout` seconds
+    (`read_body`); a body within the limit is handed on whole."""
 
     def __init__(
         self, app: ASGIApp, limit: int = MAX_BODY_BYTES, timeout: float | None = None
     ) -> None:
         self.app, self.limit = app, limit
-        self.timeout = timeout or float(os.environ.get(BODY_TIMEOUT_ENV, BODY_TIMEOUT))
+        self.timeout = timeout or body_timeout()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD"):
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await _too_large(send, self.limit)
+        try:
+            body = await read_body(scope, receive, self.limit, self.timeout)
+        except BodyRefused as e:
+            await refuse(send, e)
             return
-        chunks, size = [], 0
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), self.timeout)
-            except asyncio.TimeoutError:
-                await _refuse(send, 408, f"the request body stalled for {self.timeout:g} s",
-                              "request_timeout")  # fmt: skip
-                return
-            if message["type"] != "http.request":  # the client went away
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.limit:
-                await _too_large(send, self.limit)
-                return
-            if not message.get("more_body"):
-                break
-        body, replayed = b"".join(chunks), False
+        if body is None:
+            return
+        replayed = False
 
         async def replay() -> Message:
             nonlocal replayed
@@ -135,19 +186,15 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-async def _too_large(send: Send, limit: int) -> None:
-    await _refuse(send, 413, f"the request body is over {limit} bytes", "request_too_large")
-
-
-async def _refuse(send: Send, status: int, message: str, code: str) -> None:
+async def refuse(send: Send, e: BodyRefused) -> None:
     import json
 
     body = json.dumps(
         {
             "error": {
-                "message": message,
+                "message": e.message,
                 "type": "invalid_request_error",
-                "code": code,
+                "code": e.code,
                 "param": None,
             }
         }
@@ -155,7 +202,7 @@ async def _refuse(send: Send, status: int, message: str, code: str) -> None:
     await send(
         {
             "type": "http.response.start",
-            "status": status,
+            "status": e.status,
             "headers": [(b"content-type", b"application/json")],
         }
     )

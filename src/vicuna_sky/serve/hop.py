@@ -12,16 +12,14 @@ import struct
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
-import aiohttp
 import orjson
 
 from vicuna_sky.serve.answers import took_back
+from vicuna_sky.serve.hop_client import HopClient, HopError
 from vicuna_sky.serve.metrics import FleetMetrics
 from vicuna_sky.serve.protocol import ApiError, EmbeddingRequest, GenerateRequest
-from vicuna_sky.serve.registry import Registry, WorkerState
-from vicuna_sky.serve.tls import pinned
+from vicuna_sky.serve.registry import Registry
 
-JSON = {"Content-Type": "application/json"}
 T = TypeVar("T")
 
 
@@ -43,13 +41,11 @@ class WorkerHop:
         request_timeout: float = 600.0,
     ) -> None:
         self.registry, self.secret = registry, secret
-        self._pins: dict[str, aiohttp.Fingerprint] = {}
         self.first_token_timeout = first_token_timeout
         self.inter_token_timeout = inter_token_timeout
         self.request_timeout = request_timeout
         """A whole non-streamed answer (a hung worker is caught sooner by its heartbeats)."""
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0)
-        self._session: aiohttp.ClientSession | None = None
+        self.client = HopClient(secret)
         self.metrics = FleetMetrics()
         self._reading: dict[str, set[asyncio.Task]] = {}
         """The tasks waiting on each worker's answer: cancelled when it is found dead or
@@ -58,38 +54,15 @@ class WorkerHop:
         """Tasks cancelled because their worker failed them (dead, or too slow), and why: not
         by their client, nor by a shutdown."""
 
-    @property
-    def http(self) -> aiohttp.ClientSession:
-        """The client for the hop to workers. aiohttp rather than httpx: on the one hop every
-        request takes, its client costs a fraction of the CPU (measured in
-        benchmarks/serve_throughput.py). Made inside the server's event loop, on first use."""
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
-            headers = {"Authorization": f"Bearer {self.secret}"} if self.secret else {}
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self.timeout, headers=headers
-            )
-        return self._session
-
-    def pin(self, worker: WorkerState) -> aiohttp.Fingerprint | bool:
-        """How the hop checks `worker`'s certificate: its registered fingerprint (no CA); a
-        plain http worker has none to check (`True`: aiohttp's default, unused for http)."""
-        if not worker.tls_fingerprint:
-            return True
-        pin = self._pins.get(worker.tls_fingerprint)
-        if pin is None:
-            pin = self._pins[worker.tls_fingerprint] = pinned(worker.tls_fingerprint)
-        return pin
-
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        self.client.close()
 
-    def require_model(self, model: str) -> None:
-        if model not in self.registry.models():
-            raise ApiError(
-                404, f"the model {model!r} does not exist or has no worker", code="model_not_found"
-            )
+    def no_worker(self, model: str, tried: set[str]) -> ApiError:
+        """Why no worker was picked for `model`: none serves it (404), or none is left (503)."""
+        if not tried:
+            what = f"the model {model!r} does not exist or has no worker"
+            return ApiError(404, what, code="model_not_found")
+        return ApiError(503, f"no worker for {model!r} is available", kind="server_error")
 
     # -- failing over ------------------------------------------------------------------------
     async def watch_workers(self, every: float = 0.2) -> None:
@@ -143,7 +116,6 @@ class WorkerHop:
     async def generate(self, gen: GenerateRequest) -> AsyncIterator[dict]:
         """Deltas `{"text": ...}` then `{"finish_reason": ..., usage}`, or `{"error": ApiError}`
         once the answer has begun; failover inside."""
-        self.require_model(gen.model)
         tried: set[str] = set()
         sent = ""
         prompt_tokens: int | None = None
@@ -159,9 +131,7 @@ class WorkerHop:
                     what = "the worker failed mid-answer and no other worker could continue it"
                     yield {"error": ApiError(503, what, kind="server_error")}
                     return
-                raise ApiError(
-                    503, f"no worker for {gen.model!r} is available", kind="server_error"
-                )
+                raise self.no_worker(gen.model, tried)
             tried.add(worker.address)
             carried = pieces
             left = None if gen.max_tokens is None else gen.max_tokens - carried
@@ -170,18 +140,18 @@ class WorkerHop:
                 yield {"finish_reason": "length", "completion_tokens": carried}
                 return
             payload = request | {"prefix": sent, "max_tokens": left}
-            url = f"{worker.address}/generate"
             answered = False  # a whole answer: the worker's failure back-off starts over
             try:
                 # A worker answers once it has its first token (streamed) or the whole answer:
                 # waiting for it is already a read that a hung worker must not hold up forever.
                 # Redirects are not followed: a worker answers itself, or is broken.
-                opening = self.http.post(
-                    url,
-                    data=encoded(payload),
-                    headers=JSON,
-                    allow_redirects=False,
-                    ssl=self.pin(worker),
+                # A whole answer is one guarded read.
+                opening = self.client.post(
+                    worker.address,
+                    "/generate",
+                    encoded(payload),
+                    worker.tls_fingerprint,
+                    whole=not gen.stream,
                 )
                 wait = self.first_token_timeout if gen.stream else self.request_timeout
                 async with await self.guarded(worker.address, opening, wait) as r:
@@ -206,15 +176,14 @@ class WorkerHop:
                             raise error
                         continue
                     if not gen.stream:
-                        content = await self.guarded(worker.address, r.read(), self.request_timeout)
-                        final = _final(content)
+                        final = _final(await r.read())
                         answered = True
                         yield {"text": final.pop("text")}
                         yield final
                         return
                     timeout = self.first_token_timeout
                     while True:
-                        raw = await self.guarded(worker.address, r.content.readline(), timeout)
+                        raw = await self.guarded(worker.address, r.readline(), timeout)
                         if not raw:
                             raise WorkerFailed("the stream ended without its final line")
                         timeout = self.inter_token_timeout
@@ -238,7 +207,7 @@ class WorkerHop:
                             yield event
                             return
                         yield event
-            except (WorkerFailed, aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            except (WorkerFailed, HopError, ValueError):
                 self.registry.mark(worker.address, failed=True)
                 self.metrics.requests.labels(gen.model, worker.address, "failed").inc()
                 self.metrics.failovers.labels(gen.model).inc()
@@ -249,19 +218,18 @@ class WorkerHop:
     async def embed(self, req: EmbeddingRequest) -> dict:
         """Embeddings from a worker of `req.model` that makes them (failover as `generate`)."""
         texts = req.inputs()
-        self.require_model(req.model)
         tried: set[str] = set()
         refused: ApiError | None = None
         while (worker := self.registry.pick(req.model, tried)) is not None:
             tried.add(worker.address)
             answered = False
             try:
-                url = f"{worker.address}/embed"
-                body, pin = encoded({"input": texts}), self.pin(worker)
-                async with self.http.post(
-                    url, data=body, headers=JSON, allow_redirects=False, ssl=pin
-                ) as r:
-                    content = await self.guarded(worker.address, r.read(), self.request_timeout)
+                body = encoded({"input": texts})
+                opening = self.client.post(
+                    worker.address, "/embed", body, worker.tls_fingerprint, whole=True
+                )
+                async with await self.guarded(worker.address, opening, self.request_timeout) as r:
+                    content = await r.read()
                 if r.status != 200 and r.status != 503 and r.status not in CLIENT_ERRORS:
                     raise WorkerFailed(f"the worker answered HTTP {r.status}")
                 if r.status in CLIENT_ERRORS:
@@ -293,13 +261,13 @@ class WorkerHop:
                     }
                 if r.status == 503:
                     self.registry.mark(worker.address, draining=True)
-            except (WorkerFailed, aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError):
+            except (WorkerFailed, HopError, ValueError, KeyError):
                 self.registry.mark(worker.address, failed=True)
             finally:
                 self.registry.release(worker, answered)
         if refused is not None:
             raise refused
-        raise ApiError(503, f"no worker for {req.model!r} is available", kind="server_error")
+        raise self.no_worker(req.model, tried)
 
 
 CLIENT_ERRORS = (400, 413)

@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from vicuna_sky.serve.answers import ClientGone
@@ -50,60 +50,66 @@ def dependency(check: Callable[[Request], None]) -> Callable[[Request], Awaitabl
 M = TypeVar("M", bound=BaseModel)
 
 
-def api_app(title: str, max_body: int | None = None, **kw: Any) -> FastAPI:
+def api_app(title: str, max_body: int | None = None, **kw: Any) -> ApiApp:
     """A FastAPI app for the fleet: no public docs (admins fetch the schema with a key), bodies
     over `max_body` refused as they arrive (auth.BodyLimit), and `json_post` routes."""
     from vicuna_sky.serve.auth import BodyLimit
 
-    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None, **kw)
-    app.state.json_posts = {}
-    app.add_middleware(JsonPosts, routes=app.state.json_posts, handlers=app.exception_handlers)
+    app = ApiApp(title=title, docs_url=None, redoc_url=None, openapi_url=None, **kw)
+    app.max_body = max_body
     if max_body:
-        app.add_middleware(BodyLimit, limit=max_body)  # outside: JsonPosts' routes are limited
+        app.add_middleware(BodyLimit, limit=max_body)
     return app
 
 
-class JsonPosts:
-    """The routes every prompt takes (`json_post`), answered before FastAPI's exception
-    middleware, its router and its request/response wrapping: those were a third of the
-    controller's CPU per request (measured by benchmarks/profile_controller.py). Errors go
-    through the app's own exception handlers, as on any other route."""
+Endpoint = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-    def __init__(self, app: ASGIApp, routes: dict, handlers: dict) -> None:
-        self.app, self.routes, self.handlers = app, routes, handlers
+
+class ApiApp(FastAPI):
+    """FastAPI, with the routes every prompt takes (`json_post`) answered ahead of all of its
+    layers: its middleware, router, dependency solving and request/response wrapping were most
+    of the controller's CPU per request (measured by benchmarks/profile_controller.py)."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.max_body: int | None = None
+        self.json_posts: dict[str, Endpoint] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        endpoint = scope["type"] == "http" and scope["method"] == "POST"
-        endpoint = endpoint and self.routes.get(scope["path"])
-        if not endpoint:
-            await self.app(scope, receive, send)
-            return
-        request = Request(scope, receive, send)
-        try:
-            response = await endpoint(request)
-        except Exception as e:
-            handler = next((self.handlers[t] for t in type(e).__mro__ if t in self.handlers), None)
-            if handler is None:
-                raise
-            response = await handler(request, e)
-        await response(scope, receive, send)
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = self.json_posts.get(scope["path"])
+            if endpoint is not None:
+                await endpoint(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 def json_post(
-    app: FastAPI,
+    app: ApiApp,
     path: str,
     body: type[M],
     authorize: Callable[[Request], None],
     handle: Callable[[M, Request], Awaitable[object]],
 ) -> None:
     """`POST path` on an `api_app`, its JSON body validated as `body` (pydantic's own JSON
-    parser), answered by `handle`: a dict is sent as JSON (orjson), a Response as it is.
-    `authorize` runs before the body is judged, as on the FastAPI routes."""
+    parser), answered by `handle`: a dict is sent as JSON (orjson), a Response as it is. The
+    body is limited as on every route (auth.read_body), then `authorize` runs before it is
+    judged, as on the FastAPI routes; errors go through the app's own exception handlers."""
+    from vicuna_sky.serve.auth import BodyRefused, body_timeout, read_body, refuse
 
-    async def endpoint(request: Request) -> Response:
+    handlers = app.exception_handlers
+    timeout = body_timeout()
+
+    async def answer(request: Request) -> object:
+        raw = await read_body(request.scope, request.receive, app.max_body, timeout)
+        if raw is None:
+            raise ClientGone
         authorize(request)
         try:
-            parsed = body.model_validate_json(await request.body())
+            parsed = body.model_validate_json(raw)
         except ValidationError as e:
             errors = e.errors()
             if errors[0]["type"] == "json_invalid" and "hex escape" in errors[0]["msg"]:
@@ -111,15 +117,34 @@ def json_post(
                 what = f"the request is not valid Unicode text: {errors[0]['msg']}"
                 raise ApiError(400, what) from None
             raise invalid_request([{**x, "loc": ("body", *x["loc"])} for x in errors]) from None
-        answer = await handle(parsed, request)
-        if isinstance(answer, Response):
-            return answer
-        return Response(orjson.dumps(answer), media_type="application/json")
+        return await handle(parsed, request)
 
-    app.state.json_posts[path] = endpoint
+    async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+        scope["app"] = app
+        request = Request(scope, receive, send)
+        try:
+            result = await answer(request)
+        except BodyRefused as e:
+            await refuse(send, e)
+            return
+        except Exception as e:
+            handler = next((handlers[t] for t in type(e).__mro__ if t in handlers), None)
+            if handler is None:
+                raise  # uvicorn answers 500 and logs it
+            result = await handler(request, e)
+        if isinstance(result, Response):
+            await result(scope, receive, send)
+            return
+        content = orjson.dumps(result)
+        length = (b"content-length", str(len(content)).encode())
+        start = {"type": "http.response.start", "status": 200, "headers": [*JSON_HEADERS, length]}
+        await send(start)
+        await send({"type": "http.response.body", "body": content})
 
-    # The same route declared to FastAPI, for the OpenAPI document only: JsonPosts answers
-    # every request to it first.
+    app.json_posts[path] = endpoint
+
+    # The same route declared to FastAPI, for the OpenAPI document only: ApiApp answers every
+    # request to it first.
     async def documented(**_: object) -> None:
         raise AssertionError("unreachable")
 
@@ -167,6 +192,7 @@ class HeaderDeadline:
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
+        self._header_timeout = float(os.environ.get(HEADER_TIMEOUT_ENV, HEADER_TIMEOUT))
         self._arm_header_timer()
 
     def on_response_complete(self) -> None:
@@ -184,9 +210,8 @@ class HeaderDeadline:
         if old is not None:
             old.cancel()
         waiting_since = self.cycle  # type: ignore[attr-defined]
-        timeout = float(os.environ.get(HEADER_TIMEOUT_ENV, HEADER_TIMEOUT))
         self._header_timer = self.loop.call_later(  # type: ignore[attr-defined]
-            timeout, self._headers_too_slow, waiting_since
+            self._header_timeout, self._headers_too_slow, waiting_since
         )
 
     def _headers_too_slow(self, waiting_since: object) -> None:
