@@ -103,6 +103,8 @@ class Answer:
             self.head.set_result(None)
 
     def _body(self, data: bytes) -> None:
+        if self._error is not None:
+            return
         self._size += len(data)
         if self._size > MAX_ANSWER_BYTES:
             self._broken(HopError(f"the answer is over {MAX_ANSWER_BYTES} bytes"))
@@ -112,8 +114,9 @@ class Answer:
         self._wake()
 
     def _end(self) -> None:
-        self._complete = True
-        self._wake()
+        if self._error is None:
+            self._complete = True
+            self._wake()
 
     def _broken(self, error: Exception) -> None:
         if self._complete or self._error is not None:

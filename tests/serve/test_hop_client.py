@@ -1,0 +1,292 @@
+"""The hop's HTTP client (serve/hop_client.py) against real servers on loopback that answer as a
+worker, a broken worker or no worker would: what it reads, which connections it keeps, and
+what it refuses."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ssl
+from collections.abc import Callable
+
+import pytest
+
+from vicuna_sky.serve import hop_client
+from vicuna_sky.serve.hop_client import HopClient, HopError
+from vicuna_sky.serve.tls import fingerprint, make_certificate, server_files
+
+Reply = Callable[[bytes], bytes]
+"""The bytes a test server writes for one request (given its body)."""
+
+
+def ok(body: bytes, *, close: bool = False) -> bytes:
+    connection = b"Connection: close\r\n" if close else b""
+    return (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        + connection
+        + b"Content-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+
+
+class Server:
+    """An HTTP/1.1 server on loopback: each request is answered by `reply`, and the server
+    counts its connections and what it was sent."""
+
+    def __init__(self, reply: Reply, *, tls: ssl.SSLContext | None = None) -> None:
+        self.reply, self.tls = reply, tls
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.closed = asyncio.Event()
+
+    async def __aenter__(self) -> Server:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0, ssl=self.tls)
+        port = self.server.sockets[0].getsockname()[1]
+        self.address = f"{'https' if self.tls else 'http'}://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self.server.close()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                body = await reader.readexactly(length)
+                self.requests.append(head + body)
+                reply = self.reply(body)
+                if not reply:  # hang up without a word
+                    break
+                writer.write(reply)
+                await writer.drain()
+                if b"Connection: close" in reply or not reply.startswith(b"HTTP/1.1"):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.closed.set()
+            writer.close()
+
+
+def run(test: Callable) -> None:
+    asyncio.run(test())
+
+
+def test_an_answer_is_read_whole_and_its_connection_kept():
+    async def test() -> None:
+        async with Server(lambda body: ok(b'{"echo": ' + body + b"}")) as server:
+            client = HopClient("s3cret")
+            for n in range(3):
+                answer = await client.post(server.address, "/generate", b'{"n": %d}' % n)
+                async with answer:
+                    assert answer.status == 200
+                    assert await answer.read() == b'{"echo": {"n": %d}}' % n
+            assert server.connections == 1
+            first = server.requests[0]
+            assert first.startswith(b"POST /generate HTTP/1.1\r\n")
+            assert b"\r\nAuthorization: Bearer s3cret\r\n" in first
+            assert b"\r\nContent-Type: application/json\r\n" in first
+            client.close()
+
+    run(test)
+
+
+def test_a_stream_is_read_line_by_line():
+    def chunked(_body: bytes) -> bytes:
+        chunks = [b'{"text": "a"}\n{"te', b'xt": "b"}\n', b'{"finish_reason": "stop"}']
+        framed = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks)
+        return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + framed + b"0\r\n\r\n"
+
+    async def test() -> None:
+        async with Server(chunked) as server:
+            client = HopClient("")
+            async with await client.post(server.address, "/generate", b"{}") as answer:
+                lines = [await answer.readline() for _ in range(4)]
+            assert lines == [
+                b'{"text": "a"}\n',
+                b'{"text": "b"}\n',
+                b'{"finish_reason": "stop"}',
+                b"",
+            ]
+            assert b"Authorization" not in server.requests[0]  # no secret, no header
+            async with await client.post(server.address, "/generate", b"{}") as answer:
+                await answer.read()
+            assert server.connections == 1  # read to its end: kept
+
+    run(test)
+
+
+def test_a_body_ended_by_the_close_is_whole():
+    """An HTTP/1.0 answer without a length: its body is what came before the close."""
+
+    async def test() -> None:
+        async with Server(lambda _: b"HTTP/1.0 200 OK\r\n\r\n" + b'{"text": "old"}') as server:
+            client = HopClient("")
+            async with await client.post(server.address, "/x", b"{}", whole=True) as answer:
+                assert await answer.read() == b'{"text": "old"}'
+            async with await client.post(server.address, "/x", b"{}", whole=True) as answer:
+                assert answer.status == 200
+            assert server.connections == 2  # not kept: it was closed
+
+    run(test)
+
+
+def test_a_connection_the_worker_closes_is_not_reused():
+    async def test() -> None:
+        async with Server(lambda body: ok(body, close=True)) as server:
+            client = HopClient("")
+            for n in range(3):
+                async with await client.post(server.address, "/x", b"%d" % n, whole=True) as a:
+                    assert await a.read() == b"%d" % n
+            assert server.connections == 3
+
+    run(test)
+
+
+def test_a_kept_connection_closed_by_the_worker_as_the_request_goes_is_retried_once():
+    """The worker closes idle connections (uvicorn's keep-alive timeout): a request sent on one
+    it has just closed goes again on a new connection, and the caller sees nothing of it."""
+    answered = 0
+
+    def first_then_hang_up(body: bytes) -> bytes:
+        nonlocal answered
+        answered += 1
+        # Every second request on a connection: the server hangs up without answering, as
+        # one closing an idle connection does while the request is on its way.
+        return ok(body) if answered % 2 else b""
+
+    async def test() -> None:
+        async with Server(first_then_hang_up) as server:
+            client = HopClient("")
+            for n in range(3):
+                async with await client.post(server.address, "/x", b"%d" % n, whole=True) as a:
+                    assert await a.read() == b"%d" % n
+            assert server.connections == 3
+
+    run(test)
+
+
+def test_a_new_connection_closed_before_an_answer_is_a_failure():
+    async def test() -> None:
+        async with Server(lambda _: b"") as server:
+            client = HopClient("")
+            with pytest.raises(HopError, match="closed the connection"):
+                await client.post(server.address, "/x", b"{}")
+            assert server.connections == 1  # not retried: nothing was kept
+
+    run(test)
+
+
+def test_an_idle_connection_past_its_time_is_not_reused(monkeypatch):
+    monkeypatch.setattr(hop_client, "IDLE_SECONDS", 0.05)
+
+    async def test() -> None:
+        async with Server(ok) as server:
+            client = HopClient("")
+            for _ in range(2):
+                async with await client.post(server.address, "/x", b"{}", whole=True):
+                    pass
+                await asyncio.sleep(0.1)
+            assert server.connections == 2
+
+    run(test)
+
+
+def test_an_answer_left_unread_closes_its_connection():
+    """A caller that stops reading (its client went away) hangs up: the worker sees the
+    disconnect and stops the generation."""
+
+    def endless(_body: bytes) -> bytes:
+        return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+
+    async def hang_up() -> None:
+        async with Server(endless) as server:
+            client = HopClient("")
+            answer = await client.post(server.address, "/x", b"{}")
+            reading = asyncio.ensure_future(answer.readline())
+            await asyncio.sleep(0.05)
+            assert not reading.done()  # no newline yet
+            reading.cancel()
+            answer.release()
+            await asyncio.wait_for(server.closed.wait(), 5)
+
+    run(hang_up)
+
+
+def test_an_answer_over_the_limit_is_refused(monkeypatch):
+    monkeypatch.setattr(hop_client, "MAX_ANSWER_BYTES", 100)
+
+    async def test() -> None:
+        async with Server(lambda _: ok(b"x" * 101)) as server:
+            client = HopClient("")
+            with pytest.raises(HopError, match="over 100 bytes"):
+                await client.post(server.address, "/x", b"{}", whole=True)
+        async with Server(lambda _: ok(b"x" * 100)) as server:
+            answer = await client.post(server.address, "/x", b"{}", whole=True)
+            assert len(await answer.read()) == 100
+
+    run(test)
+
+
+def test_what_is_not_http_is_a_failure():
+    async def test() -> None:
+        async with Server(lambda _: b"SSH-2.0-OpenSSH_9.2\r\n\r\n") as server:
+            with pytest.raises(HopError, match="malformed"):
+                await HopClient("").post(server.address, "/x", b"{}")
+
+    run(test)
+
+
+def test_a_redirect_is_an_answer_not_followed():
+    async def test() -> None:
+        moved = b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:1/x\r\n"
+        async with Server(lambda _: moved + b"Content-Length: 0\r\n\r\n") as server:
+            async with await HopClient("").post(server.address, "/x", b"{}", whole=True) as a:
+                assert a.status == 307
+            assert len(server.requests) == 1
+
+    run(test)
+
+
+def test_nothing_listening_is_a_failure():
+    async def test() -> None:
+        async with Server(ok) as server:
+            address = server.address
+        with pytest.raises(HopError, match="cannot reach the worker"):
+            await HopClient("").post(address, "/x", b"{}")
+
+    run(test)
+
+
+def test_the_workers_certificate_is_pinned(tmp_path):
+    """Over https the certificate's SHA-256 decides, not a CA: the registered one is accepted,
+    another is refused before the request (and the fleet secret in it) is sent."""
+    pem = make_certificate("worker")
+    certfile, keyfile = server_files(pem)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(certfile, keyfile)
+
+    async def test() -> None:
+        async with Server(ok, tls=tls) as server:
+            client = HopClient("s3cret")
+            async with await client.post(
+                server.address, "/x", b"{}", fingerprint(pem), whole=True
+            ) as answer:
+                assert await answer.read() == b"{}"
+            other = hashlib.sha256(b"another certificate").hexdigest()
+            with pytest.raises(HopError, match="certificate other than it registered"):
+                await HopClient("s3cret").post(server.address, "/x", b"{}", other)
+            assert len(server.requests) == 1
+            with pytest.raises(HopError, match="cannot reach"):  # no pin: the CAs refuse it
+                await HopClient("s3cret").post(server.address, "/x", b"{}")
+            assert len(server.requests) == 1
+
+    run(test)
