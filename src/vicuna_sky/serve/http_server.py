@@ -192,6 +192,7 @@ class HeaderDeadline:
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
+        self.transport = Coalesced(transport, self.loop)  # type: ignore[attr-defined]
         self._header_timeout = float(os.environ.get(HEADER_TIMEOUT_ENV, HEADER_TIMEOUT))
         self._arm_header_timer()
 
@@ -218,6 +219,43 @@ class HeaderDeadline:
         transport = self.transport  # type: ignore[attr-defined]
         if self.cycle is waiting_since and not transport.is_closing():  # type: ignore[attr-defined]
             transport.close()
+
+
+class Coalesced:
+    """A connection's transport whose writes in one turn of the event loop leave as one.
+    uvicorn writes a response's headers, then its body: two TCP segments, and a reader woken
+    for each (the controller, for every answer of a worker; the client, for the controller's).
+    A streamed answer's pieces, written in turns of their own, still leave one by one."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport, self._loop = transport, loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self.flush)
+        self._pending.append(data)
+
+    def writelines(self, pieces: list[bytes]) -> None:
+        self.write(b"".join(pieces))
+
+    def flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending.clear()
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class GuardedHttpTools(HeaderDeadline, HttpToolsProtocol):
