@@ -65,6 +65,7 @@ def test_a_token_covering_nothing_inside_an_answer_carries_no_loss():
     [
         ([(0, 6), (6, 10), (10, 14), (14, 16)], 8),  # across the start
         ([(0, 8), (8, 12), (12, 16)], 14),  # across the end
+        ([(0, 8), (8, 16)], 14),  # from the start to past the end: the end is named
         ([(0, 16)], 8),  # across both: the start is named
     ],
 )
