@@ -101,6 +101,20 @@ def test_a_dangling_symlink_output_counts_as_existing(place):
     (place / "dangling").symlink_to(place / "nowhere")
     with pytest.raises(VicunaSkyError, match="exists: pass --overwrite"):
         check_output_file(place / "dangling")
+    # With --overwrite the link is replaced by the file, as any existing output is.
+    assert check_output_file(place / "dangling", overwrite=True) == place / "dangling"
+    write_text(place / "dangling", "new")
+    assert not (place / "dangling").is_symlink() and (place / "dangling").read_text() == "new"
+    assert not (place / "nowhere").exists()
+
+
+def test_a_directory_cannot_be_made_where_a_dangling_symlink_is(place):
+    (place / "dangling").symlink_to(place / "nowhere")
+    for check in (check_dir_place, check_output_dir):
+        with pytest.raises(VicunaSkyError, match=r"dangling: it is a broken symlink$"):
+            check(place / "dangling")
+    with pytest.raises(VicunaSkyError, match="broken symlink"):
+        check_output_dir(place / "dangling", overwrite=True)
 
 
 def test_an_output_file_cannot_be_a_directory_or_under_a_file(place):

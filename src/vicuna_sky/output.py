@@ -46,6 +46,12 @@ def _check_place(path: Path) -> None:
         raise VicunaSkyError(f"cannot write {path}: no permission to write in {parent}")
 
 
+def _not_a_broken_link(path: Path) -> None:
+    """A directory cannot be made where a dangling symlink is (mkdir and rename fail on it)."""
+    if path.is_symlink() and not path.exists():
+        raise VicunaSkyError(f"cannot write {path}: it is a broken symlink")
+
+
 def _inputs(inputs: Iterable[Path | str | None]) -> list[Path]:
     return [Path(p) for p in inputs if p is not None and str(p) and Path(p).exists()]
 
@@ -70,7 +76,8 @@ def check_output_file(
     if path.exists() or path.is_symlink():
         if not (overwrite or resumable):
             raise VicunaSkyError(f"{path} exists: pass --overwrite to replace it")
-        if not os.access(path, os.W_OK):
+        # A dangling symlink is replaced by the new file: only an existing target can refuse.
+        if path.exists() and not os.access(path, os.W_OK):
             raise VicunaSkyError(f"cannot write {path}: no permission")
     return path
 
@@ -90,6 +97,7 @@ def check_output_dir(
             raise VicunaSkyError(f"{path} overlaps the input {source}: write the output elsewhere")
     if path.exists() and not path.is_dir():
         raise VicunaSkyError(f"{path} is a file, not a directory")
+    _not_a_broken_link(path)
     _check_place(path)
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         hint = ": pass --overwrite to replace it" if offer_overwrite else ""
@@ -103,6 +111,7 @@ def check_dir_place(path: Path) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise VicunaSkyError(f"{path} is a file, not a directory")
+    _not_a_broken_link(path)
     _check_place(path / "x" if path.is_dir() else path)
     return path
 
