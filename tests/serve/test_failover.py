@@ -91,6 +91,14 @@ def workers(fleet, *answers: Answer) -> tuple[str, list[Stub]]:
     return model, stubs
 
 
+def heartbeat(fleet, model: str, stub: Stub, n: int) -> None:
+    """What the stub's worker process would send: it is alive and healthy."""
+    body = {"address": stub.address, "worker_id": f"stub-{model}-{n}", "healthy": True}
+    r = httpx.post(f"{fleet.url}/workers/heartbeat", json=body,
+                   headers={"Authorization": f"Bearer {SECRET}"})  # fmt: skip
+    r.raise_for_status()
+
+
 def ask(fleet, model: str, **params: object) -> httpx.Response:
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **params}
     return httpx.post(f"{fleet.url}/v1/chat/completions", json=body, timeout=30)
@@ -158,6 +166,18 @@ def test_a_504_is_a_server_error_not_a_drain(controller):
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "fine"
     assert hits(stubs) == [1, 1]
     assert {s.address for s in stubs} <= controller.available()
+
+
+def test_a_worker_failing_again_before_it_answers_stays_out_past_its_heartbeat(controller):
+    """The first failure is forgiven at the next heartbeat; a second in a row is not (the
+    registry's back-off): only an answer starts the count over."""
+    model, stubs = workers(controller, raw(404, b"Not Found"), whole("other"))
+    for _ in range(2):
+        assert ask(controller, model).json()["choices"][0]["message"]["content"] == "other"
+        assert stubs[0].address not in controller.available()
+        heartbeat(controller, model, stubs[0], 0)
+    assert hits(stubs) == [2, 2]
+    assert stubs[0].address not in controller.available()  # the second failure: 1 s out
 
 
 def test_a_client_error_is_passed_on_and_not_retried(controller):
@@ -352,6 +372,31 @@ def test_a_500_after_the_answer_began_on_another_worker_ends_the_stream(controll
     model, stubs = workers(controller, lines({"text": "Hel"}), error(400, "too long"))
     events = ask_streamed(controller, model)
     assert events[-1]["error"]["message"] == "too long"
+
+
+def test_a_stream_reaches_the_client_as_it_is_written(controller):
+    """The worker writes its second line only once the client has the first: a hop that waited
+    for the whole answer would never pass it on."""
+    client_has_first = threading.Event()
+
+    def gated(payload: dict) -> tuple[int, Iterator[bytes]]:
+        def body() -> Iterator[bytes]:
+            yield b'{"text": "first"}\n'
+            client_has_first.wait(20)
+            yield b'{"text": " second"}\n{"finish_reason": "stop", "completion_tokens": 2}\n'
+
+        return 200, body()
+
+    model, _ = workers(controller, gated)
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    texts = []
+    with httpx.stream("POST", f"{controller.url}/v1/chat/completions", json=body, timeout=10) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                delta = json.loads(line.removeprefix("data: "))["choices"][0]["delta"]
+                texts.append(delta.get("content") or "")
+                client_has_first.set()
+    assert "".join(texts) == "first second"
 
 
 def test_blank_lines_in_a_stream_are_skipped(controller):
