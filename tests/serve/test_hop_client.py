@@ -139,6 +139,19 @@ def test_a_body_ended_by_the_close_is_whole():
     run(test)
 
 
+def test_a_forgotten_worker_keeps_nothing():
+    async def test() -> None:
+        async with Server(ok) as server:
+            client = HopClient("")
+            async with await client.post(server.address, "/x", b"{}", whole=True):
+                pass
+            client.forget(server.address)
+            await asyncio.wait_for(server.closed.wait(), 5)  # its kept connection is closed
+            assert client._idle == {} and client._heads == {}
+
+    run(test)
+
+
 def test_a_connection_the_worker_closes_is_not_reused():
     async def test() -> None:
         async with Server(lambda body: ok(body, close=True)) as server:

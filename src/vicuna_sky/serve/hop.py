@@ -73,7 +73,8 @@ class WorkerHop:
                 if tasks and not self.registry.alive(address):
                     for task in list(tasks):
                         self._abandon(task, "the worker stopped heartbeating or is unhealthy")
-            self.registry.forget_expired()
+            for address in self.registry.forget_expired():
+                self.client.forget(address)
             await asyncio.sleep(every)
 
     def _abandon(self, task: asyncio.Task, why: str) -> None:

@@ -252,6 +252,13 @@ class HopClient:
                 raise
             return answer
 
+    def forget(self, address: str) -> None:
+        """A worker gone for good: its kept connections are closed, and nothing of it stays."""
+        for connection in self._idle.pop(address, []):
+            connection.close()
+        for key in [k for k in self._heads if k[0] == address]:
+            del self._heads[key]
+
     def close(self) -> None:
         for pool in self._idle.values():
             for connection in list(pool):
