@@ -2,9 +2,10 @@
 
 Both sides serve one worker with an instant fixed answer (ours: `--backend echo`; FastChat's:
 its BaseModelWorker with the model replaced, benchmarks/fastchat_echo_worker.py), and take the
-same non-streamed chat completions from the same client (httpx, `--concurrency` at a time). Added
-latency is p50/p99 through the OpenAI endpoint minus p50 of calling the worker directly. FastChat
-(fschat 0.2.36) runs from its own venv, benchmarks/.venv-fastchat (created on first use).
+same non-streamed chat completions, `--concurrency` at a time (aiohttp). Added latency is the p50
+through the OpenAI endpoint minus the p50 of calling the worker directly, one request at a time
+(httpx), the two taken in turns. FastChat (fschat 0.2.36) runs from its own venv,
+benchmarks/.venv-fastchat (created on first use).
 
     .venv/bin/python benchmarks/serve_throughput.py [--requests 2000] [--concurrency 16]
 """
@@ -55,14 +56,24 @@ async def load(url: str, body: dict, n: int, concurrency: int) -> tuple[float, l
         return n / (time.perf_counter() - start), latencies
 
 
-def serial_p50(url: str, body: dict, n: int = 300, headers: dict | None = None) -> float:
-    with httpx.Client(timeout=30, headers=headers) as client:
-        times = []
-        for _ in range(n):
-            start = time.perf_counter()
-            client.post(url, json=body).raise_for_status()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def serial_p50s(
+    direct: tuple[str, dict, dict | None],
+    via: tuple[str, dict, dict | None],
+    rounds: int = 6,
+    n: int = 100,
+) -> tuple[float, float]:
+    """p50 of one request at a time, straight to the worker and through the API: (url, body,
+    headers) each. The two are taken in turns, `n` requests a turn, so that a machine that
+    speeds up or slows down meanwhile (a VM's neighbours, its CPU clock) moves both alike."""
+    times: dict[int, list[float]] = {0: [], 1: []}
+    with httpx.Client(timeout=30) as client:
+        for _ in range(rounds):
+            for side, (url, body, headers) in enumerate((direct, via)):
+                for _ in range(n):
+                    start = time.perf_counter()
+                    client.post(url, json=body, headers=headers).raise_for_status()
+                    times[side].append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -109,8 +120,10 @@ def main() -> None:
             "stream": False,
         }
         fleet_secret = {"Authorization": f"Bearer {fleet.secret}"}  # the worker's own key
-        ours_direct = serial_p50(f"{worker}/generate", direct_body, headers=fleet_secret)
-        ours_serial = serial_p50(f"{fleet.url}/v1/chat/completions", BODY)
+        ours_direct, ours_serial = serial_p50s(
+            (f"{worker}/generate", direct_body, fleet_secret),
+            (f"{fleet.url}/v1/chat/completions", BODY, None),
+        )
         cpu_before = cpu_seconds(fleet.controller.proc.pid)
         ours = asyncio.run(
             load(f"{fleet.url}/v1/chat/completions", BODY, args.requests, args.concurrency)
@@ -181,10 +194,10 @@ def main() -> None:
                     pass
                 time.sleep(0.2)
             fc_worker = f"http://127.0.0.1:{ports[1]}/worker_generate"
-            fc_direct = serial_p50(
-                fc_worker, {"model": "echo", "prompt": "hello", "max_new_tokens": 16}
+            fc_direct, fc_serial = serial_p50s(
+                (fc_worker, {"model": "echo", "prompt": "hello", "max_new_tokens": 16}, None),
+                (f"{api}/v1/chat/completions", BODY, None),
             )
-            fc_serial = serial_p50(f"{api}/v1/chat/completions", BODY)
             theirs = asyncio.run(
                 load(f"{api}/v1/chat/completions", BODY, args.requests, args.concurrency)
             )

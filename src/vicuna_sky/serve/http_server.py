@@ -279,6 +279,10 @@ def server_config(
         # No X-Forwarded-For rewriting: nothing here reads the client's address from a proxy,
         # and checking the proxy's address costs an ip_address() parse per request.
         proxy_headers=False,
+        # No access log (the log level is warning: each line would be formatted for nothing),
+        # and no `server: uvicorn` header telling callers what to attack.
+        access_log=False,
+        server_header=False,
         limit_concurrency=max_connections,
         **kw,
     )
