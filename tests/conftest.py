@@ -126,6 +126,14 @@ def _serve(command: list[str], port: int, env_var: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    """The tiny random Llama (vicuna_sky.tiny), built once: tests read it and write elsewhere."""
+    from vicuna_sky.tiny import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
 def moto_endpoint():
     port = free_port()
     command = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
