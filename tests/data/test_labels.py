@@ -58,6 +58,10 @@ def test_a_conversation_of_hundreds_of_answers():
 def test_a_token_covering_nothing_inside_an_answer_carries_no_loss():
     offsets = [(0, 4), (4, 6), (6, 6), (6, 8), (8, 16)]
     assert _label_tokens(offsets, [(4, 8)], TEXT) == [False, True, False, True, False]
+    # Far into a text, as a tokenizer gives them: equal offsets, not the same int object.
+    at = [int(str(n)) for n in (1000, 1000)]
+    offsets = [(0, 998), (998, at[0]), (at[0], at[1]), (1000, 1004)]
+    assert _label_tokens(offsets, [(998, 1004)], "x" * 1004) == [False, True, False, True]
 
 
 @pytest.mark.parametrize(
