@@ -180,6 +180,24 @@ def test_a_worker_failing_again_before_it_answers_stays_out_past_its_heartbeat(c
     assert stubs[0].address not in controller.available()  # the second failure: 1 s out
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_starts_the_back_off_over(controller, stream):
+    """Failed, answered, failed: the failure after an answer is a first one again, forgiven at
+    the next heartbeat (whole answers and streams alike)."""
+    turns = iter([raw(404, b""), whole("ok") if not stream else lines(
+        {"text": "ok"}, {"finish_reason": "stop", "completion_tokens": 1}
+    ), raw(404, b"")])  # fmt: skip
+    model, stubs = workers(controller, lambda payload: next(turns)(payload), whole("other"))
+    for _ in range(3):
+        if stream:
+            ask_streamed(controller, model)
+        else:
+            ask(controller, model).raise_for_status()
+        heartbeat(controller, model, stubs[0], 0)
+    assert hits(stubs)[0] == 3
+    assert stubs[0].address in controller.available()
+
+
 def test_a_client_error_is_passed_on_and_not_retried(controller):
     model, stubs = workers(
         controller,
@@ -320,6 +338,31 @@ def test_an_answer_cut_at_max_tokens_needs_no_other_worker(controller):
     assert hits(stubs) == [1, 0]
 
 
+def test_a_stream_without_its_first_token_in_time_goes_to_another_worker(fleet):
+    """--first-token-timeout is a stream's: a worker that sends nothing for longer loses the
+    request to another. A whole answer may take longer (the request timeout is its own)."""
+    import time
+
+    fleet.start_controller("--expiry-seconds", "600", "--first-token-timeout", "1")
+    fleet.stubs = []
+
+    def slow(payload: dict) -> tuple[int, bytes | list[bytes]]:
+        time.sleep(2.5)
+        return whole("slow but whole")(payload) if not payload["stream"] else lines(
+            {"text": "too late"}, {"finish_reason": "stop", "completion_tokens": 2}
+        )(payload)  # fmt: skip
+
+    try:
+        model, _ = workers(fleet, slow, lines({"text": "in time"}, {"finish_reason": "stop"}))
+        assert text_of(ask_streamed(fleet, model)) == "in time"
+        model, _ = workers(fleet, slow)
+        r = ask(fleet, model)
+        assert r.json()["choices"][0]["message"]["content"] == "slow but whole"
+    finally:
+        for stub in fleet.stubs:
+            stub.server.shutdown()
+
+
 def test_pieces_past_max_tokens_need_no_other_worker(controller):
     """A worker that sent more pieces than max_tokens (a backend counting otherwise), then
     dropped: nothing is left to continue, so no other worker is asked for a negative rest."""
@@ -397,6 +440,21 @@ def test_a_stream_reaches_the_client_as_it_is_written(controller):
                 texts.append(delta.get("content") or "")
                 client_has_first.set()
     assert "".join(texts) == "first second"
+
+
+def test_a_final_line_without_a_count_is_counted_by_its_pieces(controller):
+    """The usage a worker does not report is what the hop saw: one token a piece, the pieces
+    carried from a worker that died included."""
+    model, _ = workers(
+        controller,
+        lines({"text": "Hel"}, {"text": "lo"}),
+        lines({"text": " wor"}, {"text": "ld"}, {"text": "!"}, {"finish_reason": "stop"}),
+    )
+    events = ask_streamed(controller, model)
+    assert text_of(events) == "Hello world!"
+    assert events[-2]["usage"]["completion_tokens"] == 5
+    model, _ = workers(controller, lines({"text": "a"}, {"finish_reason": "stop"}))
+    assert ask_streamed(controller, model)[-2]["usage"]["completion_tokens"] == 1
 
 
 def test_blank_lines_in_a_stream_are_skipped(controller):

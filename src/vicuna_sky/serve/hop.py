@@ -203,7 +203,10 @@ class WorkerHop:
                         if prompt_tokens is not None:
                             event.setdefault("prompt_tokens", prompt_tokens)
                         if "finish_reason" in event:
-                            event["completion_tokens"] = event.get("completion_tokens", 0) + carried
+                            # This worker's count after the pieces carried over; a worker
+                            # that gives none is counted by its pieces, as the carried ones.
+                            count = event.get("completion_tokens", pieces - carried)
+                            event["completion_tokens"] = count + carried
                             answered = True
                             yield event
                             return
