@@ -16,6 +16,8 @@ from pathlib import Path
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from vicuna_sky.serve.answers import took_back
+
 FLEET_SECRET_ENV = "VICUNA_SKY_FLEET_SECRET"
 """Between the controller and its workers (registration, heartbeats, generation)."""
 API_KEYS_ENV = "VICUNA_SKY_API_KEYS"
@@ -125,8 +127,6 @@ async def read_body(
 async def _next_piece(receive: Receive, timeout: float) -> Message:
     """`receive()` within `timeout`, in the caller's task: a timer cancels it (asyncio.wait_for
     would make a task per piece, on every request)."""
-    from vicuna_sky.serve.answers import took_back
-
     task = asyncio.current_task()
     assert task is not None
     stalled = False
