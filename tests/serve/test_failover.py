@@ -248,6 +248,15 @@ def test_an_address_that_is_no_worker_is_taken_out_of_rotation(controller):
     assert controller.available() & {s.address for s in stubs} == {stubs[2].address}
 
 
+def test_a_proxys_499_is_no_answer(controller):
+    """nginx's 499 (its client, the hop, went away) from a proxy in front of a worker: not the
+    client's error to pass on, but a worker that did not answer."""
+    model, stubs = workers(controller, raw(499, b""), whole("here"))
+    r = ask(controller, model)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "here"
+    assert stubs[0].address not in controller.available()
+
+
 def test_a_draining_worker_gets_no_new_work(controller):
     model, stubs = workers(controller, error(503, "draining"), whole("from the other"))
     for _ in range(2):

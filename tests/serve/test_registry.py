@@ -122,6 +122,26 @@ def test_models_and_snapshot_show_the_workers_in_rotation():
     assert snapshot[a]["worker_id"] == "worker-a01" and snapshot[a]["in_flight"] == 0
 
 
+def test_expiry_and_forgetting_count_whole_seconds_of_silence(monkeypatch):
+    """Silent exactly `expiry_seconds`: still in rotation; exactly `forget_seconds`: still
+    known. A moment more, and it is out, then forgotten (the clock is the test's)."""
+    from vicuna_sky.serve import registry as registry_module
+
+    now = 1000.0
+    monkeypatch.setattr(registry_module.time, "monotonic", lambda: now)
+    registry = Registry(None, expiry_seconds=3, forget_seconds=60)
+    registry.register(registration())
+    registry.workers[ADDRESS].last_seen = 1000.0
+    now = 1003.0
+    assert registry.alive(ADDRESS) and registry.pick("m", set()) is not None
+    now = 1003.5
+    assert not registry.alive(ADDRESS) and registry.pick("m", set()) is None
+    now = 1060.0
+    assert registry.forget_expired() == [] and ADDRESS in registry.workers
+    now = 1060.5
+    assert registry.forget_expired() == [ADDRESS] and not registry.workers
+
+
 def test_workers_are_persisted_and_the_long_silent_forgotten(tmp_path):
     db = tmp_path / "registry.db"
     registry = Registry(db, expiry_seconds=1, forget_seconds=10)
@@ -210,3 +230,6 @@ def test_a_worker_that_keeps_failing_stays_out_longer_each_time(monkeypatch):
     registry.release(worker)  # no answer: the count goes on
     registry.mark(ADDRESS, failed=True)
     assert 0.09 < worker.failed_until - time.monotonic() <= 0.1  # the third: 0.1 s
+    for _ in range(2000):  # a worker failing for days: the back-off stays a number
+        registry.mark(ADDRESS, failed=True)
+    assert 0.09 < worker.failed_until - time.monotonic() <= 0.1
