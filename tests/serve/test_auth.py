@@ -9,13 +9,17 @@ from fastapi import FastAPI, Request
 from starlette.testclient import TestClient
 
 from vicuna_sky.serve.auth import (
+    BODY_TIMEOUT_ENV,
     FLEET_SECRET_ENV,
     MAX_BODY_BYTES,
     BodyLimit,
+    BodyRefused,
     ConfigError,
     bearer,
+    body_timeout,
     is_loopback,
     matches,
+    read_body,
     read_secret,
     read_secrets,
     require_secret_off_loopback,
@@ -47,6 +51,7 @@ def test_bearer_takes_only_a_bearer_token():
 
     assert bearer(request((b"authorization", b"Bearer abc def"))) == "abc def"
     assert bearer(request((b"authorization", b"Basic abc"))) is None
+    assert bearer(request((b"authorization", b"Token abc"))) is None  # sorts after "bearer"
     # The scheme is case-insensitive (RFC 9110); the token is not.
     assert bearer(request((b"authorization", b"bearer abc"))) == "abc"
     assert bearer(request()) is None
@@ -91,6 +96,49 @@ def test_only_loopback_may_go_without_the_fleet_secret():
 def test_the_default_body_limit_is_8_mib():
     assert MAX_BODY_BYTES == 8 * 1024 * 1024
     assert BodyLimit(None).limit == MAX_BODY_BYTES
+
+
+def test_a_body_may_stall_30_s_unless_the_environment_says_otherwise(monkeypatch):
+    monkeypatch.delenv(BODY_TIMEOUT_ENV, raising=False)
+    assert body_timeout() == 30.0 and BodyLimit(None).timeout == 30.0
+    monkeypatch.setenv(BODY_TIMEOUT_ENV, "2.5")
+    assert body_timeout() == 2.5 and BodyLimit(None).timeout == 2.5
+
+
+def test_a_stalled_body_is_408_and_a_cancelled_read_stays_cancelled():
+    """A piece of the body that does not come within the timeout: 408, in one line. A read
+    cancelled by anything else (the server shutting down) is not turned into a 408."""
+    import asyncio
+
+    async def stalling() -> dict:
+        await asyncio.sleep(60)
+        raise AssertionError("not reached")
+
+    first = {"type": "http.request", "body": b"ab", "more_body": True}
+    scope = {"type": "http", "method": "POST", "headers": []}
+
+    async def stalled() -> None:
+        pieces = iter([first])
+
+        async def receive() -> dict:
+            piece = next(pieces, None)
+            return piece if piece is not None else await stalling()
+
+        with pytest.raises(BodyRefused) as refused:
+            await read_body(scope, receive, 10, 0.05)
+        assert (refused.value.status, refused.value.code) == (408, "request_timeout")
+        assert str(refused.value) == "the request body stalled for 0.05 s"
+        assert not asyncio.current_task().cancelling()  # the timer's cancel was taken back
+
+    async def cancelled() -> None:
+        reading = asyncio.ensure_future(read_body(scope, stalling, 10, 60))
+        await asyncio.sleep(0.01)
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+
+    asyncio.run(stalled())
+    asyncio.run(cancelled())
 
 
 def body_limited_app(limit: int) -> TestClient:
