@@ -41,7 +41,8 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     """`work`, cancelled as soon as the client disconnects (starlette does not cancel a handler
     whose client went away; only a streamed response notices). `work` runs in the caller's
     task, which a watcher cancels: one task per request, not two."""
-    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()  # once: each look-up is a getpid() on Python 3.11
+    task = asyncio.current_task(loop)
     assert task is not None
     gone = False
 
@@ -51,7 +52,7 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         gone = True
         task.cancel()
 
-    watcher = asyncio.ensure_future(watch())
+    watcher = loop.create_task(watch())
     try:
         return await work
     except asyncio.CancelledError:

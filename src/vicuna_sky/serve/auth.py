@@ -127,7 +127,8 @@ async def read_body(
 async def _next_piece(receive: Receive, timeout: float) -> Message:
     """`receive()` within `timeout`, in the caller's task: a timer cancels it (asyncio.wait_for
     would make a task per piece, on every request)."""
-    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()  # once: each look-up is a getpid() on Python 3.11
+    task = asyncio.current_task(loop)
     assert task is not None
     stalled = False
 
@@ -136,7 +137,7 @@ async def _next_piece(receive: Receive, timeout: float) -> Message:
         stalled = True
         task.cancel()
 
-    timer = asyncio.get_running_loop().call_later(timeout, stall)
+    timer = loop.call_later(timeout, stall)
     try:
         return await receive()
     except asyncio.CancelledError:

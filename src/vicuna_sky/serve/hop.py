@@ -91,14 +91,16 @@ class WorkerHop:
             if asyncio.iscoroutine(step):
                 step.close()
             raise WorkerFailed("the worker stopped heartbeating or is unhealthy")
-        task = asyncio.current_task()
+        # One look-up of the loop: on Python 3.11 each one is a getpid() system call.
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
         assert task is not None
         reading = self._reading.setdefault(address, set())
         reading.add(task)
         timer = None
         if timeout is not None:
             why = f"no answer within {timeout:g} s"
-            timer = asyncio.get_running_loop().call_later(timeout, self._abandon, task, why)
+            timer = loop.call_later(timeout, self._abandon, task, why)
         try:
             return await step
         except asyncio.CancelledError:

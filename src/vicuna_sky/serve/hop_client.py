@@ -43,7 +43,7 @@ class Answer:
 
     def __init__(self, connection: _Connection) -> None:
         self.status = 0
-        self.head: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.head: asyncio.Future[None] = connection.loop.create_future()
         self._connection = connection
         self._buffer = bytearray()
         self._size = 0
@@ -87,7 +87,7 @@ class Answer:
     async def _more(self) -> None:
         if self._error is not None:
             raise self._error
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self._connection.loop.create_future()
         try:
             await self._waiter
         finally:
@@ -131,8 +131,10 @@ class Answer:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection to a worker, one request at a time."""
 
-    def __init__(self, pool: list[_Connection]) -> None:
+    def __init__(self, pool: list[_Connection], loop: asyncio.AbstractEventLoop) -> None:
         self.pool = pool
+        self.loop = loop
+        """Its event loop, kept: on Python 3.11 each look-up is a getpid() system call."""
         self.transport: asyncio.Transport | None = None
         self.answer: Answer | None = None
         self.parser = httptools.HttpResponseParser(self)
@@ -280,7 +282,9 @@ class HopClient:
         loop = asyncio.get_running_loop()
         try:
             transport, connection = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(pool), url.hostname, url.port, ssl=tls),
+                loop.create_connection(
+                    lambda: _Connection(pool, loop), url.hostname, url.port, ssl=tls
+                ),
                 self.connect_timeout,
             )
         except (OSError, asyncio.TimeoutError) as e:
