@@ -76,6 +76,14 @@ class Server:
             writer.close()
 
 
+async def three_echoed(server: Server) -> None:
+    """Three requests, each answered with its own body."""
+    client = HopClient("")
+    for n in range(3):
+        async with await client.post(server.address, "/x", b"%d" % n, whole=True) as answer:
+            assert await answer.read() == b"%d" % n
+
+
 def run(test: Callable) -> None:
     asyncio.run(test())
 
@@ -155,10 +163,7 @@ def test_a_forgotten_worker_keeps_nothing():
 def test_a_connection_the_worker_closes_is_not_reused():
     async def test() -> None:
         async with Server(lambda body: ok(body, close=True)) as server:
-            client = HopClient("")
-            for n in range(3):
-                async with await client.post(server.address, "/x", b"%d" % n, whole=True) as a:
-                    assert await a.read() == b"%d" % n
+            await three_echoed(server)
             assert server.connections == 3
 
     run(test)
@@ -178,10 +183,7 @@ def test_a_kept_connection_closed_by_the_worker_as_the_request_goes_is_retried_o
 
     async def test() -> None:
         async with Server(first_then_hang_up) as server:
-            client = HopClient("")
-            for n in range(3):
-                async with await client.post(server.address, "/x", b"%d" % n, whole=True) as a:
-                    assert await a.read() == b"%d" % n
+            await three_echoed(server)
             assert server.connections == 3
 
     run(test)
