@@ -75,3 +75,34 @@ def test_close_sends_what_is_pending_first_and_abort_drops_it():
         assert socket.writes == []
 
     asyncio.run(test())
+
+
+def test_an_answer_leaves_as_its_last_piece_is_sent():
+    """Not a loop turn later, behind uvicorn's keep-alive and our header timers: the caller
+    waiting for it is the latency the controller adds."""
+    from uvicorn.server import ServerState
+
+    from vicuna_sky.serve.http_server import GuardedHttpTools, server_config
+
+    seen: list[list[bytes]] = []
+
+    async def app(scope, receive, send) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+        await send({"type": "http.response.body", "body": b"hello"})
+        seen.append(list(socket.writes))  # what the socket has as send returns
+
+    async def test() -> None:
+        protocol = GuardedHttpTools(
+            server_config(app, "127.0.0.1", 0), ServerState(), {}, asyncio.get_running_loop()
+        )
+        protocol.connection_made(socket)
+        protocol.data_received(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        for _ in range(5):
+            await asyncio.sleep(0)
+        protocol.connection_lost(None)
+
+    socket = Recorded()
+    asyncio.run(test())
+    assert len(seen) == 1 and len(seen[0]) == 1, seen  # headers and body: one write
+    assert seen[0][0].startswith(b"HTTP/1.1 200 OK\r\n") and seen[0][0].endswith(b"\r\n\r\nhello")

@@ -197,6 +197,8 @@ class HeaderDeadline:
         self._arm_header_timer()
 
     def on_response_complete(self) -> None:
+        # The answer leaves now, ahead of uvicorn's and our own timer book-keeping.
+        self.transport.flush()  # type: ignore[attr-defined]
         super().on_response_complete()  # type: ignore[misc]
         self._arm_header_timer()
 
