@@ -7,28 +7,17 @@ is reported as one `RecipeError` line that names the key, so the CLI never shows
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import difflib
-import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
 
-import yaml
-
-from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.recipe_yaml import RecipeError, build, load_mapping, one_of, yaml_number
 
 BUCKET_SCHEMES = ("s3://", "gs://", "r2://", "cos://", "oci://", "https://", "file://")
 PRECISIONS = ("bf16", "fp16", "fp32")
 SCHEDULERS = ("cosine", "linear", "constant")
 SERVE_BACKENDS = ("hf", "vllm", "echo")
-
-
-class RecipeError(VicunaSkyError):
-    """A recipe that cannot be used; the message names the offending key."""
 
 
 @dataclass(frozen=True)
@@ -234,17 +223,7 @@ class Recipe:
 
     @classmethod
     def from_text(cls, text: str, source: str = "<recipe>") -> Recipe:
-        try:
-            raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
-        except _DuplicateKey as e:
-            raise RecipeError(f"{source}: {e}") from None
-        except yaml.YAMLError as e:
-            where = getattr(e, "problem_mark", None)
-            line = f" (line {where.line + 1})" if where else ""
-            raise RecipeError(f"{source}: not valid YAML{line}") from None
-        if not isinstance(raw, dict):
-            raise RecipeError(f"{source}: a recipe is a YAML mapping of keys to values")
-        recipe = _build(cls, raw, prefix="", source=source)
+        recipe = build(cls, load_mapping(text, source), prefix="", source=source)
         recipe = dataclasses.replace(recipe, source=source)
         recipe.check()
         return recipe
@@ -275,9 +254,9 @@ class Recipe:
             fail("data.eval_fraction", f"must be in [0, 1), got {self.data.eval_fraction}")
         if t.eval_every_steps < 0:
             fail("train.eval_every_steps", f"must not be negative, got {t.eval_every_steps}")
-        _one_of(self.source, "train.precision", t.precision, PRECISIONS)
-        _one_of(self.source, "train.lr_scheduler", t.lr_scheduler, SCHEDULERS)
-        _one_of(self.source, "serve.backend", self.serve.backend, SERVE_BACKENDS)
+        one_of(self.source, "train.precision", t.precision, PRECISIONS)
+        one_of(self.source, "train.lr_scheduler", t.lr_scheduler, SCHEDULERS)
+        one_of(self.source, "serve.backend", self.serve.backend, SERVE_BACKENDS)
         for key, value in (
             ("data.max_length", self.data.max_length),
             ("train.micro_batch_size", t.micro_batch_size),
@@ -381,11 +360,11 @@ class Recipe:
             "DATA_PATH": self.data.path,
             "EVAL_PATH": self.data.eval_path,
             "MAX_LENGTH": str(self.data.max_length),
-            "NUM_EPOCHS": _num(t.epochs),
-            "LR": _num(t.lr),
+            "NUM_EPOCHS": yaml_number(t.epochs),
+            "LR": yaml_number(t.lr),
             "LR_SCHEDULER": t.lr_scheduler,
-            "WARMUP_RATIO": _num(t.warmup_ratio),
-            "WEIGHT_DECAY": _num(t.weight_decay),
+            "WARMUP_RATIO": yaml_number(t.warmup_ratio),
+            "WEIGHT_DECAY": yaml_number(t.weight_decay),
             "GLOBAL_BATCH_SIZE": str(t.global_batch_size),
             "MICRO_BATCH_SIZE": str(t.micro_batch_size),
             "PRECISION": t.precision,
@@ -409,109 +388,3 @@ class Recipe:
             "EVAL_MAX_TOKENS": str(e.max_tokens),
             "JUDGE_MAX_TOKENS": str(e.judge_max_tokens),
         }
-
-
-# --------------------------------------------------------------------- helpers
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML keeps the last of two equal keys silently: a recipe with `lr:` twice would train
-    with whichever came last. Here the second one is an error naming its line."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: dict[object, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                raise _DuplicateKey(f"key {key!r} appears twice (lines {seen[key]} and {line})")
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-def _num(x: float) -> str:
-    """Render a number the way a person writes it in YAML (3, 2e-05 -> '3', '2e-05')."""
-    return str(int(x)) if float(x).is_integer() and abs(x) >= 1 else repr(float(x))
-
-
-def _one_of(source: str, key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        hint = difflib.get_close_matches(value, allowed, n=1)
-        tail = f" (did you mean '{hint[0]}'?)" if hint else ""
-        raise RecipeError(
-            f"{source}: '{key}' must be one of {', '.join(allowed)}, got '{value}'{tail}"
-        )
-
-
-def _yaml_fields(cls: type) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(cls) if f.name != "source"]
-
-
-def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
-    fields = {f.name: f for f in _yaml_fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for key in raw:
-        if key not in fields:
-            full = f"{prefix}{key}"
-            known = [f"{prefix}{name}" for name in fields]
-            hint = difflib.get_close_matches(full, known, n=1, cutoff=0.6)
-            tail = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise RecipeError(f"{source}: unknown key '{full}'{tail}")
-    values: dict[str, Any] = {}
-    for name, f in fields.items():
-        key = f"{prefix}{name}"
-        if name not in raw:
-            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            if required:
-                raise RecipeError(f"{source}: missing required key '{key}'")
-            continue
-        values[name] = _coerce(hints[name], raw[name], key, source)
-    return cls(**values)
-
-
-def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(args[0], value, key, source)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise RecipeError(f"{source}: '{key}' must be a mapping of keys to values")
-        return _build(tp, value, prefix=f"{key}.", source=source)
-    if origin is dict:
-        _, item = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise RecipeError(f"{source}: '{key}' must be a mapping, got {value!r}")
-        return {str(k): _coerce(item, v, f"{key}.{k}", source) for k, v in value.items()}
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list):
-            raise RecipeError(f"{source}: '{key}' must be a list, got {value!r}")
-        return [_coerce(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if tp is float and isinstance(value, str):
-        # PyYAML reads `2e-5` (no dot) as a string; a person means the number.
-        with contextlib.suppress(ValueError):
-            value = float(value)
-    # bool is an int in Python; a recipe saying `epochs: true` is a mistake, not 1.
-    ok = {
-        str: isinstance(value, str),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        bool: isinstance(value, bool),
-    }[tp]
-    if not ok:
-        names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
-        raise RecipeError(f"{source}: '{key}' must be {names[tp]}, got {value!r}")
-    if tp is float and not math.isfinite(float(value)):
-        # 1e400 reads as inf, .nan as nan: every check against them passes, every plan breaks.
-        raise RecipeError(f"{source}: '{key}' must be a finite number, got {value!r}")
-    return float(value) if tp is float else value

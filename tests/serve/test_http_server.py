@@ -88,7 +88,8 @@ def test_an_answer_leaves_as_its_last_piece_is_sent():
 
     async def app(scope, receive, send) -> None:
         await receive()
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+        headers = [(b"content-length", b"5")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b"hello"})
         seen.append(list(socket.writes))  # what the socket has as send returns
 
