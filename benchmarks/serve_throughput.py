@@ -27,7 +27,7 @@ import httpx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
-from vicuna_sky.launch.s3_server import free_port  # noqa: E402
+from vicuna_sky.launch.procs import free_port  # noqa: E402
 from vicuna_sky.serve.local_fleet import LocalFleet  # noqa: E402
 
 FASTCHAT_PY = HERE / ".venv-fastchat" / "bin" / "python"

@@ -15,7 +15,7 @@ import pytest
 
 from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.launch import cloud, runner, serve_fleet
-from vicuna_sky.launch.s3_server import free_port
+from vicuna_sky.launch.procs import free_port
 from vicuna_sky.launch.tasks import (
     Spec,
     SpecError,

@@ -69,7 +69,7 @@ class Run:
 
     def signal_group(self, sig: signal.Signals) -> None:
         """The whole machine: torchrun, and its workers in their own sessions."""
-        from vicuna_sky.launch.local import signal_tree
+        from vicuna_sky.launch.procs import signal_tree
 
         signal_tree(self.proc.pid, sig)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.launch.procs import started
 from vicuna_sky.output import write_text
 
 RESUMED = re.compile(r"resumed at step (\d+)")
@@ -108,7 +109,7 @@ def in_progress(job: LocalJob) -> bool:
     if JobStatus(job.status).done or not job.pid:
         return False
     try:
-        return abs(psutil.Process(job.pid).create_time() - job.pid_started) < 1.0
+        return abs(started(job.pid) - job.pid_started) < 1.0
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
 

@@ -12,14 +12,12 @@ exit of the task itself is retried up to `max_restarts_on_errors`, as managed jo
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import getpass
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +29,13 @@ from typing import TYPE_CHECKING
 
 from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.launch.jobs import Attempt, JobStatus, LocalJob
+from vicuna_sky.launch.procs import (
+    count_local_gpus,
+    free_port,
+    signal_name,
+    signal_tree,
+    started,
+)
 
 if TYPE_CHECKING:
     import sky
@@ -90,7 +95,7 @@ class LocalRunner:
         # Same format as a managed job's id; it never changes across recoveries.
         task_id = f"sky-managed-{stamp}_{self.cluster_name}_1"
         self.job = LocalJob(name=name, task_id=task_id, run_dir=str(run_dir))
-        self.job.pid, self.job.pid_started = os.getpid(), _started(os.getpid())
+        self.job.pid, self.job.pid_started = os.getpid(), started(os.getpid())
         self.job.save()
         self._stop_reason = ""
         self._excluded: set[str] = set()
@@ -235,7 +240,7 @@ class LocalRunner:
         codes = self._wait_cluster(procs)
         attempt.exit_codes = codes
         if self._preempting or any(c < 0 for c in codes):
-            dead = [f"rank {r} by {_signal_name(-c)}" for r, c in enumerate(codes) if c < 0]
+            dead = [f"rank {r} by {signal_name(-c)}" for r, c in enumerate(codes) if c < 0]
             attempt.status = "PREEMPTED"
             attempt.reason = "killed: " + ", ".join(dead) if dead else "preempted"
             return "preempted"
@@ -276,7 +281,7 @@ class LocalRunner:
             envs[key] = self._localize(value, mounts)
         if "MASTER_PORT" in envs:
             # Concurrent local runs must not fight over the spec's fixed rendezvous port.
-            envs["MASTER_PORT"] = str(_free_port())
+            envs["MASTER_PORT"] = str(free_port())
         endpoints: dict[str, str] = {}
         if self.config.s3_endpoint_url:
             endpoints["AWS_ENDPOINT_URL_S3"] = self.config.s3_endpoint_url
@@ -352,7 +357,7 @@ class LocalRunner:
                 requested = int(max(res.accelerators.values()))
         available = self.config.gpus_per_node
         if available is None:
-            available = _count_local_gpus()
+            available = count_local_gpus()
         return min(requested, available)
 
     def _recover_on_exit_codes(self) -> set[int]:
@@ -419,33 +424,9 @@ class LocalRunner:
 # ------------------------------------------------------------------- helpers
 
 
-def signal_tree(pid: int, sig: signal.Signals) -> None:
-    """Signal a process, its group and every descendant. A vanished VM takes all of its
-    processes; torchrun starts its workers in sessions of their own, so signalling the process
-    group alone would leave them running."""
-    import psutil
-
-    try:
-        family = psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-    for child in family:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            child.send_signal(sig)
-
-
 def _signal_groups(procs: list[subprocess.Popen], sig: signal.Signals) -> None:
     for p in procs:
         signal_tree(p.pid, sig)
-
-
-def _signal_name(num: int) -> str:
-    try:
-        return signal.Signals(num).name
-    except ValueError:
-        return f"signal {num}"
 
 
 def _sky_excluded(source: Path) -> set[str]:
@@ -458,25 +439,3 @@ def _sky_excluded(source: Path) -> set[str]:
     except Exception:  # SkyPilot's reading failed: copy as before rather than fail the run
         return set()
     return {str((source / r.rstrip("/")).resolve()) for r in relative}
-
-
-def _started(pid: int) -> float:
-    import psutil
-
-    return psutil.Process(pid).create_time()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _count_local_gpus() -> int:
-    if not shutil.which("nvidia-smi"):
-        return 0
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))

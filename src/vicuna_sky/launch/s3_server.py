@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.launch.procs import free_port, wait_for_port
 
 # Dummy credentials for the local server; boto3 must never look for an instance role.
 LOCAL_AWS_ENV = {
@@ -18,24 +17,6 @@ LOCAL_AWS_ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_EC2_METADATA_DISABLED": "true",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise VicunaSkyError(f"local server exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise VicunaSkyError(f"nothing listens on 127.0.0.1:{port}")
 
 
 class LocalS3:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from vicuna_sky.launch.s3_server import free_port
+from vicuna_sky.launch.procs import free_port
 from vicuna_sky.serve.auth import FLEET_SECRET_ENV
 from vicuna_sky.serve.tls import FLEET_TLS_ENV, fingerprint, make_certificate
 
