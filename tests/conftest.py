@@ -228,6 +228,7 @@ LONGEST_FIRST = (
     "tests/test_journey.py",
     "tests/launch/test_chaos.py",
     "tests/serve/test_hostile_input.py",
+    "tests/serve/test_hostile_workers.py",
     "tests/test_gguf_export.py",
     "tests/launch/test_local.py",
     "tests/train/test_attention.py",

@@ -47,3 +47,31 @@ def in_flight(address: str) -> int:
 
     headers = {"Authorization": f"Bearer {SECRET}"}
     return httpx.get(f"{address}/health", timeout=5, headers=headers).json()["in_flight"]
+
+
+QUESTION = [{"role": "user", "content": "hello there"}]
+
+
+def chat(client, model: str = "tiny", **kw):
+    kw.setdefault("messages", QUESTION)
+    kw.setdefault("max_tokens", 8)
+    return client.chat.completions.create(model=model, **kw)
+
+
+def two_tiny_workers(fleet, model):
+    # Expiry 4 s: a loaded 2-core machine still heartbeats within it, and a worker blocked by
+    # a long prompt on its event loop (about 30 s for test_hostile_input.py's 6 MB one) misses
+    # it for sure.
+    return with_two_hf_workers(fleet, model, controller_args=("--expiry-seconds", "4"))
+
+
+@pytest.fixture(scope="module")
+def tiny_fleet(module_fleet, tiny_chat_model):
+    """Two tiny-Llama workers, for a module's tests that only ask questions."""
+    return two_tiny_workers(module_fleet, tiny_chat_model)
+
+
+@pytest.fixture
+def own_tiny_fleet(fleet, tiny_chat_model):
+    """Two tiny-Llama workers of a test's own, for one that stops or hangs a process."""
+    return two_tiny_workers(fleet, tiny_chat_model)

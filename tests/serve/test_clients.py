@@ -18,9 +18,10 @@ from pydantic import BaseModel, Field
 
 from vicuna_sky.serve.auth import API_KEYS_ENV
 
+from .conftest import QUESTION
+
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # before litellm is imported
 KEY = "client-key"
-QUESTION = [{"role": "user", "content": "hello there"}]
 
 
 class Pet(BaseModel):

@@ -19,9 +19,8 @@ import pytest
 from vicuna_sky.serve.auth import API_KEYS_ENV, BODY_TIMEOUT_ENV, FLEET_SECRET_ENV
 from vicuna_sky.serve.http_server import HEADER_TIMEOUT_ENV
 
-from .conftest import SECRET, in_flight
+from .conftest import QUESTION, SECRET, in_flight
 
-QUESTION = [{"role": "user", "content": "hello there"}]
 FLEET = {"Authorization": f"Bearer {SECRET}"}
 
 
