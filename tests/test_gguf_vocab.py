@@ -1,6 +1,7 @@
-"""The tokenizer a GGUF carries (vicuna_sky.gguf_vocab): SentencePiece and byte-level BPE
-vocabularies written as llama.cpp's converter writes them, pre-tokenizers named as llama.cpp
-names them, and the splits llama.cpp would make otherwise refused, on export and on import."""
+"""The tokenizer a GGUF carries (vicuna_sky.gguf_tokenizer and gguf_vocab): SentencePiece and
+byte-level vocabularies written as llama.cpp's converter writes them, pre-tokenizers named as
+llama.cpp names them, and the splits llama.cpp would make otherwise refused, on export and on
+import."""
 
 import json
 from pathlib import Path

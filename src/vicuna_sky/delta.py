@@ -36,6 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors import safe_open
 
 from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.inputs import read_json_object
 from vicuna_sky.output import check_output_dir, writing_dir
 
 FORMAT = "vicuna-sky-delta"
@@ -77,17 +78,6 @@ def _require_dir(path: Path, role: str) -> None:
         raise VicunaSkyError(f"{role} directory not found: {path}")
 
 
-def _read_json(path: Path, *nested: str) -> dict[str, Any]:
-    """A JSON object from `path`; the keys in `nested` must hold objects too when present."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise VicunaSkyError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(data, dict) or any(not isinstance(data.get(k, {}), dict) for k in nested):
-        raise VicunaSkyError(f"{path}: not the JSON object expected here")
-    return data
-
-
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     # mmap: the tensors are views of the file, pages are read only when a chunk is used.
     return torch.load(path, mmap=True, weights_only=True, map_location="cpu")
@@ -96,7 +86,7 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 def _shard_files(root: Path, role: str) -> list[Path]:
     for index, single in _LAYOUTS:
         if (root / index).is_file():
-            weight_map = _read_json(root / index, "weight_map").get("weight_map", {})
+            weight_map = read_json_object(root / index, "weight_map").get("weight_map", {})
             return [root / name for name in sorted(set(weight_map.values()))]
         if (root / single).is_file():
             return [root / single]
@@ -252,7 +242,7 @@ def _plan_apply(base: _Source, delta: _Source, entries: Entries) -> None:
 
 def _read_marker(delta: Path) -> dict[str, Any]:
     _require_dir(delta, "delta")
-    marker = _read_json(delta / MARKER, "tensors") if (delta / MARKER).is_file() else {}
+    marker = read_json_object(delta / MARKER, "tensors") if (delta / MARKER).is_file() else {}
     if marker.get("format") != FORMAT:
         raise VicunaSkyError(f"{delta} is not a delta directory (no valid {MARKER})")
     if marker.get("version") != VERSION:
@@ -341,7 +331,9 @@ def make_delta(
     check_output_dir(out, (base, target), offer_overwrite=False)  # before any reading
     base_src, target_src = _Source(base, "base"), _Source(target, "target")
     config = (
-        _read_json(base / "config.json", "text_config") if (base / "config.json").is_file() else {}
+        read_json_object(base / "config.json", "text_config")
+        if (base / "config.json").is_file()
+        else {}
     )
     vocab = config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
     entries = _plan_make(base_src, target_src, vocab)
