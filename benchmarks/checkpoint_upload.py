@@ -16,33 +16,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from vicuna_sky.launch.s3_server import LocalS3
+
 MIB = 1024 * 1024
-
-
-def start_moto() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    moto = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen(
-        [str(moto), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(300):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc, f"http://127.0.0.1:{port}"
-        time.sleep(0.1)
-    raise RuntimeError("moto_server did not start")
 
 
 def make_payload(total_mib: int, small_files: int) -> dict[str, bytes]:
@@ -85,8 +66,8 @@ def main() -> None:
             "AWS_EC2_METADATA_DISABLED": "true",
         }
     )
-    proc, endpoint = start_moto()
-    os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
+    moto = LocalS3().__enter__()
+    endpoint = os.environ["AWS_ENDPOINT_URL_S3"] = moto.url
     import boto3
 
     from checkpoints_sync import AsyncUploader, Checkpoints, open_store
@@ -145,8 +126,7 @@ def main() -> None:
         plain = time.perf_counter() - start
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        proc.terminate()
-        proc.wait(10)
+        moto.__exit__()
 
     print(f"medians of {args.repeats} rounds per mode for (a)")
     print(f"(a) local save (both modes):       {saved:6.2f} s")

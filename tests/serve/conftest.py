@@ -1,5 +1,7 @@
 """A real fleet on loopback (vicuna_sky.serve.local_fleet): controller and worker processes."""
 
+import http.server
+import threading
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,46 @@ def tiny_fleet(module_fleet, tiny_chat_model):
 def own_tiny_fleet(fleet, tiny_chat_model):
     """Two tiny-Llama workers of a test's own, for one that stops or hangs a process."""
     return two_tiny_workers(fleet, tiny_chat_model)
+
+
+class CannedWorker:
+    """`with CannedWorker(fleet, status, body, worker_id) as w:` a stand-in worker on loopback,
+    registered with `fleet`'s controller (give it a long expiry: it never heartbeats), that
+    answers every request with `status` and `body`; `w.hits` counts the requests."""
+
+    def __init__(self, fleet, status: int, body: bytes, worker_id: str) -> None:
+        self.fleet, self.worker_id, self.hits = fleet, worker_id, 0
+        canned = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                canned.hits += 1
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"http://127.0.0.1:{self.server.server_port}"
+
+    def __enter__(self) -> "CannedWorker":
+        import httpx
+
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        body = {"address": self.address, "worker_id": self.worker_id, "models": ["echo"]}
+        r = httpx.post(
+            f"{self.fleet.url}/workers/register",
+            json={**body, "max_concurrency": 4},
+            headers={"Authorization": f"Bearer {SECRET}"},
+        )
+        r.raise_for_status()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()

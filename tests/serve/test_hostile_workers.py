@@ -5,7 +5,6 @@ address taken over. Each is failed over or ended with an error, and never leaks 
 Real processes on loopback (controller, echo and tiny-Llama hf workers) and the official openai
 client, except where a test must play a broken worker."""
 
-import http.server
 import signal
 import threading
 import time
@@ -16,7 +15,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import SECRET, chat, in_flight
+from .conftest import SECRET, CannedWorker, chat, in_flight
 
 
 def test_a_generation_that_raises_ends_its_request_and_frees_the_slot(tiny_chat_model):
@@ -171,45 +170,23 @@ def test_the_registry_keeps_each_address_to_its_worker(fleet):
     assert register(a, ["other-model"], "newcomer-01") == 200
 
 
-class _GarbledWorker(http.server.BaseHTTPRequestHandler):
-    """Answers every generation with 200 and a body that is not an answer."""
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        body = b'{"finish_reason": 7, "text": ["not", "text"]}'
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 def test_out_of_range_numbers_are_400_and_a_garbled_worker_is_failed_over(fleet):
     """Row 7."""
     # A long expiry: the garbled worker never heartbeats, only its answers can fail it.
     fleet.start_controller("--expiry-seconds", "60")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GarbledWorker)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    garbled = f"http://127.0.0.1:{server.server_port}"
-    body = {"address": garbled, "worker_id": "garbled-01", "models": ["echo"], "max_concurrency": 9}
-    headers = {"Authorization": f"Bearer {SECRET}"}
+    garbage = b'{"finish_reason": 7, "text": ["not", "text"]}'
     # Registered first, so picked first while loads are equal.
-    httpx.post(f"{fleet.url}/workers/register", json=body, headers=headers).raise_for_status()
-    good = fleet.start_worker("echo", "echo", "echo")
-    fleet.wait_workers({good})
-    client = fleet.client()
-    for field, value in (("max_tokens", 2**70), ("seed", 2**80), ("temperature", 3)):
-        with pytest.raises(openai.BadRequestError, match=field):
-            chat(client, "echo", extra_body={field: value})
-    try:
+    with CannedWorker(fleet, 200, garbage, "garbled-01") as garbled:
+        good = fleet.start_worker("echo", "echo", "echo")
+        fleet.wait_workers({good})
+        client = fleet.client()
+        for field, value in (("max_tokens", 2**70), ("seed", 2**80), ("temperature", 3)):
+            with pytest.raises(openai.BadRequestError, match=field):
+                chat(client, "echo", extra_body={field: value})
         answers = [chat(client, "echo").choices[0].message.content for _ in range(4)]
-    finally:
-        server.shutdown()
     assert answers == ["echo: hello there"] * 4
     states = {w["address"]: w for w in fleet.worker_states()}
-    assert states[garbled]["failed"] and states[good]["available"]
+    assert states[garbled.address]["failed"] and states[good]["available"]
 
 
 def test_no_done_after_an_error_and_usage_counts_generated_tokens(fleet, tiny_chat_model):
