@@ -15,6 +15,7 @@ import pytest
 
 from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.launch import cloud, runner, serve_fleet
+from vicuna_sky.launch.fleet_state import FleetState
 from vicuna_sky.launch.procs import free_port
 from vicuna_sky.launch.tasks import (
     Spec,
@@ -53,7 +54,7 @@ def test_fleet_controller_is_a_cluster_and_workers_are_managed_jobs(fake_sky):
         # Workers reach the controller on its TLS fleet port, pinning its certificate.
         assert envs["CONTROLLER_URL"] == "https://203.0.113.10:8002"
         assert "VICUNA_SKY_FLEET_SECRET" not in envs
-    assert fleet.url == "http://203.0.113.10:8000"
+    assert fleet.url == "https://203.0.113.10:8000"
     secret = jobs[0][4]["VICUNA_SKY_FLEET_SECRET"].get_secret_value()
     assert len(secret) >= 24
     assert launch[2].secrets["VICUNA_SKY_FLEET_SECRET"].get_secret_value() == secret
@@ -69,7 +70,7 @@ def test_the_launcher_waits_for_the_controller_endpoint(fake_sky):
     fleet = cloud.launch_fleet(controller, worker, "vic", workers=1, poll_seconds=0)
     # {} twice and an error, then the port; then the fleet port at once
     assert len(fake_sky.named("endpoints")) == 5
-    assert fleet.url == "http://203.0.113.10:8000"
+    assert fleet.url == "https://203.0.113.10:8000"
     fake_sky.endpoint_answers = [{}] * 100
     with pytest.raises(VicunaSkyError, match=r"vic-controller: port 8000 not exposed after 0 s"):
         cloud.wait_for_endpoint("vic-controller", 8000, wait_seconds=0, poll_seconds=0)
@@ -80,9 +81,13 @@ def answering_controller(fake_sky, tmp_path, monkeypatch):
     """The fleet's controller cluster "UP" on 127.0.0.1: a real controller process on a
     free port stands in for its port 8000, with the fleet secret the launcher will use."""
     monkeypatch.setenv("VICUNA_SKY_FLEET_SECRET", "fleet-secret-0123456789")
-    with LocalFleet(tmp_path / "controller", "fleet-secret-0123456789") as stand_in:
+    with LocalFleet(tmp_path / "controller", "fleet-secret-0123456789", tls=True) as stand_in:
+        # The fleet's certificate, as the launcher keeps it: the stand-in shows it.
+        state = FleetState(tls=stand_in.tls_pem)
+        state.save("vic")
         stand_in.start_controller()
-        fake_sky.host, fake_sky.ports = "127.0.0.1", {8000: stand_in.port}
+        fake_sky.host = "127.0.0.1"
+        fake_sky.ports = {8000: stand_in.port, 8002: stand_in.fleet_port}
         yield stand_in
 
 

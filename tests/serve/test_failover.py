@@ -348,25 +348,39 @@ def test_an_answer_cut_at_max_tokens_needs_no_other_worker(controller):
 
 
 def test_a_stream_without_its_first_token_in_time_goes_to_another_worker(fleet):
-    """--first-token-timeout is a stream's: a worker that sends nothing for longer loses the
-    request to another. A whole answer may take longer (the request timeout is its own)."""
+    """--first-token-timeout counts from the worker's start on the request (its answer's head,
+    sent once it has a slot): a worker that then sends no token for longer loses the request to
+    another. Waiting for a slot before that is a queue, not a failure, however long; a whole
+    answer may take longer too (the request timeout is its own)."""
     import time
 
     fleet.start_controller("--expiry-seconds", "600", "--first-token-timeout", "1")
     fleet.stubs = []
 
-    def slow(payload: dict) -> tuple[int, bytes | list[bytes]]:
-        time.sleep(2.5)
-        return whole("slow but whole")(payload) if not payload["stream"] else lines(
-            {"text": "too late"}, {"finish_reason": "stop", "completion_tokens": 2}
-        )(payload)  # fmt: skip
+    def started_then_stuck(payload: dict) -> tuple[int, object]:
+        def body():
+            yield json.dumps({"prompt_tokens": 3}).encode() + b"\n"
+            time.sleep(2.5)
+            yield json.dumps({"text": "too late"}).encode() + b"\n"
+
+        return 200, body()
+
+    def queued(payload: dict) -> tuple[int, bytes | list[bytes]]:
+        time.sleep(2.5)  # every slot busy: the answer's head comes with a slot
+        if not payload["stream"]:
+            return whole("queued, then whole")(payload)
+        return lines({"text": "queued, then in time"}, {"finish_reason": "stop"})(payload)
 
     try:
-        model, _ = workers(fleet, slow, lines({"text": "in time"}, {"finish_reason": "stop"}))
+        ok = lines({"text": "in time"}, {"finish_reason": "stop"})
+        model, stubs = workers(fleet, started_then_stuck, ok)
         assert text_of(ask_streamed(fleet, model)) == "in time"
-        model, _ = workers(fleet, slow)
+        assert hits(stubs) == [1, 1]
+        model, stubs = workers(fleet, queued)
+        assert text_of(ask_streamed(fleet, model)) == "queued, then in time"
         r = ask(fleet, model)
-        assert r.json()["choices"][0]["message"]["content"] == "slow but whole"
+        assert r.json()["choices"][0]["message"]["content"] == "queued, then whole"
+        assert stubs[0].address in fleet.available()  # a busy worker is no broken one
     finally:
         for stub in fleet.stubs:
             stub.server.shutdown()

@@ -305,3 +305,50 @@ def test_the_workers_certificate_is_pinned(tmp_path):
             assert len(server.requests) == 1
 
     run(test)
+
+
+def test_the_limit_counts_the_headers_too(monkeypatch):
+    """A header line has no length of its own: a worker sending one without end is cut at the
+    answer's limit, not read to its end (llhttp would hold all of it)."""
+    monkeypatch.setattr(hop_client, "MAX_ANSWER_BYTES", 4096)
+    # Larger than one read: the headers arrive in pieces, and are refused before their end.
+    huge = b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 2**21 + b"\r\nContent-Length: 2\r\n\r\n{}"
+
+    async def test() -> None:
+        async with Server(lambda _: huge) as server:
+            with pytest.raises(HopError, match="over 4096 bytes"):
+                await HopClient("").post(server.address, "/x", b"{}", whole=True)
+        small = b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 2048 + b"\r\nContent-Length: 2\r\n\r\n{}"
+        async with Server(lambda _: small) as server:
+            answer = await HopClient("").post(server.address, "/x", b"{}", whole=True)
+            assert await answer.read() == b"{}"
+
+    run(test)
+
+
+def test_kept_connections_belong_to_the_certificate_as_well_as_the_address(tmp_path):
+    """A worker registered again at the same address with another certificate is reached on a
+    new connection, checked against the new pin: never on one made under the old one."""
+    pem = make_certificate("worker")
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(*server_files(pem))
+
+    async def test() -> None:
+        async with Server(ok, tls=tls) as server:
+            client = HopClient("s3cret")
+            async with await client.post(
+                server.address, "/x", b"{}", fingerprint(pem), whole=True
+            ) as answer:
+                await answer.read()
+            assert server.connections == 1
+            other = hashlib.sha256(b"the new owner's certificate").hexdigest()
+            with pytest.raises(HopError, match="certificate other than it registered"):
+                await client.post(server.address, "/x", b"{}", other, whole=True)
+            assert server.connections == 2 and len(server.requests) == 1
+            async with await client.post(  # the old pin still has its kept connection
+                server.address, "/x", b"{}", fingerprint(pem), whole=True
+            ) as answer:
+                await answer.read()
+            assert server.connections == 2 and len(server.requests) == 2
+
+    run(test)

@@ -1,9 +1,11 @@
-"""The servers' write coalescing (http_server.Coalesced): what uvicorn writes in one turn of the
-event loop reaches the socket in one write, in order, and nothing is lost on close."""
+"""The servers' HTTP layer (http_server.py): write coalescing, and the checks every request
+passes whichever route answers it (paths, JSON bodies, Host and Origin, header size, pipelining)."""
 
 from __future__ import annotations
 
 import asyncio
+
+import pytest
 
 from vicuna_sky.serve.http_server import Coalesced
 
@@ -107,3 +109,172 @@ def test_an_answer_leaves_as_its_last_piece_is_sent():
     asyncio.run(test())
     assert len(seen) == 1 and len(seen[0]) == 1, seen  # headers and body: one write
     assert seen[0][0].startswith(b"HTTP/1.1 200 OK\r\n") and seen[0][0].endswith(b"\r\n\r\nhello")
+
+
+# -- the checks every request passes, on real servers ------------------------------------------
+def raw_exchange(port: int, request: bytes, until: bytes = b"", timeout: float = 10.0) -> bytes:
+    """What a server at 127.0.0.1:`port` writes back to `request` (raw bytes), until it closes,
+    `until` is seen, or `timeout` passes."""
+    import socket
+    import time
+
+    got = b""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(request)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not (until and until in got):
+            s.settimeout(max(0.05, deadline - time.monotonic()))
+            try:
+                piece = s.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not piece:
+                break
+            got += piece
+    return got
+
+
+def post(path: str, body: bytes, *headers: bytes) -> bytes:
+    lines = [b"POST " + path.encode() + b" HTTP/1.1", b"Host: 127.0.0.1", *headers]
+    lines.append(b"Content-Length: %d" % len(body))
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+CHAT = b'{"model": "echo", "messages": [{"role": "user", "content": "hi"}]}'
+JSON = b"Content-Type: application/json"
+
+
+def test_a_path_with_a_control_character_is_no_route(fleet):
+    """`/v1/chat/completions%0A` missed the fast path and matched FastAPI's route pattern (its
+    `$` matches before a final newline): a 500 with a traceback, and without a key a 500 for a
+    valid body and a 401 for an invalid one. Now every such path is a 404, key or none."""
+    from vicuna_sky.serve.auth import API_KEYS_ENV
+
+    fleet.start_controller(env={API_KEYS_ENV: "key"})
+    echo = fleet.start_worker("echo", "echo", "echo")
+    fleet.wait_workers({echo})
+    worker_port = int(echo.rsplit(":", 1)[1])
+    for port, path, body in [
+        (fleet.port, "/v1/chat/completions%0A", CHAT),
+        (fleet.port, "/v1/chat/completions%0A", b"{"),
+        (fleet.port, "/v1/completions%0a", b'{"model": "echo", "prompt": "x"}'),
+        (fleet.port, "/v1/embeddings%00", b'{"model": "echo", "input": "x"}'),
+        (worker_port, "/generate%0A", b'{"model": "echo", "prompt": "x"}'),
+    ]:
+        answer = raw_exchange(port, post(path, body, JSON), until=b"}}")
+        assert answer.startswith(b"HTTP/1.1 404"), (path, answer[:200])
+        assert b'"not_found"' in answer
+    assert "Traceback" not in fleet.controller.log.read_text()
+    answer = raw_exchange(fleet.port, post("/v1/chat/completions", CHAT, JSON), until=b"}}")
+    assert answer.startswith(b"HTTP/1.1 401")  # the route itself, for comparison
+
+
+def test_a_prompt_route_takes_json_only(fleet):
+    """A browser's "simple" POST (text/plain: no preflight) must not run a generation: the
+    prompt routes answer only a body declared as JSON, as FastAPI's own routes do."""
+    from .conftest import SECRET
+
+    fleet.start_controller()
+    echo = fleet.start_worker("echo", "echo", "echo")
+    fleet.wait_workers({echo})
+    worker_port = int(echo.rsplit(":", 1)[1])
+    fleet_key = b"Authorization: Bearer " + SECRET.encode()
+    generate = b'{"model": "echo", "prompt": "x"}'
+    for kind in (b"text/plain", b"application/x-www-form-urlencoded", b"multipart/form-data"):
+        header = b"Content-Type: " + kind
+        answer = raw_exchange(fleet.port, post("/v1/chat/completions", CHAT, header), b"}}")
+        assert answer.startswith(b"HTTP/1.1 415"), answer[:200]
+        answer = raw_exchange(worker_port, post("/generate", generate, header, fleet_key), b"}}")
+        assert answer.startswith(b"HTTP/1.1 415"), answer[:200]
+    answer = raw_exchange(fleet.port, post("/v1/chat/completions", CHAT), b"}}")  # none given
+    assert answer.startswith(b"HTTP/1.1 415")
+    charset = b"Content-Type: Application/JSON; charset=utf-8"
+    answer = raw_exchange(fleet.port, post("/v1/chat/completions", CHAT, charset), b"}}}")
+    assert answer.startswith(b"HTTP/1.1 200") and b"echo: hi" in answer
+
+
+def test_a_server_without_keys_answers_pages_of_this_machine_only(fleet):
+    """A loopback controller without API keys: a web page elsewhere cannot drive it, whether it
+    posts from its own origin or rebinds its own domain's DNS to 127.0.0.1 (Host)."""
+    import httpx
+
+    from vicuna_sky.serve.auth import API_KEYS_ENV
+
+    fleet.start_controller()
+    fleet.wait_workers({fleet.start_worker("echo", "echo", "echo")})
+    chat = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
+    url = f"{fleet.url}/v1/chat/completions"
+    for headers in (
+        {"Host": "attacker.example"},
+        {"Host": f"attacker.example:{fleet.port}"},
+        {"Host": "127.0.0.1.attacker.example"},
+        {"Origin": "https://attacker.example"},
+        {"Origin": "null"},
+    ):
+        r = httpx.post(url, json=chat, headers=headers)
+        assert r.status_code == 403, headers
+        assert r.json()["error"]["code"] in ("host_not_allowed", "origin_not_allowed")
+        assert httpx.get(f"{fleet.url}/v1/models", headers=headers).status_code == 403
+    for headers in (
+        {"Host": f"localhost:{fleet.port}"},
+        {"Host": f"[::1]:{fleet.port}"},
+        {"Origin": "http://localhost:7860"},
+        {"Origin": "http://127.0.0.1:7860"},
+    ):
+        assert httpx.post(url, json=chat, headers=headers).status_code == 200, headers
+    fleet.close()
+    # With keys, the key decides, wherever the request names.
+    fleet.procs.clear()
+    fleet.start_controller(env={API_KEYS_ENV: "key"})
+    fleet.wait_workers({fleet.start_worker("echo", "echo", "echo")})
+    keyed = {"Host": "api.example.com", "Authorization": "Bearer key"}
+    r = httpx.post(f"{fleet.url}/v1/chat/completions", json=chat, headers=keyed)
+    assert r.status_code == 200
+
+
+def test_request_headers_past_the_limit_are_431(fleet):
+    """48 connections with 20 MiB of headers each took a controller from 69 MB to 738 MB: the
+    head of a request is refused past MAX_HEADER_BYTES, as soon as that much has come."""
+    from vicuna_sky.serve.http_server import MAX_HEADER_BYTES
+
+    fleet.start_controller()
+    pad = b"X-Pad: " + b"a" * (MAX_HEADER_BYTES + 1)
+    answer = raw_exchange(fleet.port, post("/v1/models", b"", pad), until=b"}}")
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:100]
+    assert b"request_header_fields_too_large" in answer
+    # Sent without end: refused (and closed) long before the 20 MiB are in.
+    import socket
+
+    with socket.create_connection(("127.0.0.1", fleet.port)) as s:
+        s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: ")
+        sent = 0
+        with pytest.raises(OSError):
+            while sent < 20 * 2**20:
+                s.sendall(b"a" * 65536)
+                sent += 65536
+        assert sent < 4 * 2**20
+    small = b"X-Pad: " + b"a" * (MAX_HEADER_BYTES // 2)
+    request = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n" + small + b"\r\n\r\n"
+    assert raw_exchange(fleet.port, request, until=b"]}").startswith(b"HTTP/1.1 200")
+
+
+def test_a_pipelined_request_keeps_its_answer_past_the_header_deadline(fleet):
+    """The header deadline re-armed after the first answer belonged to the second request,
+    whose headers were already in: a long stream pipelined behind a short request was cut at
+    the deadline without [DONE]."""
+    from vicuna_sky.serve.http_server import HEADER_TIMEOUT_ENV
+
+    timeouts = {HEADER_TIMEOUT_ENV: "1"}
+    fleet.start_controller(env=timeouts)
+    echo = fleet.start_worker("echo", "echo", "echo", "--echo-delay", "0.25", env=timeouts)
+    fleet.wait_workers({echo})
+    stream = (
+        b'{"model": "echo", "stream": true, "messages": [{"role": "user", '
+        b'"content": "one two three four five six seven"}]}'
+    )  # nine words at 0.25 s: over two seconds
+    short = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    answer = raw_exchange(
+        fleet.port, short + post("/v1/chat/completions", stream, JSON), b"[DONE]", 20
+    )
+    assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1 200") == 2
+    assert b"data: [DONE]" in answer

@@ -13,12 +13,13 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.launch.fleet_state import FleetState
 from vicuna_sky.launch.tasks import Spec, one_line
-from vicuna_sky.serve.tls import FLEET_TLS_ENV
+from vicuna_sky.serve.tls import FLEET_TLS_ENV, trusting
 
 if TYPE_CHECKING:
     import sky
@@ -57,6 +58,10 @@ class FleetLaunch:
     launched: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
+    fingerprint: str = ""
+    """SHA-256 of the certificate the controller's ports (clients, UI, fleet) show."""
+    certificate: Path | None = None
+    """That certificate (public), for clients to trust it and nothing else (tls.trusting)."""
 
 
 def launch_fleet(
@@ -96,17 +101,25 @@ def launch_fleet(
     for task in (controller, worker):
         task.update_secrets({"VICUNA_SKY_FLEET_SECRET": state.secret})
     controller.update_secrets({FLEET_TLS_ENV: pem})
-    reused = up and controller_answers(
-        wait_for_endpoint(cluster, CONTROLLER_PORT, wait_seconds, poll_seconds), state.secret
-    )
+
+    def fleet_port_url() -> str:
+        found = wait_for_endpoint(cluster, FLEET_PORT, wait_seconds, poll_seconds)
+        return "https://" + found.split("://", 1)[-1]
+
+    # Asked on the fleet port, over TLS with the fleet's certificate pinned: the secret never
+    # crosses the network in clear, nor reaches whoever else might hold the address.
+    reused = up and controller_answers(fleet_port_url(), state.secret, pem)
     if not reused:  # no cluster, or one whose controller is dead: (re)run the task on it
         launch(Spec.CONTROLLER, controller, cluster)
-    url = wait_for_endpoint(cluster, CONTROLLER_PORT, wait_seconds, poll_seconds)
-    fleet_url = (
-        "https://"
-        + wait_for_endpoint(cluster, FLEET_PORT, wait_seconds, poll_seconds).split("://", 1)[-1]
+    url = client_url(wait_for_endpoint(cluster, CONTROLLER_PORT, wait_seconds, poll_seconds))
+    fleet_url = fleet_port_url()
+    result = FleetLaunch(
+        url=url,
+        controller_reused=reused,
+        controller_relaunched=up and not reused,
+        fingerprint=fingerprint,
+        certificate=state.write_certificate(name),
     )
-    result = FleetLaunch(url=url, controller_reused=reused, controller_relaunched=up and not reused)
     live = _live_jobs(f"{name}-worker-")
     if state.controller_url and state.controller_url != url:
         # Workers keep the CONTROLLER_URL they were launched with: after the controller moved
@@ -128,18 +141,27 @@ def launch_fleet(
     return result
 
 
-def controller_answers(url: str, secret: str, tries: int = 3, timeout: float = 5.0) -> bool:
-    """Whether the controller at `url` answers its admin route with the fleet secret: a
-    cluster SkyPilot calls UP may hold a controller process that died."""
+def client_url(endpoint: str) -> str:
+    """The controller's client port is https off loopback (serve/controller.py)."""
+    return "https://" + endpoint.split("://", 1)[-1]
+
+
+def controller_answers(
+    fleet_url: str, secret: str, pem: str, tries: int = 3, timeout: float = 5.0
+) -> bool:
+    """Whether the controller at `fleet_url` (its fleet port) answers its admin route with the
+    fleet secret, showing the fleet's certificate (`pem`): a cluster SkyPilot calls UP may
+    hold a controller process that died. Another certificate gets no secret."""
     import httpx
 
     for attempt in range(tries):
         try:
             r = httpx.get(
-                f"{url}/workers",
+                f"{fleet_url}/workers",
                 headers={"Authorization": f"Bearer {secret}"},
                 timeout=timeout,
                 follow_redirects=False,
+                verify=trusting(pem),
             )
             if r.status_code == 200:
                 return True

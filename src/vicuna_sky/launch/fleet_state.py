@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from vicuna_sky.serve.tls import fingerprint, make_certificate
+from vicuna_sky.serve.tls import certificate_pem, fingerprint, make_certificate
 
 
 def state_dir() -> Path:
@@ -53,6 +53,13 @@ class FleetState:
         with os.fdopen(fd, "w") as f:
             json.dump(asdict(self), f)
         os.replace(tmp, path)
+
+    def write_certificate(self, name: str, root: Path | None = None) -> Path:
+        """The fleet's certificate, without its key, beside the state: what clients trust."""
+        path = self.path(name, root).with_suffix(".crt")
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.write_text(certificate_pem(self.certificate(name)[0]))
+        return path
 
     def certificate(self, name: str) -> tuple[str, str]:
         """(PEM, fingerprint) of the fleet's controller certificate, made on first use."""

@@ -84,6 +84,10 @@ def launch_fleet(
         else "launched"
     )
     console.print(f"controller {how} at {fleet.url}")
+    console.print(
+        f"its certificate: SHA-256 {fleet.fingerprint}, in {fleet.certificate} (clients trust "
+        "that certificate alone: README, 'Calling the fleet over TLS')"
+    )
     for what, jobs_ in (
         ("worker job(s) launched", fleet.launched),
         ("running worker job(s) kept", fleet.kept),

@@ -19,7 +19,7 @@ import orjson
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from vicuna_sky.serve.protocol import GenerateRequest, SamplingParams
+from vicuna_sky.serve.protocol import SEED_RANGE, GenerateRequest, SamplingParams
 from vicuna_sky.serve.structured import AnswerShape, tool_calls
 
 if TYPE_CHECKING:
@@ -115,12 +115,13 @@ async def respond(
     started = time.monotonic()
     # n answers per prompt, each its own generation (a seed, if given, moves on by one for each).
     runs = [
-        gen.model_copy(update={"seed": gen.seed + i}) if i and gen.seed is not None else gen
+        gen.model_copy(update={"seed": next_seed(gen.seed, i)}) if i and gen.seed is not None
+        else gen
         for gen in gens
         for i in range(req.n)
-    ]
+    ]  # fmt: skip
     if req.stream:
-        return await _streamed(controller, req, runs, kind, shape, head)
+        return await _streamed(controller, request, req, runs, kind, shape, head)
 
     async def collect(gen: GenerateRequest) -> tuple[str, dict]:
         text, final = "", {}
@@ -131,12 +132,15 @@ async def respond(
             final = event if "finish_reason" in event else final
         return text, final
 
-    metrics.running.labels(model).inc()
+    running = metrics.running.labels(model) if controller.registry.serves(model) else None
+    if running is not None:
+        running.inc()
     try:
-        work = asyncio.gather(*map(collect, runs)) if len(runs) > 1 else _listed(collect(runs[0]))
+        work = all_or_none(list(map(collect, runs))) if len(runs) > 1 else _listed(collect(runs[0]))
         results = await unless_disconnected(request, work)
     finally:
-        metrics.running.labels(model).dec()
+        if running is not None:
+            running.dec()
     choices = []
     for index, (text, final) in enumerate(results):
         finish = final.get("finish_reason", "stop")
@@ -157,6 +161,7 @@ async def respond(
 
 async def _streamed(
     controller: WorkerHop,
+    request: Request,
     req: SamplingParams,
     runs: list[GenerateRequest],
     kind: str,
@@ -166,20 +171,18 @@ async def _streamed(
     """One SSE stream for every run: choice i's chunks carry index i, in the order they come."""
     started = time.monotonic()
     streams = [controller.generate(run) for run in runs]
-    # 4xx/5xx before anything is sent are plain HTTP errors.
-    if len(streams) == 1:
-        firsts = [await anext(streams[0])]
-    else:
-        opening = [asyncio.ensure_future(anext(events)) for events in streams]
-        try:
-            firsts = await asyncio.gather(*opening)
-        except BaseException:
-            for task in opening:
-                task.cancel()
-            await asyncio.gather(*opening, return_exceptions=True)
-            for events in streams:
-                await events.aclose()
-            raise
+    # 4xx/5xx before anything is sent are plain HTTP errors. Until the first events are in
+    # (queued behind busy workers, perhaps), the client may leave: then nothing runs on.
+    try:
+        if len(streams) == 1:
+            firsts = [await unless_disconnected(request, anext(streams[0]))]
+        else:
+            opening = all_or_none([anext(events) for events in streams])
+            firsts = await unless_disconnected(request, opening)
+    except BaseException:
+        for events in streams:
+            await events.aclose()
+        raise
     metrics, model = controller.metrics, runs[0].model
     options = req.stream_options
     every_chunk = bool(options and options.continuous_usage_stats)
@@ -300,3 +303,24 @@ async def _merged(
 
 async def _listed(work: Awaitable[T]) -> list[T]:
     return [await work]
+
+
+async def all_or_none(work: list[Awaitable[T]]) -> list[T]:
+    """Every result of `work`, run side by side; when one fails (or this is cancelled) the
+    others are cancelled before the error goes on: a request that fails leaves nothing running
+    for nobody (asyncio.gather would let them run to their end)."""
+    tasks = [asyncio.ensure_future(w) for w in work]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def next_seed(seed: int, step: int) -> int:
+    """`seed` moved on by `step`, wrapping around within the seeds a request may give (a choice
+    after 2**63 - 1 takes -2**63, not a seed the worker would refuse)."""
+    low, high = SEED_RANGE
+    return (seed - low + step) % (high - low + 1) + low

@@ -48,6 +48,7 @@ from vicuna_sky.serve.auth import (
     read_secret,
     read_secrets,
 )
+from vicuna_sky.serve.connections import vouch
 from vicuna_sky.serve.hop import WorkerHop
 from vicuna_sky.serve.http_server import add_error_handlers, api_app, dependency, json_post
 from vicuna_sky.serve.protocol import (
@@ -58,10 +59,11 @@ from vicuna_sky.serve.protocol import (
     GenerateRequest,
     Registration,
     SamplingParams,
+    check_worker_address,
 )
 from vicuna_sky.serve.registry import Registry
 from vicuna_sky.serve.structured import AnswerShape, answer_shape
-from vicuna_sky.serve.tls import FLEET_TLS_ENV, TlsError, server_files
+from vicuna_sky.serve.tls import CLIENT_TLS_ENV, FLEET_TLS_ENV, TlsError, server_files
 
 
 class Controller(WorkerHop):
@@ -86,8 +88,11 @@ class Controller(WorkerHop):
 
     # -- who may do what -------------------------------------------------------------------
     def check_key(self, request: Request) -> None:
-        if self.api_keys and not matches(bearer(request), self.api_keys):
+        if not self.api_keys:
+            return
+        if not matches(bearer(request), self.api_keys):
             raise ApiError(401, "invalid API key", code="invalid_api_key")
+        vouch(request.scope)
 
     def check_worker(self, request: Request) -> None:
         """Registration, heartbeats and drains carry the fleet secret (over TLS, when the
@@ -110,17 +115,23 @@ class Controller(WorkerHop):
             )
         if self.secret and not matches(bearer(request), [self.secret]):
             raise ApiError(403, "wrong fleet secret", kind="permission_error")
+        if self.secret:
+            vouch(request.scope)  # a worker's heartbeats: never pushed out by strangers
 
     def check_admin(self, request: Request) -> None:
         """The worker list (addresses) and the schema: the fleet secret or an admin key."""
         allowed = [s for s in [self.secret, *self.admin_keys] if s]
         if allowed and not matches(bearer(request), allowed):
             raise ApiError(401, "the fleet secret or an admin key is required", code="unauthorized")
+        if allowed:
+            vouch(request.scope)
 
     def check_caller(self, request: Request) -> None:
         """Whoever the route is for: workers on /workers/, clients elsewhere."""
         if request.url.path.startswith("/workers/"):
             self.check_worker(request)
+        elif request.url.path.startswith("/admin/"):
+            self.check_admin(request)
         else:
             self.check_key(request)
 
@@ -166,7 +177,18 @@ def _with_source_host(reg: Registration, request: Request) -> Registration:
         return reg
     host = request.client.host
     netloc = f"[{host}]:{url.port}" if ":" in host else f"{host}:{url.port}"
-    return reg.model_copy(update={"address": urlunsplit((url.scheme, netloc, "", "", ""))})
+    address = check_worker_address(urlunsplit((url.scheme, netloc, "", "", "")))
+    return reg.model_copy(update={"address": address})
+
+
+def _known_address(payload: dict) -> str:
+    """A heartbeat's or a drain's address, spelled as registrations are (or as given, which
+    then names no worker)."""
+    address = str(payload.get("address"))
+    try:
+        return check_worker_address(address)
+    except ValueError:
+        return address
 
 
 def create_app(controller: Controller, max_body: int | None = None) -> FastAPI:
@@ -217,7 +239,7 @@ def create_app(controller: Controller, max_body: int | None = None) -> FastAPI:
     @app.post("/workers/heartbeat", dependencies=worker_only)
     async def heartbeat(payload: dict) -> dict:
         known = controller.registry.heartbeat(
-            str(payload.get("address")),
+            _known_address(payload),
             str(payload.get("worker_id")),
             healthy=payload.get("healthy", True) is not False,
         )
@@ -227,11 +249,22 @@ def create_app(controller: Controller, max_body: int | None = None) -> FastAPI:
 
     @app.post("/workers/drain", dependencies=worker_only)
     async def drain(payload: dict) -> dict:
-        address, worker_id = str(payload.get("address")), str(payload.get("worker_id"))
+        address, worker_id = _known_address(payload), str(payload.get("worker_id"))
         if not controller.registry.mark(address, draining=True, worker_id=worker_id):
             raise ApiError(404, "unknown worker", code="unknown_worker")
         controller.metrics.drains.inc()
         return {"ok": True}
+
+    @app.post("/admin/forget-worker", dependencies=admin_only)
+    async def forget_worker(payload: dict) -> dict:
+        """An operator's word that an address belongs to nobody now: a worker relaunched there
+        with a new certificate registers at once, without waiting for the old one to be
+        forgotten."""
+        address = _known_address(payload)
+        if not controller.registry.forget_worker(address):
+            raise ApiError(404, "unknown worker", code="unknown_worker")
+        controller.client.forget(address)
+        return {"ok": True, "address": address}
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
@@ -306,7 +339,9 @@ def main(argv: list[str] | None = None) -> None:
         is_loopback,
         require_secret_off_loopback,
     )
+    from vicuna_sky.serve.connections import raise_open_files
     from vicuna_sky.serve.http_server import (
+        FLEET_PER_ADDRESS,
         MAX_CONNECTIONS,
         run_event_loop,
         serve_listeners,
@@ -324,6 +359,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--tls-file", type=Path, default=None, help=f"key + certificate PEM (else ${FLEET_TLS_ENV})"
+    )
+    p.add_argument(
+        "--client-tls-file",
+        type=Path,
+        default=None,
+        help=f"the client port's key + certificate PEM, when it is off loopback (else "
+        f"${CLIENT_TLS_ENV}, else the fleet's)",
     )
     p.add_argument(
         "--secret-file", type=Path, default=None, help=f"fleet secret (else ${FLEET_SECRET_ENV})"
@@ -346,7 +388,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--inter-token-timeout", type=float, default=60.0)
     p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
     p.add_argument(
-        "--max-connections", type=int, default=MAX_CONNECTIONS, help="open connections, then 503"
+        "--max-connections",
+        type=int,
+        default=MAX_CONNECTIONS,
+        help="open connections per port; past them, the oldest not to have shown a key goes",
     )
     p.add_argument(
         "--public",
@@ -365,9 +410,29 @@ def main(argv: list[str] | None = None) -> None:
                 f"key: set {API_KEYS_ENV} or --api-key-file (or pass --public to serve anyone)"
             )
         tls = fleet_tls(args.tls_file, args.fleet_port)
+        client_tls = None
+        if not is_loopback(args.host):
+            client_tls = tls_files(args.client_tls_file, CLIENT_TLS_ENV) or tls
+            if client_tls is None:
+                raise ConfigError(
+                    f"the client port on {args.host} is reachable from other machines: give it "
+                    f"a certificate ({CLIENT_TLS_ENV}, --client-tls-file, or the fleet's with "
+                    "--fleet-port) so keys and prompts never cross the network in clear"
+                )
     except (ConfigError, TlsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    listening = 2 if tls is not None else 1
+    wanted = listening * args.max_connections + args.max_workers + 256
+    before, after = raise_open_files(wanted)
+    if after < wanted:
+        print(
+            f"warning: open files limited to {after} (raised from {before}), under the "
+            f"{wanted} the connection budgets may need: lower --max-connections",
+            file=sys.stderr,
+        )
+    else:
+        print(f"open files: {after} (raised from {before})", file=sys.stderr)
     registry = Registry(args.db, args.expiry_seconds, args.forget_seconds, args.max_workers)
     controller = Controller(
         registry,
@@ -379,17 +444,18 @@ def main(argv: list[str] | None = None) -> None:
         require_tls=tls is not None,
     )
     app = create_app(controller, args.max_body_bytes)
-    listeners = [server_config(app, args.host, args.port, args.max_connections)]
+    app.keyless = not api_keys and is_loopback(args.host)
+    listeners = [server_config(app, args.host, args.port, args.max_connections, tls=client_tls)]
     if tls is not None:
-        certfile, keyfile = tls
         listeners.append(
             server_config(
                 app,
                 args.host,
                 args.fleet_port,
                 args.max_connections,
-                ssl_certfile=certfile,
-                ssl_keyfile=keyfile,
+                # Strangers can reach it from anywhere: none may hold many of its sockets.
+                per_address=FLEET_PER_ADDRESS,
+                tls=tls,
                 lifespan="off",  # the app's startup and shutdown run once, with the first
             )
         )
@@ -401,21 +467,30 @@ def fleet_tls(path: Path | None, fleet_port: int) -> tuple[str, str] | None:
     talk plain HTTP, and only from this machine (a SkyServe replica's own worker)."""
     from vicuna_sky.serve.auth import ConfigError
 
+    if not fleet_port:
+        return None  # workers on this machine only (Controller.check_worker, register)
+    files = tls_files(path, FLEET_TLS_ENV)
+    if files is None:
+        raise ConfigError(
+            f"--fleet-port needs the fleet's TLS key and certificate ({FLEET_TLS_ENV} or "
+            "--tls-file)"
+        )
+    return files
+
+
+def tls_files(path: Path | None, env: str) -> tuple[str, str] | None:
+    """(certfile, keyfile) of the PEM in `path`, else in the environment variable `env`; None
+    when neither holds one."""
+    from vicuna_sky.serve.auth import ConfigError
+
     if path is not None:
         try:
             pem = path.read_text()
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read the TLS file {path}: {e}") from None
     else:
-        pem = os.environ.get(FLEET_TLS_ENV, "")
-    if not fleet_port:
-        return None  # workers on this machine only (Controller.check_worker, register)
-    if not pem.strip():
-        raise ConfigError(
-            f"--fleet-port needs the fleet's TLS key and certificate ({FLEET_TLS_ENV} or "
-            "--tls-file)"
-        )
-    return server_files(pem)
+        pem = os.environ.get(env, "")
+    return server_files(pem) if pem.strip() else None
 
 
 if __name__ == "__main__":

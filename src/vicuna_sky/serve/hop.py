@@ -156,7 +156,11 @@ class WorkerHop:
                     worker.tls_fingerprint,
                     whole=not gen.stream,
                 )
-                wait = self.first_token_timeout if gen.stream else self.request_timeout
+                # A stream's headers come once the worker has a slot for it and has started:
+                # the wait before is its queue, which is no failure. A worker that makes no
+                # progress meanwhile is caught by its heartbeats (its engine stuck, its
+                # process gone), not by a deadline that a busy worker would miss.
+                wait = None if gen.stream else self.request_timeout
                 async with await self.guarded(worker.address, opening, wait) as r:
                     self.metrics.requests.labels(gen.model, worker.address, str(r.status)).inc()
                     if r.status != 200:
@@ -189,10 +193,11 @@ class WorkerHop:
                         raw = await self.guarded(worker.address, r.readline(), timeout)
                         if not raw:
                             raise WorkerFailed("the stream ended without its final line")
-                        timeout = self.inter_token_timeout
                         event = _event(raw)
                         if event is None:
                             continue
+                        if "text" in event:  # the first token is in: the next is due sooner
+                            timeout = self.inter_token_timeout
                         if "error" in event:  # the generation failed after it began
                             yield {"error": _error_event(event)}
                             return

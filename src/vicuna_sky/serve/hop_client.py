@@ -24,8 +24,8 @@ IDLE_SECONDS = 3.0
 """A kept connection idle longer is not reused: the worker closes its idle ones after 5 s
 (http_server.server_config), and a request must not race that close."""
 MAX_ANSWER_BYTES = 256 * 2**20
-"""A worker's answer larger than this is a broken worker (embeddings of a large batch are the
-largest answers: tens of MB)."""
+"""A worker's answer larger than this, headers included, is a broken worker (embeddings of a
+large batch are the largest answers: tens of MB)."""
 CONNECT_TIMEOUT = 2.0
 
 
@@ -153,12 +153,22 @@ class _Connection(asyncio.Protocol):
             self.close()
             return
         self.received = True
+        answer = self.answer
+        in_head = not answer.head.done()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
             if self.answer is not None:
                 self.answer._broken(HopError(f"a malformed HTTP answer: {e}"))
             self.close()
+            return
+        if in_head and not answer.head.done():
+            # All of it was headers, which have no length of their own and which llhttp holds
+            # until they end: they count against the answer's limit as its body does.
+            answer._size += len(data)
+            if answer._size > MAX_ANSWER_BYTES:
+                answer._broken(HopError(f"the answer is over {MAX_ANSWER_BYTES} bytes"))
+                self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.keep_alive = False
@@ -222,7 +232,7 @@ class HopClient:
 
     def __init__(self, secret: str, connect_timeout: float = CONNECT_TIMEOUT) -> None:
         self.secret, self.connect_timeout = secret, connect_timeout
-        self._idle: dict[str, list[_Connection]] = {}
+        self._idle: dict[tuple[str, str], list[_Connection]] = {}
         self._heads: dict[tuple[str, str], bytes] = {}
         self._tls: dict[str, ssl.SSLContext] = {}
 
@@ -236,7 +246,9 @@ class HopClient:
         if head is None:
             head = self._heads[(address, path)] = self._head(address, path)
         request = head + str(len(body)).encode() + b"\r\n\r\n" + body
-        pool = self._idle.setdefault(address, [])
+        # Kept connections are the certificate's as well as the address's: a worker registered
+        # again at an address with another certificate is reached on new ones.
+        pool = self._idle.setdefault((address, fingerprint), [])
         while True:
             connection = self._kept(pool)
             reused = connection is not None
@@ -256,8 +268,9 @@ class HopClient:
 
     def forget(self, address: str) -> None:
         """A worker gone for good: its kept connections are closed, and nothing of it stays."""
-        for connection in self._idle.pop(address, []):
-            connection.close()
+        for key in [k for k in self._idle if k[0] == address]:
+            for connection in self._idle.pop(key):
+                connection.close()
         for key in [k for k in self._heads if k[0] == address]:
             del self._heads[key]
 

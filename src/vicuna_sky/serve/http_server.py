@@ -1,11 +1,20 @@
-"""What the controller and the workers share as HTTP servers: OpenAI-shaped errors on every route,
-and a uvicorn that does not let slow or idle connections pile up.
+"""What the controller and the workers share as HTTP servers: one set of request checks and
+OpenAI-shaped errors on every route, and a uvicorn that does not let slow, idle or oversized
+connections pile up.
 
 uvicorn times out idle keep-alive connections only: a client that sends half its headers, or
-half its body, holds a socket (and a file descriptor) forever. Here a connection must complete
-its request headers within `header_timeout` (`HeaderDeadline`), each piece of a body must arrive
-within `body_timeout` (`auth.BodyLimit`), and past `max_connections` open connections uvicorn
-answers 503 at once instead of running out of descriptors.
+half its body, holds a socket (and a file descriptor) forever, and its headers may be as large
+as the client likes. Here a connection must complete its request headers within
+`header_timeout` (`HeaderDeadline`) in at most MAX_HEADER_BYTES (431 past them), each piece of a
+body must arrive within `body_timeout` (`auth.BodyLimit`), and every listener counts its
+connections from accept (serve/connections.py): strangers cannot take the places of those who
+showed a credential, and a TLS port terminates TLS itself, with a handshake deadline.
+
+Every request, whichever route answers it (`json_post`'s fast path or FastAPI's router), passes
+the same checks first (`ApiApp.__call__`): a path without control characters, a JSON body
+declared as such, and on a server without credentials (loopback only) a `Host` and `Origin` of
+this machine, so that no web page a developer visits can drive a local fleet (DNS rebinding, or
+a browser's "simple" text/plain POST that needs no preflight).
 """
 
 from __future__ import annotations
@@ -13,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import os
+import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -27,6 +38,7 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from vicuna_sky.serve.answers import ClientGone
+from vicuna_sky.serve.connections import SCOPE_KEY, ConnectionBudget, TlsAccept, peer_host
 from vicuna_sky.serve.protocol import ApiError, invalid_request
 
 HEADER_TIMEOUT_ENV = "VICUNA_SKY_HEADER_TIMEOUT"
@@ -34,6 +46,11 @@ HEADER_TIMEOUT = 10.0
 """Seconds a connection has to send its request headers (on opening, and between requests);
 VICUNA_SKY_HEADER_TIMEOUT overrides it."""
 MAX_CONNECTIONS = 2048
+MAX_HEADER_BYTES = 32 * 1024
+"""A request line and headers larger than this are refused (431), as nginx refuses a header
+line over 8 KiB and h11 a head over 16 KiB."""
+FLEET_PER_ADDRESS = 32
+"""Connections one address may hold on the fleet port: a worker needs one or two."""
 
 
 def dependency(check: Callable[[Request], None]) -> Callable[[Request], Awaitable[None]]:
@@ -68,20 +85,84 @@ Endpoint = Callable[[Scope, Receive, Send], Awaitable[None]]
 class ApiApp(FastAPI):
     """FastAPI, with the routes every prompt takes (`json_post`) answered ahead of all of its
     layers: its middleware, router, dependency solving and request/response wrapping were most
-    of the controller's CPU per request (measured by benchmarks/profile_controller.py)."""
+    of the controller's CPU per request (measured by benchmarks/profile_controller.py). The
+    checks every request passes come first, for both (`refusal`)."""
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.max_body: int | None = None
         self.json_posts: dict[str, Endpoint] = {}
+        self.keyless = False
+        """No credential guards this server (it listens on loopback only): requests must name
+        this machine in Host and Origin (`local_origin`)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            endpoint = self.json_posts.get(scope["path"])
-            if endpoint is not None:
-                await endpoint(scope, receive, send)
+        if scope["type"] == "http":
+            refused = refusal(scope, self.keyless)
+            if refused is not None:
+                await send_error(send, refused)
                 return
+            if scope["method"] == "POST":
+                endpoint = self.json_posts.get(scope["path"])
+                if endpoint is not None:
+                    await endpoint(scope, receive, send)
+                    return
         await super().__call__(scope, receive, send)
+
+
+def refusal(scope: Scope, keyless: bool) -> ApiError | None:
+    """What every request is refused for before any route sees it, or None."""
+    path = scope["path"]
+    if not path.isprintable():
+        # A decoded %0A or %00: starlette's route patterns end in `$`, which matches before a
+        # final newline, so `/v1/chat/completions\n` would reach a route the fast path missed.
+        return ApiError(404, "no such route", code="not_found")
+    headers = scope["headers"]
+    if keyless:
+        host = _header(headers, b"host")
+        origin = _header(headers, b"origin")
+        if host is None or not local_origin(host):
+            return ApiError(403, "this server answers requests for localhost only (Host)",
+                            kind="permission_error", code="host_not_allowed")  # fmt: skip
+        if origin is not None and not local_origin(origin.split(b"://", 1)[-1]):
+            return ApiError(403, "this server answers pages of localhost only (Origin)",
+                            kind="permission_error", code="origin_not_allowed")  # fmt: skip
+    length = _header(headers, b"content-length")
+    has_body = (length is not None and length != b"0") or _header(headers, b"transfer-encoding")
+    if has_body:
+        kind = (_header(headers, b"content-type") or b"").split(b";", 1)[0].strip().lower()
+        if kind != b"application/json":
+            return ApiError(415, "the request body must be JSON (Content-Type: application/json)",
+                            code="unsupported_media_type")  # fmt: skip
+    return None
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def local_origin(host: bytes) -> bool:
+    """`host[:port]` names this machine: localhost or a loopback address, nothing a DNS name
+    could be pointed at (a rebinding attack names its own domain)."""
+    text = host.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        name = text[1 : text.find("]")] if "]" in text else ""
+    else:
+        name = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+    from vicuna_sky.serve.auth import is_loopback
+
+    return is_loopback(name)
+
+
+async def send_error(send: Send, error: ApiError) -> None:
+    body = orjson.dumps(error.body())
+    length = (b"content-length", str(len(body)).encode())
+    await send({"type": "http.response.start", "status": error.status,
+                "headers": [*JSON_HEADERS, length]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
 
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -144,9 +225,9 @@ def json_post(
     app.json_posts[path] = endpoint
 
     # The same route declared to FastAPI, for the OpenAPI document only: ApiApp answers every
-    # request to it first.
+    # request to it first, and one that reached it anyway would be no route of ours.
     async def documented(**_: object) -> None:
-        raise AssertionError("unreachable")
+        raise ApiError(404, "no such route", code="not_found")
 
     parameter = inspect.Parameter("body", inspect.Parameter.KEYWORD_ONLY, annotation=body)
     documented.__signature__ = inspect.Signature([parameter])  # type: ignore[attr-defined]
@@ -187,26 +268,68 @@ def add_error_handlers(app: FastAPI, authorize: Callable[[Request], None] | None
 
 class HeaderDeadline:
     """Closes a connection that has not sent whole request headers within HEADER_TIMEOUT of
-    opening or of its last response. Mixed into uvicorn's protocols, which replace `cycle` once
-    a request's headers are complete."""
+    opening or of its last response, and refuses (431) a head over MAX_HEADER_BYTES. Mixed
+    into uvicorn's protocols, which replace `cycle` once a request's headers are complete.
+    Each connection is counted in its listener's `budget` (serve/connections.py)."""
+
+    budget: ConnectionBudget | None = None
+    counted = False
+    """Already in the budget (a TLS connection, counted from its handshake)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
         self.transport = Coalesced(transport, self.loop)  # type: ignore[attr-defined]
         self._header_timeout = float(os.environ.get(HEADER_TIMEOUT_ENV, HEADER_TIMEOUT))
+        self._head_bytes, self._in_head = 0, True
+        admitted = self.counted or self.budget is None
+        if not admitted and not self.budget.admit(self, peer_host(transport)):  # type: ignore
+            transport.abort()
+            return
         self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEADER_BYTES:
+                self._headers_too_large()
+                return
+        super().data_received(data)  # type: ignore[misc]
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self.scope[SCOPE_KEY] = self  # type: ignore[attr-defined]
+        super().on_headers_complete()  # type: ignore[misc]
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()  # type: ignore[misc]
+        self._head_bytes, self._in_head = 0, True
 
     def on_response_complete(self) -> None:
         # The answer leaves now, ahead of uvicorn's and our own timer book-keeping.
         self.transport.flush()  # type: ignore[attr-defined]
         super().on_response_complete()  # type: ignore[misc]
-        self._arm_header_timer()
+        # A pipelined request whose headers are in already runs now: the deadline is for the
+        # headers of a request still to come, not for that one's answer.
+        cycle = self.cycle  # type: ignore[attr-defined]
+        if cycle is None or cycle.response_complete:
+            self._arm_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         timer = getattr(self, "_header_timer", None)
         if timer is not None:
             timer.cancel()
+        if self.budget is not None:
+            self.budget.release(self)  # type: ignore[arg-type]
         super().connection_lost(exc)  # type: ignore[misc]
+
+    def vouched(self) -> None:
+        """A request on this connection showed a credential (connections.vouch)."""
+        if self.budget is not None:
+            self.budget.vouch(self)  # type: ignore[arg-type]
+
+    def close_now(self) -> None:
+        """Closed to make room for a newer connection (connections.ConnectionBudget)."""
+        self.transport.abort()  # type: ignore[attr-defined]
 
     def _arm_header_timer(self) -> None:
         old = getattr(self, "_header_timer", None)
@@ -221,6 +344,21 @@ class HeaderDeadline:
         transport = self.transport  # type: ignore[attr-defined]
         if self.cycle is waiting_since and not transport.is_closing():  # type: ignore[attr-defined]
             transport.close()
+
+    def _headers_too_large(self) -> None:
+        transport = self.transport  # type: ignore[attr-defined]
+        cycle = self.cycle  # type: ignore[attr-defined]
+        self._in_head = False
+        if cycle is None or cycle.response_complete:  # no answer is being written: say why
+            error = ApiError(431, f"the request headers are over {MAX_HEADER_BYTES} bytes",
+                             code="request_header_fields_too_large")  # fmt: skip
+            body = orjson.dumps(error.body())
+            transport.write(
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                b"content-type: application/json\r\nconnection: close\r\n"
+                b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
+        transport.close()
 
 
 class Coalesced:
@@ -265,18 +403,52 @@ class GuardedHttpTools(HeaderDeadline, HttpToolsProtocol):
     pure-Python parsing was a fifth of the controller's CPU per request (measured by
     benchmarks/profile_controller.py)."""
 
+    def __init__(
+        self, *args: Any, budget: ConnectionBudget | None = None, counted: bool = False, **kw: Any
+    ) -> None:
+        super().__init__(*args, **kw)
+        self.budget, self.counted = budget, counted
+
 
 def server_config(
-    app: FastAPI, host: str, port: int, max_connections: int = MAX_CONNECTIONS, **kw: Any
+    app: FastAPI,
+    host: str,
+    port: int,
+    max_connections: int = MAX_CONNECTIONS,
+    *,
+    per_address: int = 0,
+    tls: tuple[str, str] | None = None,
+    **kw: Any,
 ) -> Any:
+    """A uvicorn config for `app` on host:port, its connections counted from accept in a budget
+    of `max_connections`, at most `per_address` from one address (0: any number), and served
+    over TLS with `tls` = (certfile, keyfile), terminated by connections.TlsAccept."""
     import uvicorn
 
-    return uvicorn.Config(
+    budget = ConnectionBudget(max_connections, per_address)
+    context = None
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(*tls)
+
+    def protocol(**uvicorn_args: Any) -> asyncio.Protocol:
+        if context is None:
+            return GuardedHttpTools(budget=budget, **uvicorn_args)
+        loop = asyncio.get_running_loop()
+        return TlsAccept(
+            lambda: GuardedHttpTools(budget=budget, counted=True, **uvicorn_args),
+            context,
+            budget,
+            loop,
+        )
+
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level="warning",
-        http=GuardedHttpTools,
+        http=protocol,  # type: ignore[arg-type]
         timeout_keep_alive=5,
         # No X-Forwarded-For rewriting: nothing here reads the client's address from a proxy,
         # and checking the proxy's address costs an ip_address() parse per request.
@@ -285,9 +457,10 @@ def server_config(
         # and no `server: uvicorn` header telling callers what to attack.
         access_log=False,
         server_header=False,
-        limit_concurrency=max_connections,
         **kw,
     )
+    config.budget = budget  # type: ignore[attr-defined]
+    return config
 
 
 async def serve_listeners(listeners: list) -> None:
@@ -315,6 +488,24 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(main)
+        asyncio.run(_quiet_connection_errors(main))
         return
-    uvloop.run(main)
+    uvloop.run(_quiet_connection_errors(main))
+
+
+async def _quiet_connection_errors(main: Coroutine[Any, Any, None]) -> None:
+    """A connection torn down mid-TLS (a cancelled request's hop, a client gone) is one line in
+    the log, not the event loop's traceback: under load there are thousands, and the log must
+    still show what matters."""
+    loop = asyncio.get_running_loop()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        message = str(context.get("message", ""))
+        if "SSL" in message or isinstance(error, ssl.SSLError | ConnectionError):
+            logging.getLogger("vicuna_sky.serve").info("%s: %r", message, error)
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+    await main

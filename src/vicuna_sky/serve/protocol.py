@@ -6,7 +6,7 @@ Errors everywhere have OpenAI's shape `{"error": {"message", "type", "code"}}` (
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -165,6 +165,11 @@ class FunctionSpec(BaseModel):
     parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})
     strict: bool | None = None
 
+    @field_validator("parameters")
+    @classmethod
+    def _refs(cls, value: dict) -> dict:
+        return check_refs(value)
+
 
 class Tool(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -173,11 +178,57 @@ class Tool(BaseModel):
     function: FunctionSpec
 
 
+def check_refs(schema: dict) -> dict:
+    """A schema whose `$ref`s all point inside it (`#` or `#/json/pointer`) and never back into
+    themselves: a recursive schema has no finite answer a decoder can be sure to reach (one that
+    is only itself compiles to a grammar that ends at once, an empty answer)."""
+    done: set[int] = set()
+    path: set[int] = set()
+    stack: list[tuple[object, bool]] = [(schema, False)]
+    while stack:
+        node, leaving = stack.pop()
+        if leaving:
+            path.discard(id(node))
+            done.add(id(node))
+            continue
+        if id(node) in path:
+            raise ValueError("a recursive schema ($ref back into itself) is not supported")
+        if id(node) in done or not isinstance(node, dict | list):
+            continue
+        path.add(id(node))
+        stack.append((node, True))
+        children = list(node.values()) if isinstance(node, dict) else list(node)
+        if isinstance(node, dict) and "$ref" in node:
+            children.append(_pointed_at(schema, node["$ref"]))
+        stack.extend((child, False) for child in children)
+    return schema
+
+
+def _pointed_at(schema: dict, ref: object) -> object:
+    if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
+        raise ValueError(f"$ref {str(ref)[:80]!r}: only references within the schema (#/...)")
+    node: object = schema
+    for part in ref[2:].split("/") if ref != "#" else []:
+        key = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        else:
+            raise ValueError(f"$ref {ref[:80]!r} points at nothing in the schema")
+    return node
+
+
 class JsonSchemaFormat(BaseModel):
     name: str = Field(default="response", max_length=64)
     description: str | None = None
     schema_: dict = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _refs(cls, value: dict) -> dict:
+        return check_refs(value)
 
 
 class ResponseFormat(BaseModel):
@@ -267,8 +318,13 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
+MAX_MODEL_NAME = 200
+ModelName = Annotated[str, Field(min_length=1, max_length=MAX_MODEL_NAME)]
+"""A served model's name, as a worker registers it: a client's is bounded alike."""
+
+
 class ChatCompletionRequest(SamplingParams):
-    model: str
+    model: ModelName
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -306,8 +362,8 @@ Prompt = str | list[int]
 
 
 class CompletionRequest(SamplingParams):
-    model: str
-    prompt: str | list[str] | list[int] | list[list[int]]
+    model: ModelName
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     """One prompt or a list of them: the answer has `n` choices per prompt, in order."""
 
     @field_validator("prompt")
@@ -341,8 +397,8 @@ MAX_EMBED_INPUTS = 2048
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str
-    input: str | list[str] | list[int] | list[list[int]]
+    model: ModelName
+    input: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     """Text or token ids (LangChain's OpenAIEmbeddings sends token ids), one or a list."""
     encoding_format: Literal["float", "base64"] = "float"
     """base64: little-endian float32 values (what the openai client asks for by default)."""
@@ -372,7 +428,7 @@ class GenerateRequest(BaseModel):
 
     model: str
     messages: list[ChatMessage] | None = None
-    prompt: str | list[int] | None = None
+    prompt: str | list[StrictInt] | None = None
     """Text, or token ids given as they are to the model."""
     prefix: str = ""
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
@@ -426,29 +482,49 @@ class Registration(BaseModel):
     @field_validator("models")
     @classmethod
     def _names(cls, value: list[str]) -> list[str]:
-        if any(not 1 <= len(m) <= 200 for m in value):
-            raise ValueError("model names are 1 to 200 characters")
+        if any(not 1 <= len(m) <= MAX_MODEL_NAME for m in value):
+            raise ValueError(f"model names are 1 to {MAX_MODEL_NAME} characters")
         return value
 
 
 def check_worker_address(address: str) -> str:
-    """http(s)://host:port with nothing else: the controller appends its own paths."""
+    """http(s)://host:port with nothing else (the controller appends its own paths), in its one
+    canonical spelling: `LOCALHOST`, `127.1`, `[::ffff:127.0.0.1]`, a port written `:045999` or
+    a trailing tab name an address some other way, and one worker's address must not be
+    registered twice under other names (nor taken over by one)."""
+    import ipaddress
     from urllib.parse import urlsplit
 
+    wrong = ValueError("must be http(s)://host:port")
+    if not address.isprintable() or any(c.isspace() for c in address):
+        raise wrong
     try:
         url = urlsplit(address)
         port = url.port
     except ValueError:
-        raise ValueError("must be http(s)://host:port") from None
+        raise wrong from None
     if (
-        url.scheme not in ("http", "https")
+        url.scheme.lower() not in ("http", "https")
         or not url.hostname
         or port is None
-        or url.username
-        or url.password
+        or not 0 < port < 65536
+        or url.username is not None
+        or url.password is not None
         or url.path.strip("/")
         or url.query
         or url.fragment
     ):
-        raise ValueError("must be http(s)://host:port")
-    return address.rstrip("/")
+        raise wrong
+    host = url.hostname.lower().rstrip(".")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        if not host or all(c in "0123456789." for c in host) or host.startswith("0x"):
+            raise ValueError("an IPv4 address is four decimal numbers: a.b.c.d") from None
+        if not all(c.isalnum() or c in "-." for c in host):
+            raise wrong from None
+    else:
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        host = f"[{ip}]" if ip.version == 6 else str(ip)
+    return f"{url.scheme.lower()}://{host}:{port}"

@@ -5,7 +5,8 @@ when it misses `expiry_seconds` of heartbeats, fails a request, reports its engi
 it is draining, and comes back with its next good heartbeat (after a failed request, the first
 one after its back-off: BACKOFF_SECONDS). One silent for `forget_seconds` is removed. An
 address belongs to the worker process that registered it (its `worker_id`): another cannot
-take it over, heartbeat for it or drain it while the owner is alive.
+take it over, heartbeat for it or drain it while the owner is alive, nor with another
+certificate until the owner drained or was forgotten (or an admin forgets it).
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class Registry:
         self.expiry, self.max_workers = expiry_seconds, max_workers
         self.forget = max(forget_seconds, expiry_seconds)
         self.workers: dict[str, WorkerState] = {}
+        self._names: frozenset[str] = frozenset()
+        """Every model a registered worker serves (`serves`)."""
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(db), check_same_thread=False) if db else None
         if self._db:
@@ -83,15 +86,17 @@ class Registry:
                     continue  # a row from an older version: its worker registers again
                 # Known from before a restart: trusted until it misses heartbeats as usual.
                 self.workers[address] = _state(reg)
+            self._names_changed()
 
     def register(self, reg: Registration) -> Literal["ok", "taken", "full"]:
         with self._lock:
             old = self.workers.get(reg.address)
-            if old is not None and old.worker_id != reg.worker_id and old.alive(self.expiry):
+            if old is not None and old.worker_id != reg.worker_id and not self._yields(old, reg):
                 return "taken"
             if old is None and len(self.workers) >= self.max_workers:
                 return "full"
             self.workers[reg.address] = _state(reg)
+            self._names_changed()
             if self._db:
                 self._db.execute(
                     "INSERT OR REPLACE INTO workers VALUES (?, ?)",
@@ -99,6 +104,27 @@ class Registry:
                 )
                 self._db.commit()
             return "ok"
+
+    def _yields(self, old: WorkerState, reg: Registration) -> bool:
+        """Whether another process may register `old`'s address: once the owner is silent, or
+        drained; with another certificate, only once the owner drained or was forgotten (a
+        heartbeat saying unhealthy must not hand its address to whoever holds the secret)."""
+        if old.draining:
+            return True
+        if old.tls_fingerprint != reg.tls_fingerprint:
+            return time.monotonic() - old.last_seen > self.forget
+        return not old.alive(self.expiry)
+
+    def forget_worker(self, address: str) -> bool:
+        """An admin's word: `address` belongs to nobody now (its next registration wins)."""
+        with self._lock:
+            if self.workers.pop(address, None) is None:
+                return False
+            self._names_changed()
+            if self._db:
+                self._db.execute("DELETE FROM workers WHERE address = ?", (address,))
+                self._db.commit()
+            return True
 
     def heartbeat(self, address: str, worker_id: str, healthy: bool = True) -> bool:
         """False when the controller does not know this worker (it registers again)."""
@@ -144,10 +170,20 @@ class Registry:
             gone = [a for a, w in self.workers.items() if now - w.last_seen > self.forget]
             for address in gone:
                 del self.workers[address]
+            if gone:
+                self._names_changed()
             if self._db and gone:
                 self._db.executemany("DELETE FROM workers WHERE address = ?", [(a,) for a in gone])
                 self._db.commit()
         return gone
+
+    def serves(self, model: str) -> bool:
+        """Whether a registered worker (in rotation or not) serves `model`: metrics are labelled
+        with such names only, never with whatever a client sends."""
+        return model in self._names
+
+    def _names_changed(self) -> None:
+        self._names = frozenset(m for w in self.workers.values() for m in w.models)
 
     def snapshot(self) -> list[dict]:
         with self._lock:

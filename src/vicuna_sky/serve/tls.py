@@ -27,6 +27,9 @@ import aiohttp
 
 FLEET_TLS_ENV = "VICUNA_SKY_FLEET_TLS"
 """The controller's private key and certificate, PEM, one after the other."""
+CLIENT_TLS_ENV = "VICUNA_SKY_CLIENT_TLS"
+"""The client port's and the chat UI's key and certificate (PEM) when the operator brings one
+(a CA-signed certificate for a domain); else they show the fleet's, pinned by fingerprint."""
 
 
 class TlsError(ValueError):
@@ -80,6 +83,25 @@ def parse_fingerprint(text: str) -> bytes:
     if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
         raise TlsError(f"not a SHA-256 fingerprint (64 hex digits): {text[:80]!r}")
     return bytes.fromhex(digits)
+
+
+def certificate_pem(pem: str) -> str:
+    """The certificate alone of `pem` (key + certificate): what may be shown to anyone."""
+    start = pem.find("-----BEGIN CERTIFICATE-----")
+    end = pem.find("-----END CERTIFICATE-----", start)
+    if start < 0 or end < 0:
+        raise TlsError("no certificate in the TLS material")
+    return pem[start : end + len("-----END CERTIFICATE-----")] + "\n"
+
+
+def trusting(pem: str) -> ssl.SSLContext:
+    """A client context that trusts one certificate, the one in `pem`, and nothing else: no CA,
+    no host name (the fleet's certificate names none). Only its key's holder can show it or
+    sign another, so this pins it as surely as its fingerprint; httpx, and through it the
+    openai client, take it as `verify=`."""
+    context = ssl.create_default_context(cadata=certificate_pem(pem))
+    context.check_hostname = False
+    return context
 
 
 def pinned(text: str) -> aiohttp.Fingerprint:

@@ -92,18 +92,39 @@ class LoginGuard:
             return False
 
 
+def text_of(content: object) -> str | None:
+    """A chat message's text: Gradio 6 hands the history over with each message's content as a
+    list of parts (`{"type": "text", "text": ...}`, files, components), older versions as a
+    string. None when it holds no text (a file alone)."""
+    if isinstance(content, str):
+        return content
+    parts = content if isinstance(content, list) else [content]
+    texts = [
+        p["text"]
+        for p in parts
+        if isinstance(p, dict)
+        and p.get("type", "text") == "text"
+        and isinstance(p.get("text"), str)
+    ]
+    return "".join(texts) if texts else None
+
+
 def conversation(history: list[dict]) -> list[dict]:
     """The chat so far as the model should see it: a message the moderation blocked (and the
     page's own notices) never reaches a model, not even as context for the next turn."""
     out: list[dict] = []
     for m in history:
-        if not isinstance(m.get("content"), str):
+        text = text_of(m.get("content"))
+        if text is None or m.get("role") not in ("user", "assistant", "system"):
             continue
-        if m["role"] == "assistant" and m["content"] in (REFUSAL, NO_MODEL):
+        if m["role"] == "assistant" and text in (REFUSAL, NO_MODEL):
             if out and out[-1]["role"] == "user":
                 out.pop()  # the question it answered goes with it
             continue
-        out.append({"role": m["role"], "content": m["content"]})
+        if out and out[-1]["role"] == m["role"] == "assistant":
+            out[-1]["content"] += text  # one answer Gradio shows in pieces
+            continue
+        out.append({"role": m["role"], "content": text})
     return out
 
 

@@ -291,14 +291,13 @@ async def serve(args: argparse.Namespace) -> None:
         backend.delay = args.echo_delay
     names = args.model_name or [args.model_path.rstrip("/").split("/")[-1]]
     address = args.worker_address or f"http://{args.host}:{args.port}"
-    tls: dict[str, str] = {}
+    tls: tuple[str, str] | None = None
     fingerprint = ""
     if args.controller_url.startswith("https://"):
         # A fleet over TLS: serve https with a certificate of our own, made now; the
         # controller learns its fingerprint from the registration and pins it.
         pem = make_certificate("vicuna-sky worker")
-        certfile, keyfile = server_files(pem)
-        tls = {"ssl_certfile": certfile, "ssl_keyfile": keyfile}
+        tls = server_files(pem)
         fingerprint = tls_fingerprint(pem)
         address = "https://" + address.split("://", 1)[-1]
     registration = Registration(
@@ -321,7 +320,8 @@ async def serve(args: argparse.Namespace) -> None:
     from vicuna_sky.serve.worker_app import create_app  # it imports this module
 
     app = create_app(worker, args.max_body_bytes)
-    server = uvicorn.Server(server_config(app, args.host, args.port, **tls))
+    app.keyless = not worker.secret  # on loopback only (require_secret_off_loopback)
+    server = uvicorn.Server(server_config(app, args.host, args.port, tls=tls))
     server.install_signal_handlers = lambda: None  # SIGTERM means drain, handled below
     loop = asyncio.get_running_loop()
     watcher = PreemptionWatcher()
