@@ -4,6 +4,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from vicuna_sky.serve.protocol import Registration
 from vicuna_sky.serve.registry import Registry
@@ -233,3 +234,91 @@ def test_a_worker_that_keeps_failing_stays_out_longer_each_time(monkeypatch):
     for _ in range(2000):  # a worker failing for days: the back-off stays a number
         registry.mark(ADDRESS, failed=True)
     assert 0.09 < worker.failed_until - time.monotonic() <= 0.1
+
+
+FINGERPRINTS = ("a" * 64, "b" * 64)
+
+
+def test_an_address_is_not_taken_over_with_another_certificate():
+    """One `healthy: false` heartbeat (or a missed expiry) let any holder of the secret register
+    the owner's address with its own certificate, locking the owner out. Another certificate
+    now waits until the owner drained or was forgotten, or an admin forgets the address."""
+    owner = registration().model_copy(update={"tls_fingerprint": FINGERPRINTS[0]})
+    thief = registration("thief-00001").model_copy(update={"tls_fingerprint": FINGERPRINTS[1]})
+    registry = Registry(None, expiry_seconds=3, forget_seconds=60)
+    assert registry.register(owner) == "ok"
+    assert registry.heartbeat(ADDRESS, "owner-0001", healthy=False)
+    assert not registry.alive(ADDRESS)
+    assert registry.register(thief) == "taken"
+    expire(registry, ADDRESS, 59)  # silent, not forgotten
+    assert registry.register(thief) == "taken"
+    expire(registry, ADDRESS, 2)  # past forget_seconds: nobody's now
+    assert registry.register(thief) == "ok"
+    assert registry.workers[ADDRESS].worker_id == "thief-00001"
+    # The owner's drain hands the address over at once.
+    registry = Registry(None, expiry_seconds=3, forget_seconds=60)
+    registry.register(owner)
+    assert registry.mark(ADDRESS, draining=True, worker_id="owner-0001")
+    assert registry.register(thief) == "ok"
+    # An admin's word does too; with the same certificate, a silent owner's place is free.
+    registry = Registry(None, expiry_seconds=3, forget_seconds=60)
+    registry.register(owner)
+    assert registry.forget_worker(ADDRESS) and not registry.forget_worker(ADDRESS)
+    assert registry.register(thief) == "ok"
+    same = registration("restarted-1").model_copy(update={"tls_fingerprint": FINGERPRINTS[1]})
+    assert registry.register(same) == "taken"  # the owner lives
+    expire(registry, ADDRESS, 3.5)
+    assert registry.register(same) == "ok"
+
+
+def test_an_address_has_one_spelling():
+    """`LOCALHOST`, `127.1`, a trailing tab, `[::ffff:127.0.0.1]`, `:045999` registered as as
+    many workers: each is written one way now, or refused."""
+    from vicuna_sky.serve.protocol import check_worker_address as canonical
+
+    for spelling, one in [
+        ("http://LOCALHOST:8001", "http://localhost:8001"),
+        ("HTTP://127.0.0.1:8001/", "http://127.0.0.1:8001"),
+        ("http://[::ffff:127.0.0.1]:8001", "http://127.0.0.1:8001"),
+        ("http://127.0.0.1:045999", "http://127.0.0.1:45999"),
+        ("https://[0:0::1]:8001", "https://[::1]:8001"),
+        ("https://Worker-1.example.COM.:8001", "https://worker-1.example.com:8001"),
+    ]:
+        assert canonical(spelling) == one, spelling
+    for wrong in [
+        "http://127.1:8001",
+        "http://0x7f.0.0.1:8001",
+        "http://127.0.0.1:8001\t",
+        "http://127.0.0.1 :8001",
+        "http://127.0.0.1:0",
+        "http://127.0.0.1:8001/x",
+        "http://user@127.0.0.1:8001",
+        "http://wor_ker:8001",
+        "ftp://127.0.0.1:8001",
+    ]:
+        with pytest.raises(ValueError):
+            canonical(wrong)
+    registry = Registry(None)
+    assert registry.register(registration(address="http://LOCALHOST:8001")) == "ok"
+    assert registry.register(registration("other-00001", "http://localhost:8001")) == "taken"
+    assert list(registry.workers) == ["http://localhost:8001"]
+
+
+def test_an_admin_forgets_an_address_and_heartbeats_name_it_any_way(fleet):
+    fleet.start_controller("--expiry-seconds", "600")
+    headers = {"Authorization": f"Bearer {SECRET}"}
+    reg = registration(address="http://LOCALHOST:9").model_dump()
+    assert httpx.post(f"{fleet.url}/workers/register", json=reg, headers=headers).json() == {
+        "ok": True,
+        "address": "http://localhost:9",
+    }
+    beat = {"address": "http://localhost:9/", "worker_id": "owner-0001"}
+    assert httpx.post(f"{fleet.url}/workers/heartbeat", json=beat, headers=headers).is_success
+    forget = {"address": "http://LocalHost:9"}
+    r = httpx.post(f"{fleet.url}/admin/forget-worker", json=forget)
+    assert r.status_code == 401
+    r = httpx.post(f"{fleet.url}/admin/forget-worker", json=forget, headers=headers)
+    assert r.json() == {"ok": True, "address": "http://localhost:9"}
+    assert fleet.worker_states() == []
+    r = httpx.post(f"{fleet.url}/admin/forget-worker", json=forget, headers=headers)
+    assert r.status_code == 404

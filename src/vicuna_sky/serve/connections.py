@@ -19,17 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import resource
 import ssl
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
-log = logging.getLogger("vicuna_sky.serve.connections")
-
-HANDSHAKE_TIMEOUT = 10.0
-"""Seconds a TLS client has to complete its handshake."""
 SCOPE_KEY = "vicuna_sky.connection"
 """Where a request's ASGI scope holds its connection (for `vouch`)."""
 
@@ -103,7 +98,8 @@ def vouch(scope: dict) -> None:
 
 class TlsAccept(asyncio.Protocol):
     """A TCP connection of a TLS port until its handshake is done, counted meanwhile; then the
-    HTTP protocol `make_http()` takes the decrypted connection over."""
+    HTTP protocol `make_http()` takes the decrypted connection over; `timeout`: seconds the
+    client has to complete its handshake."""
 
     def __init__(
         self,
@@ -111,7 +107,7 @@ class TlsAccept(asyncio.Protocol):
         context: ssl.SSLContext,
         budget: ConnectionBudget,
         loop: asyncio.AbstractEventLoop,
-        timeout: float = HANDSHAKE_TIMEOUT,
+        timeout: float,
     ) -> None:
         self.make_http, self.context, self.budget = make_http, context, budget
         self.loop, self.timeout = loop, timeout
@@ -187,7 +183,3 @@ def raise_open_files(wanted: int) -> tuple[int, int]:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def describe(budgets: dict[str, Any]) -> str:
-    return ", ".join(f"{name}: {b.limit}" for name, b in budgets.items())

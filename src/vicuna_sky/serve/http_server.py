@@ -441,6 +441,8 @@ def server_config(
             context,
             budget,
             loop,
+            # The handshake has the time the headers have, then the headers theirs.
+            float(os.environ.get(HEADER_TIMEOUT_ENV, HEADER_TIMEOUT)),
         )
 
     config = uvicorn.Config(

@@ -1,0 +1,90 @@
+"""A request owns its generations (serve/answers.py): one that fails, or whose client leaves at
+any point (queued, before its first token, one of `n` or of a prompt list), leaves nothing
+running on any worker; seeds for `n` choices stay in range; waiting for a slot is no failure."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from vicuna_sky.serve.answers import next_seed
+from vicuna_sky.serve.protocol import SEED_RANGE
+
+from .conftest import QUESTION, in_flight
+
+
+def wait_until(check, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_seeds_for_more_choices_wrap_within_the_range():
+    low, high = SEED_RANGE
+    assert next_seed(5, 1) == 6 and next_seed(-5, 3) == -2
+    assert next_seed(high, 1) == low and next_seed(high - 1, 2) == low
+    assert next_seed(low, 15) == low + 15
+
+
+def test_a_request_that_fails_fast_stops_its_other_generations(own_tiny_fleet):
+    """A prompt list whose first prompt the worker refuses (a token id past the vocabulary) is a
+    400 at once; the fifteen others used to decode to the end of the context for nobody. The
+    largest seed with n=2 is a valid request, answered."""
+    fleet = own_tiny_fleet
+    workers = sorted(fleet.workers)
+    client = fleet.client()
+    long = {"max_tokens": 600, "extra_body": {"ignore_eos": True}}
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt=[[10**8], *[[1, 2, 3]] * 15], **long)
+    assert wait_until(lambda: sum(map(in_flight, workers)) == 0, 3), "generations ran on"
+    answer = client.chat.completions.create(
+        model="tiny", messages=QUESTION, n=2, seed=SEED_RANGE[1], max_tokens=4
+    )
+    assert len(answer.choices) == 2
+
+
+def test_an_abandoned_queued_stream_never_runs_and_a_queue_is_no_failure(fleet):
+    """Streams queued behind a busy worker and abandoned after 0.3 s all ran afterwards; and a
+    stream waiting for a slot longer than --first-token-timeout got a 503, its healthy worker
+    backed off. Now the first never run, the second is answered."""
+    fleet.start_controller("--first-token-timeout", "1")
+    echo = fleet.start_worker(
+        "echo", "echo", "echo", "--max-concurrency", "1", "--echo-delay", "0.1"
+    )
+    fleet.wait_workers({echo})
+    busy = {"model": "echo", "messages": QUESTION, "max_tokens": 25, "ignore_eos": True}
+
+    def occupy() -> threading.Thread:
+        """The worker's one slot, taken for 2.5 s."""
+        t = threading.Thread(
+            target=httpx.post, args=(f"{fleet.url}/v1/chat/completions",), kwargs={"json": busy}
+        )
+        t.start()
+        assert wait_until(lambda: in_flight(echo) == 1, 5)
+        return t
+
+    holder = occupy()
+    streamed = busy | {"stream": True}
+    url = f"{fleet.url}/v1/chat/completions"
+    for _ in range(5):  # each gone before its first token
+        gone = httpx.stream("POST", url, json=streamed, timeout=0.3)
+        with pytest.raises(httpx.ReadTimeout), gone:
+            pass
+    holder.join()
+    time.sleep(0.5)
+    assert all(in_flight(echo) == 0 for _ in range(10)), "an abandoned stream ran"
+    holder = occupy()
+    events = []
+    with httpx.stream("POST", f"{fleet.url}/v1/chat/completions", json=streamed) as r:
+        assert r.status_code == 200
+        events = [line for line in r.iter_lines() if line]
+    holder.join()
+    assert events[-1] == "data: [DONE]"
+    assert echo in fleet.available()

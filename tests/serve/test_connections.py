@@ -1,0 +1,164 @@
+"""Who may hold a listener's sockets (serve/connections.py): the budget on its own, then a real
+controller's TLS fleet port under the floods that emptied it: handshakes past its cap, sockets
+that never say a word, many from one address. Attackers connect from other loopback addresses
+(127.0.0.2 and up: all of 127/8 is this machine), as they would from other machines."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import threading
+import time
+
+import httpx
+
+from vicuna_sky.serve.connections import ConnectionBudget
+from vicuna_sky.serve.http_server import HEADER_TIMEOUT_ENV
+from vicuna_sky.serve.local_fleet import LocalFleet
+
+from .conftest import QUESTION, SECRET
+
+
+class Conn:
+    def __init__(self, name: str) -> None:
+        self.name, self.closed = name, False
+
+    def close_now(self) -> None:
+        self.closed = True
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def test_past_its_limit_the_oldest_stranger_makes_room():
+    budget = ConnectionBudget(3)
+    a, b, c, d, e = (Conn(x) for x in "abcde")
+    for conn in (a, b, c):
+        assert budget.admit(conn, "10.0.0.1")
+    budget.vouch(a)  # a showed a key: it stays
+    assert budget.admit(d, "10.0.0.2")  # b, the oldest stranger, goes
+    assert (a.closed, b.closed, c.closed) == (False, True, False) and len(budget) == 3
+    budget.vouch(c)
+    budget.vouch(d)
+    assert not budget.admit(e, "10.0.0.3")  # no stranger left to push out
+    assert not any(x.closed for x in (a, c, d)) and budget.refused == 1 and budget.evicted == 1
+    budget.release(a)
+    assert budget.admit(e, "10.0.0.3") and len(budget) == 3
+
+
+def test_one_address_holds_at_most_its_share():
+    budget = ConnectionBudget(10, per_address=2)
+    conns = [Conn(str(i)) for i in range(4)]
+    assert budget.admit(conns[0], "a") and budget.admit(conns[1], "a")
+    assert not budget.admit(conns[2], "a")  # refused, not counted
+    assert budget.admit(conns[3], "b") and len(budget) == 3
+    budget.release(conns[0])
+    budget.release(conns[0])  # twice: counted once
+    assert budget.admit(conns[2], "a") and not budget.admit(Conn("x"), "a")
+
+
+def test_a_handshake_done_carries_its_place_and_its_address():
+    budget = ConnectionBudget(2, per_address=1)
+    handshake, http = Conn("tls"), Conn("http")
+    assert budget.admit(handshake, "a")
+    budget.replace(handshake, http)
+    budget.release(handshake)  # the old name counts for nothing now
+    assert len(budget) == 1 and not budget.admit(Conn("y"), "a")
+    budget.release(http)
+    assert len(budget) == 0 and budget.admit(Conn("y"), "a")
+
+
+def from_address(n: int, port: int) -> socket.socket:
+    s = socket.socket()
+    s.bind((f"127.0.0.{n}", 0))
+    s.settimeout(5)
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_a_flood_of_the_fleet_port_never_evicts_a_worker(tmp_path):
+    """More TLS handshakes than the fleet port's cap, held and opened again and again, with
+    sockets that never send a ClientHello among them: the worker's heartbeats still arrive (its
+    connection showed the secret, strangers only push out strangers), the worker stays in
+    rotation, and the controller holds no more descriptors than its budget."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with LocalFleet(tmp_path, SECRET, tls=True) as fleet:
+        timeouts = {HEADER_TIMEOUT_ENV: "3"}
+        controller = fleet.start_controller(
+            "--max-connections", "24", "--expiry-seconds", "2", env=timeouts
+        )
+        worker = fleet.start_worker("echo", "echo", "echo", env=timeouts)
+        fleet.wait_workers({worker})
+        baseline = open_fds(controller.proc.pid)
+        stop = threading.Event()
+        held: list[socket.socket] = []
+        opened = [0]
+        lock = threading.Lock()
+
+        def attack(n: int) -> None:
+            while not stop.is_set():
+                try:
+                    raw = from_address(n, fleet.fleet_port)
+                    if n % 2:  # a handshake, then silence
+                        raw = context.wrap_socket(raw)
+                except OSError:
+                    time.sleep(0.05)  # refused: this address holds its share
+                    continue
+                with lock:
+                    held.append(raw)
+                    opened[0] += 1
+                    if len(held) > 300:  # this process's own descriptors are limited too
+                        held.pop(0).close()
+
+        attackers = [threading.Thread(target=attack, args=(n,)) for n in range(2, 10)]
+        for t in attackers:
+            t.start()
+        try:
+            seen: list[bool] = []
+            peak = 0
+            deadline = time.monotonic() + 8  # four expiries, two header deadlines
+            while time.monotonic() < deadline:
+                seen.append(worker in fleet.available())
+                peak = max(peak, open_fds(controller.proc.pid))
+                time.sleep(0.25)
+            assert all(seen), seen
+            answer = fleet.client().chat.completions.create(
+                model="echo", messages=QUESTION, max_tokens=8
+            )
+            assert answer.choices[0].message.content == "echo: hello there"
+            assert opened[0] > 100  # the attack did open many
+            # Every socket is counted from accept: the fleet port's 24, on top of what the
+            # controller held before (its client port, the worker's hop, the registry).
+            assert peak <= baseline + 24 + 4, (peak, baseline)
+        finally:
+            stop.set()
+            for t in attackers:
+                t.join()
+            for s in held:
+                s.close()
+
+
+def test_a_silent_socket_is_closed_at_the_handshake_deadline_and_one_address_is_capped(tmp_path):
+    with LocalFleet(tmp_path, SECRET, tls=True) as fleet:
+        fleet.start_controller(env={HEADER_TIMEOUT_ENV: "1"})
+        silent = from_address(2, fleet.fleet_port)
+        started = time.monotonic()
+        assert silent.recv(10) == b""  # closed, no ClientHello ever sent
+        assert time.monotonic() - started < 4
+        silent.close()
+        mine = [from_address(3, fleet.fleet_port) for _ in range(32)]
+        extra = from_address(3, fleet.fleet_port)
+        assert extra.recv(10) == b""  # the 33rd from one address: closed at once
+        assert time.monotonic() - started < 8
+        for s in [*mine, extra]:
+            s.close()
+        log = fleet.controller.log.read_text()
+        assert "open files:" in log  # the descriptor limit, raised and reported at start
+        r = httpx.get(f"{fleet.url}/health")
+        assert r.status_code == 200
