@@ -256,6 +256,13 @@ def test_request_headers_past_the_limit_are_431(fleet):
     small = b"X-Pad: " + b"a" * (MAX_HEADER_BYTES // 2)
     request = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n" + small + b"\r\n\r\n"
     assert raw_exchange(fleet.port, request, until=b"]}").startswith(b"HTTP/1.1 200")
+    # A large body arrives with its headers, and pipelined requests each after the last: none
+    # of that is head.
+    big = b'{"model": "nobody", "messages": [{"role": "user", "content": "%s"}]}' % (b"x" * 300_000)
+    two = post("/v1/chat/completions", big, JSON) * 2
+    answer = raw_exchange(fleet.port, two, until=b"}}HTTP/1.1 404", timeout=20)
+    answer += raw_exchange(fleet.port, post("/v1/chat/completions", big, JSON), until=b"}}")
+    assert answer.count(b"HTTP/1.1 404") == 3 and b"431" not in answer, answer[:300]
 
 
 def test_a_pipelined_request_keeps_its_answer_past_the_header_deadline(fleet):

@@ -280,7 +280,7 @@ class HeaderDeadline:
         super().connection_made(transport)  # type: ignore[misc]
         self.transport = Coalesced(transport, self.loop)  # type: ignore[attr-defined]
         self._header_timeout = float(os.environ.get(HEADER_TIMEOUT_ENV, HEADER_TIMEOUT))
-        self._head_bytes, self._in_head = 0, True
+        self._head_bytes, self._in_head, self._messages = 0, True, 0
         admitted = self.counted or self.budget is None
         if not admitted and not self.budget.admit(self, peer_host(transport)):  # type: ignore
             transport.abort()
@@ -288,21 +288,29 @@ class HeaderDeadline:
         self._arm_header_timer()
 
     def data_received(self, data: bytes) -> None:
-        if self._in_head:
+        in_head, messages = self._in_head, self._messages
+        super().data_received(data)  # type: ignore[misc]
+        # Only what was all head counts (the piece a head ends in may carry a body, or the end
+        # of the request before it): llhttp holds a header until it ends, so the head is cut
+        # within one read of the limit.
+        if in_head and self._in_head and self._messages == messages:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEADER_BYTES:
                 self._headers_too_large()
-                return
-        super().data_received(data)  # type: ignore[misc]
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        head = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)  # type: ignore
+        if head > MAX_HEADER_BYTES:  # a head that came whole in one read
+            self._headers_too_large()
+            return
         self.scope[SCOPE_KEY] = self  # type: ignore[attr-defined]
         super().on_headers_complete()  # type: ignore[misc]
 
     def on_message_complete(self) -> None:
         super().on_message_complete()  # type: ignore[misc]
         self._head_bytes, self._in_head = 0, True
+        self._messages += 1
 
     def on_response_complete(self) -> None:
         # The answer leaves now, ahead of uvicorn's and our own timer book-keeping.
@@ -349,6 +357,8 @@ class HeaderDeadline:
         transport = self.transport  # type: ignore[attr-defined]
         cycle = self.cycle  # type: ignore[attr-defined]
         self._in_head = False
+        if transport.is_closing():
+            return
         if cycle is None or cycle.response_complete:  # no answer is being written: say why
             error = ApiError(431, f"the request headers are over {MAX_HEADER_BYTES} bytes",
                              code="request_header_fields_too_large")  # fmt: skip
