@@ -12,6 +12,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from vicuna_sky.serve.connections import ConnectionBudget
 from vicuna_sky.serve.http_server import HEADER_TIMEOUT_ENV
@@ -162,3 +163,50 @@ def test_a_silent_socket_is_closed_at_the_handshake_deadline_and_one_address_is_
         assert "open files:" in log  # the descriptor limit, raised and reported at start
         r = httpx.get(f"{fleet.url}/health")
         assert r.status_code == 200
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_every_handshake_completes_whatever_the_event_loop_read_first(loop):
+    """uvloop reads a new connection once even when its protocol paused reading: the client's
+    first TLS bytes reached TlsAccept before start_tls had its engine in place, and that
+    handshake hung until its deadline. Each of twenty handshakes in a row completes at once."""
+    import asyncio
+
+    import uvloop
+
+    from vicuna_sky.serve.connections import TlsAccept
+    from vicuna_sky.serve.tls import make_certificate, server_files, trusting
+
+    pem = make_certificate()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*server_files(pem))
+
+    class Ok(asyncio.Protocol):
+        def connection_made(self, transport) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    async def main() -> list[float]:
+        running = asyncio.get_running_loop()
+        budget = ConnectionBudget(100)
+        server = await running.create_server(
+            lambda: TlsAccept(Ok, context, budget, running, 10), "127.0.0.1", 0
+        )
+        url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+
+        def clients() -> list[float]:
+            took = []
+            for _ in range(20):
+                started = time.monotonic()
+                assert httpx.get(url, verify=trusting(pem), timeout=5).text == "ok"
+                took.append(time.monotonic() - started)
+            return took
+
+        took = await asyncio.to_thread(clients)
+        server.close()
+        return took
+
+    took = uvloop.run(main()) if loop == "uvloop" else asyncio.run(main())
+    assert max(took) < 2, took

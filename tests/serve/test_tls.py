@@ -179,3 +179,111 @@ def test_certificate_material():
     mismatched = other_key[: other_key.index("-----BEGIN CERTIFICATE-----")] + cert_only
     with pytest.raises(TlsError, match="do not load"):
         server_files(mismatched)
+
+
+def until(check, timeout: float = 90.0):
+    """`check()` once it returns without an httpx error (a server still starting)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return check()
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_the_client_port_and_the_chat_ui_are_https_off_loopback(tmp_path):
+    """Bound for other machines (0.0.0.0; asked here on 127.0.0.1 only), the client port and
+    the UI serve https with the fleet's certificate: API keys, prompts, answers and the UI's
+    password never cross the network in clear. The openai client trusts that certificate alone
+    (tls.trusting, as the README shows); plain http, and a client expecting another
+    certificate, get nothing."""
+    import openai
+
+    from vicuna_sky.launch.procs import free_port
+    from vicuna_sky.serve.auth import API_KEYS_ENV
+    from vicuna_sky.serve.local_fleet import Proc
+    from vicuna_sky.serve.tls import trusting
+    from vicuna_sky.serve.webui import UI_API_KEY_ENV, UI_PASSWORD_ENV
+
+    with LocalFleet(tmp_path, SECRET, tls=True) as fleet:
+        env = {FLEET_SECRET_ENV: SECRET, FLEET_TLS_ENV: fleet.tls_pem, API_KEYS_ENV: "key"}
+        args = ["vicuna_sky.serve.controller", "--host", "0.0.0.0", "--port", str(fleet.port)]
+        args += ["--fleet-port", str(fleet.fleet_port)]
+        controller = Proc(args, tmp_path / "controller.log", env)
+        fleet.procs.append(controller)
+        echo = fleet.start_worker("echo", "echo", "echo")
+        pinned = httpx.Client(verify=trusting(fleet.tls_pem))
+        url = f"https://127.0.0.1:{fleet.port}"
+        fleet_key = {"Authorization": f"Bearer {SECRET}"}
+
+        def registered() -> bool:
+            controller.check_alive("the controller")
+            workers = pinned.get(f"{url}/workers", headers=fleet_key).json()["workers"]
+            if not any(w["address"] == echo and w["available"] for w in workers):
+                raise httpx.ConnectError("not yet")
+            return True
+
+        until(registered)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="key", http_client=pinned)
+        answer = client.chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": "over tls"}]
+        )
+        assert answer.choices[0].message.content == "echo: over tls"
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{fleet.port}/v1/models", timeout=5)
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            httpx.get(f"{url}/v1/models", verify=trusting(make_certificate()), timeout=5)
+
+        ui_port = free_port()
+        ui_env = {
+            FLEET_TLS_ENV: fleet.tls_pem,
+            UI_PASSWORD_ENV: "ui-password",
+            UI_API_KEY_ENV: "key",
+            "GRADIO_ANALYTICS_ENABLED": "False",
+        }
+        ui = ["vicuna_sky.serve.webui", "--host", "0.0.0.0", "--port", str(ui_port)]
+        ui += ["--controller-url", url]
+        fleet.procs.append(Proc(ui, tmp_path / "webui.log", ui_env))
+        page = f"https://127.0.0.1:{ui_port}"
+        until(lambda: pinned.get(f"{page}/").raise_for_status(), 180)
+        login = pinned.post(f"{page}/login", data={"username": "u", "password": "ui-password"})
+        assert login.status_code == 200, login.text
+        config = pinned.get(f"{page}/config").json()  # the page, as the browser gets it
+        choices = [c for comp in config["components"] for c in comp["props"].get("choices") or []]
+        assert ["echo", "echo"] in choices  # the UI asked the controller, over pinned TLS
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{ui_port}/", timeout=5)
+
+
+def test_servers_off_loopback_without_a_certificate_do_not_start():
+    from vicuna_sky.serve.auth import API_KEYS_ENV
+    from vicuna_sky.serve.tls import CLIENT_TLS_ENV
+    from vicuna_sky.serve.webui import UI_PASSWORD_ENV
+
+    env = {FLEET_TLS_ENV: "", CLIENT_TLS_ENV: "", API_KEYS_ENV: "key", UI_PASSWORD_ENV: "pw"}
+    for module, args in [
+        ("controller", ["--host", "0.0.0.0", "--port", "1"]),
+        ("webui", ["--host", "0.0.0.0", "--port", "1", "--controller-url", "https://x:1"]),
+    ]:
+        result = run_module(module, *args, env=env)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and CLIENT_TLS_ENV in result.stderr
+
+
+def test_behind_a_tls_proxy_the_client_port_is_plain_http(tmp_path):
+    """SkyServe's load balancer ends TLS (service.tls) and reaches replicas over http only."""
+    from vicuna_sky.launch.procs import free_port
+    from vicuna_sky.serve.auth import API_KEYS_ENV
+    from vicuna_sky.serve.local_fleet import Proc
+
+    port = free_port()
+    args = ["vicuna_sky.serve.controller", "--host", "0.0.0.0", "--port", str(port)]
+    env = {FLEET_SECRET_ENV: SECRET, API_KEYS_ENV: "key", FLEET_TLS_ENV: ""}
+    proc = Proc([*args, "--behind-tls-proxy"], tmp_path / "controller.log", env)
+    try:
+        LocalFleet.wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json() == {"status": "ok"}
+    finally:
+        proc.stop()

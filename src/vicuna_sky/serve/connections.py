@@ -116,6 +116,8 @@ class TlsAccept(asyncio.Protocol):
         self.handshake: asyncio.Task | None = None
         self.early: list[bytes] = []
         """Decrypted bytes that came before the HTTP protocol took over."""
+        self.raw: list[bytes] = []
+        """TLS bytes read before start_tls took the connection over (`_hand_over_raw`)."""
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -124,18 +126,28 @@ class TlsAccept(asyncio.Protocol):
             transport.abort()  # type: ignore[attr-defined]
             self.closed = True
             return
+        transport.pause_reading()  # type: ignore[attr-defined]
         self.handshake = self.loop.create_task(self._handshake())
 
     async def _handshake(self) -> None:
         assert self.transport is not None
-        try:
-            tls = await self.loop.start_tls(
+        starting = asyncio.ensure_future(
+            self.loop.start_tls(
                 self.transport,
                 self,
                 self.context,
                 server_side=True,
                 ssl_handshake_timeout=self.timeout,
             )
+        )
+        # uvloop reads once even when reading is paused in connection_made: a ClientHello may
+        # have come here, raw, before start_tls put its TLS engine in place. It is handed to
+        # that engine once start_tls has (its first step, next turn) and before anything more
+        # is read (start_tls resumes reading in the turn after, and reads come after the
+        # turn's callbacks).
+        self.loop.call_soon(self.loop.call_soon, self._hand_over_raw)
+        try:
+            tls = await starting
         except (OSError, ssl.SSLError, ConnectionError, asyncio.TimeoutError, RuntimeError):
             # A failed or late handshake, or a client gone: the socket goes, quietly (a
             # stranger's mistake is not the operator's news).
@@ -153,7 +165,29 @@ class TlsAccept(asyncio.Protocol):
         self.early.clear()
 
     def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        if self.transport.get_protocol() is self:  # raw: start_tls is not in place yet
+            self.raw.append(data)
+            return
+        # Decrypted, between the handshake's end and the HTTP protocol's start.
         self.early.append(data)
+
+    def _hand_over_raw(self) -> None:
+        if self.closed or self.transport is None or not self.raw:
+            return
+        engine = self.transport.get_protocol()
+        if engine is self:  # start_tls not in place yet: next turn
+            self.loop.call_soon(self._hand_over_raw)
+            return
+        for data in self.raw:
+            view = memoryview(data)
+            while view:  # the engine is a BufferedProtocol: it lends the buffer
+                buffer = engine.get_buffer(len(view))  # type: ignore[attr-defined]
+                n = min(len(buffer), len(view))
+                buffer[:n] = view[:n]
+                engine.buffer_updated(n)  # type: ignore[attr-defined]
+                view = view[n:]
+        self.raw.clear()
 
     def eof_received(self) -> bool | None:
         return None

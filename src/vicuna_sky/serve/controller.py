@@ -394,6 +394,12 @@ def main(argv: list[str] | None = None) -> None:
         help="open connections per port; past them, the oldest not to have shown a key goes",
     )
     p.add_argument(
+        "--behind-tls-proxy",
+        action="store_true",
+        help="plain HTTP on the client port off loopback, for a proxy that terminates TLS in "
+        "front of it (SkyServe's load balancer with service.tls reaches replicas over http)",
+    )
+    p.add_argument(
         "--public",
         action="store_true",
         help="serve clients without API keys off loopback (an open endpoint, on purpose)",
@@ -411,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         tls = fleet_tls(args.tls_file, args.fleet_port)
         client_tls = None
-        if not is_loopback(args.host):
+        if not is_loopback(args.host) and not args.behind_tls_proxy:
             client_tls = tls_files(args.client_tls_file, CLIENT_TLS_ENV) or tls
             if client_tls is None:
                 raise ConfigError(

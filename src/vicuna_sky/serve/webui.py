@@ -1,5 +1,9 @@
 """`python -m vicuna_sky.serve.webui`: a Gradio chat page on top of the controller's OpenAI API.
 
+Reachable from other machines, it asks for a password and serves https (the operator's
+certificate, VICUNA_SKY_CLIENT_TLS, else the fleet's); an https controller is trusted by its
+certificate alone (the same one).
+
 Model picker (from /v1/models), streamed answers, retry/undo/clear from Gradio's chat, and a
 moderation hook applied to every user message before it reaches a model: a local blocklist by
 default, or an OpenAI-compatible `/v1/moderations` endpoint when `--moderation-url` is given.
@@ -19,6 +23,13 @@ from dataclasses import dataclass, field
 import httpx
 
 from vicuna_sky.serve.auth import is_loopback, matches
+from vicuna_sky.serve.tls import (
+    CLIENT_TLS_ENV,
+    FLEET_TLS_ENV,
+    TlsError,
+    certificate_pem,
+    server_files,
+)
 
 REFUSAL = "This message was blocked by the moderation policy and was not sent to a model."
 
@@ -128,11 +139,26 @@ def conversation(history: list[dict]) -> list[dict]:
     return out
 
 
-def build(controller_url: str, api_key: str, moderation: Moderation):  # noqa: ANN201 (gr.Blocks)
+def build(  # noqa: ANN201 (gr.Blocks)
+    controller_url: str, api_key: str, moderation: Moderation, controller_pem: str = ""
+):
+    """The page; `controller_pem`: the certificate an https controller must show (pinned: the
+    fleet's is self-signed)."""
     import gradio as gr
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"{controller_url.rstrip('/')}/v1", api_key=api_key or "none")
+    http_client = None
+    if controller_pem:
+        import httpx
+
+        from vicuna_sky.serve.tls import trusting
+
+        http_client = httpx.Client(verify=trusting(controller_pem), timeout=600)
+    client = OpenAI(
+        base_url=f"{controller_url.rstrip('/')}/v1",
+        api_key=api_key or "none",
+        http_client=http_client,
+    )
 
     def models() -> list[str]:
         try:
@@ -198,10 +224,25 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         sys.exit(2)
+    # The page's certificate and the controller's: the operator's (CLIENT_TLS), else the
+    # fleet's, as the controller's client port chooses (serve/controller.py).
+    pem = os.environ.get(CLIENT_TLS_ENV, "").strip() or os.environ.get(FLEET_TLS_ENV, "").strip()
+    try:
+        tls = server_files(pem) if pem and not is_loopback(args.host) else None
+        if tls is None and not is_loopback(args.host):
+            raise TlsError(
+                f"the chat UI on {args.host} is reachable from other machines: give it a "
+                f"certificate ({CLIENT_TLS_ENV} or {FLEET_TLS_ENV}) so its password and the "
+                "conversations never cross the network in clear"
+            )
+        controller_pem = certificate_pem(pem) if args.controller_url.startswith("https:") else ""
+    except TlsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     api_key = os.environ.get(UI_API_KEY_ENV, "")
     moderation_key = os.environ.get(MODERATION_KEY_ENV, "")
     moderation = Moderation(args.blocklist, args.moderation_url, moderation_key)
-    demo = build(args.controller_url, api_key, moderation)
+    demo = build(args.controller_url, api_key, moderation, controller_pem)
 
     demo.queue().launch(
         server_name=args.host,
@@ -209,6 +250,10 @@ def main(argv: list[str] | None = None) -> None:
         share=False,
         show_error=True,
         auth=LoginGuard(password) if password else None,
+        ssl_certfile=tls[0] if tls else None,
+        ssl_keyfile=tls[1] if tls else None,
+        # Gradio asks its own URL once at start: the fleet's certificate names no host.
+        ssl_verify=tls is None,
     )
 
 
