@@ -30,14 +30,19 @@ FLAGS = [
 
 @pytest.fixture
 def page(fleet: LocalFleet, tmp_path):
+    fleet.start_controller()
+    fleet.wait_workers({fleet.start_worker("echo", "echo", "echo")})
+    yield from open_page(fleet, tmp_path)
+
+
+def open_page(fleet: LocalFleet, tmp_path):
+    """The chat UI of `fleet`'s controller, in headless Chromium."""
     if not os.path.exists(CHROMIUM):
         # `make env` installs Debian's chromium (as root, from the distribution's packages);
         # a machine where that was impossible cannot run a browser test at all.
         pytest.skip("chromium is not installed: `make env` installs the Debian package")
     from playwright.sync_api import sync_playwright
 
-    fleet.start_controller()
-    fleet.wait_workers({fleet.start_worker("echo", "echo", "echo")})
     port = free_port()
     ui = Proc(
         [
@@ -81,6 +86,107 @@ def test_moderation_blocks_before_the_model(page):
     send(page, "and now something allowed")
     page.get_by_text("echo: and now something allowed").first.wait_for(timeout=30_000)
     assert page.get_by_text("echo: tell me").count() == 0  # the model never saw it
+
+
+class RecordingWorker:
+    """A stand-in worker that answers each generation with "answer N" (streamed, as a worker
+    does) and keeps the messages it was asked with: what the model would be prompted with."""
+
+    def __init__(self, fleet: LocalFleet) -> None:
+        import http.server
+        import json
+        import threading
+
+        self.asked: list[list[dict]] = []
+        recorder = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                messages = payload["messages"]
+                recorder.asked.append([{k: m[k] for k in ("role", "content")} for m in messages])
+                n = len(recorder.asked)
+                lines = [{"prompt_tokens": 5}, {"text": f"answer {n}"}]
+                lines.append({"finish_reason": "stop", "completion_tokens": 2})
+                body = b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-ndjson")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        import httpx
+
+        from .conftest import SECRET
+
+        registration = {
+            "address": f"http://127.0.0.1:{self.server.server_port}",
+            "worker_id": "recording-worker",
+            "models": ["recorded"],
+            "max_concurrency": 4,
+        }
+        httpx.post(
+            f"{fleet.url}/workers/register",
+            json=registration,
+            headers={"Authorization": f"Bearer {SECRET}"},
+        ).raise_for_status()
+
+
+def test_the_chat_remembers_earlier_turns_in_a_real_browser(fleet, tmp_path):
+    """Gradio 6 hands the history over with each message's content as a list of parts; the
+    page dropped every such message, so "what is my name?" reached the model alone. Three
+    turns typed in Chromium: each reaches the model with every turn before it."""
+    fleet.start_controller("--expiry-seconds", "600")  # the stand-in never heartbeats
+    worker = RecordingWorker(fleet)
+    try:
+        for page in open_page(fleet, tmp_path):
+            for n, text in enumerate(["my name is Alice", "what is my name?", "thanks"], 1):
+                send(page, text)
+                page.get_by_text(f"answer {n}").first.wait_for(timeout=30_000)
+    finally:
+        worker.server.shutdown()
+    assert worker.asked == [
+        [{"role": "user", "content": "my name is Alice"}],
+        [
+            {"role": "user", "content": "my name is Alice"},
+            {"role": "assistant", "content": "answer 1"},
+            {"role": "user", "content": "what is my name?"},
+        ],
+        [
+            {"role": "user", "content": "my name is Alice"},
+            {"role": "assistant", "content": "answer 1"},
+            {"role": "user", "content": "what is my name?"},
+            {"role": "assistant", "content": "answer 2"},
+            {"role": "user", "content": "thanks"},
+        ],
+    ]
+
+
+def test_gradio_messages_of_parts_become_the_conversation():
+    from vicuna_sky.serve.webui import REFUSAL, conversation
+
+    parts = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "my name "}, {"type": "text", "text": "is Alice"}],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": "hello"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": " Alice"}]},
+        {"role": "user", "content": [{"type": "file", "file": {"path": "/tmp/x.png"}}]},
+        {"role": "user", "content": [{"type": "text", "text": "bomb"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": REFUSAL}]},
+        {"role": "user", "content": "what is my name?"},
+    ]
+    assert conversation(parts) == [
+        {"role": "user", "content": "my name is Alice"},
+        {"role": "assistant", "content": "hello Alice"},
+        {"role": "user", "content": "what is my name?"},
+    ]
 
 
 def test_a_blocked_message_never_reaches_a_model_as_context():
