@@ -1,13 +1,21 @@
-"""Benchmark: requests/s and added latency through our controller vs FastChat's, same machine.
+"""Benchmark: requests/s and added latency through our controller vs FastChat's, and the cost of
+each proxy layer over its backend, ours and SkyServe's load balancer, TLS off and on; same
+machine, same run.
 
-Both sides serve one worker with an instant fixed answer (ours: `--backend echo`; FastChat's:
-its BaseModelWorker with the model replaced, benchmarks/fastchat_echo_worker.py), and take the
-same non-streamed chat completions, `--concurrency` at a time (aiohttp). Added latency is the p50
-through the OpenAI endpoint minus the p50 of calling the worker directly, one request at a time
-(httpx), the two taken in turns. FastChat (fschat 0.2.36) runs from its own venv,
-benchmarks/.venv-fastchat (created on first use).
+Every side serves one backend with an instant fixed answer (ours: `--backend echo`; FastChat's:
+its BaseModelWorker with the model replaced, benchmarks/fastchat_echo_worker.py; SkyServe's: an
+OpenAI-speaking echo replica, benchmarks/skyserve_lb.py), and takes the same non-streamed chat
+completions, `--concurrency` at a time (aiohttp). Added latency is the p50 through the proxy
+minus the p50 of calling its backend directly, one request at a time (httpx), the two taken in
+turns. FastChat (fschat 0.2.36) runs from its own venv, benchmarks/.venv-fastchat (created on
+first use); SkyServe's load balancer is skypilot's own (0.14.1, in .venv).
+
+Proxy layers, "TLS on": clients reach the proxy over https (ours: the client port with a
+certificate, the workers over https as on a cloud; SkyServe: its load balancer with service.tls,
+which reaches replicas over http only). The ratio is the proxy's requests/s over its backend's.
 
     .venv/bin/python benchmarks/serve_throughput.py [--requests 2000] [--concurrency 16]
+                                                    [--layers-only]
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import httpx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
 from vicuna_sky.launch.procs import free_port  # noqa: E402
 from vicuna_sky.serve.local_fleet import LocalFleet  # noqa: E402
 
@@ -34,11 +43,14 @@ FASTCHAT_PY = HERE / ".venv-fastchat" / "bin" / "python"
 BODY = {"model": "echo", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
 
 
-async def load(url: str, body: dict, n: int, concurrency: int) -> tuple[float, list[float]]:
+async def load(
+    url: str, body: dict, n: int, concurrency: int, headers: dict | None = None
+) -> tuple[float, list[float]]:
     # aiohttp rather than httpx: the load generator shares the machine's cores with the servers,
-    # and aiohttp's client costs a fraction of httpx's CPU per request.
+    # and aiohttp's client costs a fraction of httpx's CPU per request. Certificates are not
+    # checked: the load generator measures, it trusts nothing it is sent.
     latencies: list[float] = []
-    connector = aiohttp.TCPConnector(limit=concurrency)
+    connector = aiohttp.TCPConnector(limit=concurrency, ssl=False)
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
         queue = iter(range(n))
@@ -46,7 +58,7 @@ async def load(url: str, body: dict, n: int, concurrency: int) -> tuple[float, l
         async def runner() -> None:
             for _ in queue:
                 start = time.perf_counter()
-                async with client.post(url, json=body) as r:
+                async with client.post(url, json=body, headers=headers) as r:
                     r.raise_for_status()
                     await r.read()
                 latencies.append(time.perf_counter() - start)
@@ -66,7 +78,7 @@ def serial_p50s(
     headers) each. The two are taken in turns, `n` requests a turn, so that a machine that
     speeds up or slows down meanwhile (a VM's neighbours, its CPU clock) moves both alike."""
     times: dict[int, list[float]] = {0: [], 1: []}
-    with httpx.Client(timeout=30) as client:
+    with httpx.Client(timeout=30, verify=False) as client:
         for _ in range(rounds):
             for side, (url, body, headers) in enumerate((direct, via)):
                 for _ in range(n):
@@ -96,11 +108,85 @@ def wait(url: str, timeout: float = 60) -> None:
     LocalFleet.wait_http(url, timeout)
 
 
+Side = tuple[str, dict, dict | None]
+"""(url, body, headers) of one side of a comparison."""
+
+
+def layer(name: str, direct: Side, via: Side, args: argparse.Namespace) -> tuple[str, float, float]:
+    """One proxy over its backend: requests/s of each at the same concurrency, and the serial
+    p50 the proxy adds; printed, and (name, ratio, added) returned."""
+    direct_p50, via_p50 = serial_p50s(direct, via)
+    backend = asyncio.run(load(direct[0], direct[1], args.requests, args.concurrency, direct[2]))
+    proxy = asyncio.run(load(via[0], via[1], args.requests, args.concurrency, via[2]))
+    ratio = proxy[0] / backend[0]
+    added = max(0.0, via_p50 - direct_p50)
+    print(
+        f"{name:<26} backend {backend[0]:>7,.0f} req/s, through it {proxy[0]:>7,.0f} req/s "
+        f"({ratio:6.1%});  serial p50 {direct_p50 * 1e3:5.2f} -> {via_p50 * 1e3:5.2f} ms "
+        f"(+{added * 1e3:.2f} ms)",
+        flush=True,
+    )
+    return name, ratio, added
+
+
+def proxy_layers(args: argparse.Namespace, tmp: Path) -> None:
+    """Our controller over its echo worker, and SkyServe's load balancer over its echo replica,
+    TLS off and on."""
+    from skyserve_lb import SkyServeLB
+
+    from vicuna_sky.serve.tls import make_certificate
+
+    direct_body = {"model": "echo", "messages": BODY["messages"], "max_tokens": 16}
+    direct_body["stream"] = False  # what the controller sends a worker for such a request
+    results = []
+    for tls in (False, True):
+        how = "TLS on" if tls else "TLS off"
+        with LocalFleet(tmp / f"layer-{tls}", tls=tls, client_tls=tls) as fleet:
+            fleet.start_controller()
+            worker = fleet.start_worker("echo", "echo", "echo", "--max-concurrency", "1000")
+            fleet.wait_workers({worker})
+            fleet_secret = {"Authorization": f"Bearer {fleet.secret}"}
+            results.append(
+                layer(
+                    f"vicuna-sky controller, {how}",
+                    (f"{worker}/generate", direct_body, fleet_secret),
+                    (f"{fleet.url}/v1/chat/completions", BODY, None),
+                    args,
+                )
+            )
+        pem = None
+        if tls:
+            pem = tmp / "lb.pem"
+            pem.write_text(make_certificate("load balancer"))
+        with SkyServeLB(tmp, free_port, pem) as lb:
+            results.append(
+                layer(
+                    f"SkyServe LB, {how}",
+                    (f"{lb.replica}/v1/chat/completions", BODY, None),
+                    (f"{lb.url}/v1/chat/completions", BODY, None),
+                    args,
+                )
+            )
+    for tls in ("TLS off", "TLS on"):
+        ours = next(r for r in results if r[0].startswith("vicuna-sky") and r[0].endswith(tls))
+        theirs = next(r for r in results if r[0].startswith("SkyServe") and r[0].endswith(tls))
+        print(
+            f"{tls}: our controller keeps {ours[1]:.1%} of its backend's throughput, SkyServe's "
+            f"load balancer {theirs[1]:.1%}; added p50 {ours[2] * 1e3:.2f} ms against "
+            f"{theirs[2] * 1e3:.2f} ms"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--layers-only", action="store_true", help="skip the FastChat comparison")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        proxy_layers(args, Path(tmp))
+    if args.layers_only:
+        return
     if not FASTCHAT_PY.exists():
         subprocess.run([sys.executable, "-m", "venv", str(HERE / ".venv-fastchat")], check=True)
     subprocess.run(

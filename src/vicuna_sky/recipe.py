@@ -126,6 +126,9 @@ class ServeSection:
     """Worker replicas to keep up."""
     spot: bool = True
     """Run workers on spot (SkyServe falls back to on-demand when spot is scarce)."""
+    tls: str = ""
+    """Key and certificate (one PEM file) for the OpenAI API and the chat UI, e.g. CA-signed for
+    your domain; empty = one made for the fleet or service, whose fingerprint `serve` prints."""
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,14 @@ class Recipe:
         recipe = dataclasses.replace(recipe, source=source)
         recipe.check()
         return recipe
+
+    def path_of(self, value: str) -> Path:
+        """A path the recipe names, relative to the recipe's own folder (not to wherever the
+        launcher runs)."""
+        path = Path(value).expanduser()
+        if path.is_absolute() or self.source.startswith("<"):
+            return path
+        return Path(self.source).resolve().parent / path
 
     def check(self) -> None:
         """Cross-field checks that a type alone cannot express."""

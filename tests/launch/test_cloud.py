@@ -9,6 +9,7 @@ state. No API server is started and nothing leaves this machine.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -357,3 +358,42 @@ def test_preflight_refuses_before_anything_is_launched(
     with pytest.raises(VicunaSkyError, match=re.escape("preflight clouds: no cloud is enabled")):
         launch(lambda r: None)
     assert fake_sky.calls == []
+
+
+# -- 4b. TLS for the service's and the fleet's clients ------------------------------------------
+
+
+def test_a_service_ends_tls_at_skyserves_load_balancer(fake_sky, tmp_path, monkeypatch, capsys):
+    """`service.tls` with the recipe's certificate (resolved against the recipe's folder), or
+    with one made for the service once: a key file only this user reads, a certificate for
+    clients, its fingerprint printed."""
+    import os
+
+    from vicuna_sky.serve.tls import fingerprint, make_certificate, trusting
+
+    pem = make_certificate("my domain")
+    (tmp_path / "mine.pem").write_text(pem)
+    source = tmp_path / "r.yaml"
+    mine = dataclasses.replace(recipe(tls="mine.pem"), source=str(source))
+    task = load_task(Spec.SERVICE, mine)
+    assert task.service.tls_credential.keyfile == str(tmp_path / "mine.pem")
+    assert cloud.service_tls(task, "vic")[0] == fingerprint(pem)
+    for wrong in ("missing.pem", "cert-only.pem"):
+        (tmp_path / "cert-only.pem").write_text(pem[pem.index("-----BEGIN CERTIFICATE") :])
+        with pytest.raises(SpecError, match=f"serve.tls: .*{wrong}"):
+            serve = dataclasses.replace(mine.serve, tls=wrong)
+            load_task(Spec.SERVICE, dataclasses.replace(mine, serve=serve))
+    task = load_task(Spec.SERVICE, recipe())
+    assert task.service.tls_credential is None
+    sha, crt = cloud.service_tls(task, "vic")
+    keyfile = task.service.tls_credential.keyfile
+    assert os.stat(keyfile).st_mode & 0o077 == 0 and "PRIVATE KEY" in Path(keyfile).read_text()
+    assert "PRIVATE KEY" not in crt.read_text() and trusting(crt.read_text())
+    again = load_task(Spec.SERVICE, recipe())
+    assert cloud.service_tls(again, "vic")[0] == sha  # one certificate per service
+    monkeypatch.setenv("VICUNA_SKY_API_KEYS", "key-test-1234")
+    options = dict(dryrun=False, local=False, name="vic3", runs_dir=Path("runs"))
+    runner.launch_recipe(Spec.SERVICE, "vicuna-7b", (), **options)
+    (up,) = fake_sky.named("serve.up")
+    assert up[2].service.tls_credential is not None
+    assert "endpoint TLS: certificate SHA-256" in capsys.readouterr().out

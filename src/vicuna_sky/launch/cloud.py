@@ -9,6 +9,7 @@ first use; tests replace the SDK functions at this boundary.
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -139,6 +140,33 @@ def launch_fleet(
         launch(Spec.WORKER, worker, job)
         result.launched.append(job)
     return result
+
+
+def service_tls(task: sky.Task, name: str) -> tuple[str, Path]:
+    """SkyServe's load balancer ends TLS for the service's clients (`service.tls`): with the
+    recipe's certificate when it has one, else with one made for this service once and kept
+    with its state (a key file, 0600, that SkyServe uploads to its controller). Returns the
+    fingerprint clients pin and the certificate they trust (tls.trusting)."""
+    from sky.serve import serve_utils
+
+    from vicuna_sky.serve.tls import certificate_pem, fingerprint
+
+    credential = task.service.tls_credential
+    state = FleetState.load(name)
+    if credential is None:
+        pem, _ = state.certificate(name)
+        state.save(name)
+        keyfile = FleetState.path(name).with_suffix(".pem")
+        fd = os.open(keyfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(pem)
+        task.service.tls_credential = serve_utils.TLSCredential(str(keyfile), str(keyfile))
+    else:
+        pem = Path(credential.certfile).read_text()
+    crt = FleetState.path(name).with_suffix(".crt")
+    crt.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    crt.write_text(certificate_pem(pem))
+    return fingerprint(pem), crt
 
 
 def client_url(endpoint: str) -> str:

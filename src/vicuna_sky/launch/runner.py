@@ -131,6 +131,12 @@ def launch_recipe(
         return job
     from vicuna_sky.launch import cloud
 
+    if spec is Spec.SERVICE:
+        sha, crt = cloud.service_tls(task, name)
+        console.print(
+            f"endpoint TLS: certificate SHA-256 {sha}, in {crt} (clients trust that certificate "
+            "alone: README, 'Calling the fleet over TLS')"
+        )
     cloud.launch(spec, task, name)
     return None
 

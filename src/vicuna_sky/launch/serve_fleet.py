@@ -20,7 +20,9 @@ from vicuna_sky.launch.tasks import (
     parse_env_overrides,
     read_spec,
     resolved_yaml,
+    serve_tls,
 )
+from vicuna_sky.serve.tls import CLIENT_TLS_ENV
 from vicuna_sky.terminal import make_console
 
 console = make_console()
@@ -47,6 +49,8 @@ def launch_fleet(
     controller = load_task(
         Spec.CONTROLLER, recipe, {k: v for k, v in overrides.items() if k in ours}
     )
+    if recipe.serve.tls:  # the operator's certificate for the client port and the UI
+        controller.update_secrets({CLIENT_TLS_ENV: serve_tls(recipe)[1]})
     theirs = set(read_spec(Spec.WORKER).get("envs") or {})
     # The controller's URL is known only once it is up; the dry run shows a placeholder.
     worker_overrides = {k: v for k, v in overrides.items() if k in theirs or k not in ours}
@@ -84,10 +88,13 @@ def launch_fleet(
         else "launched"
     )
     console.print(f"controller {how} at {fleet.url}")
-    console.print(
-        f"its certificate: SHA-256 {fleet.fingerprint}, in {fleet.certificate} (clients trust "
-        "that certificate alone: README, 'Calling the fleet over TLS')"
-    )
+    if recipe.serve.tls:
+        console.print(f"clients and the chat UI: https with {recipe.path_of(recipe.serve.tls)}")
+    else:
+        console.print(
+            f"its certificate: SHA-256 {fleet.fingerprint}, in {fleet.certificate} (clients "
+            "trust that certificate alone: README, 'Calling the fleet over TLS')"
+        )
     for what, jobs_ in (
         ("worker job(s) launched", fleet.launched),
         ("running worker job(s) kept", fleet.kept),

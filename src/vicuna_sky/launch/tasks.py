@@ -165,7 +165,26 @@ def service_config(recipe: Recipe, base: dict[str, Any]) -> dict[str, Any]:
         # need none.
         policy.pop("dynamic_ondemand_fallback", None)
         policy.pop("base_ondemand_fallback_replicas", None)
+    if recipe.serve.tls:
+        # SkyServe's load balancer ends TLS with it (one PEM holds the key and the certificate).
+        pem = str(serve_tls(recipe)[0])
+        service["tls"] = {"keyfile": pem, "certfile": pem}
     return service
+
+
+def serve_tls(recipe: Recipe) -> tuple[Path, str]:
+    """The recipe's `serve.tls` file and its PEM (key and certificate), or a one-line error."""
+    from vicuna_sky.serve.tls import TlsError, fingerprint
+
+    path = recipe.path_of(recipe.serve.tls)
+    try:
+        pem = path.read_text()
+        fingerprint(pem)
+        if "PRIVATE KEY-----" not in pem:
+            raise TlsError("no private key in it")
+    except (OSError, UnicodeDecodeError, TlsError) as e:
+        raise SpecError(f"serve.tls: {path}: {getattr(e, 'strerror', None) or e}") from None
+    return path, pem
 
 
 def load_task(

@@ -364,8 +364,8 @@ def main(argv: list[str] | None = None) -> None:
         "--client-tls-file",
         type=Path,
         default=None,
-        help=f"the client port's key + certificate PEM, when it is off loopback (else "
-        f"${CLIENT_TLS_ENV}, else the fleet's)",
+        help=f"the client port's key + certificate PEM (else ${CLIENT_TLS_ENV}; off loopback, "
+        "else the fleet's)",
     )
     p.add_argument(
         "--secret-file", type=Path, default=None, help=f"fleet secret (else ${FLEET_SECRET_ENV})"
@@ -416,9 +416,10 @@ def main(argv: list[str] | None = None) -> None:
                 f"key: set {API_KEYS_ENV} or --api-key-file (or pass --public to serve anyone)"
             )
         tls = fleet_tls(args.tls_file, args.fleet_port)
-        client_tls = None
-        if not is_loopback(args.host) and not args.behind_tls_proxy:
-            client_tls = tls_files(args.client_tls_file, CLIENT_TLS_ENV) or tls
+        # An operator's certificate is served wherever the port is; the fleet's off loopback.
+        client_tls = tls_files(args.client_tls_file, CLIENT_TLS_ENV)
+        if client_tls is None and not is_loopback(args.host) and not args.behind_tls_proxy:
+            client_tls = tls
             if client_tls is None:
                 raise ConfigError(
                     f"the client port on {args.host} is reachable from other machines: give it "

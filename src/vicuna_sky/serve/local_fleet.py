@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -17,7 +18,13 @@ import httpx
 
 from vicuna_sky.launch.procs import free_port
 from vicuna_sky.serve.auth import FLEET_SECRET_ENV
-from vicuna_sky.serve.tls import FLEET_TLS_ENV, fingerprint, make_certificate
+from vicuna_sky.serve.tls import (
+    CLIENT_TLS_ENV,
+    FLEET_TLS_ENV,
+    fingerprint,
+    make_certificate,
+    trusting,
+)
 
 
 class FleetError(RuntimeError):
@@ -69,16 +76,26 @@ class Proc:
 
 
 class LocalFleet:
-    def __init__(self, workdir: Path, secret: str = "local-fleet", tls: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        secret: str = "local-fleet",
+        tls: bool = False,
+        client_tls: bool = False,
+    ) -> None:
         """`tls`: workers register on the controller's TLS fleet port (a certificate made
-        here, its fingerprint pinned by the workers) and serve https themselves."""
+        here, its fingerprint pinned by the workers) and serve https themselves; `client_tls`:
+        the client port serves https too, with that certificate (as off loopback)."""
         self.workdir, self.secret = Path(workdir), secret
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.tls_pem = make_certificate() if tls else ""
+        self.url = f"{'https' if client_tls else 'http'}://127.0.0.1:{self.port}"
+        self.tls_pem = make_certificate() if tls or client_tls else ""
+        self.client_tls = client_tls
+        self.verify: ssl.SSLContext | bool = trusting(self.tls_pem) if client_tls else True
+        """How clients check the client port's certificate (httpx's `verify`)."""
         self.fleet_port = free_port() if tls else 0
-        self.fingerprint = fingerprint(self.tls_pem) if tls else ""
+        self.fingerprint = fingerprint(self.tls_pem) if self.tls_pem else ""
         self.worker_url = f"https://127.0.0.1:{self.fleet_port}" if tls else self.url
         """Where workers reach the controller."""
         self.procs: list[Proc] = []
@@ -102,11 +119,13 @@ class LocalFleet:
             *extra,
         ]
         env = {FLEET_SECRET_ENV: self.secret, **(env or {})}
-        if self.tls_pem:
+        if self.fleet_port:
             env[FLEET_TLS_ENV] = self.tls_pem
+        if self.client_tls:
+            env[CLIENT_TLS_ENV] = self.tls_pem
         self.controller = Proc(args, self.workdir / "controller.log", env)
         self.procs.append(self.controller)
-        self.wait_http(f"{self.url}/v1/models", proc=self.controller)
+        self.wait_http(f"{self.url}/v1/models", proc=self.controller, verify=self.verify)
         return self.controller
 
     def start_worker(
@@ -149,13 +168,18 @@ class LocalFleet:
         return address
 
     @staticmethod
-    def wait_http(url: str, timeout: float = 60, proc: Proc | None = None) -> None:
+    def wait_http(
+        url: str,
+        timeout: float = 60,
+        proc: Proc | None = None,
+        verify: ssl.SSLContext | bool = True,
+    ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc is not None:
                 proc.check_alive("the process serving " + url)
             try:
-                httpx.get(url, timeout=1)
+                httpx.get(url, timeout=1, verify=verify)
                 return
             except httpx.HTTPError:
                 time.sleep(0.1)
@@ -164,7 +188,7 @@ class LocalFleet:
     def worker_states(self) -> list[dict]:
         """The controller's registry (`GET /workers`, with the fleet secret)."""
         headers = {"Authorization": f"Bearer {self.secret}"}
-        response = httpx.get(f"{self.url}/workers", timeout=5, headers=headers)
+        response = httpx.get(f"{self.url}/workers", timeout=5, headers=headers, verify=self.verify)
         response.raise_for_status()
         return response.json()["workers"]
 
@@ -187,6 +211,8 @@ class LocalFleet:
     def client(self, **kw: object):  # noqa: ANN201 (openai.OpenAI)
         from openai import OpenAI
 
+        if self.client_tls:
+            kw.setdefault("http_client", httpx.Client(verify=self.verify))
         return OpenAI(
             base_url=f"{self.url}/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw
         )
