@@ -85,7 +85,10 @@ def create_app(worker: Worker, max_body: int | None = None) -> FastAPI:
             # The controller hangs up when its client does: the generation stops with it.
             return await unless_disconnected(http, whole())
         try:
-            first = await anext(stream)  # errors before the first token become proper 4xx/5xx
+            # Errors before the first piece become proper 4xx/5xx. Waiting for it (a slot, the
+            # prompt) ends when the controller hangs up: a request abandoned in the queue never
+            # runs.
+            first = await unless_disconnected(http, anext(stream))
         except StopAsyncIteration:
             first = b""
 
