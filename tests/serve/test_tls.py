@@ -287,3 +287,28 @@ def test_behind_a_tls_proxy_the_client_port_is_plain_http(tmp_path):
         assert httpx.get(f"http://127.0.0.1:{port}/health").json() == {"status": "ok"}
     finally:
         proc.stop()
+
+
+def test_a_stream_abandoned_mid_answer_stops_at_once_and_leaves_no_traceback(tls_fleet):
+    """A stream whose next piece is always ready (a fast worker) ran to its end for nobody after
+    its client left: starlette's cancellation lands only on a task that waits, and uvicorn
+    drops the writes of a closed connection without a word. The worker, busy for nobody, then
+    missed its heartbeats. Each of ten streams abandoned mid-answer over TLS is stopped at once
+    on the worker, and the logs hold no traceback (the hop's TLS torn down mid-answer)."""
+    from .conftest import in_flight
+
+    body = {"model": "echo", "messages": [{"role": "user", "content": "a b c"}], "stream": True}
+    body |= {"max_tokens": 1_000_000, "ignore_eos": True}  # minutes of work if never stopped
+    for _ in range(10):
+        with httpx.stream("POST", f"{tls_fleet.url}/v1/chat/completions", json=body) as r:
+            for n, _line in enumerate(r.iter_lines()):
+                if n > 50:
+                    break  # and hang up
+        deadline = time.monotonic() + 5
+        while in_flight(tls_fleet.good) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert in_flight(tls_fleet.good) == 0
+    assert tls_fleet.good in tls_fleet.available()
+    for log in (tls_fleet.controller.log, tls_fleet.workers[tls_fleet.good].log):
+        text = log.read_text()
+        assert "Traceback" not in text, text[-3000:]

@@ -31,10 +31,11 @@ from typing import Any, TypeVar
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
-from starlette.types import Receive, Scope, Send
+from starlette.requests import ClientDisconnect
+from starlette.types import Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from vicuna_sky.serve.answers import ClientGone
@@ -213,6 +214,9 @@ def json_post(
             if handler is None:
                 raise  # uvicorn answers 500 and logs it
             result = await handler(request, e)
+        if isinstance(result, StreamingResponse):
+            await _stream(result, scope, receive, send)
+            return
         if isinstance(result, Response):
             await result(scope, receive, send)
             return
@@ -233,6 +237,35 @@ def json_post(
     documented.__signature__ = inspect.Signature([parameter])  # type: ignore[attr-defined]
     documented.__name__ = handle.__name__
     app.post(path, response_model=None)(documented)
+
+
+class ConnectionGone(OSError):
+    """The client's connection closed while its answer was being written."""
+
+
+async def _stream(response: StreamingResponse, scope: Scope, receive: Receive, send: Send) -> None:
+    """A streamed answer that ends as soon as its client has gone: the next piece written
+    raises, and the generator is closed at once (its work cancelled, on every worker).
+
+    starlette ends a stream whose client left by cancelling the task writing it (anyio), but
+    that cancellation lands only when the task waits on something not yet done: a stream whose
+    next piece is always ready (a fast worker, a buffered hop) ran to its end for nobody, and
+    uvicorn drops the writes of a closed connection without a word."""
+    connection = scope.get(SCOPE_KEY)
+
+    async def send_while_connected(message: Message) -> None:
+        if connection is not None and connection.gone:
+            raise ConnectionGone("the client closed the connection")
+        await send(message)
+
+    try:
+        await response(scope, receive, send_while_connected)
+    except (ConnectionGone, ClientDisconnect):
+        pass
+    finally:
+        body = response.body_iterator
+        if hasattr(body, "aclose"):
+            await body.aclose()
 
 
 def add_error_handlers(app: FastAPI, authorize: Callable[[Request], None] | None = None) -> None:
@@ -275,6 +308,8 @@ class HeaderDeadline:
     budget: ConnectionBudget | None = None
     counted = False
     """Already in the budget (a TLS connection, counted from its handshake)."""
+    gone = False
+    """The connection closed (a stream still being written ends: `_stream`)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -323,6 +358,7 @@ class HeaderDeadline:
             self._arm_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
         timer = getattr(self, "_header_timer", None)
         if timer is not None:
             timer.cancel()
