@@ -52,6 +52,22 @@ class Module:
 MODULES = {
     "auth": Module("src/vicuna_sky/serve/auth.py", ["tests/serve/test_auth.py"], timeout=60),
     "registry": Module("src/vicuna_sky/serve/registry.py", ["tests/serve/test_registry.py"]),
+    # Who holds the sockets: the budget, one address's share, the handshake handed over.
+    "connections": Module(
+        "src/vicuna_sky/serve/connections.py",
+        ["tests/serve/test_connections.py", "-k", "not flood and not silent"],
+        timeout=60,
+    ),
+    # What the wire models refuse before anything runs: schemas, token ids, names, addresses.
+    "wire": Module(
+        "src/vicuna_sky/serve/protocol.py",
+        [
+            "tests/serve/test_protocol.py",
+            "tests/serve/test_registry.py::test_an_address_has_one_spelling",
+        ],
+        functions=("check_refs", "_pointed_at", "check_worker_address"),
+        timeout=60,
+    ),
     # Stub workers (tests/serve/test_failover.py) answer as broken, draining or misplaced
     # workers would; the fleet tests with real workers take minutes a mutant.
     "failover": Module(

@@ -41,7 +41,9 @@ from vicuna_sky.serve.auth import (
     require_secret_off_loopback,
 )
 from vicuna_sky.serve.backends import Backend, Finish, Started, load_backend
+from vicuna_sky.serve.connections import raise_open_files
 from vicuna_sky.serve.http_server import (
+    MAX_CONNECTIONS,
     run_event_loop,
     server_config,
 )
@@ -321,6 +323,8 @@ async def serve(args: argparse.Namespace) -> None:
 
     app = create_app(worker, args.max_body_bytes)
     app.keyless = not worker.secret  # on loopback only (require_secret_off_loopback)
+    before, after = raise_open_files(MAX_CONNECTIONS + 256)
+    log.info("open files: %d (raised from %d)", after, before)
     server = uvicorn.Server(server_config(app, args.host, args.port, tls=tls))
     server.install_signal_handlers = lambda: None  # SIGTERM means drain, handled below
     loop = asyncio.get_running_loop()
