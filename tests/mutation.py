@@ -3,6 +3,10 @@
     make mutation                       every module below
     make mutation MUTATE="auth atomic"  some of them (names from MODULES)
     make mutation MUTATE="--retry-survivors auth"   after adding tests: run its survivors again
+    make mutation-changed BASE=<commit>  the lines changed since BASE, in every source file
+
+The changed lines of a file are mutated against the tests named for it in MODULES, else its
+mirror (tests/serve/test_hop.py for src/vicuna_sky/serve/hop.py), else its package's test folder.
 
 Each module is mutated on disk, one mutant at a time, and only its own tests run against it
 (`tests` below): a mutant is killed when they fail or time out. On disk, not in memory, because
@@ -17,6 +21,7 @@ Opt-in, never in CI: several minutes a module on two cores.
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import re
@@ -24,11 +29,13 @@ import shlex
 import sqlite3
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "runs" / "mutation"
+BIN = Path(sys.executable).parent
 GOAL = 0.90
 # Operators left out: swaps into operators no one would write there (x + y -> x ** y, x >> y,
 # x ^ y ...) multiply the mutants without testing anything the kept swaps do not.
@@ -45,8 +52,11 @@ class Module:
     """pytest arguments: the tests relevant to this module, nothing else."""
     functions: tuple[str, ...] = ()
     """Only these functions (or methods) are mutated; empty: the whole file."""
-    timeout: float = 120.0
-    """Seconds for one mutant's tests (a mutant that hangs them is killed by the timeout)."""
+    timeout: float | None = 120.0
+    """Seconds for one mutant's tests (a mutant that hangs them is killed by the timeout);
+    None: three times what they take unmutated."""
+    lines: tuple[str, ...] = ()
+    """Only these line ranges ("a-b"), with `functions` or alone (the lines a change touched)."""
 
 
 MODULES = {
@@ -216,29 +226,19 @@ def run(*args: str) -> str:
     return subprocess.run(args, cwd=ROOT, check=True, capture_output=True, text=True).stdout
 
 
-def score(name: str, module: Module, retry_survivors: bool = False) -> dict:
-    WORK.mkdir(parents=True, exist_ok=True)
-    config, session = WORK / f"{name}.toml", WORK / f"{name}.sqlite"
-    # A mutant that hangs the tests gets Ctrl-C (SIGINT) at the module's timeout: pytest then
-    # tears its fixtures down, so the servers a test started are stopped, not orphaned (as
-    # cosmic-ray's own timeout, a SIGKILL of pytest alone, would leave them).
-    # LangSmith's pytest plugin (a dependency's) takes two seconds to import and has no use here.
-    pytest = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
-    pytest += ["-p", "no:langsmith_plugin"]
-    limit = ["timeout", "-s", "INT", "-k", "20", str(int(module.timeout))]
-    test_command = shlex.join([*limit, *pytest, *module.tests])
-    # The tests must pass unmutated, or every mutant would count as killed.
-    baseline = subprocess.run(shlex.split(test_command), cwd=ROOT, capture_output=True, text=True)
-    if baseline.returncode != 0:
-        raise SystemExit(f"{name}: the tests fail without a mutant:\n{baseline.stdout[-3000:]}")
+def prepare(session: Path, module: Module, test_command: str, timeout: float) -> Path:
+    """cosmic-ray's config beside `session`, and the session with this module's mutants (only
+    those on its lines, with the operators kept, outside annotations) unless it exists."""
+    config = session.with_suffix(".toml")
     lines = ""
-    if module.functions:
-        ranges = function_lines(ROOT / module.path, module.functions)
+    filtered = bool(module.functions or module.lines)
+    if filtered:
+        ranges = function_lines(ROOT / module.path, module.functions) + list(module.lines)
         lines = f'[cosmic-ray.filters.line-filter.lines]\n"{module.path}" = {json.dumps(ranges)}\n'
     config.write_text(
         f"""[cosmic-ray]
 module-path = "{module.path}"
-timeout = {module.timeout + 30}
+timeout = {timeout + 30}
 excluded-modules = []
 test-command = {json.dumps(test_command)}
 
@@ -250,23 +250,67 @@ exclude-operators = {json.dumps(EXCLUDED_OPERATORS)}
 
 {lines}"""
     )
-    bin_dir = Path(sys.executable).parent
     if not session.exists():
-        run(str(bin_dir / "cosmic-ray"), "init", str(config), str(session))
-        run(str(bin_dir / "cr-filter-operators"), str(session), str(config))
-        if module.functions:
-            run(str(bin_dir / "cr-filter-lines"), "--config", str(config), str(session))
+        run(str(BIN / "cosmic-ray"), "init", str(config), str(session))
+        run(str(BIN / "cr-filter-operators"), str(session), str(config))
+        if filtered:
+            run(str(BIN / "cr-filter-lines"), "--config", str(config), str(session))
         skip_annotation_mutants(session, ROOT / module.path)
-    elif retry_survivors:  # only new tests can change their outcome; the killed stay killed
+    return config
+
+
+def mutants(module: Module) -> int:
+    """How many mutants `score` would run for `module` (a session made and thrown away)."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    session = WORK / f"plan-{os.getpid()}.sqlite"
+    try:
+        prepare(session, module, "true", 0)
+        from cosmic_ray.work_db import use_db
+
+        with use_db(str(session)) as db:
+            return sum(1 for _ in db.pending_work_items)
+    finally:
+        session.unlink(missing_ok=True)
+        session.with_suffix(".toml").unlink(missing_ok=True)
+
+
+def limited(seconds: float) -> list[str]:
+    """coreutils' timeout: SIGINT at `seconds`, SIGKILL 20 s later."""
+    return ["timeout", "-s", "INT", "-k", "20", str(int(seconds))]
+
+
+def score(name: str, module: Module, retry_survivors: bool = False) -> dict:
+    WORK.mkdir(parents=True, exist_ok=True)
+    session = WORK / f"{name}.sqlite"
+    # A mutant that hangs the tests gets Ctrl-C (SIGINT) at the module's timeout: pytest then
+    # tears its fixtures down, so the servers a test started are stopped, not orphaned (as
+    # cosmic-ray's own timeout, a SIGKILL of pytest alone, would leave them).
+    # LangSmith's pytest plugin (a dependency's) takes two seconds to import and has no use here.
+    pytest = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+    pytest += ["-p", "no:langsmith_plugin"]
+    # The tests must pass unmutated, or every mutant would count as killed.
+    started = time.monotonic()
+    baseline = subprocess.run(
+        [*limited(module.timeout or 900), *pytest, *module.tests],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if baseline.returncode != 0:
+        raise SystemExit(f"{name}: the tests fail without a mutant:\n{baseline.stdout[-3000:]}")
+    timeout = module.timeout or max(60.0, 3 * (time.monotonic() - started))
+    test_command = shlex.join([*limited(timeout), *pytest, *module.tests])
+    config = prepare(session, module, test_command, timeout)
+    if retry_survivors:  # only new tests can change their outcome; the killed stay killed
         with sqlite3.connect(session) as db:
             db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
     # Resumes where an interrupted run stopped; every file is restored after each mutant.
-    subprocess.run([str(bin_dir / "cosmic-ray"), "exec", str(config), str(session)], cwd=ROOT)
+    subprocess.run([str(BIN / "cosmic-ray"), "exec", str(config), str(session)], cwd=ROOT)
     source = (ROOT / module.path).read_text().splitlines()
     equivalent, annotations = equivalent_mutants(), annotation_lines(ROOT / module.path)
     killed = survived = 0
     survivors, excused = [], []
-    for raw in run(str(bin_dir / "cosmic-ray"), "dump", str(session)).splitlines():
+    for raw in run(str(BIN / "cosmic-ray"), "dump", str(session)).splitlines():
         item, result = json.loads(raw)
         if not result or result["worker_outcome"] in ("skipped", "no-test"):
             continue
@@ -293,29 +337,111 @@ exclude-operators = {json.dumps(EXCLUDED_OPERATORS)}
     }
 
 
+SOURCES = ("src", "checkpoints_sync")
+
+
+def changed_lines(base: str) -> dict[str, list[str]]:
+    """Each Python source file changed since `base`, with the line ranges ("a-b") that are new
+    or changed in it now (deleted lines leave nothing to mutate)."""
+    diff = run("git", "diff", "-U0", "--no-color", "--no-renames", base, "--", *SOURCES)
+    found: dict[str, list[str]] = {}
+    path = None
+    for line in diff.splitlines():
+        if line.startswith("+++ "):
+            name = line[4:].removeprefix("b/")
+            path = name if name.endswith(".py") and name != "/dev/null" else None
+        elif line.startswith("@@") and path:
+            new = line.split()[2].lstrip("+")  # "@@ -a,b +c,d @@": c,d (d omitted means 1)
+            start, _, count = new.partition(",")
+            if int(count or 1):
+                found.setdefault(path, []).append(f"{start}-{int(start) + int(count or 1) - 1}")
+    return found
+
+
+def tests_for(path: str) -> list[str] | None:
+    """The tests MODULES names for `path`, else its mirror, else the test files of its package's
+    folder that import it (never a whole folder: minutes a mutant)."""
+    for module in MODULES.values():
+        if module.path == path:
+            return module.tests
+    relative = Path(path).relative_to("src/vicuna_sky" if path.startswith("src/") else ".")
+    mirror = ROOT / "tests" / relative.parent / f"test_{relative.stem}.py"
+    if mirror.exists():
+        return [str(mirror.relative_to(ROOT))]
+    package = ".".join(relative.parent.parts)
+    imports = re.compile(
+        rf"\b{re.escape(package)}\.{relative.stem}\b|from \S*{re.escape(package)} import .*\b"
+        rf"{relative.stem}\b"
+    )
+    users = sorted(
+        str(test.relative_to(ROOT))
+        for test in (ROOT / "tests" / relative.parent).glob("test_*.py")
+        if imports.search(test.read_text())
+    )
+    return users or None
+
+
+def changed_modules(base: str, only: list[str]) -> dict[str, Module]:
+    """A Module for each changed file (or those of `only`): its changed lines, its tests."""
+    modules = {}
+    for path, ranges in sorted(changed_lines(base).items()):
+        if only and path not in only:
+            continue
+        tests = tests_for(path)
+        if tests is None:
+            print(f"{path}: no tests mirror it; not mutated", file=sys.stderr)
+            continue
+        # The name carries the ranges: a later change or another BASE gets a session of its own.
+        tag = hashlib.sha256(json.dumps([path, ranges]).encode()).hexdigest()[:8]
+        name = f"changed-{Path(path).stem}-{tag}"
+        modules[name] = Module(path, tests, timeout=None, lines=tuple(ranges))
+    return modules
+
+
 def main(args: list[str]) -> int:
-    retry = "--retry-survivors" in args
-    names = [a for a in args if a != "--retry-survivors"] or list(MODULES)
-    unknown = sorted(set(names) - set(MODULES))
-    if unknown:
-        print(f"unknown module(s) {unknown}; known: {' '.join(MODULES)}", file=sys.stderr)
-        return 2
-    dirty = run("git", "status", "--porcelain", "--", *(MODULES[n].path for n in names))
+    retry, plan = "--retry-survivors" in args, "--plan" in args
+    args = [a for a in args if a not in ("--retry-survivors", "--plan")]
+    if args[:1] == ["--changed"]:
+        if len(args) < 2:
+            print("usage: mutation.py --changed BASE [--plan] [FILE ...]", file=sys.stderr)
+            return 2
+        try:
+            modules = changed_modules(args[1], args[2:])
+        except subprocess.CalledProcessError as e:
+            print(f"cannot diff against {args[1]!r}: {e.stderr.strip()}", file=sys.stderr)
+            return 2
+        if not modules:
+            print(f"no source lines changed since {args[1]}")
+            return 0
+    else:
+        names = args or list(MODULES)
+        unknown = sorted(set(names) - set(MODULES))
+        if unknown:
+            print(f"unknown module(s) {unknown}; known: {' '.join(MODULES)}", file=sys.stderr)
+            return 2
+        modules = {name: MODULES[name] for name in names}
+    if plan:  # what a run would do, and nothing else
+        for module in modules.values():
+            print(f"{module.path}: {mutants(module)} mutants, tests: {' '.join(module.tests)}")
+        return 0
+    paths = [m.path for m in modules.values()]
+    dirty = run("git", "status", "--porcelain", "--", *paths)
     if dirty.strip():
         print(f"commit or stash these first (they are mutated in place):\n{dirty}")
         return 2
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    results = [score(name, MODULES[name], retry) for name in names]
+    results = [score(name, module, retry) for name, module in modules.items()]
     print()
     for r in results:
         for survivor in r["survivors"]:
             print(f"  survived: {survivor}")
-    print(f"\n{'module':<12} {'killed':>7} {'survived':>9} {'equivalent':>11} {'score':>7}")
+    width = max(12, *(len(r["module"]) for r in results))
+    print(f"\n{'module':<{width}} {'killed':>7} {'survived':>9} {'equivalent':>11} {'score':>7}")
     for r in results:
-        line = f"{r['module']:<12} {r['killed']:>7} {r['survived']:>9} {r['equivalent']:>11}"
+        line = f"{r['module']:<{width}} {r['killed']:>7} {r['survived']:>9} {r['equivalent']:>11}"
         print(f"{line} {r['score']:>7.0%}")
     (WORK / "scores.json").write_text(json.dumps(results, indent=1))
-    left = run("git", "status", "--porcelain", "--", *(MODULES[n].path for n in names))
+    left = run("git", "status", "--porcelain", "--", *paths)
     if left.strip():
         print(f"a mutant was left on disk (cosmic-ray interrupted?): git checkout {left}")
         return 1

@@ -5,6 +5,7 @@ that never say a word, many from one address. Attackers connect from other loopb
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import ssl
@@ -210,3 +211,188 @@ def test_every_handshake_completes_whatever_the_event_loop_read_first(loop):
 
     took = uvloop.run(main()) if loop == "uvloop" else asyncio.run(main())
     assert max(took) < 2, took
+
+
+def test_a_released_connection_is_forgotten_with_its_address():
+    """A million passing strangers leave no trace: an address whose last connection went is not
+    kept at zero, and a credential shown after the connection was closed changes nothing."""
+    budget = ConnectionBudget(1)
+    for n in range(50):
+        conn = Conn(str(n))
+        assert budget.admit(conn, f"10.0.0.{n}")
+        budget.release(conn)
+        budget.vouch(conn)  # its request finished after the socket went
+    assert len(budget) == 0 and not budget._by_address
+    stranger, member = Conn("stranger"), Conn("member")
+    assert budget.admit(stranger, "a")
+    assert budget.admit(member, "b") and stranger.closed  # the late vouch kept nothing
+
+
+def test_limits_past_the_small_integers_hold():
+    """The production budget (hundreds of connections) is past CPython's cached integers: a
+    count compared by identity would never reach it."""
+    budget = ConnectionBudget(300, per_address=300)
+    conns = [Conn(str(i)) for i in range(301)]
+    assert all(budget.admit(c, "a") for c in conns[:300])
+    assert not budget.admit(conns[300], "a")  # the address's share
+    assert budget.admit(conns[300], "b") and conns[0].closed and len(budget) == 300
+
+
+def test_a_vouched_connection_gives_its_address_back_when_it_goes():
+    budget = ConnectionBudget(10, per_address=1)
+    for n in range(3):
+        conn = Conn(str(n))
+        assert budget.admit(conn, "a")
+        budget.vouch(conn)
+        budget.release(conn)
+    assert not budget._by_address
+
+
+def test_one_address_refused_past_its_share_is_counted():
+    budget = ConnectionBudget(10, per_address=1)
+    assert budget.admit(Conn("1"), "a") and not budget.admit(Conn("2"), "a")
+    assert (budget.refused, budget.evicted) == (1, 0)
+
+
+def test_the_open_file_limit_is_raised_to_what_is_wanted_and_never_lowered():
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the hard limit here is {hard}")
+    from vicuna_sky.serve.connections import raise_open_files
+
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+        assert raise_open_files(1500) == (1024, 1500)
+        assert raise_open_files(1200) == (1500, 1500)  # never lowered
+        top = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        assert raise_open_files(top + 1000)[1] == (
+            top if hard != resource.RLIM_INFINITY else top + 1000
+        )
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+class TlsPort:
+    """TlsAccept on a loopback port of an asyncio loop in a thread, its budget and the loop's
+    exception reports at hand."""
+
+    def __init__(self, loop: str, limit: int, per_address: int = 0, timeout: float = 10) -> None:
+        import asyncio
+
+        import uvloop
+
+        from vicuna_sky.serve.connections import TlsAccept
+        from vicuna_sky.serve.tls import make_certificate, server_files
+
+        self.pem = make_certificate()
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*server_files(self.pem))
+        self.budget = ConnectionBudget(limit, per_address)
+        self.reports: list[dict] = []
+        self.loop = uvloop.new_event_loop() if loop == "uvloop" else asyncio.new_event_loop()
+        self.loop.set_exception_handler(lambda _, report: self.reports.append(report))
+
+        class Ok(asyncio.Protocol):
+            def connection_made(self, transport) -> None:
+                self.transport = transport
+
+            def data_received(self, data: bytes) -> None:
+                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+        def make() -> TlsAccept:
+            return TlsAccept(Ok, context, self.budget, self.loop, timeout)
+
+        self.server = self.loop.run_until_complete(self.loop.create_server(make, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def __enter__(self) -> TlsPort:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.server.close()
+        self.loop.close()
+
+    def held(self) -> int:
+        """The budget's count, read on the loop's own thread."""
+        import asyncio
+
+        async def count() -> int:
+            return len(self.budget)
+
+        return asyncio.run_coroutine_threadsafe(count(), self.loop).result(5)
+
+    def get(self) -> str:
+        from vicuna_sky.serve.tls import trusting
+
+        return httpx.get(f"https://127.0.0.1:{self.port}/", verify=trusting(self.pem)).text
+
+
+def closed_within(s: socket.socket, seconds: float) -> bool:
+    s.settimeout(seconds)
+    try:
+        return s.recv(10) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_stranger_pushed_out_loses_its_socket(loop):
+    """Counted out is closed: the oldest silent socket is closed when a new one needs its place,
+    not merely forgotten (it would hold a descriptor no budget counts)."""
+    with TlsPort(loop, limit=2) as port:
+        first, second = from_address(2, port.port), from_address(3, port.port)
+        time.sleep(0.3)
+        third = from_address(4, port.port)
+        assert closed_within(first, 3)
+        assert not closed_within(second, 0.3)
+        assert port.get() == "ok"  # and it pushed out the second
+        assert closed_within(second, 3)
+        for s in (first, second, third):
+            s.close()
+        assert not port.reports, port.reports
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_client_hello_waiting_at_accept_is_handed_to_the_tls_engine(loop):
+    """A ClientHello already in the socket when the listener accepts it: uvloop reads it at once
+    (before start_tls has its engine), and it must still reach the handshake, not wait out its
+    deadline. The loop is held busy while the client connects and sends it."""
+    with TlsPort(loop, limit=10) as port:
+        for _ in range(3):
+            port.loop.call_soon_threadsafe(time.sleep, 0.5)
+            started = time.monotonic()
+            assert port.get() == "ok"
+            assert time.monotonic() - started < 3
+        assert not port.reports, port.reports
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_the_share_is_per_address_and_refusals_are_quiet(loop):
+    """Two addresses each hold their share; the one past its share is closed at once, and
+    neither the refusal nor garbage in place of a ClientHello reaches the loop's error log."""
+    with TlsPort(loop, limit=10, per_address=1, timeout=2) as port:
+        mine = from_address(2, port.port)
+        other = from_address(3, port.port)
+        assert not closed_within(other, 0.3)  # another address: its own share
+        extra = from_address(2, port.port)
+        assert closed_within(extra, 3)
+        garbage = from_address(4, port.port)
+        garbage.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # no TLS at all
+        assert closed_within(garbage, 3)
+        for s in (mine, other, extra, garbage):
+            s.close()
+        deadline = time.monotonic() + 3
+        while port.held() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert port.held() == 0
+        gc.collect()  # a handshake's task that failed unhandled reports when it is collected
+        time.sleep(0.1)
+        assert not port.reports, port.reports

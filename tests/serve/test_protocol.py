@@ -24,6 +24,8 @@ from vicuna_sky.serve.protocol import (
         {"items": [{"$ref": "#/items/0"}]},
         {"anyOf": [{"type": "null"}, {"$ref": "#/anyOf/1"}]},
         {"$defs": {"x/y": {"$ref": "#/$defs/x~1y"}}, "$ref": "#/$defs/x~1y"},
+        # The loop sits behind a sibling that is walked (and finished) first.
+        {"properties": {"loop": {"$ref": "#"}, "leaf": {"type": "string"}}},
     ],
 )
 def test_a_schema_that_refers_back_into_itself_is_refused(schema):
@@ -37,8 +39,11 @@ def test_a_schema_that_refers_back_into_itself_is_refused(schema):
         ({"$ref": "https://example.com/s.json"}, "only references within"),
         ({"$ref": "#foo"}, "only references within"),
         ({"$ref": 7}, "only references within"),
+        ({"$ref": ""}, "only references within"),
+        ({"$ref": "!"}, "only references within"),
         ({"$ref": "#/$defs/missing"}, "points at nothing"),
         ({"items": [{}], "$ref": "#/items/1"}, "points at nothing"),
+        ({"items": [{}], "$ref": "#/items/5"}, "points at nothing"),
         ({"items": [{}], "$ref": "#/items/x"}, "points at nothing"),
     ],
 )
@@ -87,3 +92,13 @@ def test_model_names_are_bounded():
             CompletionRequest(model=name, prompt="x")
         with pytest.raises(ValidationError):
             EmbeddingRequest(model=name, input="x")
+
+
+def test_references_parsed_from_a_body_are_judged_by_value():
+    """A body's strings are new objects (orjson makes them; the literals of a test are shared):
+    `$ref` "#" must be recognised by its value, as it arrives."""
+    import orjson
+
+    with pytest.raises(ValueError, match="recursive"):
+        check_refs(orjson.loads(b'{"properties": {"self": {"$ref": "#"}}}'))
+    assert check_refs(orjson.loads(b'{"$defs": {"a": {}}, "$ref": "#/$defs/a"}'))

@@ -283,6 +283,8 @@ def test_an_address_has_one_spelling():
         ("http://127.0.0.1:045999", "http://127.0.0.1:45999"),
         ("https://[0:0::1]:8001", "https://[::1]:8001"),
         ("https://Worker-1.example.COM.:8001", "https://worker-1.example.com:8001"),
+        ("http://127.0.0.1:1", "http://127.0.0.1:1"),
+        ("http://127.0.0.1:65535", "http://127.0.0.1:65535"),
     ]:
         assert canonical(spelling) == one, spelling
     for wrong in [
@@ -295,8 +297,13 @@ def test_an_address_has_one_spelling():
         "http://user@127.0.0.1:8001",
         "http://wor_ker:8001",
         "ftp://127.0.0.1:8001",
+        "http://127.0.0.1",
+        "http://127.0.0.1:99999",
+        "http://127.0.0.1:8001?x",
+        "http://127.0.0.1:8001#x",
     ]:
-        with pytest.raises(ValueError):
+        # One message for every way of getting it wrong, none of them urllib's own.
+        with pytest.raises(ValueError, match=r"must be http\(s\)://host:port|four decimal"):
             canonical(wrong)
     registry = Registry(None)
     assert registry.register(registration(address="http://LOCALHOST:8001")) == "ok"
