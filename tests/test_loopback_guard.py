@@ -43,3 +43,12 @@ def test_this_process_cannot_leave_loopback(tmp_path, monkeypatch):
     with refused, socket.socket() as s:
         s.connect(("169.254.169.254", 80))
     assert "169.254.169.254" in (tmp_path / "guard.log").read_text()
+
+
+def test_only_the_benchmark_range_joins_loopback():
+    """198.18.0.0/15 is allowed for bridges the tests make between their own namespaces; its
+    neighbours are not."""
+    from loopback_guard import is_loopback
+
+    assert is_loopback("198.18.0.10") and is_loopback("198.19.255.1")
+    assert not any(is_loopback(a) for a in ("198.17.255.255", "198.20.0.1", "192.0.2.1"))

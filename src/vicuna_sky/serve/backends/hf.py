@@ -49,6 +49,7 @@ class HFBackend:
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.vocab_size = int(self.model.config.vocab_size)
         self._ll_tokenizer: object | None = None
+        self._ll_tokenizer_lock = threading.Lock()
         self.last_thread: threading.Thread | None = None
         """The most recent generation thread (tests check that it stops when told)."""
 
@@ -180,8 +181,12 @@ class HFBackend:
             grammar_tokenizer,
         )
 
-        if self._ll_tokenizer is None:
-            self._ll_tokenizer = grammar_tokenizer(self.tokenizer, self.vocab_size)
+        # Built once, by the first structured request (half a second for a 49K vocabulary,
+        # much of it holding the GIL): the slots' threads that come meanwhile wait for it
+        # rather than each build their own.
+        with self._ll_tokenizer_lock:
+            if self._ll_tokenizer is None:
+                self._ll_tokenizer = grammar_tokenizer(self.tokenizer, self.vocab_size)
         matcher = compile_schema(request.json_schema or {}, self._ll_tokenizer)
         prefix = self.tokenizer(request.prefix, add_special_tokens=False)["input_ids"]
         processors: list = [
