@@ -271,6 +271,16 @@ def test_an_address_is_not_taken_over_with_another_certificate():
     assert registry.register(same) == "ok"
 
 
+@pytest.mark.parametrize("owner, other", [FINGERPRINTS, FINGERPRINTS[::-1]])
+def test_any_other_certificate_waits_whichever_it_is(owner, other):
+    registry = Registry(None, expiry_seconds=3, forget_seconds=60)
+    first = registration().model_copy(update={"tls_fingerprint": owner})
+    assert registry.register(first) == "ok"
+    expire(registry, ADDRESS, 10)  # silent past its expiry, not forgotten
+    thief = registration("thief-00001").model_copy(update={"tls_fingerprint": other})
+    assert registry.register(thief) == "taken"
+
+
 def test_an_address_has_one_spelling():
     """`LOCALHOST`, `127.1`, a trailing tab, `[::ffff:127.0.0.1]`, `:045999` registered as as
     many workers: each is written one way now, or refused."""
