@@ -48,6 +48,30 @@ def test_seeds_for_more_choices_wrap_within_the_range():
     assert next_seed(low, 15) == low + 15
 
 
+def test_choices_with_and_without_a_seed_streamed_or_not(fleet):
+    """n=1 and n=2, seeded or not, whole or streamed: every choice is answered in full (the
+    seed moves on only when there is one; a stream of several choices waits for each one's
+    first piece)."""
+    fleet.start_controller()
+    echo = fleet.start_worker("echo", "echo", "echo")
+    fleet.wait_workers({echo})
+    client = fleet.client()
+    for n in (1, 2):
+        for seed in (None, 7):
+            answer = client.chat.completions.create(
+                model="echo", messages=QUESTION, n=n, seed=seed, max_tokens=8
+            )
+            assert [c.message.content for c in answer.choices] == ["echo: hello there"] * n
+            texts = [""] * n
+            stream = client.chat.completions.create(
+                model="echo", messages=QUESTION, n=n, seed=seed, max_tokens=8, stream=True
+            )
+            for chunk in stream:
+                for choice in chunk.choices:
+                    texts[choice.index] += choice.delta.content or ""
+            assert texts == ["echo: hello there"] * n, (n, seed)
+
+
 def test_a_request_that_fails_fast_stops_its_other_generations(own_tiny_fleet):
     """A prompt list whose first prompt the worker refuses (a token id past the vocabulary) is a
     400 at once; the fifteen others used to decode to the end of the context for nobody. The
