@@ -279,6 +279,11 @@ def test_any_other_certificate_waits_whichever_it_is(owner, other):
     expire(registry, ADDRESS, 10)  # silent past its expiry, not forgotten
     thief = registration("thief-00001").model_copy(update={"tls_fingerprint": other})
     assert registry.register(thief) == "taken"
+    # The owner restarted (a new worker id, the same certificate): its place, once silent. The
+    # fingerprint is an equal string, not the same object (as when parsed from a request).
+    again = owner[:32] + owner[32:]
+    restarted = registration("restarted-1").model_copy(update={"tls_fingerprint": again})
+    assert registry.register(restarted) == "ok"
 
 
 def test_an_address_has_one_spelling():
@@ -339,3 +344,19 @@ def test_an_admin_forgets_an_address_and_heartbeats_name_it_any_way(fleet):
     assert fleet.worker_states() == []
     r = httpx.post(f"{fleet.url}/admin/forget-worker", json=forget, headers=headers)
     assert r.status_code == 404
+
+
+def test_a_model_is_served_while_a_registered_worker_names_it():
+    """What metrics may be labelled with: names of registered workers, in rotation or not, and
+    no longer once the last of them is forgotten or removed by an admin."""
+    registry = Registry(None, expiry_seconds=3, forget_seconds=60)
+    assert not registry.serves("m")
+    registry.register(registration(models=("m", "alias")))
+    registry.register(registration("other-0001", "http://127.0.0.1:9002", models=("n",)))
+    assert registry.serves("m") and registry.serves("alias") and registry.serves("n")
+    expire(registry, ADDRESS, 10)
+    assert registry.serves("m")  # silent, out of rotation, still registered
+    expire(registry, ADDRESS, 60)
+    assert registry.forget_expired() == [ADDRESS]
+    assert not registry.serves("m") and not registry.serves("alias") and registry.serves("n")
+    assert registry.forget_worker("http://127.0.0.1:9002") and not registry.serves("n")
