@@ -78,6 +78,23 @@ MODULES = {
         functions=("check_refs", "_pointed_at", "check_worker_address"),
         timeout=60,
     ),
+    # The checks every route passes, and the head's size and deadline (issue 37).
+    "routes": Module(
+        "src/vicuna_sky/serve/http_server.py",
+        ["tests/serve/test_http_server.py"],
+        functions=(
+            "__call__",
+            "refusal",
+            "_header",
+            "local_origin",
+            "data_received",
+            "on_headers_complete",
+            "on_message_complete",
+            "on_response_complete",
+            "_headers_too_large",
+        ),
+        timeout=90,
+    ),
     # Stub workers (tests/serve/test_failover.py) answer as broken, draining or misplaced
     # workers would; the fleet tests with real workers take minutes a mutant.
     "failover": Module(

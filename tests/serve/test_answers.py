@@ -51,9 +51,9 @@ def test_seeds_for_more_choices_wrap_within_the_range():
 def test_choices_with_and_without_a_seed_streamed_or_not(fleet):
     """n=1 and n=2, seeded or not, whole or streamed: every choice is answered in full (the
     seed moves on only when there is one; a stream of several choices waits for each one's
-    first piece)."""
+    first piece); a request counts as running while it runs, and only for a served model."""
     fleet.start_controller()
-    echo = fleet.start_worker("echo", "echo", "echo")
+    echo = fleet.start_worker("echo", "echo", "echo", "--echo-delay", "0.02")
     fleet.wait_workers({echo})
     client = fleet.client()
     for n in (1, 2):
@@ -70,6 +70,50 @@ def test_choices_with_and_without_a_seed_streamed_or_not(fleet):
                 for choice in chunk.choices:
                     texts[choice.index] += choice.delta.content or ""
             assert texts == ["echo: hello there"] * n, (n, seed)
+    slow = threading.Thread(
+        target=client.chat.completions.create,
+        kwargs={
+            "model": "echo",
+            "messages": QUESTION,
+            "max_tokens": 60,
+            "extra_body": {"ignore_eos": True},
+        },
+    )
+    slow.start()
+    assert wait_until(lambda: running(fleet) == {"echo": 1}, 5), running(fleet)
+    slow.join()
+    assert running(fleet) == {"echo": 0}
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="made-up", messages=QUESTION, max_tokens=8)
+    assert running(fleet) == {"echo": 0}
+
+
+def running(fleet) -> dict[str, float]:
+    """The controller's `vllm:num_requests_running`, by model."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from .conftest import SECRET
+
+    text = httpx.get(f"{fleet.url}/metrics", headers={"Authorization": f"Bearer {SECRET}"}).text
+    return {
+        s.labels["model_name"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "vllm:num_requests_running"
+    }
+
+
+def test_seeded_choices_each_take_the_next_seed(own_tiny_fleet):
+    """Choice i of a seeded request is sampled as a request with seed + i would be (wrapping
+    past the largest seed), so the choices differ and each can be reproduced alone."""
+    client = own_tiny_fleet.client()
+    low, high = SEED_RANGE
+    ask = {"model": "tiny", "messages": QUESTION, "max_tokens": 12, "temperature": 1.0}
+    both = client.chat.completions.create(n=2, seed=high, **ask)
+    alone = [client.chat.completions.create(seed=s, **ask) for s in (high, low)]
+    texts = [c.message.content for c in both.choices]
+    assert texts == [a.choices[0].message.content for a in alone]
+    assert texts[0] != texts[1]
 
 
 def test_a_request_that_fails_fast_stops_its_other_generations(own_tiny_fleet):
@@ -82,6 +126,10 @@ def test_a_request_that_fails_fast_stops_its_other_generations(own_tiny_fleet):
     long = {"max_tokens": 600, "extra_body": {"ignore_eos": True}}
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt=[[10**8], *[[1, 2, 3]] * 15], **long)
+    assert wait_until(lambda: sum(map(in_flight, workers)) == 0, 3), "generations ran on"
+    # The refused prompt last: the error is still its 400, not a sibling's cancellation.
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt=[*[[1, 2, 3]] * 3, [10**8]], **long)
     assert wait_until(lambda: sum(map(in_flight, workers)) == 0, 3), "generations ran on"
     answer = client.chat.completions.create(
         model="tiny", messages=QUESTION, n=2, seed=SEED_RANGE[1], max_tokens=4
