@@ -26,8 +26,8 @@ def wait_until(check, timeout: float) -> bool:
     return False
 
 
-def generations(worker: str) -> float:
-    """Generations the worker has started, from its metrics (with the fleet secret)."""
+def worker_metric(worker: str, name: str) -> float:
+    """A sample's sum over its labels in the worker's metrics (with the fleet secret)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     from .conftest import SECRET
@@ -37,8 +37,18 @@ def generations(worker: str) -> float:
         s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
-        if s.name == "vllm:e2e_request_latency_seconds_count"
+        if s.name == name
     )
+
+
+def generations(worker: str) -> float:
+    """Generations the worker has started."""
+    return worker_metric(worker, "vllm:e2e_request_latency_seconds_count")
+
+
+def tokens(workers: list[str]) -> float:
+    """Tokens the workers have generated."""
+    return sum(worker_metric(w, "vllm:generation_tokens_total") for w in workers)
 
 
 def test_seeds_for_more_choices_wrap_within_the_range():
@@ -123,14 +133,17 @@ def test_a_request_that_fails_fast_stops_its_other_generations(own_tiny_fleet):
     fleet = own_tiny_fleet
     workers = sorted(fleet.workers)
     client = fleet.client()
-    long = {"max_tokens": 600, "extra_body": {"ignore_eos": True}}
-    with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="tiny", prompt=[[10**8], *[[1, 2, 3]] * 15], **long)
-    assert wait_until(lambda: sum(map(in_flight, workers)) == 0, 3), "generations ran on"
-    # The refused prompt last: the error is still its 400, not a sibling's cancellation.
-    with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="tiny", prompt=[*[[1, 2, 3]] * 3, [10**8]], **long)
-    assert wait_until(lambda: sum(map(in_flight, workers)) == 0, 3), "generations ran on"
+    long = {"max_tokens": 1000, "extra_body": {"ignore_eos": True}}
+    for prompts in ([[10**8], *[[1, 2, 3]] * 15], [*[[1, 2, 3]] * 3, [10**8]]):
+        # The refused prompt first, then last: the error is still its 400, not a sibling's
+        # cancellation.
+        before = tokens(workers)
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="tiny", prompt=prompts, **long)
+        assert wait_until(lambda: sum(map(in_flight, workers)) == 0, 10), "generations ran on"
+        # Stopped, not finished: far fewer tokens than the others' 1,000 each.
+        made = tokens(workers) - before
+        assert made < 500 * (len(prompts) - 1), made
     answer = client.chat.completions.create(
         model="tiny", messages=QUESTION, n=2, seed=SEED_RANGE[1], max_tokens=4
     )
