@@ -344,6 +344,12 @@ def test_an_admin_forgets_an_address_and_heartbeats_name_it_any_way(fleet):
     assert fleet.worker_states() == []
     r = httpx.post(f"{fleet.url}/admin/forget-worker", json=forget, headers=headers)
     assert r.status_code == 404
+    # An address that is no address names no worker: 404 everywhere, never a server error.
+    for route in ("/workers/heartbeat", "/workers/drain", "/admin/forget-worker"):
+        nonsense = {"address": "not an address", "worker_id": "owner-0001"}
+        r = httpx.post(f"{fleet.url}{route}", json=nonsense, headers=headers)
+        assert r.status_code == 404, (route, r.text)
+    assert httpx.get(f"{fleet.url}/health").status_code == 200
 
 
 def test_a_model_is_served_while_a_registered_worker_names_it():

@@ -107,8 +107,11 @@ class LocalFleet:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def start_controller(self, *extra: str, env: dict[str, str] | None = None) -> Proc:
-        """The controller, with the fleet secret (and anything in `env`) in its environment."""
+    def start_controller(
+        self, *extra: str, env: dict[str, str] | None = None, python: str = sys.executable
+    ) -> Proc:
+        """The controller, with the fleet secret (and anything in `env`) in its environment;
+        `python`: the interpreter (a wrapper that sets limits first, say)."""
         args = [
             "vicuna_sky.serve.controller",
             "--port",
@@ -123,7 +126,7 @@ class LocalFleet:
             env[FLEET_TLS_ENV] = self.tls_pem
         if self.client_tls:
             env[CLIENT_TLS_ENV] = self.tls_pem
-        self.controller = Proc(args, self.workdir / "controller.log", env)
+        self.controller = Proc(args, self.workdir / "controller.log", env, python)
         self.procs.append(self.controller)
         self.wait_http(f"{self.url}/v1/models", proc=self.controller, verify=self.verify)
         return self.controller
