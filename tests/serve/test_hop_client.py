@@ -5,6 +5,7 @@ what it refuses."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ssl
 from collections.abc import Callable
@@ -149,12 +150,20 @@ def test_a_body_ended_by_the_close_is_whole():
 
 def test_a_forgotten_worker_keeps_nothing():
     async def test() -> None:
-        async with Server(ok) as server:
+        async with Server(ok) as a, Server(ok) as b, Server(ok) as c:
             client = HopClient("")
-            async with await client.post(server.address, "/x", b"{}", whole=True):
-                pass
-            client.forget(server.address)
-            await asyncio.wait_for(server.closed.wait(), 5)  # its kept connection is closed
+            low, middle, high = sorted((a, b, c), key=lambda server: server.address)
+            for server in (low, middle, high):
+                async with await client.post(server.address, "/x", b"{}", whole=True):
+                    pass
+            # The address as the registry spells it: equal, not the same string.
+            client.forget(middle.address[:7] + middle.address[7:])
+            await asyncio.wait_for(middle.closed.wait(), 5)  # its kept connection is closed
+            kept = sorted(key[0] for key in client._idle)
+            assert kept == [low.address, high.address]  # the others' are kept
+            assert not low.closed.is_set() and not high.closed.is_set()
+            client.forget(low.address)
+            client.forget(high.address)
             assert client._idle == {} and client._heads == {}
 
     run(test)
@@ -318,10 +327,51 @@ def test_the_limit_counts_the_headers_too(monkeypatch):
         async with Server(lambda _: huge) as server:
             with pytest.raises(HopError, match="over 4096 bytes"):
                 await HopClient("").post(server.address, "/x", b"{}", whole=True)
+
+        # A header without end: refused while it comes, not once it has ended (it never does).
+        async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nX-Pad: ")
+            with contextlib.suppress(ConnectionError):
+                while True:
+                    writer.write(b"a" * 65536)
+                    await writer.drain()
+
+        server = await asyncio.start_server(endless, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(HopError, match="over 4096 bytes"):
+            ask = HopClient("").post(f"http://127.0.0.1:{port}", "/x", b"{}", whole=True)
+            await asyncio.wait_for(ask, 10)
+        server.close()
         small = b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 2048 + b"\r\nContent-Length: 2\r\n\r\n{}"
         async with Server(lambda _: small) as server:
             answer = await HopClient("").post(server.address, "/x", b"{}", whole=True)
             assert await answer.read() == b"{}"
+
+        # Headers and the start of a body in one read, the rest later: the body is counted
+        # once, as a body (4,000 bytes, under the limit with its headers read apart). And
+        # headers under the limit that come in two reads are no answer over it.
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 4000\r\n\r\n"
+        padded = b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 3000 + b"\r\nContent-Length: 2\r\n\r\n"
+        for pieces, body in (
+            ([head + b"x" * 2000, b"x" * 2000], b"x" * 4000),
+            ([padded[:1500], padded[1500:] + b"{}"], b"{}"),
+        ):
+
+            async def in_pieces(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                await reader.readuntil(b"\r\n\r\n")
+                for piece in pieces:  # noqa: B023 (used before the loop moves on)
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0.2)
+                await reader.read()
+
+            server = await asyncio.start_server(in_pieces, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            ask = HopClient("").post(f"http://127.0.0.1:{port}", "/x", b"{}", whole=True)
+            async with await ask as answer:
+                assert await answer.read() == body
+            server.close()
 
     run(test)
 

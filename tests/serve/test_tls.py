@@ -153,6 +153,8 @@ def run_module(module: str, *args: str, env: dict[str, str] | None = None):
     "module, args, said",
     [
         ("controller", ["--fleet-port", "1", "--port", "1"], FLEET_TLS_ENV),
+        ("controller", ["--client-tls-file", "/nonexistent.pem", "--port", "1"], "cannot read"),
+        ("controller", ["--tls-file", "/proc", "--fleet-port", "1", "--port", "1"], "cannot read"),
         ("worker", ["--controller-url", "https://127.0.0.1:1"], "--controller-fingerprint"),
         ("worker", ["--controller-url", "https://x:1", "--controller-fingerprint", "zz"], "SHA"),
         ("worker", ["--host", "0.0.0.0", "--controller-url", "http://x:1"], "https"),
