@@ -375,9 +375,26 @@ def changed_lines(base: str) -> dict[str, list[str]]:
     return found
 
 
+# Files whose mirror tests little of them: the tests that do (each mutant runs them all, first
+# failure first, so the quick ones lead).
+TESTS_OF = {
+    "src/vicuna_sky/serve/controller.py": [
+        "tests/serve/test_controller.py",
+        "tests/serve/test_registry.py",
+        "tests/serve/test_http_server.py",
+        "tests/serve/test_auth.py",
+        "tests/serve/test_tls.py",
+        "-k",
+        "not pins_each and not abandoned",
+    ],
+}
+
+
 def tests_for(path: str) -> list[str] | None:
-    """The tests MODULES names for `path`, else its mirror, else the test files of its package's
-    folder that import it (never a whole folder: minutes a mutant)."""
+    """The tests TESTS_OF or MODULES names for `path`, else its mirror, else the test files of
+    its package's folder that import it (never a whole folder: minutes a mutant)."""
+    if path in TESTS_OF:
+        return TESTS_OF[path]
     for module in MODULES.values():
         if module.path == path:
             return module.tests
