@@ -245,14 +245,15 @@ def test_request_headers_past_the_limit_are_431(fleet):
     # Sent without end: refused (and closed) long before the 20 MiB are in.
     import socket
 
-    with socket.create_connection(("127.0.0.1", fleet.port)) as s:
+    with socket.create_connection(("127.0.0.1", fleet.port), timeout=30) as s:
         s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: ")
         sent = 0
-        with pytest.raises(OSError):
+        # The server hangs up: a reset or a broken pipe, not a full buffer that times out (how
+        # much goes out first is the kernel's buffers': up to several MiB on loopback).
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):
             while sent < 20 * 2**20:
                 s.sendall(b"a" * 65536)
                 sent += 65536
-        assert sent < 4 * 2**20
     small = b"X-Pad: " + b"a" * (MAX_HEADER_BYTES // 2)
     request = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n" + small + b"\r\n\r\n"
     assert raw_exchange(fleet.port, request, until=b"]}").startswith(b"HTTP/1.1 200")
