@@ -1,6 +1,7 @@
 """A real fleet on loopback (vicuna_sky.serve.local_fleet): controller and worker processes."""
 
 import http.server
+import socket
 import threading
 from pathlib import Path
 
@@ -123,3 +124,15 @@ class CannedWorker:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def closed_within(s: socket.socket, seconds: float) -> bool:
+    """Whether the server hung up on `s` within `seconds`: an end of stream, or a reset where
+    the server closed with bytes it never read (both free the descriptor)."""
+    s.settimeout(seconds)
+    try:
+        return s.recv(10) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False

@@ -19,7 +19,7 @@ from vicuna_sky.serve.connections import ConnectionBudget
 from vicuna_sky.serve.http_server import HEADER_TIMEOUT_ENV
 from vicuna_sky.serve.local_fleet import LocalFleet
 
-from .conftest import QUESTION, SECRET
+from .conftest import QUESTION, SECRET, closed_within
 
 
 class Conn:
@@ -151,12 +151,12 @@ def test_a_silent_socket_is_closed_at_the_handshake_deadline_and_one_address_is_
         fleet.start_controller(env={HEADER_TIMEOUT_ENV: "1"})
         silent = from_address(2, fleet.fleet_port)
         started = time.monotonic()
-        assert silent.recv(10) == b""  # closed, no ClientHello ever sent
+        assert closed_within(silent, 4)  # closed, no ClientHello ever sent
         assert time.monotonic() - started < 4
         silent.close()
         mine = [from_address(3, fleet.fleet_port) for _ in range(32)]
         extra = from_address(3, fleet.fleet_port)
-        assert extra.recv(10) == b""  # the 33rd from one address: closed at once
+        assert closed_within(extra, 4)  # the 33rd from one address: closed at once
         assert time.monotonic() - started < 8
         for s in [*mine, extra]:
             s.close()
@@ -346,16 +346,6 @@ class TlsPort:
         from vicuna_sky.serve.tls import trusting
 
         return httpx.get(f"https://127.0.0.1:{self.port}/", verify=trusting(self.pem)).text
-
-
-def closed_within(s: socket.socket, seconds: float) -> bool:
-    s.settimeout(seconds)
-    try:
-        return s.recv(10) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
 
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
