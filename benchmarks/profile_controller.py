@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 from serve_throughput import BODY, load  # noqa: E402
 
-from vicuna_sky.launch.procs import free_port  # noqa: E402
+from vicuna_sky.ports import free_port  # noqa: E402
 from vicuna_sky.serve.auth import MAX_BODY_BYTES  # noqa: E402
 from vicuna_sky.serve.controller import Controller, create_app  # noqa: E402
 from vicuna_sky.serve.http_server import server_config  # noqa: E402

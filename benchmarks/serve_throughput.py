@@ -36,7 +36,7 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
-from vicuna_sky.launch.procs import free_port  # noqa: E402
+from vicuna_sky.ports import free_port  # noqa: E402
 from vicuna_sky.serve.local_fleet import LocalFleet  # noqa: E402
 
 FASTCHAT_PY = HERE / ".venv-fastchat" / "bin" / "python"

@@ -10,8 +10,9 @@ step = checkpoints.restore_latest(Path("resume"))   # newest committed and verif
 """
 
 from checkpoints_sync.checkpoints import Checkpoints, CorruptCheckpoint
+from checkpoints_sync.factory import open_store
 from checkpoints_sync.manifest import Manifest
-from checkpoints_sync.store import NotFound, ObjectInfo, Store, StoreError, open_store
+from checkpoints_sync.store import NotFound, ObjectInfo, Store, StoreError
 from checkpoints_sync.uploader import AsyncUploader, UploadResult
 
 __all__ = [

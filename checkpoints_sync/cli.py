@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import NoReturn
 
 from checkpoints_sync.checkpoints import Checkpoints, parse_step, step_dir
+from checkpoints_sync.factory import open_store
 from checkpoints_sync.local import LocalStore
 from checkpoints_sync.manifest import NAME as MANIFEST
 from checkpoints_sync.manifest import InvalidManifest, local_files
-from checkpoints_sync.store import StoreError, open_store
+from checkpoints_sync.store import StoreError
 from checkpoints_sync.uploader import AsyncUploader
 
 log = logging.getLogger("checkpoints_sync")

@@ -92,7 +92,7 @@ BIN = Path(sys.executable).parent
 
 # Imported after HOME is set above: the project's helpers pull in nothing that reads it early.
 from vicuna_sky.launch.loopback import stay_on_loopback  # noqa: E402
-from vicuna_sky.launch.procs import free_port, wait_for_port  # noqa: E402
+from vicuna_sky.ports import free_port, wait_for_port  # noqa: E402
 
 # STS (SkyPilot's AWS catalog asks it who the caller is), every other AWS service, the GCE
 # metadata server and the hub: a closed loopback port. The storage fixtures below set their

@@ -111,7 +111,8 @@ def stage_train(ctx: Context) -> str:
     the relaunch (a fresh directory, another "zone") resumes from the bucket."""
     from checkpoints_sync import Checkpoints, open_store
     from vicuna_sky.launch.local import LocalRunner
-    from vicuna_sky.launch.runner import fetch_export, fresh_tag
+    from vicuna_sky.launch.local_backend import fetch_export
+    from vicuna_sky.launch.runner import fresh_tag
 
     # A fresh RUN_TAG: the demo shows a run from step 0, not a resume of an earlier demo's.
     overrides = {"MODEL_PATH": ctx.outputs["model"], "RUN_TAG": fresh_tag(), **ctx.data_envs}

@@ -16,12 +16,12 @@ import pytest
 from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.launch import cloud, runner, serve_fleet
 from vicuna_sky.launch.fleet_state import FleetState
-from vicuna_sky.launch.procs import free_port
 from vicuna_sky.launch.tasks import (
     Spec,
     SpecError,
     load_task,
 )
+from vicuna_sky.ports import free_port
 from vicuna_sky.recipe import Recipe
 from vicuna_sky.serve import address
 from vicuna_sky.serve.local_fleet import LocalFleet

@@ -1,49 +1,16 @@
-"""Processes and ports on this machine (launch/procs.py), with real processes and sockets."""
+"""Processes on this machine (launch/procs.py), with real processes."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from vicuna_sky.errors import VicunaSkyError
-from vicuna_sky.launch.procs import free_port, signal_name, signal_tree, started, wait_for_port
-
-
-def test_a_free_port_can_be_listened_on_and_is_waited_for():
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port, server, timeout=30)
-        with socket.create_connection(("127.0.0.1", port), timeout=5):
-            pass
-    finally:
-        server.kill()
-        server.wait()
-
-
-def test_waiting_ends_when_the_server_exits_or_never_listens():
-    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
-    dead.wait()
-    with pytest.raises(VicunaSkyError, match="local server exited with 3"):
-        wait_for_port(free_port(), dead)
-    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        port = free_port()
-        with pytest.raises(VicunaSkyError, match=f"nothing listens on 127.0.0.1:{port}"):
-            wait_for_port(port, idle, timeout=0.3)
-    finally:
-        idle.kill()
-        idle.wait()
+from vicuna_sky.launch.procs import signal_name, signal_tree, started
 
 
 def test_a_signal_reaches_grandchildren_in_sessions_of_their_own():

@@ -153,7 +153,7 @@ def test_built_in_model_names_resolve_in_every_model_env(tmp_path):
     baseline: the local backend makes each once under RUNS/models and points the task at the
     directory (the eval used to look for `smollm2-135m` in the bucket, then on the hub)."""
     from vicuna_sky.launch.local import LocalConfig
-    from vicuna_sky.launch.runner import builtin_models
+    from vicuna_sky.launch.local_backend import builtin_models
 
     raw = yaml.safe_load((ROOT / "recipes" / "smollm2-cpu.yaml").read_text())
     raw["model"]["path"] = raw["eval"]["baseline_path"] = "tiny-llama"

@@ -148,16 +148,17 @@ def test_a_flood_of_the_fleet_port_never_evicts_a_worker(tmp_path):
 
 def test_a_silent_socket_is_closed_at_the_handshake_deadline_and_one_address_is_capped(tmp_path):
     with LocalFleet(tmp_path, SECRET, tls=True) as fleet:
-        fleet.start_controller(env={HEADER_TIMEOUT_ENV: "1"})
+        fleet.start_controller(env={HEADER_TIMEOUT_ENV: "2"})
         silent = from_address(2, fleet.fleet_port)
         started = time.monotonic()
-        assert closed_within(silent, 4)  # closed, no ClientHello ever sent
-        assert time.monotonic() - started < 4
+        assert closed_within(silent, 5)  # closed, no ClientHello ever sent
+        assert time.monotonic() - started < 5
         silent.close()
-        mine = [from_address(3, fleet.fleet_port) for _ in range(32)]
+        mine = [from_address(3, fleet.fleet_port) for _ in range(32)]  # the documented share
         extra = from_address(3, fleet.fleet_port)
-        assert closed_within(extra, 4)  # the 33rd from one address: closed at once
-        assert time.monotonic() - started < 8
+        # The one past the share from one address: closed at once, well inside the 2 s the
+        # handshake deadline would have given it.
+        assert closed_within(extra, 1)
         for s in [*mine, extra]:
             s.close()
         log = fleet.controller.log.read_text()

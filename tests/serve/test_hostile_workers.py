@@ -22,8 +22,8 @@ def test_a_generation_that_raises_ends_its_request_and_frees_the_slot(tiny_chat_
     import asyncio
 
     from vicuna_sky.serve.backends.hf import HFBackend
+    from vicuna_sky.serve.model_worker import GenerationFailed, Worker
     from vicuna_sky.serve.protocol import ChatMessage, GenerateRequest, Registration
-    from vicuna_sky.serve.worker import GenerationFailed, Worker
 
     backend = HFBackend(str(tiny_chat_model))
 

@@ -286,3 +286,53 @@ def test_a_pipelined_request_keeps_its_answer_past_the_header_deadline(fleet):
     )
     assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1 200") == 2
     assert b"data: [DONE]" in answer
+
+
+def test_a_prompt_route_answers_post_only(fleet):
+    """The fast path takes POSTs alone: any other method on a prompt route is FastAPI's 405,
+    with no generation run and no body read."""
+    fleet.start_controller()
+    fleet.wait_workers({fleet.start_worker("echo", "echo", "echo")})
+    for method in (b"GET", b"PUT", b"DELETE"):
+        request = post("/v1/chat/completions", CHAT, JSON).replace(b"POST", method, 1)
+        answer = raw_exchange(fleet.port, request, until=b"}")
+        assert answer.startswith(b"HTTP/1.1 405"), (method, answer[:200])
+        assert b"echo: hi" not in answer
+
+
+def test_pipelined_requests_over_the_head_limit_in_one_read_are_each_answered(fleet):
+    """Only a head counts toward MAX_HEADER_BYTES: hundreds of small requests pipelined in one
+    write (each read holding whole requests, far over the limit together) are all answered."""
+    from vicuna_sky.serve.http_server import MAX_HEADER_BYTES
+
+    fleet.start_controller()
+    one = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 100 + b"\r\n\r\n"
+    count = 4 * MAX_HEADER_BYTES // len(one)
+    last = one.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")  # then it hangs up
+    answer = raw_exchange(fleet.port, one * (count - 1) + last, timeout=30)
+    assert answer.count(b"HTTP/1.1 200") == count and b"431" not in answer, answer[-300:]
+
+
+def test_a_connection_torn_down_is_one_line_in_the_log_and_other_errors_keep_their_report(caplog):
+    """Under load thousands of connections end mid-TLS or mid-write: each is one info line, not
+    the event loop's error report; anything else still reaches the loop's default handler."""
+    import logging
+    import ssl
+
+    from vicuna_sky.serve.http_server import _quiet_connection_errors
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.call_exception_handler({"message": "peer went", "exception": ConnectionResetError()})
+        loop.call_exception_handler({"message": "handshake", "exception": ssl.SSLError()})
+        loop.call_exception_handler({"message": "SSL error in data received"})
+        loop.call_exception_handler({"message": "a bug", "exception": ValueError("mine")})
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(_quiet_connection_errors(main()))
+    quiet = [r for r in caplog.records if r.name == "vicuna_sky.serve"]
+    assert [r.levelno for r in quiet] == [logging.INFO] * 3
+    assert "peer went" in quiet[0].getMessage() and "handshake" in quiet[1].getMessage()
+    loud = [r for r in caplog.records if r.name == "asyncio"]
+    assert len(loud) == 1 and "a bug" in loud[0].getMessage(), [r.getMessage() for r in loud]
+    assert not any("exception handler" in r.getMessage() for r in caplog.records)

@@ -203,7 +203,7 @@ def test_the_client_port_and_the_chat_ui_are_https_off_loopback(tmp_path):
     certificate, get nothing."""
     import openai
 
-    from vicuna_sky.launch.procs import free_port
+    from vicuna_sky.ports import free_port
     from vicuna_sky.serve.auth import API_KEYS_ENV
     from vicuna_sky.serve.local_fleet import Proc
     from vicuna_sky.serve.tls import trusting
@@ -276,7 +276,7 @@ def test_servers_off_loopback_without_a_certificate_do_not_start():
 
 def test_behind_a_tls_proxy_the_client_port_is_plain_http(tmp_path):
     """SkyServe's load balancer ends TLS (service.tls) and reaches replicas over http only."""
-    from vicuna_sky.launch.procs import free_port
+    from vicuna_sky.ports import free_port
     from vicuna_sky.serve.auth import API_KEYS_ENV
     from vicuna_sky.serve.local_fleet import Proc
 

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from vicuna_sky.launch.procs import free_port
+from vicuna_sky.ports import free_port
 from vicuna_sky.serve.local_fleet import LocalFleet, Proc
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

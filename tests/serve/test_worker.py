@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from vicuna_sky.launch.metadata_server import MetadataServer
+from vicuna_sky.serve.model_worker import GenerationFailed, Worker
 from vicuna_sky.serve.protocol import GenerateRequest, Registration
-from vicuna_sky.serve.worker import GenerationFailed, Worker
 
 from .conftest import SECRET
 

@@ -261,8 +261,6 @@ def logs(
     runs_dir: Path,
 ) -> None:
     """Show the logs of a job, cluster or service."""
-    from vicuna_sky.launch import report
-
     if metrics:
         from vicuna_sky.launch import live
 
@@ -271,15 +269,10 @@ def logs(
 
     if (run_id or follow) and not local:
         raise click.UsageError("--run and --follow are for local runs (--local)")
-    report.show_logs(
-        name,
-        kind=kind,
-        local=local,
-        runs_dir=runs_dir,
-        replica=replica,
-        run_id=run_id,
-        follow=follow,
-    )
+    from vicuna_sky.launch.runner import choose_backend
+
+    backend = choose_backend(local, runs_dir)
+    backend.logs(name, kind, replica=replica, run_id=run_id, follow=follow)
 
 
 @app.command()
@@ -299,18 +292,15 @@ def logs(
 @RUNS_DIR
 def down(name: str, kind: str, local: bool, runs_dir: Path) -> None:
     """Cancel a managed job, tear down a cluster, take a service or a fleet down."""
-    if local:
-        from vicuna_sky.launch.runner import stop_local
+    from vicuna_sky.launch.runner import choose_backend
 
-        gone = stop_local(name, runs_dir)
+    gone = choose_backend(local, runs_dir).down(name, kind)
+    if local:
         console.print(
             f"stopped: {', '.join(gone)}" if gone else f"no local run named {name} is in progress"
         )
-        return
-    from vicuna_sky.launch import cloud
-
-    gone = cloud.down(name, kind)
-    console.print(f"taken down: {', '.join(gone)}" if gone else f"nothing named {name} is up")
+    else:
+        console.print(f"taken down: {', '.join(gone)}" if gone else f"nothing named {name} is up")
 
 
 @app.group()

@@ -120,11 +120,15 @@ class Chaos:
         self.workdir = Path(config.workdir).resolve()
 
     def _task(self, run_name: str, local: LocalConfig) -> object:
-        from vicuna_sky.launch.runner import builtin_models, push_local_data
+        from vicuna_sky.launch.local_backend import builtin_models
+        from vicuna_sky.launch.runner import push_local_data
 
         task = load_task(Spec.TRAIN, self.recipe, {**self.overrides, "RUN_NAME": run_name})
         # The recipe's data as any launch uploads it (by content: both runs read one object).
-        push_local_data(self.recipe, task, local, dryrun=False, overrides=self.overrides)
+        bucket = str(local.bucket_dir(self.recipe.bucket))
+        push_local_data(
+            self.recipe, task, bucket, Path(local.runs_dir), dryrun=False, overrides=self.overrides
+        )
         builtin_models(task, local)  # both runs train the same model directory
         task.name = run_name
         return task

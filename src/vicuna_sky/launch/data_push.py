@@ -61,7 +61,7 @@ def check_format(path: Path) -> int:
 def push(path: Path, bucket: str, dry_run: bool = False) -> Pushed:
     """Upload `path` to the bucket at URL or directory `bucket` under its content key, unless
     that key is there already. `dry_run`: only say what would happen."""
-    from checkpoints_sync.store import open_store
+    from checkpoints_sync.factory import open_store
 
     key = content_key(path)
     size = path.stat().st_size

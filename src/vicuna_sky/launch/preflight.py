@@ -134,7 +134,7 @@ def check_bucket(bucket: str) -> Finding:
     """Write a probe object and delete it again."""
     import tempfile
 
-    from checkpoints_sync.store import open_store
+    from checkpoints_sync.factory import open_store
 
     key = f".vicuna-sky-preflight/{uuid.uuid4().hex}"
     try:
@@ -155,7 +155,7 @@ def check_bucket(bucket: str) -> Finding:
 
 
 def check_data(bucket: str, data_path: str) -> Finding:
-    from checkpoints_sync.store import open_store
+    from checkpoints_sync.factory import open_store
 
     if Path(data_path).is_absolute():
         ok = Path(data_path).is_file()
@@ -174,15 +174,27 @@ def check_data(bucket: str, data_path: str) -> Finding:
     return Finding("data", True, f"data: {bucket.rstrip('/')}/{data_path}")
 
 
+NOTHING, BUCKET, UPLOADED = "nothing", "the bucket", "the uploaded data"
+NEEDS = {
+    "clouds": NOTHING,
+    "memory": NOTHING,
+    "hf-token": NOTHING,
+    "bucket": BUCKET,
+    "data": UPLOADED,
+}
+"""What each check needs before it can run: the launch asks for the checks of one need at a
+time, as it comes to have it (the bucket is known, then the data is in it)."""
+
+
 def run(
     recipe: Recipe,
     task: object,
     bucket: str,
     skip: set[str] | tuple[str, ...] = (),
-    only: tuple[str, ...] = CHECKS,
+    needs: str | None = None,
 ) -> list[Finding]:
-    """The checks in `only` that are not skipped, in CHECKS order; `bucket` is the URL (or
-    local folder) to check."""
+    """The checks that need `needs` (every check when None) and are not skipped, cheapest
+    first; `bucket` is the URL (or local folder) to check."""
     unknown = set(skip) - set(CHECKS)
     if unknown:
         raise VicunaSkyError(
@@ -195,9 +207,9 @@ def run(
         "hf-token": lambda: check_hf_token(recipe, task),
         "memory": lambda: check_memory(recipe),
     }
-    # Cheapest first; data needs the bucket.
     order = ("clouds", "memory", "hf-token", "bucket", "data")
-    return [checks[c]() for c in order if c in only and c not in skip]
+    wanted = [c for c in order if needs in (None, NEEDS[c]) and c not in skip]
+    return [checks[c]() for c in wanted]
 
 
 def refuse(findings: list[Finding]) -> None:

@@ -148,21 +148,8 @@ def _cost_cell(job: jobs.LocalJob) -> str:
     )
 
 
-def show_logs(
-    name: str,
-    kind: str,
-    local: bool,
-    runs_dir: Path,
-    replica: int | None = None,
-    run_id: str | None = None,
-    follow: bool = False,
-) -> None:
-    if not local:
-        from vicuna_sky.launch import cloud
-
-        cloud.logs(name, kind, replica=replica)
-        return
-    job = jobs.find_job(runs_dir, name, run_id)
+def show_local_logs(job: jobs.LocalJob, follow: bool = False) -> None:
+    """A local run's newest attempt's logs; with `follow`, as they grow until it ends."""
     if follow:
         _follow(job)
         return

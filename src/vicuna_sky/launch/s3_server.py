@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from vicuna_sky.errors import VicunaSkyError
-from vicuna_sky.launch.procs import free_port, wait_for_port
+from vicuna_sky.ports import free_port, wait_for_port
 
 # Dummy credentials for the local server; boto3 must never look for an instance role.
 LOCAL_AWS_ENV = {

@@ -19,6 +19,7 @@ import orjson
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from vicuna_sky.serve.cancel import took_back
 from vicuna_sky.serve.protocol import SEED_RANGE, GenerateRequest, SamplingParams
 from vicuna_sky.serve.structured import AnswerShape, tool_calls
 
@@ -61,13 +62,6 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         raise
     finally:
         watcher.cancel()
-
-
-def took_back(task: asyncio.Task) -> bool:
-    """Take back a cancellation of `task` made to interrupt it (not to end it): False when it was
-    cancelled for another reason as well (counted from Python 3.11, then re-raised)."""
-    uncancel = getattr(task, "uncancel", None)  # Python 3.10 nodes have no count to undo
-    return uncancel is None or uncancel() == 0
 
 
 async def _disconnect(request: Request) -> None:

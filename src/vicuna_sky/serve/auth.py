@@ -16,7 +16,7 @@ from pathlib import Path
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from vicuna_sky.serve.answers import took_back
+from vicuna_sky.serve.cancel import took_back
 
 FLEET_SECRET_ENV = "VICUNA_SKY_FLEET_SECRET"
 """Between the controller and its workers (registration, heartbeats, generation)."""

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import orjson
 
-from vicuna_sky.serve.answers import took_back
+from vicuna_sky.serve.cancel import took_back
 from vicuna_sky.serve.hop_client import HopClient, HopError
 from vicuna_sky.serve.metrics import FleetMetrics
 from vicuna_sky.serve.protocol import ApiError, EmbeddingRequest, GenerateRequest

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from vicuna_sky.launch.procs import free_port
+from vicuna_sky.ports import free_port
 from vicuna_sky.serve.auth import FLEET_SECRET_ENV
 from vicuna_sky.serve.tls import (
     CLIENT_TLS_ENV,

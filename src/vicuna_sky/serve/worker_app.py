@@ -21,8 +21,8 @@ from vicuna_sky.serve.http_server import (
     dependency,
     json_post,
 )
+from vicuna_sky.serve.model_worker import GenerationFailed, Worker
 from vicuna_sky.serve.protocol import ApiError, GenerateRequest
-from vicuna_sky.serve.worker import GenerationFailed, Worker
 
 
 def _embeddable(x: object) -> bool:

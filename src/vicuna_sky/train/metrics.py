@@ -157,7 +157,7 @@ class MetricsLog:
             return
 
         def put() -> None:
-            from checkpoints_sync.store import open_store
+            from checkpoints_sync.factory import open_store
 
             self._store = self._store or open_store(self.url)
             if self.path and self.path.exists():
@@ -186,7 +186,7 @@ class MetricsLog:
         if not self.url:
             return
         try:
-            from checkpoints_sync.store import open_store
+            from checkpoints_sync.factory import open_store
 
             self._store = self._store or open_store(self.url)
             self._store.put_file(path, key)
@@ -266,7 +266,7 @@ def parse_lines(text: str) -> list[dict]:
 
 def history(url: str) -> History:
     """Every attempt's records under a run's checkpoint URL (bucket or local directory)."""
-    from checkpoints_sync.store import open_store
+    from checkpoints_sync.factory import open_store
 
     store = open_store(url)
     keys = sorted(o.key for o in store.list(METRICS_PREFIX) if o.key.endswith(".jsonl"))

@@ -50,7 +50,8 @@ def is_hub_id(model_path: str) -> bool:
 def fetch(model_id: str, bucket: str, into: Path, revision: str = "main") -> tuple[Path, str]:
     """The model in a local directory under `into`, and where it came from ("bucket" or
     "hub, then cached")."""
-    from checkpoints_sync.store import NotFound, open_store
+    from checkpoints_sync.factory import open_store
+    from checkpoints_sync.store import NotFound
 
     store = open_store(bucket)
     prefix = cache_prefix(model_id, revision)

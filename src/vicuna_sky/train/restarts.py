@@ -19,7 +19,7 @@ from pathlib import Path
 
 def restart_allowed(url: str, limit: int) -> tuple[bool, int]:
     """(allowed, restarts used before this one); an allowed restart is recorded."""
-    from checkpoints_sync.store import open_store
+    from checkpoints_sync.factory import open_store
 
     store = open_store(url)
     used = len(store.list("restarts/"))
