@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint env browser clean mutation mutation-changed
+.PHONY: demo test lint env browser clean docs mutation mutation-changed
 
 env: $(STAMP) browser
 
@@ -51,8 +51,15 @@ TEST_WORKERS ?= 2
 test: lint
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
+# The documentation site (docs/, built by zensical from mkdocs.yml) into runs/site; the
+# reference pages are generated from the code first (every command's options, every recipe
+# key). A warning (a broken link, a page outside the nav) fails the build.
+docs: $(STAMP)
+	$(BIN)/python docs/make_reference.py docs/reference
+	$(BIN)/zensical build --strict --config-file mkdocs.yml
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache docs/reference
 
 # Mutation score of the modules that guard access and data (issue #30): cosmic-ray mutates each
 # one on disk, a mutant at a time, and runs only that module's tests (tests/mutation.py says

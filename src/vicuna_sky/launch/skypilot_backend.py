@@ -61,7 +61,7 @@ class SkyPilotBackend:
             sha, crt = cloud.service_tls(launch.task, launch.name)
             console.print(
                 f"endpoint TLS: certificate SHA-256 {sha}, in {crt} (clients trust that "
-                "certificate alone: README, 'Calling the fleet over TLS')"
+                "certificate alone: docs/serving.md, 'Calling the fleet over TLS')"
             )
         cloud.launch(launch.spec, launch.task, launch.name)
 
@@ -82,7 +82,7 @@ class SkyPilotBackend:
         else:
             console.print(
                 f"its certificate: SHA-256 {fleet.fingerprint}, in {fleet.certificate} (clients "
-                "trust that certificate alone: README, 'Calling the fleet over TLS')"
+                "trust that certificate alone: docs/serving.md, 'Calling the fleet over TLS')"
             )
         for what, jobs_ in (
             ("worker job(s) launched", fleet.launched),

@@ -400,7 +400,8 @@ class HeaderDeadline:
                              code="request_header_fields_too_large")  # fmt: skip
             body = orjson.dumps(error.body())
             transport.write(
-                b"HTTP/1.1 %d Request Header Fields Too Large\r\n" % error.status
+                b"HTTP/1.1 %d Request Header Fields Too Large\r\n"
+                % error.status
                 + b"content-type: application/json\r\nconnection: close\r\n"
                 b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
             )
