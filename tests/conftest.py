@@ -229,7 +229,7 @@ LONGEST_FIRST = (
     "tests/launch/test_chaos.py",
     "tests/serve/test_hostile_input.py",
     "tests/serve/test_hostile_workers.py",
-    "tests/test_gguf_export.py",
+    "tests/gguf/test_export.py",
     "tests/launch/test_local.py",
     "tests/train/test_attention.py",
     "tests/test_outputs_never_inputs.py",

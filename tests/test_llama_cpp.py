@@ -29,7 +29,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from vicuna_sky.gguf_export import TYPES, export_gguf
+from vicuna_sky.gguf.export import TYPES, export_gguf
 from vicuna_sky.models import SMOLLM2, build, smollm2_gguf
 from vicuna_sky.tiny import build_tiny_llama
 

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vicuna_sky.errors import VicunaSkyError
-from vicuna_sky.gguf_vocab import CHECK_TEXT, identify
+from vicuna_sky.gguf.vocab import CHECK_TEXT, identify
 from vicuna_sky.models import SMOLLM2, STAMP, build, resolve_model_path, smollm2_gguf
 
 TEXTS = [
@@ -31,7 +31,7 @@ LLAMA_CPP_SMOLLM_HASH = "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef05
 def converted(tmp_path_factory):
     """(the GGUF-loaded model, its tokenizer, the converted directory). The directory is made
     by `build` over one an earlier version made (no stamp, old files), which it replaces."""
-    from vicuna_sky.gguf_import import load_gguf
+    from vicuna_sky.gguf.load import load_gguf
 
     model, tokenizer = load_gguf(smollm2_gguf())
     out = tmp_path_factory.mktemp("models") / SMOLLM2

@@ -300,7 +300,7 @@ def stage_gguf(ctx: Context) -> str:
     """The fine-tuned model as one q8_0 GGUF file, the format llama.cpp runs on a laptop."""
     import json
 
-    from vicuna_sky.gguf_export import export_gguf
+    from vicuna_sky.gguf.export import export_gguf
 
     out = ctx.workdir / "gguf"
     out.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ def smollm2_gguf() -> Path:
 
 SMOLLM2_VERSION = "2"
 """How SmolLM2 is made; a directory made another way is made again. 2: its tokenizer splits
-digits as the original does (gguf_import); version 1 directories, which have no stamp, did not."""
+digits as the original does (gguf.load); version 1 directories, which have no stamp, did not."""
 STAMP = ".vicuna-sky-builtin"
 
 
@@ -61,7 +61,7 @@ def build(name: str, out_dir: Path) -> Path:
         from vicuna_sky.tiny import build_tiny_llama
 
         return build_tiny_llama(out_dir)
-    from vicuna_sky.gguf_import import gguf_to_safetensors
+    from vicuna_sky.gguf.load import gguf_to_safetensors
 
     return gguf_to_safetensors(smollm2_gguf(), out_dir, {STAMP: SMOLLM2_VERSION})
 

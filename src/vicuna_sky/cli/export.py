@@ -38,7 +38,7 @@ def export_gguf(
     model_dir: Path, out: Path, out_type: str, metadata: Path | None, overwrite: bool
 ) -> None:
     """A Llama-family model directory (safetensors) as one GGUF file for llama.cpp."""
-    from vicuna_sky.gguf_export import export_gguf as export
+    from vicuna_sky.gguf.export import export_gguf as export
 
     done = export(model_dir, out, out_type, metadata=metadata, overwrite=overwrite)
     console.print(

@@ -15,11 +15,11 @@ file from here loads wherever one from there does:
   GGUF loader reverses exactly this. Norms and other 1-D tensors stay float32, as llama.cpp
   keeps them; the chosen type applies to matrices (q8_0 falls back to f16 for a matrix whose
   rows are not whole 32-element blocks, as llama.cpp does).
-- Tokenizer (`gguf_tokenizer`): byte-level BPE (`gpt2`: tokens, merges, token types) or
+- Tokenizer (`gguf.tokenizer`): byte-level BPE (`gpt2`: tokens, merges, token types) or
   SentencePiece-style BPE (`llama`: tokens, scores, token types), special token ids, whether
   BOS/EOS are added (as the source tokenizer actually does it) and the chat template. A
   byte-level tokenizer's pre-tokenizer name is one of llama.cpp's, chosen by what the tokenizer
-  does (`gguf_vocab`): a tokenizer that splits text as none of them do is refused, never
+  does (`gguf.vocab`): a tokenizer that splits text as none of them do is refused, never
   written under a wrong name.
   `add_bos_token` and `add_eos_token` are both written, false too (llama.cpp's converter omits
   a false EOS flag): llama.cpp reads them and otherwise falls back on a per-vocabulary-type
@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from vicuna_sky.errors import VicunaSkyError
-from vicuna_sky.gguf_tokenizer import add_tokenizer
+from vicuna_sky.gguf.tokenizer import add_tokenizer
 from vicuna_sky.inputs import read_json_object
 from vicuna_sky.output import check_output_file, writing
 

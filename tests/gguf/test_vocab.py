@@ -1,4 +1,4 @@
-"""The tokenizer a GGUF carries (vicuna_sky.gguf_tokenizer and gguf_vocab): SentencePiece and
+"""The tokenizer a GGUF carries (vicuna_sky.gguf.tokenizer and gguf.vocab): SentencePiece and
 byte-level vocabularies written as llama.cpp's converter writes them, pre-tokenizers named as
 llama.cpp names them, and the splits llama.cpp would make otherwise refused, on export and on
 import."""
@@ -12,10 +12,10 @@ import torch
 from transformers import AutoTokenizer
 
 from vicuna_sky.errors import VicunaSkyError
-from vicuna_sky.gguf_export import export_gguf
-from vicuna_sky.gguf_import import load_gguf
+from vicuna_sky.gguf.export import export_gguf
+from vicuna_sky.gguf.load import load_gguf
 
-from .gguf_common import PROMPT, TEXTS, logits, same_tokens, source_model
+from ..gguf_common import PROMPT, TEXTS, logits, same_tokens, source_model
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def _with_tokenizer(tiny: Path, root: Path, edit) -> Path:
 
 
 def _llama3_split(spec: dict) -> None:
-    from vicuna_sky.gguf_vocab import LLAMA3_REGEX
+    from vicuna_sky.gguf.vocab import LLAMA3_REGEX
 
     spec["pre_tokenizer"] = {
         "type": "Sequence",
@@ -134,7 +134,7 @@ def test_pre_tokenizer_names_are_llama_cpp_s(tiny, tmp_path, edit, name):
     and as Llama 3 get llama.cpp's names for those splits (src/llama-vocab.cpp); the export
     writes that name. SmolLM2's own name is checked above, against llama.cpp's file, and in
     tests/test_models.py against llama.cpp's fingerprint."""
-    from vicuna_sky.gguf_vocab import identify
+    from vicuna_sky.gguf.vocab import identify
 
     model = tiny if edit is None else _with_tokenizer(tiny, tmp_path, edit)
     assert identify(json.loads((model / "tokenizer.json").read_text())) == name
@@ -189,7 +189,7 @@ def test_a_llama_2_tokenizer_is_sentencepiece_default(tmp_path):
     SentencePiece vocabularies as model `llama`, pre-tokenizer `default`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    fixture = Path(__file__).parent / "fixtures" / "tokenizers" / "llama2"
+    fixture = Path(__file__).parents[1] / "fixtures" / "tokenizers" / "llama2"
     model = tmp_path / "llama2"
     tokenizer = AutoTokenizer.from_pretrained(fixture)
     tokenizer.save_pretrained(model)

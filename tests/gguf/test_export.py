@@ -23,11 +23,11 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
 from vicuna_sky.errors import VicunaSkyError
-from vicuna_sky.gguf_export import export_gguf
-from vicuna_sky.gguf_import import gguf_to_safetensors, load_gguf
+from vicuna_sky.gguf.export import export_gguf
+from vicuna_sky.gguf.load import gguf_to_safetensors, load_gguf
 from vicuna_sky.models import smollm2_gguf
 
-from .gguf_common import PROMPT, logits, same_tokens, source_model
+from ..gguf_common import PROMPT, logits, same_tokens, source_model
 
 TOLERANCE = {"f32": 0.0, "f16": 2e-3, "bf16": 2e-2, "q8_0": 4e-2}
 
@@ -130,7 +130,7 @@ def test_q_and_k_read_in_chunks_of_a_head_and_a_half(mistral, tmp_path, monkeypa
     """Issue #30 row 8: a chunk of rows must hold whole heads to be permuted on its own. A
     13B's hidden size (5120 columns) gives chunks that are not a whole number of heads; here
     a chunk of 1.5 heads' rows (96 of q's 4 x 64 and of k's 2 x 64, 128 columns each)."""
-    import vicuna_sky.gguf_export as export
+    import vicuna_sky.gguf.export as export
 
     monkeypatch.setattr(export, "CHUNK_ELEMENTS", 96 * 128)
     done = export_gguf(mistral, tmp_path / "m.gguf", "f32", progress=False)
@@ -259,7 +259,7 @@ PEAK_SCRIPT = textwrap.dedent(
     """
     import json, re, sys
     from pathlib import Path
-    from vicuna_sky.gguf_export import export_gguf
+    from vicuna_sky.gguf.export import export_gguf
 
     def mib(key):
         status = Path("/proc/self/status").read_text()
@@ -296,7 +296,7 @@ def test_peak_memory_is_about_one_tensor(tiny, tmp_path, out_type):
     small = make(tmp_path / "small", hidden_size=1024, intermediate_size=1024, num_hidden_layers=1)
     model_mib = sum(f.stat().st_size for f in big.glob("*.safetensors")) / 2**20
     tensor_mib = 1024 * 2816 * 4 / 2**20
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
     run = subprocess.run(
         [sys.executable, "-c", PEAK_SCRIPT, str(small), str(big), out_type],
         capture_output=True,

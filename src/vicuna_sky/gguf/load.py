@@ -5,7 +5,7 @@ refuses `save_pretrained`; its weights are copied into a fresh model of the same
 saves like any other.
 
 A byte-level BPE tokenizer (`tokenizer.ggml.model = gpt2`) is rebuilt from the file's tokens,
-merges and pre-tokenizer name as llama.cpp runs it (`gguf_vocab`), not taken from transformers'
+merges and pre-tokenizer name as llama.cpp runs it (`gguf.vocab`), not taken from transformers'
 GGUF reader: that reader ignores the name, so SmolLM2 (`smollm`) lost its digit splitting and
 tokenized differently from the original wherever two spaces come before a digit. A name this
 project does not know is refused rather than guessed. The special tokens come from the file's
@@ -119,7 +119,7 @@ def byte_level_tokenizer(reader: object, gguf_file: Path) -> object:
     from gguf import TokenType
     from transformers import PreTrainedTokenizerFast
 
-    from vicuna_sky import gguf_vocab
+    from vicuna_sky.gguf import vocab as gguf_vocab
 
     pre = _field(reader, "tokenizer.ggml.pre")
     if pre not in gguf_vocab.PRE_TOKENIZERS:

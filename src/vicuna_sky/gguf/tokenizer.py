@@ -1,4 +1,4 @@
-"""A model's tokenizer as GGUF keys, the way llama.cpp reads them (see gguf_export's docstring):
+"""A model's tokenizer as GGUF keys, the way llama.cpp reads them (see gguf/export.py's docstring):
 byte-level BPE (`gpt2`: tokens, merges, token types, a pre-tokenizer name llama.cpp knows) or
 SentencePiece-style BPE (`llama`: tokens, scores, token types); the special token ids, whether
 BOS/EOS are added (as the source tokenizer does it) and the chat template."""
@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vicuna_sky import gguf_vocab
 from vicuna_sky.errors import VicunaSkyError
+from vicuna_sky.gguf import vocab as gguf_vocab
 from vicuna_sky.inputs import read_json_object
 
 
