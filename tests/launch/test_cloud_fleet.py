@@ -287,6 +287,12 @@ def test_no_public_endpoint_without_keys(fake_sky, monkeypatch, capsys):
     runner.launch_recipe(Spec.SERVICE, "vicuna-7b", (), public=True, **options)
     assert [c[0] for c in fake_sky.calls] == ["serve.up"]
     assert "endpoint: public (--public)" in capsys.readouterr().out
+    # --public reaches the process that needs it: the replica's controller, through the spec
+    # (the flag alone stopped at the launcher, and a keyless controller off loopback exits 2).
+    assert fake_sky.named("serve.up")[0][2].envs["VICUNA_SKY_PUBLIC"] == "1"
+    serve_fleet.launch_fleet("vicuna-7b", (), **{**options, "public": True})
+    assert fake_sky.named("launch")[0][2].envs["VICUNA_SKY_PUBLIC"] == "1"
     monkeypatch.setenv("VICUNA_SKY_API_KEYS", "key-test-1234")
     runner.launch_recipe(Spec.SERVICE, "vicuna-7b", (), **{**options, "name": "vic2"})
     assert "clients need one of the keys" in capsys.readouterr().out
+    assert fake_sky.named("serve.up")[1][2].envs["VICUNA_SKY_PUBLIC"] == "0"

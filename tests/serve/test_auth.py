@@ -2,6 +2,7 @@
 read from files or the environment; bodies bounded. In process first, the real fleet last."""
 
 import json
+import os
 
 import httpx
 import pytest
@@ -9,6 +10,7 @@ from fastapi import FastAPI, Request
 from starlette.testclient import TestClient
 
 from vicuna_sky.serve.auth import (
+    API_KEYS_ENV,
     BODY_TIMEOUT_ENV,
     FLEET_SECRET_ENV,
     MAX_BODY_BYTES,
@@ -287,3 +289,38 @@ def test_a_strict_prefix_of_any_key_is_refused_on_every_route(fleet):
             method, url, body, _ = calls[0]
             assert status(method, url, body, key) == 200, (url, key)
     assert worker in fleet.available()  # nothing above reached the registry
+
+
+def test_the_public_switch_opens_a_keyless_controller_off_loopback_and_nothing_else(tmp_path):
+    """SkyServe's replica runs its controller on 0.0.0.0 behind the load balancer: without keys
+    it starts only with VICUNA_SKY_PUBLIC=1 (what `serve --public` puts in the spec), and then
+    clients need no key; "0", or anything else, is a one-line refusal."""
+    import subprocess
+    import sys
+
+    from vicuna_sky.ports import free_port
+    from vicuna_sky.serve.auth import PUBLIC_ENV
+    from vicuna_sky.serve.local_fleet import LocalFleet, Proc
+    from vicuna_sky.serve.tls import FLEET_TLS_ENV
+
+    port = free_port()
+    args = ["--host", "0.0.0.0", "--port", str(port), "--behind-tls-proxy"]
+    base = {**os.environ, FLEET_SECRET_ENV: SECRET, FLEET_TLS_ENV: "", API_KEYS_ENV: ""}
+    for value in ("0", "yes", ""):
+        refused = subprocess.run(
+            [sys.executable, "-m", "vicuna_sky.serve.controller", *args],
+            env={**base, PUBLIC_ENV: value},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode == 2, (value, refused.stderr)
+        assert len(refused.stderr.strip().splitlines()) == 1 and "--public" in refused.stderr
+    env = {FLEET_SECRET_ENV: SECRET, FLEET_TLS_ENV: "", API_KEYS_ENV: "", PUBLIC_ENV: "1"}
+    proc = Proc(["vicuna_sky.serve.controller", *args], tmp_path / "controller.log", env)
+    try:
+        LocalFleet.wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models")  # no key: open, on purpose
+        assert models.status_code == 200 and models.json()["data"] == []
+    finally:
+        proc.stop()

@@ -19,6 +19,7 @@ from vicuna_sky.launch.tasks import (
     missing_secrets,
     one_line,
     parse_env_overrides,
+    read_spec,
     resolve_recipe,
     resolved_yaml,
     set_accelerators,
@@ -62,8 +63,8 @@ def launch_recipe(
     bucket, stage the data; then a dry run shows what they decided, and a launch admits the
     task (keys, secrets, the uploaded data, no second run) and hands it to the backend."""
     backend = choose_backend(local, runs_dir, workdir, local_config)
-    launch = build(spec, recipe_arg, envs, name, fresh=fresh)
-    launch.public, launch.over_budget, launch.skip_preflight = public, over_budget, skip_preflight
+    launch = build(spec, recipe_arg, envs, name, fresh=fresh, public=public)
+    launch.over_budget, launch.skip_preflight = over_budget, skip_preflight
     plan_cost(launch)
     findings = check(launch, backend, preflight.NOTHING, dryrun)
     if not dryrun:  # a dry run writes nothing, not even the bucket's probe
@@ -92,17 +93,33 @@ def choose_backend(
 
 
 def build(
-    spec: Spec, recipe_arg: str, envs: tuple[str, ...], name: str | None, fresh: bool = False
+    spec: Spec,
+    recipe_arg: str,
+    envs: tuple[str, ...],
+    name: str | None,
+    fresh: bool = False,
+    public: bool = False,
 ) -> Launch:
     """The task of `spec` for the recipe, with the `--env` overrides (a fresh RUN_TAG with
-    `fresh`), named `name` or after the recipe and the spec."""
+    `fresh`; with `public`, the spec's switch that opens its API without keys), named `name`
+    or after the recipe and the spec."""
     recipe = load_recipe(recipe_arg)
     overrides = parse_env_overrides(envs)
     if fresh:
         overrides.setdefault("RUN_TAG", fresh_tag())
+    if public:
+        overrides.update(public_switch(spec))
     task = load_task(spec, recipe, overrides)
     task.name = name or f"{recipe.name}-{spec.name.lower()}"
-    return Launch(spec, recipe, task, task.name, overrides, fresh=fresh)
+    return Launch(spec, recipe, task, task.name, overrides, fresh=fresh, public=public)
+
+
+def public_switch(spec: Spec) -> dict[str, str]:
+    """`--public` as the spec's process reads it: the env its controller takes it from (the
+    flag alone would stop at the launcher, and the controller refuse to start without keys)."""
+    from vicuna_sky.serve.auth import PUBLIC_ENV
+
+    return {PUBLIC_ENV: "1"} if PUBLIC_ENV in (read_spec(spec).get("envs") or {}) else {}
 
 
 def plan_cost(launch: Launch) -> None:

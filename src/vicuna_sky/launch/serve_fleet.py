@@ -7,7 +7,7 @@ from pathlib import Path
 
 from vicuna_sky.launch.backend import Launch
 from vicuna_sky.launch.report import print_yaml
-from vicuna_sky.launch.runner import choose_backend, load_recipe
+from vicuna_sky.launch.runner import choose_backend, load_recipe, public_switch
 from vicuna_sky.launch.tasks import (
     Spec,
     load_task,
@@ -41,8 +41,9 @@ def launch_fleet(
     # Each task takes the overrides it declares (SERVED_MODEL_NAME: both); one that neither
     # declares is refused by the worker's load_task, with the closest name.
     ours = set(read_spec(Spec.CONTROLLER).get("envs") or {})
+    switch = public_switch(Spec.CONTROLLER) if public else {}
     controller = load_task(
-        Spec.CONTROLLER, recipe, {k: v for k, v in overrides.items() if k in ours}
+        Spec.CONTROLLER, recipe, {**{k: v for k, v in overrides.items() if k in ours}, **switch}
     )
     if recipe.serve.tls:  # the operator's certificate for the client port and the UI
         controller.update_secrets({CLIENT_TLS_ENV: serve_tls(recipe)[1]})

@@ -22,6 +22,9 @@ FLEET_SECRET_ENV = "VICUNA_SKY_FLEET_SECRET"
 """Between the controller and its workers (registration, heartbeats, generation)."""
 API_KEYS_ENV = "VICUNA_SKY_API_KEYS"
 """The controller's client keys, comma-separated."""
+PUBLIC_ENV = "VICUNA_SKY_PUBLIC"
+"""'1': serve clients without API keys off loopback, on purpose (`vicuna-sky serve --public`
+sets it in the spec: the controller reads it as it reads the keys)."""
 ADMIN_KEYS_ENV = "VICUNA_SKY_ADMIN_KEYS"
 """Keys for the controller's worker list and schema, comma-separated."""
 MAX_BODY_BYTES = 8 * 2**20

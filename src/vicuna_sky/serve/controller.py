@@ -335,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         API_KEYS_ENV,
         FLEET_SECRET_ENV,
         MAX_BODY_BYTES,
+        PUBLIC_ENV,
         ConfigError,
         is_loopback,
         require_secret_off_loopback,
@@ -402,9 +403,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--public",
         action="store_true",
-        help="serve clients without API keys off loopback (an open endpoint, on purpose)",
+        help="serve clients without API keys off loopback (an open endpoint, on purpose); "
+        f"also {PUBLIC_ENV}=1, as the specs in sky/ pass it",
     )
     args = p.parse_args(argv)
+    args.public = args.public or os.environ.get(PUBLIC_ENV, "") == "1"
     try:
         secret = read_secret(args.secret_file, FLEET_SECRET_ENV)
         api_keys = read_secrets(args.api_key_file, API_KEYS_ENV)
