@@ -55,6 +55,7 @@ class FakeSky:
             "endpoints": self.endpoints,
             "tail_logs": lambda *a, **k: self.calls.append(("tail_logs", a, k)),
             "down": self.down,
+            "cancel": self.cancel,
         }.items():
             monkeypatch.setattr(sky, target, fn)
         for target, fn in {
@@ -86,6 +87,12 @@ class FakeSky:
         def run():
             self.calls.append(("down", cluster_name))
             self.clusters.pop(cluster_name, None)
+
+        return run
+
+    def cancel(self, cluster_name, all=False):  # SkyPilot's own keyword
+        def run():
+            self.calls.append(("cancel", cluster_name, all))
 
         return run
 

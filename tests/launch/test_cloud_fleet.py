@@ -115,9 +115,9 @@ def test_a_rerun_reuses_the_running_controller_its_secret_and_its_workers(
 
 
 def test_a_dead_controller_on_an_up_cluster_is_relaunched_and_workers_kept(fake_sky):
-    """The cluster is UP (after a refresh) but nothing answers on the controller's port: the
-    task runs on it again with the fleet's secret and certificate; running workers stay (they
-    register with the new process at the same URL)."""
+    """The cluster is UP (after a refresh) but nothing answers on the controller's port: its
+    job is cancelled and the task runs on it again with the fleet's secret and certificate;
+    running workers stay (they register with the new process at the same URL)."""
     fake_sky.host, fake_sky.ports = "127.0.0.1", {8000: free_port()}  # nothing listens there
     controller, worker = fleet_tasks()
     first = cloud.launch_fleet(controller, worker, "vic", workers=2, poll_seconds=0)
@@ -126,6 +126,11 @@ def test_a_dead_controller_on_an_up_cluster_is_relaunched_and_workers_kept(fake_
     controller, worker = fleet_tasks()
     again = cloud.launch_fleet(controller, worker, "vic", workers=2, poll_seconds=0)
     assert again.controller_relaunched and not again.controller_reused
+    # The hung controller's job is cancelled before the new one is submitted beside it (it
+    # would hold the ports): then the task runs again.
+    kinds = [c[0] for c in fake_sky.calls]
+    assert fake_sky.named("cancel") == [("cancel", "vic-controller", True)]
+    assert kinds.index("cancel") < kinds.index("launch")
     (relaunch,) = fake_sky.named("launch")
     assert relaunch[1] == "vic-controller"
     assert relaunch[2].secrets["VICUNA_SKY_FLEET_TLS"].get_secret_value() == pem

@@ -110,6 +110,11 @@ def launch_fleet(
     # Asked on the fleet port, over TLS with the fleet's certificate pinned: the secret never
     # crosses the network in clear, nor reaches whoever else might hold the address.
     reused = up and controller_answers(fleet_port_url(), state.secret, pem)
+    if up and not reused:
+        # sky.launch on an UP cluster submits a job beside the old one (SkyPilot 0.14.1,
+        # execution.py:905-919): a hung controller would keep its ports and the new one could
+        # not bind them. Its jobs are cancelled first.
+        sky.stream_and_get(sky.cancel(cluster, all=True))
     if not reused:  # no cluster, or one whose controller is dead: (re)run the task on it
         launch(Spec.CONTROLLER, controller, cluster)
     url = client_url(wait_for_endpoint(cluster, CONTROLLER_PORT, wait_seconds, poll_seconds))
