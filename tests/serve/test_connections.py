@@ -402,3 +402,21 @@ def test_the_share_is_per_address_and_refusals_are_quiet(loop):
         gc.collect()  # a handshake's task that failed unhandled reports when it is collected
         time.sleep(0.1)
         assert not port.reports, port.reports
+
+
+def test_a_tls_connection_takes_one_place_in_the_budget(tmp_path):
+    """A TLS connection is counted at accept; the HTTP side it becomes after the handshake is
+    the same connection, not a second one: as many kept TLS connections as the cap all stay
+    open and answered (counted twice, the third would push out the first)."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with LocalFleet(tmp_path, SECRET, tls=True) as fleet:
+        fleet.start_controller("--max-connections", "4")
+        kept = [context.wrap_socket(from_address(2 + n, fleet.fleet_port)) for n in range(4)]
+        for _ in range(2):  # each asks twice: the first answers did not close any of them
+            for tls in kept:
+                tls.sendall(request)
+                assert tls.recv(4096).startswith(b"HTTP/1.1 200"), kept.index(tls)
+        for tls in kept:
+            tls.close()

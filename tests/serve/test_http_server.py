@@ -257,6 +257,17 @@ def test_request_headers_past_the_limit_are_431(fleet):
     # The limit is 32 KiB, as documented: a head of 33,000 bytes is over it.
     answer = raw_exchange(fleet.port, post("/v1/models", b"", b"X-Pad: " + b"a" * 33_000), b"}}")
     assert answer.startswith(b"HTTP/1.1 431"), answer[:100]
+    # The same on a kept connection, after a first request was answered: the next head is
+    # counted from its first byte too.
+    with socket.create_connection(("127.0.0.1", fleet.port), timeout=30) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: ")
+        sent = 0
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):
+            while sent < 20 * 2**20:
+                s.sendall(b"a" * 65536)
+                sent += 65536
     small = b"X-Pad: " + b"a" * (MAX_HEADER_BYTES // 2)
     request = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n" + small + b"\r\n\r\n"
     assert raw_exchange(fleet.port, request, until=b"]}").startswith(b"HTTP/1.1 200")
