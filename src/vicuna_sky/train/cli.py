@@ -1,7 +1,8 @@
 """`torchrun ... -m vicuna_sky.train`: parse flags, train, exit with the trainer's status.
 
 Exit 0 when done, PREEMPTED_EXIT_CODE (75) after an emergency checkpoint, 2 with one line for a
-user error (and the NOT_RETRYABLE marker, so the job is not restarted for it).
+user error or the GPUs out of memory (and the NOT_RETRYABLE marker, so the job is not restarted
+for it).
 """
 
 from __future__ import annotations
@@ -32,16 +33,41 @@ def main(argv: list[str] | None = None) -> None:
         config = parse_args(argv)
         code = Trainer(config).run()
     except VicunaSkyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        # The run script ends the job on this marker instead of restarting it: our errors are
-        # about the inputs (data, model, settings), and a new machine would hit them again.
-        directory = Path(config.checkpoint_dir if config else "checkpoints")
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / NOT_RETRYABLE).write_text(str(e).splitlines()[0] + "\n")
-        code = 2
+        # Our errors are about the inputs (data, model, settings): a new machine would hit them
+        # again.
+        code = not_retryable(config, str(e).splitlines()[0])
+    except Exception as e:
+        import torch
+
+        if not isinstance(e, torch.OutOfMemoryError):
+            raise
+        # The same settings run out of memory on every machine of the same GPU type: a
+        # relaunch would only buy another cluster in another region to fail on.
+        code = not_retryable(config, out_of_memory(config))
     finally:
         dist.close()
     sys.exit(code)
+
+
+def not_retryable(config: object, reason: str) -> int:
+    """Say `reason` in one line and leave the marker the run script ends the job on instead of
+    restarting it; the exit status (2)."""
+    print(f"error: {reason}", file=sys.stderr)
+    directory = Path(config.checkpoint_dir if config else "checkpoints")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / NOT_RETRYABLE).write_text(reason + "\n")
+    return 2
+
+
+def out_of_memory(config: object) -> str:
+    """What to change when the GPUs ran out of memory, naming the recipe's own settings."""
+    said = "out of GPU memory: lower train.micro_batch_size"
+    if config is None:
+        return said + ", or use GPUs with more memory"
+    said += f" (now {config.micro_batch_size})"
+    if not config.gradient_checkpointing:
+        said += ", turn train.gradient_checkpointing on"
+    return said + ", or use more GPUs (resources.gpus_per_node, nodes) or larger ones"
 
 
 NOT_RETRYABLE = "NOT_RETRYABLE"
