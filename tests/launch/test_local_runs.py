@@ -240,15 +240,22 @@ def test_a_failure_no_restart_fixes_ends_the_job_once_and_a_crash_is_restarted(t
     log = (Path(job.attempts[0].workdir).parent / "run-rank0.log").read_text()
     assert "not retried: cannot load model '/nowhere/model'" in log
     assert job.attempts[0].exit_codes == [3]
-    crash = _cli(
-        *train, "--fresh", "--env", "MAX_RESTARTS_ON_ERRORS=1", "--env", "NUM_EPOCHS=many",
-        cwd=tmp_path,
+    crashing = (
+        *train, "--env", "RUN_TAG=crashing", "--env", "MAX_RESTARTS_ON_ERRORS=1",
+        "--env", "NUM_EPOCHS=many",
     )  # fmt: skip
-    assert crash.returncode == 2
+    assert _cli(*crashing, cwd=tmp_path).returncode == 2
     job = next(j for j in list_jobs(runs) if len(j.attempts) != 1)
     assert job.status == "FAILED" and [a.exit_codes for a in job.attempts] == [[76], [1]]
     bucket = tmp_path / "w" / "buckets" / "s3" / "vicuna-sky-tiny"
-    assert [p.name for p in (bucket / "runs").rglob("restarts/*")] == ["1"]
+    counted = sorted((bucket / "runs").rglob("restarts/*/*"))
+    assert [p.name for p in counted] == ["1"]
+    # Launched again (after a fix, say): its restarts are its own, not the first launch's.
+    assert _cli(*crashing, cwd=tmp_path).returncode == 2
+    again = [j for j in list_jobs(runs) if len(j.attempts) != 1]
+    assert len(again) == 2 and [a.exit_codes for a in again[-1].attempts] == [[76], [1]]
+    counted = sorted((bucket / "runs").rglob("restarts/*/*"))
+    assert [p.name for p in counted] == ["1", "1"] and counted[0].parent != counted[1].parent
 
 
 def _modules(root: int, module: str) -> list:

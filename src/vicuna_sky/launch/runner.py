@@ -109,6 +109,8 @@ def build(
         overrides.setdefault("RUN_TAG", fresh_tag())
     if public:
         overrides.update(public_switch(spec))
+    if "LAUNCH_ID" in (read_spec(spec).get("envs") or {}):
+        overrides.setdefault("LAUNCH_ID", launch_id())  # restarts after failures count per launch
     task = load_task(spec, recipe, overrides)
     task.name = name or f"{recipe.name}-{spec.name.lower()}"
     return Launch(spec, recipe, task, task.name, overrides, fresh=fresh, public=public)
@@ -199,6 +201,14 @@ def refuse_a_second_run(name: str, backend: Backend) -> None:
             f"{name} is already running {where}: wait for it, stop it with `{down}`, or start "
             "a separate run from step 0 with --fresh"
         )
+
+
+def launch_id() -> str:
+    """A name for this launch, new each time: the UTC time and a random suffix."""
+    import secrets
+    import time
+
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
 def fresh_tag() -> str:
