@@ -177,3 +177,23 @@ def test_the_dry_run_yaml_reads_like_the_spec():
     assert loaded["run"].strip() == "\n".join(
         line.rstrip() for line in task.run.strip().splitlines()
     )
+
+
+def test_a_failed_eval_step_still_lets_skypilot_flush_the_bucket(tmp_path):
+    """SkyPilot appends its wait for the MOUNT_CACHED upload after the run script (0.14.1,
+    backends/task_codegen.py:146-193); a `set -e` script that exits at its failing step never
+    reaches it, and the answers written so far are lost at teardown. Run as SkyPilot runs it:
+    the spec's own script, then an epilogue that reports the status it was left."""
+    import os
+    import subprocess
+    import sys
+
+    spec = yaml.safe_load((ROOT / "sky" / "eval.yaml").read_text())
+    epilogue = '\n__skypilot_user_exit_code=$?\necho "flushed after $__skypilot_user_exit_code"\n'
+    script = spec["run"] + epilogue + "exit $__skypilot_user_exit_code\n"
+    env = {k: str(v) for k, v in spec["envs"].items()}
+    env |= {"BUCKET_DIR": str(tmp_path), "BENCH": str(tmp_path / "no-such-questions.jsonl")}
+    env |= {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HOME": str(tmp_path)}
+    ran = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    assert "no such file" in ran.stderr  # the first step failed
+    assert ran.returncode == 2 and "flushed after 2" in ran.stdout, (ran.stdout, ran.stderr)
