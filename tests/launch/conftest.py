@@ -43,6 +43,11 @@ class FakeSky:
         self.jobs_controller_up = True
         self.serve_controller_up = True
         self.services: list[dict] = []
+        self.run_controller = None
+        """When set (the `controller_vms` fixture): a fleet controller cluster's task really
+        runs, as a controller process on loopback; called with the task and the ports it had
+        (a relaunch on an UP cluster keeps them), it returns the process and its ports."""
+        self.running: dict[str, object] = {}  # cluster -> what runs its task (has .close())
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         import sky
@@ -78,6 +83,10 @@ class FakeSky:
     def launch(self, task, cluster_name):
         def run():
             self.calls.append(("launch", cluster_name, task))
+            if self.run_controller and cluster_name.endswith("-controller"):
+                same_host = self.clusters.get(cluster_name) == "UP" and self.ports
+                running, self.ports = self.run_controller(task, self.ports if same_host else None)
+                self.host, self.running[cluster_name] = "127.0.0.1", running
             self.clusters[cluster_name] = "UP"
             return 1, None
 
@@ -87,14 +96,21 @@ class FakeSky:
         def run():
             self.calls.append(("down", cluster_name))
             self.clusters.pop(cluster_name, None)
+            self.stop(cluster_name)
 
         return run
 
     def cancel(self, cluster_name, all=False):  # SkyPilot's own keyword
         def run():
             self.calls.append(("cancel", cluster_name, all))
+            self.stop(cluster_name)  # its job's processes end; the cluster stays UP
 
         return run
+
+    def stop(self, cluster_name: str) -> None:
+        running = self.running.pop(cluster_name, None)
+        if running is not None:
+            running.close()
 
     def status(self, cluster_names=None, refresh=None, all_users=False):
         def run():
@@ -187,3 +203,30 @@ def fake_sky(monkeypatch, tmp_path, clouds_enabled) -> FakeSky:
     for key in SECRET_ENV:
         monkeypatch.delenv(key, raising=False)
     return fake
+
+
+@pytest.fixture
+def controller_vms(fake_sky, tmp_path):
+    """Fleet controller clusters that run their task: the controller SkyPilot would start, as a
+    process on loopback with the task's own fleet secret and certificate (its fleet port TLS),
+    so the launcher's checks of it are real. Yields the fleets started, in order."""
+    from vicuna_sky.serve.local_fleet import LocalFleet
+
+    started: list[LocalFleet] = []
+
+    def run(task, ports: dict[int, int] | None):
+        secrets = {k: v.get_secret_value() for k, v in task.secrets.items()}
+        folder = tmp_path / f"controller-{len(started)}"
+        fleet = LocalFleet(folder, secrets["VICUNA_SKY_FLEET_SECRET"], tls=True)
+        fleet.tls_pem = secrets["VICUNA_SKY_FLEET_TLS"]
+        if ports:  # the same machine: the same ports
+            fleet.port, fleet.fleet_port = ports[8000], ports[8002]
+            fleet.url = f"http://127.0.0.1:{fleet.port}"
+        fleet.start_controller()
+        started.append(fleet)
+        return fleet, {8000: fleet.port, 8002: fleet.fleet_port}
+
+    fake_sky.run_controller = run
+    yield started
+    for fleet in started:
+        fleet.close()

@@ -37,7 +37,7 @@ def fleet_tasks(r: Recipe | None = None):
     return controller, worker
 
 
-def test_fleet_controller_is_a_cluster_and_workers_are_managed_jobs(fake_sky):
+def test_fleet_controller_is_a_cluster_and_workers_are_managed_jobs(fake_sky, controller_vms):
     controller, worker = fleet_tasks()
     fleet = cloud.launch_fleet(controller, worker, "vic", workers=2, poll_seconds=0)
     (launch,) = fake_sky.named("launch")
@@ -52,9 +52,9 @@ def test_fleet_controller_is_a_cluster_and_workers_are_managed_jobs(fake_sky):
             assert res.job_recovery["max_restarts_on_errors"] == 0  # a failed setup ends it
             assert res.job_recovery["recover_on_exit_codes"] == [75]
         # Workers reach the controller on its TLS fleet port, pinning its certificate.
-        assert envs["CONTROLLER_URL"] == "https://203.0.113.10:8002"
+        assert envs["CONTROLLER_URL"] == f"https://127.0.0.1:{fake_sky.ports[8002]}"
         assert "VICUNA_SKY_FLEET_SECRET" not in envs
-    assert fleet.url == "https://203.0.113.10:8000"
+    assert fleet.url == f"https://127.0.0.1:{fake_sky.ports[8000]}"
     secret = jobs[0][4]["VICUNA_SKY_FLEET_SECRET"].get_secret_value()
     assert len(secret) >= 24
     assert launch[2].secrets["VICUNA_SKY_FLEET_SECRET"].get_secret_value() == secret
@@ -64,13 +64,13 @@ def test_fleet_controller_is_a_cluster_and_workers_are_managed_jobs(fake_sky):
     assert not fleet.controller_reused
 
 
-def test_the_launcher_waits_for_the_controller_endpoint(fake_sky):
+def test_the_launcher_waits_for_the_controller_endpoint(fake_sky, controller_vms):
     fake_sky.endpoint_answers = [{}, ValueError("Cluster vic-controller is not UP"), {"8000": ""}]
     controller, worker = fleet_tasks()
     fleet = cloud.launch_fleet(controller, worker, "vic", workers=1, poll_seconds=0)
     # {} twice and an error, then the port; then the fleet port at once
     assert len(fake_sky.named("endpoints")) == 5
-    assert fleet.url == "https://203.0.113.10:8000"
+    assert fleet.url == f"https://127.0.0.1:{fake_sky.ports[8000]}"
     fake_sky.endpoint_answers = [{}] * 100
     with pytest.raises(VicunaSkyError, match=r"vic-controller: port 8000 not exposed after 0 s"):
         cloud.wait_for_endpoint("vic-controller", 8000, wait_seconds=0, poll_seconds=0)
@@ -114,20 +114,22 @@ def test_a_rerun_reuses_the_running_controller_its_secret_and_its_workers(
     assert relaunch[3]["CONTROLLER_FINGERPRINT"] == fingerprint(pem.get_secret_value())
 
 
-def test_a_dead_controller_on_an_up_cluster_is_relaunched_and_workers_kept(fake_sky):
+def test_a_dead_controller_on_an_up_cluster_is_relaunched_and_workers_kept(
+    fake_sky, controller_vms
+):
     """The cluster is UP (after a refresh) but nothing answers on the controller's port: its
     job is cancelled and the task runs on it again with the fleet's secret and certificate;
     running workers stay (they register with the new process at the same URL)."""
-    fake_sky.host, fake_sky.ports = "127.0.0.1", {8000: free_port()}  # nothing listens there
     controller, worker = fleet_tasks()
     first = cloud.launch_fleet(controller, worker, "vic", workers=2, poll_seconds=0)
     pem = fake_sky.named("launch")[0][2].secrets["VICUNA_SKY_FLEET_TLS"].get_secret_value()
+    controller_vms[0].close()  # the controller died; its cluster is still UP
     fake_sky.calls.clear()
     controller, worker = fleet_tasks()
     again = cloud.launch_fleet(controller, worker, "vic", workers=2, poll_seconds=0)
     assert again.controller_relaunched and not again.controller_reused
     # The hung controller's job is cancelled before the new one is submitted beside it (it
-    # would hold the ports): then the task runs again.
+    # would hold the ports): then the task runs again, and answers before any worker is kept.
     kinds = [c[0] for c in fake_sky.calls]
     assert fake_sky.named("cancel") == [("cancel", "vic-controller", True)]
     assert kinds.index("cancel") < kinds.index("launch")
@@ -135,19 +137,50 @@ def test_a_dead_controller_on_an_up_cluster_is_relaunched_and_workers_kept(fake_
     assert relaunch[1] == "vic-controller"
     assert relaunch[2].secrets["VICUNA_SKY_FLEET_TLS"].get_secret_value() == pem
     assert again.kept == ["vic-worker-0", "vic-worker-1"] and not again.launched
-    assert again.url == first.url
+    assert again.url == first.url and len(controller_vms) == 2
 
 
-def test_a_controller_that_moved_gets_new_workers(fake_sky):
+def test_workers_launch_only_once_the_controller_answers_with_its_certificate(
+    fake_sky, controller_vms, tmp_path
+):
+    """sky.launch returns with the controller's setup still running: a controller that never
+    starts (a failed setup) must not get spot GPU workers billing against it."""
+
+    class NeverStarts:
+        def close(self) -> None:
+            pass
+
+    dead = {8000: free_port(), 8002: free_port()}  # nothing listens: its setup failed
+    fake_sky.run_controller = lambda task, ports: (NeverStarts(), dead)
+    controller, worker = fleet_tasks()
+    quick = dict(workers=2, wait_seconds=1, poll_seconds=0.2)
+    with pytest.raises(VicunaSkyError, match=r"does not answer on .* so no worker was launched"):
+        cloud.launch_fleet(controller, worker, "vic", **quick)
+    assert fake_sky.named("launch") and not fake_sky.named("jobs.launch")
+    # A controller that answers with another certificate is no better: no secret, no workers.
+    with LocalFleet(tmp_path / "other", "fleet-secret-of-another", tls=True) as other:
+        other.start_controller()
+        impostor = {8000: other.port, 8002: other.fleet_port}
+        fake_sky.run_controller = lambda task, ports: (NeverStarts(), impostor)
+        fake_sky.clusters.clear()
+        controller, worker = fleet_tasks()
+        with pytest.raises(VicunaSkyError, match="no worker was launched"):
+            cloud.launch_fleet(controller, worker, "vic", **quick)
+    assert not fake_sky.named("jobs.launch")
+
+
+def test_a_controller_that_moved_gets_new_workers(fake_sky, controller_vms):
     controller, worker = fleet_tasks()
     cloud.launch_fleet(controller, worker, "vic", workers=1, poll_seconds=0)
-    fake_sky.clusters["vic-controller"] = "STOPPED"
-    fake_sky.host = "198.51.100.4"
+    fake_sky.clusters["vic-controller"] = "STOPPED"  # gone: it comes back elsewhere
+    fake_sky.stop("vic-controller")
     controller, worker = fleet_tasks()
     moved = cloud.launch_fleet(controller, worker, "vic", workers=1, poll_seconds=0)
     assert not moved.controller_reused and len(fake_sky.named("launch")) == 2
     assert moved.cancelled == ["vic-worker-0"] and moved.launched == ["vic-worker-0"]
-    assert fake_sky.named("jobs.launch")[-1][3]["CONTROLLER_URL"] == "https://198.51.100.4:8002"
+    url = f"https://127.0.0.1:{fake_sky.ports[8002]}"
+    assert fake_sky.named("jobs.launch")[-1][3]["CONTROLLER_URL"] == url
+    assert fake_sky.named("jobs.launch")[0][3]["CONTROLLER_URL"] != url
 
 
 def test_a_running_controller_whose_secret_is_unknown_is_a_one_line_error(fake_sky):
@@ -158,7 +191,7 @@ def test_a_running_controller_whose_secret_is_unknown_is_a_one_line_error(fake_s
     assert "\n" not in str(e.value) and not fake_sky.named("jobs.launch")
 
 
-def test_the_fleet_secret_comes_from_the_users_environment(fake_sky, monkeypatch):
+def test_the_fleet_secret_comes_from_the_users_environment(fake_sky, controller_vms, monkeypatch):
     monkeypatch.setenv("VICUNA_SKY_FLEET_SECRET", "mine-0123456789abcdef")
     controller, worker = fleet_tasks()
     cloud.launch_fleet(controller, worker, "vic", workers=1, poll_seconds=0)
@@ -265,7 +298,7 @@ def test_fleet_overrides_go_to_the_task_that_declares_them(fake_sky, tmp_path, c
     assert not fake_sky.calls
 
 
-def test_a_fleet_goes_down_workers_first_then_its_controller(fake_sky):
+def test_a_fleet_goes_down_workers_first_then_its_controller(fake_sky, controller_vms):
     controller, worker = fleet_tasks()
     cloud.launch_fleet(controller, worker, "vic", workers=2, poll_seconds=0)
     fake_sky.calls.clear()
@@ -276,7 +309,7 @@ def test_a_fleet_goes_down_workers_first_then_its_controller(fake_sky):
     assert cloud.down("vic", "fleet") == []
 
 
-def test_no_public_endpoint_without_keys(fake_sky, monkeypatch, capsys):
+def test_no_public_endpoint_without_keys(fake_sky, controller_vms, monkeypatch, capsys):
     """`serve` and `serve --fleet` on a cloud without VICUNA_SKY_API_KEYS are refused before
     anything launches, unless --public; the dry runs say which it would be."""
     options = dict(dryrun=False, local=False, name=None, runs_dir=Path("runs"))

@@ -119,6 +119,19 @@ def launch_fleet(
         launch(Spec.CONTROLLER, controller, cluster)
     url = client_url(wait_for_endpoint(cluster, CONTROLLER_PORT, wait_seconds, poll_seconds))
     fleet_url = fleet_port_url()
+    if not reused:
+        # sky.launch returns once the job is submitted, its setup still running: GPU workers
+        # launched now would bill against a controller that may never start, and spin.
+        deadline = time.monotonic() + wait_seconds
+        while not controller_answers(fleet_url, state.secret, pem, tries=1):
+            if time.monotonic() >= deadline:
+                raise VicunaSkyError(
+                    f"{cluster}: the controller does not answer on {fleet_url} after "
+                    f"{wait_seconds:.0f} s, so no worker was launched: see `vicuna-sky logs "
+                    f"{cluster} --kind cluster`, then re-run (or `vicuna-sky down {name} "
+                    "--kind fleet`)"
+                )
+            time.sleep(poll_seconds)
     result = FleetLaunch(
         url=url,
         controller_reused=reused,
