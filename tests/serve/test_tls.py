@@ -65,6 +65,38 @@ def test_a_worker_that_does_not_know_the_fingerprint_is_refused(tls_fleet):
     assert "other than the pinned one" in log.read_text()
     assert address not in {w["address"] for w in tls_fleet.worker_states()}
     assert "stranger" not in {m.id for m in tls_fleet.client().models.list().data}
+    # Not its fleet's controller: after a few refusals the worker stops for good (exit 3, which
+    # sky/serve-worker.yaml does not recover), instead of a spot GPU spinning on it.
+    assert proc.proc.wait(timeout=30) == 3
+    last = log.read_text().strip().splitlines()[-1]
+    assert last.startswith("error: the controller at") and "not retrying" in last
+
+
+def test_a_worker_with_another_fleets_secret_stops_and_an_unreachable_controller_is_waited_for(
+    tls_fleet,
+):
+    refused = tls_fleet.start_worker("echo", "echo", "outsider", secret="another-fleets-secret")
+    proc = tls_fleet.workers[refused]
+    assert proc.proc.wait(timeout=30) == 3
+    last = proc.log.read_text().strip().splitlines()[-1]
+    assert "refused this worker 5 times (it answers 403" in last, last
+    # A controller that does not answer at all (relaunching, say) is waited for: no refusal.
+    patient = unregistered_worker(tls_fleet, "patient")
+    time.sleep(5)  # ten heartbeats' worth
+    assert tls_fleet.workers[patient].proc.poll() is None
+    tls_fleet.workers[patient].stop()
+
+
+def unregistered_worker(fleet: LocalFleet, name: str) -> str:
+    """A worker of `fleet` whose controller URL leads nowhere: it runs, and never registers."""
+    from vicuna_sky.ports import free_port
+
+    saved = fleet.worker_url
+    fleet.worker_url = f"https://127.0.0.1:{free_port()}"
+    try:
+        return fleet.start_worker("echo", "echo", name)
+    finally:
+        fleet.worker_url = saved
 
 
 def test_workers_may_not_register_in_clear(tls_fleet):
@@ -89,12 +121,14 @@ def test_a_registration_without_a_worker_certificate_is_refused(tls_fleet):
 
 
 def test_the_controller_pins_each_workers_certificate(tls_fleet):
-    """The stranger worker (which never registered itself) is registered here for a model of
-    its own: with a wrong fingerprint the controller sends it nothing; with its certificate's
-    own fingerprint, which no CA vouches for, the prompt goes through."""
+    """A stranger worker (which never registered itself: its controller URL leads nowhere) is
+    registered here for a model of its own: with a wrong fingerprint the controller sends it
+    nothing; with its certificate's own fingerprint, which no CA vouches for, the prompt goes
+    through."""
     from openai import APIStatusError
 
-    stranger = next(a for a in tls_fleet.workers if a != tls_fleet.good)
+    stranger = unregistered_worker(tls_fleet, "stranger-of-its-own")
+    LocalFleet.wait_http(f"{stranger}/health", proc=tls_fleet.workers[stranger], verify=False)
     host, port = stranger.removeprefix("https://").split(":")
     actual = fingerprint(ssl.get_server_certificate((host, int(port))))
 

@@ -47,6 +47,8 @@ class Worker:
         self.slots = asyncio.Semaphore(registration.max_concurrency)
         self.in_flight = 0
         self.draining = False
+        self.refused = ""
+        """Why the controller's refusals stopped this worker ('' while they have not)."""
         self.stopped = asyncio.Event()
         self.secret = ""
         """The fleet secret: required on the model routes, sent to the controller."""
@@ -186,7 +188,9 @@ class Worker:
         timeout = aiohttp.ClientTimeout(total=5.0)
         async with aiohttp.ClientSession(timeout=timeout) as client:
             registered = False
+            refusals = 0
             while not self.stopped.is_set():
+                refused = ""
                 try:
                     if not registered:
                         status, answer = await self.tell_controller(
@@ -198,6 +202,8 @@ class Worker:
                             log.info("registered as %s", self.registration.address)
                         elif status in (400, 403, 409, 422, 429):
                             log.error("the controller refused the registration: %s", answer)
+                        if status in (401, 403):
+                            refused = f"it answers {status}: this worker's fleet secret is not its"
                     else:
                         status, _ = await self.tell_controller(
                             client,
@@ -219,9 +225,21 @@ class Worker:
                         self.controller_url,
                     )
                     registered = False
+                    refused = "it shows a certificate other than the pinned one"
                 except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                     log.debug("controller unreachable: %s", e)
                     registered = False
+                # A controller that answers but refuses this worker is not this worker's fleet
+                # (a relaunch makes neither a new secret nor a new certificate): after a few
+                # answers alike, it stops, and its job ends instead of billing a GPU to spin.
+                refusals = refusals + 1 if refused else 0
+                if refusals >= REFUSALS_TO_STOP:
+                    self.refused = (
+                        f"the controller at {self.controller_url} refused this worker "
+                        f"{refusals} times ({refused}): not retrying"
+                    )
+                    self.stopped.set()
+                    return
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.stopped.wait(), self.heartbeat_seconds)
 
@@ -245,6 +263,10 @@ class Worker:
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self.stopped.set()
+
+
+REFUSALS_TO_STOP = 5
+"""Refusals in a row (401/403, another certificate) after which a worker stops for good."""
 
 
 class GenerationFailed(Exception):

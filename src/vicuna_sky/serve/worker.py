@@ -113,6 +113,9 @@ async def serve(args: argparse.Namespace) -> None:
     await serving
     for task in tasks:
         task.cancel()
+    if worker.refused:  # not retryable: the job ends (sky/serve-worker.yaml recovers only 75)
+        print(f"error: {worker.refused}", file=sys.stderr)
+        sys.exit(3)
 
 
 def require_pinned_controller(args: argparse.Namespace) -> None:
