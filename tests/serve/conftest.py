@@ -127,12 +127,15 @@ class CannedWorker:
 
 
 def closed_within(s: socket.socket, seconds: float) -> bool:
-    """Whether the server hung up on `s` within `seconds`: an end of stream, or a reset where
-    the server closed with bytes it never read (both free the descriptor)."""
+    """Whether the server hung up on `s` within `seconds`: an end of stream (over TLS, with or
+    without its close_notify), or a reset where the server closed with bytes it never read
+    (all free the descriptor)."""
+    import ssl
+
     s.settimeout(seconds)
     try:
         return s.recv(10) == b""
-    except ConnectionResetError:
+    except (ConnectionResetError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
         return True
     except TimeoutError:
         return False

@@ -420,3 +420,23 @@ def test_a_tls_connection_takes_one_place_in_the_budget(tmp_path):
                 assert tls.recv(4096).startswith(b"HTTP/1.1 200"), kept.index(tls)
         for tls in kept:
             tls.close()
+
+
+def test_a_connection_that_showed_the_secret_keeps_its_place_past_the_cap(tmp_path):
+    """Strangers past the cap push out strangers: a kept connection that showed the fleet
+    secret (a worker's) is never the one closed to make room."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    secret = f"Authorization: Bearer {SECRET}\r\n".encode()
+    asking = b"GET /workers HTTP/1.1\r\nHost: 127.0.0.1\r\n" + secret + b"\r\n"
+    with LocalFleet(tmp_path, SECRET, tls=True) as fleet:
+        fleet.start_controller("--max-connections", "4")
+        worker = context.wrap_socket(from_address(2, fleet.fleet_port))
+        worker.sendall(asking)
+        assert worker.recv(4096).startswith(b"HTTP/1.1 200")
+        strangers = [context.wrap_socket(from_address(3, fleet.fleet_port)) for _ in range(8)]
+        assert closed_within(strangers[0], 3)  # the oldest stranger made room
+        worker.sendall(asking)
+        assert worker.recv(4096).startswith(b"HTTP/1.1 200")  # the worker's is still open
+        for s in [worker, *strangers]:
+            s.close()

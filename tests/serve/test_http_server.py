@@ -188,6 +188,9 @@ def test_a_prompt_route_takes_json_only(fleet):
         assert answer.startswith(b"HTTP/1.1 415"), answer[:200]
     answer = raw_exchange(fleet.port, post("/v1/chat/completions", CHAT), b"}}")  # none given
     assert answer.startswith(b"HTTP/1.1 415")
+    # No body at all needs no type: the route answers it (a 400 naming what is missing).
+    answer = raw_exchange(fleet.port, post("/v1/chat/completions", b""), b"}}")
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
     charset = b"Content-Type: Application/JSON; charset=utf-8"
     answer = raw_exchange(fleet.port, post("/v1/chat/completions", CHAT, charset), b"}}}")
     assert answer.startswith(b"HTTP/1.1 200") and b"echo: hi" in answer
@@ -210,6 +213,7 @@ def test_a_server_without_keys_answers_pages_of_this_machine_only(fleet):
         {"Host": "127.0.0.1.attacker.example"},
         {"Origin": "https://attacker.example"},
         {"Origin": "null"},
+        {"Origin": "http://attacker.example://127.0.0.1"},  # only the first :// is the scheme
     ):
         r = httpx.post(url, json=chat, headers=headers)
         assert r.status_code == 403, headers
@@ -218,6 +222,7 @@ def test_a_server_without_keys_answers_pages_of_this_machine_only(fleet):
     for headers in (
         {"Host": f"localhost:{fleet.port}"},
         {"Host": f"[::1]:{fleet.port}"},
+        {"Host": "::1"},  # bare, without a port: still this machine
         {"Origin": "http://localhost:7860"},
         {"Origin": "http://127.0.0.1:7860"},
     ):
