@@ -110,5 +110,8 @@ def test_tables_are_whole_when_not_on_a_terminal(tmp_path):
         [exe, "check", "smollm2-cpu"], cwd=tmp_path, capture_output=True, text=True, env=env
     )
     assert out.returncode == 0, out.stderr
+    row = next(line for line in out.stdout.splitlines() if "train.yaml" in line)
+    assert "AWS([Spot], cpus=2+, disk_size=64), GCP([Spot], cpus=2+, disk_size=64)" in row
+    # Serving stays on the bucket's cloud (s3://: AWS), and says so in the same table.
     row = next(line for line in out.stdout.splitlines() if "serve-worker.yaml" in line)
-    assert "AWS([Spot], cpus=2+, ports=['8001']), GCP([Spot], cpus=2+, ports=['8001'])" in row
+    assert "AWS([Spot], cpus=2+, ports=['8001'])" in row and "GCP" not in row

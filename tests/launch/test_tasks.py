@@ -197,3 +197,25 @@ def test_a_failed_eval_step_still_lets_skypilot_flush_the_bucket(tmp_path):
     ran = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
     assert "no such file" in ran.stderr  # the first step failed
     assert ran.returncode == 2 and "flushed after 2" in ran.stdout, (ran.stdout, ran.stderr)
+
+
+@pytest.mark.parametrize("spec", [Spec.CONTROLLER, Spec.WORKER, Spec.SERVICE, Spec.EVAL])
+def test_serving_and_evaluation_stay_on_the_buckets_cloud_unless_told(spec):
+    """A worker on another cloud than its bucket reads the model across clouds at every
+    (re)launch, and a controller belongs with its workers: both stay on the bucket's cloud,
+    as training does, unless --any-cloud (or the recipe names only other clouds)."""
+    import dataclasses
+
+    extra = {"CONTROLLER_URL": "https://CONTROLLER:8002"} if spec is Spec.WORKER else None
+
+    def clouds(recipe: Recipe, any_cloud: bool = False) -> set[str]:
+        task = load_task(spec, recipe, extra, any_cloud=any_cloud)
+        return {str(r.cloud).lower() for r in task.resources}
+
+    base = Recipe.from_yaml(ROOT / "recipes" / "vicuna-7b.yaml")  # gs://, clouds gcp and aws
+    assert clouds(base) == {"gcp"}
+    assert clouds(dataclasses.replace(base, bucket="s3://mine")) == {"aws"}
+    assert clouds(base, any_cloud=True) == {"gcp", "aws"}
+    assert clouds(dataclasses.replace(base, bucket="r2://mine")) == {"gcp", "aws"}  # no cloud
+    aws_only = dataclasses.replace(base.resources, clouds=["aws"])
+    assert clouds(dataclasses.replace(base, resources=aws_only)) == {"aws"}  # its choice

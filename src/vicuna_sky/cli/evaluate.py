@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from vicuna_sky.cli.app import Finite, app, console
-from vicuna_sky.cli.launch import launch, launch_options
+from vicuna_sky.cli.launch import ANY_CLOUD, launch, launch_options
 from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.output import OVERWRITE_HELP, check_output_file
 
@@ -50,6 +50,7 @@ def eval_() -> None:
 
 @eval_.command(name="launch")
 @launch_options
+@ANY_CLOUD
 def eval_launch(**options: object) -> None:
     """sky/eval.yaml: the trained model answers the benchmark and an LLM judges the answers."""
     launch("EVAL", **options)

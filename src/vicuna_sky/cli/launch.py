@@ -64,6 +64,14 @@ def launch_options(fn: click.decorators.FC) -> click.decorators.FC:
     return fn
 
 
+ANY_CLOUD = click.option(
+    "--any-cloud",
+    is_flag=True,
+    help="Let the machines run on any cloud the recipe allows, not only the bucket's (they "
+    "then read the model across clouds, paying egress at every launch).",
+)
+
+
 def launch(spec: str, recipe: str, envs: tuple[str, ...], **options: object) -> None:
     """Launch the spec `spec` (a `Spec` name) for a recipe, with the `launch_options`."""
     from vicuna_sky.launch import runner
@@ -112,6 +120,7 @@ def train(skip_preflight: tuple[str, ...], **options: object) -> None:
     is_flag=True,
     help="On a cloud, serve without API keys: anyone who finds the address can use the GPUs.",
 )
+@ANY_CLOUD
 def serve(fleet: bool, **options: object) -> None:
     """Serve: sky/service.yaml on SkyServe, or with --fleet a controller and spot workers.
     On a cloud the API needs keys (export VICUNA_SKY_API_KEYS=key1,key2) unless --public."""

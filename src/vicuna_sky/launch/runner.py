@@ -53,6 +53,7 @@ def launch_recipe(
     fresh: bool = False,
     public: bool = False,
     skip_preflight: tuple[str, ...] = (),
+    any_cloud: bool = False,
 ) -> jobs.LocalJob | None:
     """Launch a spec for a recipe: on the cloud, or with `local` on this machine (`workdir`
     then holds the runs, the buckets and, after training, the exported model in `export/`).
@@ -63,7 +64,7 @@ def launch_recipe(
     bucket, stage the data; then a dry run shows what they decided, and a launch admits the
     task (keys, secrets, the uploaded data, no second run) and hands it to the backend."""
     backend = choose_backend(local, runs_dir, workdir, local_config)
-    launch = build(spec, recipe_arg, envs, name, fresh=fresh, public=public)
+    launch = build(spec, recipe_arg, envs, name, fresh=fresh, public=public, any_cloud=any_cloud)
     launch.over_budget, launch.skip_preflight = over_budget, skip_preflight
     plan_cost(launch)
     findings = check(launch, backend, preflight.NOTHING, dryrun)
@@ -99,10 +100,11 @@ def build(
     name: str | None,
     fresh: bool = False,
     public: bool = False,
+    any_cloud: bool = False,
 ) -> Launch:
     """The task of `spec` for the recipe, with the `--env` overrides (a fresh RUN_TAG with
-    `fresh`; with `public`, the spec's switch that opens its API without keys), named `name`
-    or after the recipe and the spec."""
+    `fresh`; with `public`, the spec's switch that opens its API without keys; `any_cloud`:
+    off the bucket's cloud too), named `name` or after the recipe and the spec."""
     recipe = load_recipe(recipe_arg)
     overrides = parse_env_overrides(envs)
     if fresh:
@@ -111,7 +113,7 @@ def build(
         overrides.update(public_switch(spec))
     if "LAUNCH_ID" in (read_spec(spec).get("envs") or {}):
         overrides.setdefault("LAUNCH_ID", launch_id())  # restarts after failures count per launch
-    task = load_task(spec, recipe, overrides)
+    task = load_task(spec, recipe, overrides, any_cloud=any_cloud)
     task.name = name or f"{recipe.name}-{spec.name.lower()}"
     return Launch(spec, recipe, task, task.name, overrides, fresh=fresh, public=public)
 

@@ -32,6 +32,7 @@ def launch_fleet(
     runs_dir: Path,
     workdir: Path | None = None,
     public: bool = False,
+    any_cloud: bool = False,
 ) -> None:
     """The controller and `serve.workers` worker jobs: on the cloud, or with `local` here on
     the local backend until Ctrl-C (`workdir`: W/runs and W/buckets, as `train --workdir`)."""
@@ -42,16 +43,18 @@ def launch_fleet(
     # declares is refused by the worker's load_task, with the closest name.
     ours = set(read_spec(Spec.CONTROLLER).get("envs") or {})
     switch = public_switch(Spec.CONTROLLER) if public else {}
-    controller = load_task(
-        Spec.CONTROLLER, recipe, {**{k: v for k, v in overrides.items() if k in ours}, **switch}
-    )
+    mine = {**{k: v for k, v in overrides.items() if k in ours}, **switch}
+    controller = load_task(Spec.CONTROLLER, recipe, mine, any_cloud=any_cloud)
     if recipe.serve.tls:  # the operator's certificate for the client port and the UI
         controller.update_secrets({CLIENT_TLS_ENV: serve_tls(recipe)[1]})
     theirs = set(read_spec(Spec.WORKER).get("envs") or {})
     # The controller's URL is known only once it is up; the dry run shows a placeholder.
     worker_overrides = {k: v for k, v in overrides.items() if k in theirs or k not in ours}
     worker = load_task(
-        Spec.WORKER, recipe, {"CONTROLLER_URL": "https://CONTROLLER:8002", **worker_overrides}
+        Spec.WORKER,
+        recipe,
+        {"CONTROLLER_URL": "https://CONTROLLER:8002", **worker_overrides},
+        any_cloud=any_cloud,
     )
     fleet = name or recipe.name
     # The controller is what faces clients: the backend admits (or describes) it.

@@ -106,13 +106,17 @@ def resources_config(
     base: dict[str, Any],
     accelerators: list[str] | None = None,
     clouds: list[str] | None = None,
+    any_cloud: bool = False,
 ) -> dict[str, Any]:
     """The spec's `resources:` with the recipe's hardware choices applied. Several training
     GPU types go to SkyPilot as a set (`accelerators: {A100-80GB:8, H100:8}`): its optimizer
     picks one and its recovery may move to another; `accelerators` overrides the recipe's, and
-    `clouds` narrows its clouds (the plan keeps a run on its bucket's cloud)."""
+    `clouds` narrows its clouds (the plan keeps a run on its bucket's cloud). Serving and
+    evaluation stay on the bucket's cloud too unless `any_cloud` (bucket_side)."""
     res = copy.deepcopy(base)
     r = recipe.resources
+    if clouds is None and spec is not Spec.TRAIN and not any_cloud:
+        clouds = bucket_side(recipe)
     if spec is Spec.CONTROLLER:
         # Deliberately small, CPU and on-demand, but where the recipe allows (its clouds or
         # regions): a team restricted to one cloud gets its controller there too.
@@ -137,6 +141,21 @@ def resources_config(
         res["cpus"] = r.cpus or "2+"
     _allowed_infra(res, recipe, clouds)
     return res
+
+
+def bucket_side(recipe: Recipe) -> list[str] | None:
+    """The bucket's cloud, for the tasks that read it or serve beside those that do: a worker
+    on another cloud reads its 13-26 GB model across clouds at every (re)launch, and a fleet's
+    controller belongs with its workers. None when the bucket has no cloud (r2://, file://) or
+    the recipe names only other clouds (its choice stands)."""
+    from vicuna_sky.plan.egress import bucket_cloud
+
+    cloud = bucket_cloud(recipe.bucket)
+    r = recipe.resources
+    named = {i.partition("/")[0].lower() for i in (r.regions or r.clouds)}
+    if cloud is None or (named and cloud not in named):
+        return None
+    return [cloud]
 
 
 def _allowed_infra(res: dict[str, Any], recipe: Recipe, clouds: list[str] | None) -> None:
@@ -192,8 +211,10 @@ def load_task(
     recipe: Recipe,
     overrides: dict[str, str] | None = None,
     environ: Mapping[str, str] | None = None,
+    any_cloud: bool = False,
 ) -> sky.Task:
-    """Load `spec`, apply the recipe (envs + resources) and `--env` overrides, validate.
+    """Load `spec`, apply the recipe (envs + resources) and `--env` overrides, validate;
+    `any_cloud` lets serving and evaluation leave the bucket's cloud.
 
     The spec's `secrets:` are filled from `environ` (the user's environment by default), as
     `sky launch --secret KEY` takes them: SkyPilot keeps secrets out of its job records and logs,
@@ -219,7 +240,8 @@ def load_task(
     envs.update(overrides or {})
     if spec is Spec.TRAIN:
         config["num_nodes"] = recipe.resources.nodes
-    config["resources"] = resources_config(spec, recipe, config.get("resources") or {})
+    base = config.get("resources") or {}
+    config["resources"] = resources_config(spec, recipe, base, any_cloud=any_cloud)
     if spec is Spec.SERVICE:
         config["service"] = service_config(recipe, config.get("service") or {})
     if config.get("workdir") == "." and (PROJECT_ROOT / "pyproject.toml").is_file():
