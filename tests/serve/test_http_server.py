@@ -4,6 +4,7 @@ passes whichever route answers it (paths, JSON bodies, Host and Origin, header s
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -273,6 +274,12 @@ def test_request_headers_past_the_limit_are_431(fleet):
             while sent < 20 * 2**20:
                 s.sendall(b"a" * 65536)
                 sent += 65536
+    # A head that comes in two pieces, under the limit together, is answered.
+    with socket.create_connection(("127.0.0.1", fleet.port), timeout=30) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 1000)
+        time.sleep(0.3)  # a read of its own
+        s.sendall(b"a" * 1000 + b"\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
     small = b"X-Pad: " + b"a" * (MAX_HEADER_BYTES // 2)
     request = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n" + small + b"\r\n\r\n"
     assert raw_exchange(fleet.port, request, until=b"]}").startswith(b"HTTP/1.1 200")
