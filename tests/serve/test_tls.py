@@ -217,6 +217,24 @@ def test_certificate_material():
         server_files(mismatched)
 
 
+def test_the_certificate_shown_to_anyone_is_the_certificate_alone():
+    """What the launcher writes to ~/.vicuna-sky/fleets/<name>.crt for clients: the whole
+    certificate block and nothing of the key; material without a certificate is refused."""
+    from vicuna_sky.serve.tls import certificate_pem
+
+    pem = make_certificate()
+    shown = certificate_pem(pem)
+    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----\n"
+    assert shown.startswith(begin) and shown.endswith(end) and shown.count(begin) == 1
+    assert "PRIVATE KEY" not in shown and shown in pem
+    assert fingerprint(shown) == fingerprint(pem)
+    assert certificate_pem(shown) == shown  # a certificate alone, from its first byte
+    key_only = pem[: pem.index(begin)]
+    for material in (key_only, key_only + begin + "\n", "", end + begin):
+        with pytest.raises(TlsError, match="no certificate"):
+            certificate_pem(material)
+
+
 def until(check, timeout: float = 90.0):
     """`check()` once it returns without an httpx error (a server still starting)."""
     deadline = time.monotonic() + timeout
