@@ -392,6 +392,12 @@ TESTS_OF = {
         "tests/serve/test_http_server.py",
         "tests/serve/test_tls.py::test_a_stream_abandoned_mid_answer_stops_at_once_and_leaves_no_traceback",
     ],
+    # The page's https and its pinned controller are tested beside the other servers' TLS.
+    "src/vicuna_sky/serve/webui.py": [
+        "tests/serve/test_webui.py",
+        "tests/serve/test_tls.py::test_servers_off_loopback_without_a_certificate_do_not_start",
+        "tests/serve/test_tls.py::test_the_client_port_and_the_chat_ui_are_https_off_loopback",
+    ],
 }
 
 
