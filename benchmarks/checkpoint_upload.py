@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vicuna_sky.launch.s3_server import LocalS3
+from vicuna_sky.localcloud.s3_server import LocalS3
 
 MIB = 1024 * 1024
 

@@ -91,7 +91,7 @@ os.environ.update(
 BIN = Path(sys.executable).parent
 
 # Imported after HOME is set above: the project's helpers pull in nothing that reads it early.
-from vicuna_sky.launch.loopback import stay_on_loopback  # noqa: E402
+from vicuna_sky.localcloud.loopback import stay_on_loopback  # noqa: E402
 from vicuna_sky.ports import free_port, wait_for_port  # noqa: E402
 
 # STS (SkyPilot's AWS catalog asks it who the caller is), every other AWS service, the GCE
@@ -226,11 +226,11 @@ LONGEST_FIRST = (
     "tests/serve/test_fleet.py",
     "tests/test_demo.py",
     "tests/test_journey.py",
-    "tests/launch/test_chaos.py",
+    "tests/localcloud/test_chaos.py",
     "tests/serve/test_hostile_input.py",
     "tests/serve/test_hostile_workers.py",
     "tests/gguf/test_export.py",
-    "tests/launch/test_local.py",
+    "tests/localcloud/test_cluster.py",
     "tests/train/test_attention.py",
     "tests/test_outputs_never_inputs.py",
 )

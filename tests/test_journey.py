@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from vicuna_sky.launch.procs import signal_tree
+from vicuna_sky.procs import signal_tree
 from vicuna_sky.tiny import CHATML, build_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]

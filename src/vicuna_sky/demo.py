@@ -21,9 +21,9 @@ from pathlib import Path
 from rich.table import Table
 
 from vicuna_sky.errors import VicunaSkyError
-from vicuna_sky.launch.local import LocalConfig
-from vicuna_sky.launch.loopback import stay_on_loopback
 from vicuna_sky.launch.tasks import Spec, load_task, resolve_recipe
+from vicuna_sky.localcloud.cluster import LocalConfig
+from vicuna_sky.localcloud.loopback import stay_on_loopback
 from vicuna_sky.recipe import Recipe
 from vicuna_sky.terminal import make_console
 
@@ -110,9 +110,9 @@ def stage_train(ctx: Context) -> str:
     """sky/train.yaml on the local backend, preempted once after its first committed checkpoint:
     the relaunch (a fresh directory, another "zone") resumes from the bucket."""
     from checkpoints_sync import Checkpoints, open_store
-    from vicuna_sky.launch.local import LocalRunner
-    from vicuna_sky.launch.local_backend import fetch_export
     from vicuna_sky.launch.runner import fresh_tag
+    from vicuna_sky.localcloud.backend import fetch_export
+    from vicuna_sky.localcloud.cluster import LocalRunner
 
     # A fresh RUN_TAG: the demo shows a run from step 0, not a resume of an earlier demo's.
     overrides = {"MODEL_PATH": ctx.outputs["model"], "RUN_TAG": fresh_tag(), **ctx.data_envs}
@@ -226,7 +226,7 @@ def stage_evaluate(ctx: Context) -> str:
     test of the machinery, not a quality measure."""
     import json
 
-    from vicuna_sky.launch.local import LocalRunner
+    from vicuna_sky.localcloud.cluster import LocalRunner
 
     envs = {"SERVE_MODEL_PATH": ctx.outputs["export"], "BASELINE_PATH": ctx.outputs["model"]}
     judge_url = os.environ.get("VICUNA_SKY_JUDGE_BASE_URL")

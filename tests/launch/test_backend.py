@@ -8,9 +8,8 @@ import inspect
 import pytest
 
 from vicuna_sky.launch.backend import Backend
-from vicuna_sky.launch.local_backend import LocalBackend
-from vicuna_sky.launch.runner import choose_backend
 from vicuna_sky.launch.skypilot_backend import SkyPilotBackend
+from vicuna_sky.localcloud.backend import LocalBackend
 
 METHODS = sorted(n for n, v in vars(Backend).items() if inspect.isfunction(v) and n[0] != "_")
 FLAGS = sorted(Backend.__annotations__)
@@ -25,13 +24,3 @@ def test_each_backend_implements_the_whole_interface(backend):
         assert list(ours.parameters) == list(theirs.parameters), (backend.__name__, name)
     for flag in FLAGS:
         assert isinstance(getattr(backend, flag), bool), flag
-
-
-def test_the_flag_chooses_the_backend_and_the_workdir_holds_the_local_runs(tmp_path):
-    local = choose_backend(True, tmp_path / "runs", tmp_path / "w")
-    assert isinstance(local, LocalBackend) and local.local and not local.bills
-    assert local.runs_dir == tmp_path / "w" / "runs"
-    assert local.workspace() == tmp_path / "w" / "runs"
-    assert choose_backend(True, tmp_path / "runs").runs_dir == tmp_path / "runs"
-    cloud = choose_backend(False, tmp_path / "runs")
-    assert isinstance(cloud, SkyPilotBackend) and cloud.bills and not cloud.local

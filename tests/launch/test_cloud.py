@@ -19,6 +19,7 @@ import pytest
 
 from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.launch import cloud, report, runner
+from vicuna_sky.launch.skypilot_backend import SkyPilotBackend
 from vicuna_sky.launch.tasks import (
     Spec,
     SpecError,
@@ -64,7 +65,7 @@ def test_a_secret_on_the_command_line_is_refused():
 
 
 def test_eval_launch_needs_the_judges_key_and_sends_it_as_a_secret(fake_sky, monkeypatch, tmp_path):
-    options = dict(dryrun=False, local=False, name=None, runs_dir=tmp_path)
+    options = dict(dryrun=False, backend=SkyPilotBackend(), name=None)
     with pytest.raises(VicunaSkyError, match=r"eval\.yaml needs OPENAI_API_KEY: export it"):
         runner.launch_recipe(Spec.EVAL, "vicuna-7b", (), **options)
     assert not fake_sky.calls  # refused before anything was launched (or paid for)
@@ -143,9 +144,7 @@ def test_checkpoints_are_keyed_by_the_run_name(fake_sky, tmp_path):
     assert "SKYPILOT_TASK_ID" not in task.run.split("--checkpoint-url", 1)[1].splitlines()[0]
     assert '--checkpoint-url "$BUCKET_URL/runs/$RUN_NAME/$RUN_TAG"' in task.run
     assert checkpoint_url(task) == "gs://vicuna-sky-bucket/runs/vicuna-7b/main"
-    options = dict(
-        dryrun=False, local=False, name=None, runs_dir=tmp_path, skip_preflight=NO_BUCKET
-    )
+    options = dict(dryrun=False, backend=SkyPilotBackend(), name=None, skip_preflight=NO_BUCKET)
     # The data named in the bucket: nothing to upload (there is no bucket server here).
     data = ("DATA_PATH=data/train.json",)
     runner.launch_recipe(Spec.TRAIN, "tiny-cpu", data, **options)
@@ -157,9 +156,7 @@ def test_checkpoints_are_keyed_by_the_run_name(fake_sky, tmp_path):
 def test_a_second_run_of_a_job_in_progress_is_refused(fake_sky, tmp_path):
     """Both would write under one checkpoint prefix: refused while the first is in progress
     (nothing launched), allowed with --fresh or once the first has ended."""
-    options = dict(
-        dryrun=False, local=False, name=None, runs_dir=tmp_path, skip_preflight=NO_BUCKET
-    )
+    options = dict(dryrun=False, backend=SkyPilotBackend(), name=None, skip_preflight=NO_BUCKET)
     data = ("DATA_PATH=data/train.json",)  # in the bucket: nothing to upload
     runner.launch_recipe(Spec.TRAIN, "tiny-cpu", data, **options)
     with pytest.raises(VicunaSkyError, match="vicuna-tiny-train is already running as a managed"):
@@ -224,7 +221,7 @@ def test_the_dry_run_names_the_planned_checkpoint_interval_the_launch_uses(tmp_p
     """With a catalog (the session's fixture), the plan's interval replaces the recipe's in
     the task, and the dry run says so beside the YAML that shows it."""
     runner.launch_recipe(
-        Spec.TRAIN, "vicuna-7b", (), dryrun=True, local=False, name=None, runs_dir=tmp_path
+        Spec.TRAIN, "vicuna-7b", (), dryrun=True, backend=SkyPilotBackend(), name=None
     )
     out = capsys.readouterr().out
     said = re.search(r"checkpoint every (\d+) steps: the plan's Young/Daly interval", out)
@@ -254,7 +251,7 @@ def test_local_data_goes_to_the_bucket_once_by_content(
     raw = yaml.safe_load((ROOT / "recipes" / "tiny-cpu.yaml").read_text())
     raw["data"]["path"], raw["bucket"] = str(data), f"s3://{bucket}"
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump(raw))
-    options = dict(dryrun=False, local=False, name=None, runs_dir=tmp_path, fresh=True)
+    options = dict(dryrun=False, backend=SkyPilotBackend(), name=None, fresh=True)
 
     def objects() -> list[str]:
         listed = boto3.client("s3").list_objects_v2(Bucket=bucket).get("Contents", [])
@@ -309,7 +306,7 @@ def test_preflight_refuses_before_anything_is_launched(
         edit(raw)
         path = tmp_path / f"r{len(list(tmp_path.glob('r*.yaml')))}.yaml"
         path.write_text(yaml.safe_dump(raw))
-        options = dict(dryrun=False, local=False, name=None, runs_dir=tmp_path / "runs")
+        options = dict(dryrun=False, backend=SkyPilotBackend(), name=None)
         runner.launch_recipe(Spec.TRAIN, str(path), (), skip_preflight=skip, **options)
 
     gated = "meta-llama/Llama-2-7b-hf"
@@ -392,7 +389,7 @@ def test_a_service_ends_tls_at_skyserves_load_balancer(fake_sky, tmp_path, monke
     again = load_task(Spec.SERVICE, recipe())
     assert cloud.service_tls(again, "vic")[0] == sha  # one certificate per service
     monkeypatch.setenv("VICUNA_SKY_API_KEYS", "key-test-1234")
-    options = dict(dryrun=False, local=False, name="vic3", runs_dir=Path("runs"))
+    options = dict(dryrun=False, backend=SkyPilotBackend(), name="vic3")
     runner.launch_recipe(Spec.SERVICE, "vicuna-7b", (), **options)
     (up,) = fake_sky.named("serve.up")
     assert up[2].service.tls_credential is not None

@@ -16,6 +16,7 @@ import pytest
 from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.launch import cloud, runner, serve_fleet
 from vicuna_sky.launch.fleet_state import FleetState
+from vicuna_sky.launch.skypilot_backend import SkyPilotBackend
 from vicuna_sky.launch.tasks import (
     Spec,
     SpecError,
@@ -287,7 +288,7 @@ def test_the_worker_spec_asks_for_the_public_address_unless_overridden(metadata)
 
 
 def test_fleet_overrides_go_to_the_task_that_declares_them(fake_sky, tmp_path, capsys):
-    options = dict(dryrun=True, local=False, name=None, runs_dir=tmp_path)
+    options = dict(dryrun=True, backend=SkyPilotBackend(), name=None)
     envs = ("SERVE_BACKEND=echo", "SERVED_MODEL_NAME=m", "WEBUI_PORT=7000")
     serve_fleet.launch_fleet("vicuna-7b", envs, **options)
     printed = capsys.readouterr().out
@@ -312,7 +313,7 @@ def test_a_fleet_goes_down_workers_first_then_its_controller(fake_sky, controlle
 def test_no_public_endpoint_without_keys(fake_sky, controller_vms, monkeypatch, capsys):
     """`serve` and `serve --fleet` on a cloud without VICUNA_SKY_API_KEYS are refused before
     anything launches, unless --public; the dry runs say which it would be."""
-    options = dict(dryrun=False, local=False, name=None, runs_dir=Path("runs"))
+    options = dict(dryrun=False, backend=SkyPilotBackend(), name=None)
     with pytest.raises(VicunaSkyError, match="VICUNA_SKY_API_KEYS is not set"):
         runner.launch_recipe(Spec.SERVICE, "vicuna-7b", (), **options)
     with pytest.raises(VicunaSkyError, match="--public to serve without keys"):

@@ -152,8 +152,8 @@ def test_built_in_model_names_resolve_in_every_model_env(tmp_path):
     """A recipe copied from smollm2-cpu.yaml names built-in models as its base and its eval
     baseline: the local backend makes each once under RUNS/models and points the task at the
     directory (the eval used to look for `smollm2-135m` in the bucket, then on the hub)."""
-    from vicuna_sky.launch.local import LocalConfig
-    from vicuna_sky.launch.local_backend import builtin_models
+    from vicuna_sky.localcloud.backend import builtin_models
+    from vicuna_sky.localcloud.cluster import LocalConfig
 
     raw = yaml.safe_load((ROOT / "recipes" / "smollm2-cpu.yaml").read_text())
     raw["model"]["path"] = raw["eval"]["baseline_path"] = "tiny-llama"

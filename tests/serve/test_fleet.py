@@ -264,7 +264,7 @@ def test_sigterm_drains_a_worker(fleet, tiny_chat_model):
 
 
 def test_a_preemption_notice_drains_a_worker(fleet, tiny_chat_model):
-    from vicuna_sky.launch.metadata_server import MetadataServer
+    from vicuna_sky.localcloud.metadata_server import MetadataServer
 
     fleet.start_controller()
     with MetadataServer() as metadata:

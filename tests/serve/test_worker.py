@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from vicuna_sky.launch.metadata_server import MetadataServer
+from vicuna_sky.localcloud.metadata_server import MetadataServer
 from vicuna_sky.serve.model_worker import GenerationFailed, Worker
 from vicuna_sky.serve.protocol import GenerateRequest, Registration
 

@@ -69,7 +69,7 @@ class Run:
 
     def signal_group(self, sig: signal.Signals) -> None:
         """The whole machine: torchrun, and its workers in their own sessions."""
-        from vicuna_sky.launch.procs import signal_tree
+        from vicuna_sky.procs import signal_tree
 
         signal_tree(self.proc.pid, sig)
 
@@ -148,7 +148,7 @@ def until():
 
 @pytest.fixture
 def metadata_server():
-    from vicuna_sky.launch.metadata_server import MetadataServer
+    from vicuna_sky.localcloud.metadata_server import MetadataServer
 
     with MetadataServer() as server:
         yield server

@@ -237,8 +237,8 @@ def data_push(input_path: Path, recipe: str, local: bool, workdir: Path | None) 
     """Upload training data to the recipe's bucket under its content key (never twice); prints
     the DATA_PATH a run reads it at. `train` does this itself for a data.path that is a file."""
     from vicuna_sky.launch import data_push as push_lib
-    from vicuna_sky.launch.local import LocalConfig
     from vicuna_sky.launch.runner import load_recipe
+    from vicuna_sky.localcloud.cluster import LocalConfig
 
     r = load_recipe(recipe)
     conversations = push_lib.check_format(input_path)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from vicuna_sky.cli.app import ENV_HELP, RUNS_HELP, Finite, app, console
 from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.output import OVERWRITE_HELP, check_output_file, write_text
+
+if TYPE_CHECKING:
+    from vicuna_sky.launch.backend import Backend
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 RUNS_DIR = click.option(
@@ -77,7 +81,14 @@ def launch(spec: str, recipe: str, envs: tuple[str, ...], **options: object) -> 
     from vicuna_sky.launch import runner
     from vicuna_sky.launch.tasks import Spec
 
-    runner.launch_recipe(Spec[spec], recipe, envs, **options)
+    runner.launch_recipe(Spec[spec], recipe, envs, backend=backend_of(options), **options)
+
+
+def backend_of(options: dict) -> Backend:
+    """The backend the launch options choose (taking --local, --runs-dir and --workdir)."""
+    from vicuna_sky.cli.backends import choose_backend
+
+    return choose_backend(options.pop("local"), options.pop("runs_dir"), options.pop("workdir"))
 
 
 @app.command()
@@ -127,7 +138,8 @@ def serve(fleet: bool, **options: object) -> None:
     if fleet:
         from vicuna_sky.launch import serve_fleet
 
-        serve_fleet.launch_fleet(options.pop("recipe"), options.pop("envs"), **options)
+        recipe, envs = options.pop("recipe"), options.pop("envs")
+        serve_fleet.launch_fleet(recipe, envs, backend=backend_of(options), **options)
     else:
         launch("SERVICE", **options)
 
@@ -278,7 +290,7 @@ def logs(
 
     if (run_id or follow) and not local:
         raise click.UsageError("--run and --follow are for local runs (--local)")
-    from vicuna_sky.launch.runner import choose_backend
+    from vicuna_sky.cli.backends import choose_backend
 
     backend = choose_backend(local, runs_dir)
     backend.logs(name, kind, replica=replica, run_id=run_id, follow=follow)
@@ -301,7 +313,7 @@ def logs(
 @RUNS_DIR
 def down(name: str, kind: str, local: bool, runs_dir: Path) -> None:
     """Cancel a managed job, tear down a cluster, take a service or a fleet down."""
-    from vicuna_sky.launch.runner import choose_backend
+    from vicuna_sky.cli.backends import choose_backend
 
     gone = choose_backend(local, runs_dir).down(name, kind)
     if local:
@@ -352,7 +364,7 @@ def chaos_train(
 ) -> None:
     """sky/train.yaml on the local backend (bucket on a local S3), preempted K times, compared
     with an uninterrupted run of the same recipe."""
-    from vicuna_sky.launch.chaos import Chaos, ChaosConfig, render
+    from vicuna_sky.localcloud.chaos import Chaos, ChaosConfig, render
 
     if json_path:  # checked before the long run, not after
         check_output_file(json_path, [recipe], overwrite=overwrite)

@@ -1,7 +1,7 @@
 """Where a launch runs: the one interface the launch steps (launch/runner.py) hand a task to.
 
 Two backends implement it: SkyPilot's SDK on the clouds (launch/skypilot_backend.py) and the
-local cloud on this machine (launch/local_backend.py). A backend decides what only it can
+local cloud on this machine (localcloud/backend.py). A backend decides what only it can
 know: where the data is staged, which checks it needs before it provisions anything, what a
 dry run says about it, whether a run of the same name is in progress, and how a task, a fleet,
 its logs and its teardown are done there. The steps decide everything else, once, for both.

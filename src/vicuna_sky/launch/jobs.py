@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from vicuna_sky.errors import VicunaSkyError
-from vicuna_sky.launch.procs import started
 from vicuna_sky.output import write_text
+from vicuna_sky.procs import started
 
 RESUMED = re.compile(r"resumed at step (\d+)")
 

@@ -28,7 +28,6 @@ from vicuna_sky.recipe import Recipe
 from vicuna_sky.terminal import make_console
 
 if TYPE_CHECKING:
-    from vicuna_sky.launch.local import LocalConfig
     from vicuna_sky.launch.preflight import Finding
 
 console = make_console()
@@ -43,27 +42,22 @@ def launch_recipe(
     recipe_arg: str,
     envs: tuple[str, ...],
     *,
+    backend: Backend,
     dryrun: bool,
-    local: bool,
     name: str | None,
-    runs_dir: Path,
-    local_config: LocalConfig | None = None,
-    workdir: Path | None = None,
     over_budget: bool = False,
     fresh: bool = False,
     public: bool = False,
     skip_preflight: tuple[str, ...] = (),
     any_cloud: bool = False,
 ) -> jobs.LocalJob | None:
-    """Launch a spec for a recipe: on the cloud, or with `local` on this machine (`workdir`
-    then holds the runs, the buckets and, after training, the exported model in `export/`).
-    `fresh` gives a training run a new RUN_TAG, so it starts from step 0 instead of resuming
-    from the checkpoints of the run name.
+    """Launch a spec for a recipe on `backend` (SkyPilot's clouds, or the local cloud on this
+    machine: the command line chooses, cli/backends.py). `fresh` gives a training run a new
+    RUN_TAG, so it starts from step 0 instead of resuming from the checkpoints of the run name.
 
     The steps, in order: build the task, plan its cost, check what needs nothing, check the
     bucket, stage the data; then a dry run shows what they decided, and a launch admits the
     task (keys, secrets, the uploaded data, no second run) and hands it to the backend."""
-    backend = choose_backend(local, runs_dir, workdir, local_config)
     launch = build(spec, recipe_arg, envs, name, fresh=fresh, public=public, any_cloud=any_cloud)
     launch.over_budget, launch.skip_preflight = over_budget, skip_preflight
     plan_cost(launch)
@@ -76,21 +70,6 @@ def launch_recipe(
         return None
     admit(launch, backend)
     return backend.launch(launch)
-
-
-def choose_backend(
-    local: bool,
-    runs_dir: Path,
-    workdir: Path | None = None,
-    local_config: LocalConfig | None = None,
-) -> Backend:
-    if local:
-        from vicuna_sky.launch.local_backend import LocalBackend
-
-        return LocalBackend(runs_dir, workdir, local_config)
-    from vicuna_sky.launch.skypilot_backend import SkyPilotBackend
-
-    return SkyPilotBackend()
 
 
 def build(

@@ -1,13 +1,12 @@
 """`vicuna-sky serve --fleet`: the controller and its workers, on the cloud (a cluster and
-managed jobs, launch/cloud.py) or on this machine (launch/fleet.py), started or repaired."""
+managed jobs, launch/cloud.py) or on this machine (localcloud/fleet.py), started or
+repaired."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from vicuna_sky.launch.backend import Launch
+from vicuna_sky.launch.backend import Backend, Launch
 from vicuna_sky.launch.report import print_yaml
-from vicuna_sky.launch.runner import choose_backend, load_recipe, public_switch
+from vicuna_sky.launch.runner import load_recipe, public_switch
 from vicuna_sky.launch.tasks import (
     Spec,
     load_task,
@@ -26,17 +25,14 @@ def launch_fleet(
     recipe_arg: str,
     envs: tuple[str, ...],
     *,
+    backend: Backend,
     dryrun: bool,
-    local: bool,
     name: str | None,
-    runs_dir: Path,
-    workdir: Path | None = None,
     public: bool = False,
     any_cloud: bool = False,
 ) -> None:
-    """The controller and `serve.workers` worker jobs: on the cloud, or with `local` here on
-    the local backend until Ctrl-C (`workdir`: W/runs and W/buckets, as `train --workdir`)."""
-    backend = choose_backend(local, runs_dir, workdir)
+    """The controller and `serve.workers` worker jobs on `backend`: the cloud's, or the local
+    cloud's until Ctrl-C."""
     recipe = load_recipe(recipe_arg)
     overrides = parse_env_overrides(envs)
     # Each task takes the overrides it declares (SERVED_MODEL_NAME: both); one that neither

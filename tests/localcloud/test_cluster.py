@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vicuna_sky.launch.jobs import JobStatus, LocalJob, list_jobs
-from vicuna_sky.launch.local import LocalConfig, LocalRunner
+from vicuna_sky.localcloud.cluster import LocalConfig, LocalRunner
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -21,10 +21,6 @@ from pathlib import Path
 
 from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.launch import cost, jobs
-from vicuna_sky.launch.local import LocalConfig, LocalRunner
-from vicuna_sky.launch.loopback import stay_on_loopback
-from vicuna_sky.launch.metadata_server import MetadataServer
-from vicuna_sky.launch.s3_server import LOCAL_AWS_ENV, LocalS3
 from vicuna_sky.launch.tasks import (
     Spec,
     checkpoint_url,
@@ -32,6 +28,10 @@ from vicuna_sky.launch.tasks import (
     parse_env_overrides,
     resolve_recipe,
 )
+from vicuna_sky.localcloud.cluster import LocalConfig, LocalRunner
+from vicuna_sky.localcloud.loopback import stay_on_loopback
+from vicuna_sky.localcloud.metadata_server import MetadataServer
+from vicuna_sky.localcloud.s3_server import LOCAL_AWS_ENV, LocalS3
 from vicuna_sky.recipe import Recipe
 
 KINDS = ("kill", "notice")
@@ -120,8 +120,8 @@ class Chaos:
         self.workdir = Path(config.workdir).resolve()
 
     def _task(self, run_name: str, local: LocalConfig) -> object:
-        from vicuna_sky.launch.local_backend import builtin_models
         from vicuna_sky.launch.runner import push_local_data
+        from vicuna_sky.localcloud.backend import builtin_models
 
         task = load_task(Spec.TRAIN, self.recipe, {**self.overrides, "RUN_NAME": run_name})
         # The recipe's data as any launch uploads it (by content: both runs read one object).

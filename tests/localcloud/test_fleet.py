@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import yaml
 
-from vicuna_sky.launch.fleet import LocalSkyFleet
-from vicuna_sky.launch.local import LocalConfig
 from vicuna_sky.launch.tasks import Spec, load_task
+from vicuna_sky.localcloud.cluster import LocalConfig
+from vicuna_sky.localcloud.fleet import LocalSkyFleet
 from vicuna_sky.models import resolve_model_path
 from vicuna_sky.recipe import Recipe
 from vicuna_sky.tiny import CHATML, build_tiny_llama

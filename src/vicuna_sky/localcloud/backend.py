@@ -1,6 +1,6 @@
 """The local cloud as a `Backend`: each task runs on this machine the way SkyPilot runs it on a
-cluster (launch/local.py), its buckets are folders, and a fleet runs until Ctrl-C
-(launch/fleet.py)."""
+cluster (localcloud/cluster.py), its buckets are folders, and a fleet runs until Ctrl-C
+(localcloud/fleet.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from pathlib import Path
 
 from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.launch import cost, jobs
-from vicuna_sky.launch import local as local_lib
 from vicuna_sky.launch.backend import Launch
 from vicuna_sky.launch.preflight import UPLOADED, Finding
-from vicuna_sky.launch.report import print_local_places, show_local_logs, summarize
+from vicuna_sky.launch.report import summarize
 from vicuna_sky.launch.tasks import Spec, one_line
+from vicuna_sky.localcloud import cluster
+from vicuna_sky.localcloud.report import print_local_places, show_local_logs
 from vicuna_sky.output import check_output_dir, writing_dir
 from vicuna_sky.recipe import Recipe
 from vicuna_sky.terminal import make_console
@@ -37,11 +38,11 @@ class LocalBackend:
         self,
         runs_dir: Path,
         workdir: Path | None = None,
-        config: local_lib.LocalConfig | None = None,
+        config: cluster.LocalConfig | None = None,
     ) -> None:
         self.workdir = workdir
         self.runs_dir = workdir / "runs" if workdir is not None else runs_dir
-        self.config = config or local_lib.LocalConfig(
+        self.config = config or cluster.LocalConfig(
             runs_dir=self.runs_dir, bucket_root=workdir / "buckets" if workdir else None
         )
 
@@ -90,7 +91,7 @@ class LocalBackend:
         show_local_logs(job, follow=bool(options.get("follow")))
 
 
-def builtin_models(task: object, config: local_lib.LocalConfig) -> None:
+def builtin_models(task: object, config: cluster.LocalConfig) -> None:
     """A built-in model (tiny-llama, smollm2-135m) named by any of MODEL_ENVS is made once per
     runs directory and the task points at it, instead of every attempt's fresh directory making
     its own (or a served model's path being read as one in the bucket)."""
@@ -105,7 +106,7 @@ def builtin_models(task: object, config: local_lib.LocalConfig) -> None:
             task.update_envs({key: path})
 
 
-def check_local_data(recipe: Recipe, task: object, config: local_lib.LocalConfig) -> None:
+def check_local_data(recipe: Recipe, task: object, config: cluster.LocalConfig) -> None:
     """The training (and held-out) data must be in the (local) bucket: a file here or
     demo-sample was uploaded by then, so a mistyped path fails here, before a model is made."""
     data_path = task.envs.get("DATA_PATH", recipe.data.path)
@@ -125,9 +126,9 @@ def check_local_data(recipe: Recipe, task: object, config: local_lib.LocalConfig
 
 
 def run_locally(
-    task: object, config: local_lib.LocalConfig, prices: cost.Prices | None = None
+    task: object, config: cluster.LocalConfig, prices: cost.Prices | None = None
 ) -> jobs.LocalJob:
-    runner = local_lib.LocalRunner(task, config, on_event=lambda m: console.print(f"  {m}"))
+    runner = cluster.LocalRunner(task, config, on_event=lambda m: console.print(f"  {m}"))
     if prices:
         runner.job.prices = asdict(prices)
         runner.job.save()
@@ -182,7 +183,7 @@ def stop_local(name: str, runs_dir: Path, timeout: float = 60.0) -> list[str]:
 
 
 def run_fleet_locally(
-    controller: object, worker: object, name: str, workers: int, config: local_lib.LocalConfig
+    controller: object, worker: object, name: str, workers: int, config: cluster.LocalConfig
 ) -> None:
     """sky/serve-controller.yaml and sky/serve-worker.yaml on this machine until Ctrl-C: a
     worker that dies is relaunched like a preempted managed job. A re-run while the fleet's
@@ -191,8 +192,8 @@ def run_fleet_locally(
     running workers register with it."""
     import time
 
-    from vicuna_sky.launch.fleet import LocalSkyFleet
     from vicuna_sky.launch.fleet_state import FleetState
+    from vicuna_sky.localcloud.fleet import LocalSkyFleet
 
     builtin_models(worker, config)
     runs = Path(config.runs_dir)

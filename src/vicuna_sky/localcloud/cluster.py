@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING
 
 from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.launch.jobs import Attempt, JobStatus, LocalJob
-from vicuna_sky.launch.procs import count_local_gpus, signal_name, signal_tree, started
 from vicuna_sky.ports import free_port
+from vicuna_sky.procs import count_local_gpus, signal_name, signal_tree, started
 
 if TYPE_CHECKING:
     import sky

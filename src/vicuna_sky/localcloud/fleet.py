@@ -22,7 +22,7 @@ import httpx
 
 from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.launch.fleet_state import FleetState
-from vicuna_sky.launch.local import LocalConfig, LocalRunner
+from vicuna_sky.localcloud.cluster import LocalConfig, LocalRunner
 from vicuna_sky.ports import free_port
 from vicuna_sky.serve.tls import FLEET_TLS_ENV
 

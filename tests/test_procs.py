@@ -1,4 +1,4 @@
-"""Processes on this machine (launch/procs.py), with real processes."""
+"""Processes on this machine (procs.py), with real processes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from vicuna_sky.launch.procs import signal_name, signal_tree, started
+from vicuna_sky.procs import signal_name, signal_tree, started
 
 
 def test_a_signal_reaches_grandchildren_in_sessions_of_their_own():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from vicuna_sky.launch.jobs import LocalJob, list_jobs
-from vicuna_sky.launch.local import LocalConfig, LocalRunner, signal_tree
+from vicuna_sky.localcloud.cluster import LocalConfig, LocalRunner, signal_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 EXE = str(Path(sys.executable).parent / "vicuna-sky")
