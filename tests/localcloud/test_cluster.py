@@ -20,6 +20,7 @@ resources:
   cpus: 1+
   job_recovery:
     max_restarts_on_errors: {restarts}
+    recover_on_exit_codes: [75, 76]
 envs:
   BUCKET_URL: s3://probe-bucket
   BUCKET_DIR: /probe-bucket
@@ -41,7 +42,7 @@ RECORD = """
           "SKYPILOT_NUM_GPUS_PER_NODE", "SKYPILOT_TASK_ID", "SKYPILOT_CLUSTER_INFO",
           "BUCKET_DIR", "BUCKET_URL", "MASTER_PORT"]
   record = {k: os.environ.get(k) for k in keys} | {"cwd": os.getcwd()}
-  # Ranks of one attempt share its directory; a file from another attempt is a leak.
+  # Each node has its own copy of the workdir; a file from another attempt is a leak.
   zone = json.loads(os.environ["SKYPILOT_CLUSTER_INFO"])["zone"]
   record["leaked"] = os.path.exists("scratch") and open("scratch").read() != zone
   with open(os.path.join(os.environ["BUCKET_DIR"], "records.jsonl"), "a") as f:
@@ -94,11 +95,15 @@ def test_multi_node_run_sees_skypilot_environment(tmp_path):
         assert r["BUCKET_URL"] == f"file://{bucket(tmp_path)}"
         assert r["MASTER_PORT"] != "29500"
         assert Path(r["cwd"], "code.txt").read_text() == "our code\n"
-    # setup ran once for the attempt; logs are in the run directory
-    assert len((bucket(tmp_path) / "setups").read_text().splitlines()) == 1
+        assert not r["leaked"]
+    assert recs[0]["cwd"] != recs[1]["cwd"]  # each node its own disk
+    # setup ran on each node, in its own workdir; logs are in the run directory
+    setups = (bucket(tmp_path) / "setups").read_text().splitlines()
+    assert sorted(setups) == sorted(f"setup {r['cwd']}" for r in recs)
     node_dir = Path(job.run_dir) / "attempt-1"
     assert {p.name for p in node_dir.glob("*.log")} == {
-        "setup.log",
+        "setup-rank0.log",
+        "setup-rank1.log",
         "run-rank0.log",
         "run-rank1.log",
     }
@@ -124,13 +129,13 @@ def test_killed_run_is_relaunched_fresh_with_same_task_id(tmp_path):
     recs = records(tmp_path)
     assert {r["SKYPILOT_TASK_ID"] for r in recs} == {job.task_id}
     dirs = {r["cwd"] for r in recs}
-    assert len(dirs) == 2  # a fresh working directory for the second attempt
+    assert len(dirs) == 4  # each node's own, fresh for the second attempt
     # Local disk did not survive the "preemption" (no scratch file at start); the bucket did.
     assert not any(r["leaked"] for r in recs)
     assert (Path(job.attempts[0].workdir) / "scratch").read_text() == "local-zone-1"
     zones = {json.loads(r["SKYPILOT_CLUSTER_INFO"])["zone"] for r in recs}
     assert zones == {"local-zone-1", "local-zone-2"}
-    assert len((bucket(tmp_path) / "setups").read_text().splitlines()) == 2
+    assert len((bucket(tmp_path) / "setups").read_text().splitlines()) == 4  # 2 nodes, twice
 
 
 def test_preempt_from_outside_takes_the_whole_node_down(tmp_path):
@@ -174,13 +179,56 @@ def test_errors_restart_up_to_max_restarts_on_errors(tmp_path):
     assert events[-1].startswith("FAILED")
 
 
-def test_failed_setup_is_final(tmp_path):
-    task = make_task(tmp_path, "  echo never")
+def test_a_failed_setup_ends_the_job_unless_restarts_remain(tmp_path):
+    """SkyPilot 0.14.1 sends a failed setup's exit codes through the same recovery rules as a
+    run's (jobs/controller.py:1346-1390): FAILED_SETUP once the restarts are spent."""
+    task = make_task(tmp_path, "  echo never", nodes=2)
     task.setup = "exit 7"
     job = LocalRunner(task, config(tmp_path)).run()
     assert job.status == JobStatus.FAILED_SETUP.value
     assert len(job.attempts) == 1
-    assert job.attempts[0].reason == "setup exit 7"
+    codes = job.attempts[0].exit_codes  # the first to fail cancels the other (137)
+    assert 7 in codes and set(codes) <= {7, 137} and "setup exit codes" in job.attempts[0].reason
+    task = make_task(tmp_path, "  echo ran", restarts=1)
+    task.setup = 'echo try >> "$BUCKET_DIR/setup-tries"; exit 7'
+    job = LocalRunner(task, config(tmp_path)).run()
+    assert job.status == JobStatus.FAILED_SETUP.value and len(job.attempts) == 2
+    assert len((bucket(tmp_path) / "setup-tries").read_text().splitlines()) == 2
+
+
+def test_a_setup_that_exits_with_a_recovery_code_is_recovered(tmp_path):
+    """An install that could not finish (sky/install.sh: 76) is tried again on a new cluster,
+    without a restart counted, as a run's 76 is."""
+    task = make_task(tmp_path, '  echo ran >> "$BUCKET_DIR/ran"')
+    task.setup = 'if [ ! -e "$BUCKET_DIR/once" ]; then touch "$BUCKET_DIR/once"; exit 76; fi'
+    job = LocalRunner(task, config(tmp_path)).run()
+    assert job.status == JobStatus.SUCCEEDED.value
+    assert [a.status for a in job.attempts] == ["PREEMPTED", "SUCCEEDED"]
+    assert job.attempts[0].exit_codes == [76] and job.restarts_on_errors == 0
+
+
+def test_the_first_node_to_fail_cancels_the_others_with_137(tmp_path):
+    """SkyPilot 0.14.1 (backends/task_codegen.py:387-400): the job's codes are the failed
+    node's and 137 for every node it cancelled, at once, not when they would have ended."""
+    run = '  if [ "$SKYPILOT_NODE_RANK" = 1 ]; then exit 5; fi; sleep 60'
+    started = time.monotonic()
+    job = LocalRunner(make_task(tmp_path, run, nodes=3), config(tmp_path)).run()
+    assert job.status == JobStatus.FAILED.value
+    assert job.attempts[0].exit_codes == [137, 5, 137]
+    assert time.monotonic() - started < 30
+
+
+def test_any_nodes_recovery_code_recovers_the_job_though_the_rest_were_cancelled(tmp_path):
+    """The node that ends first decides: its 76 recovers the job, the others' 137 aside."""
+    run = """
+  case "$SKYPILOT_CLUSTER_INFO" in *local-zone-1*) first=1 ;; *) first=0 ;; esac
+  if [ $first = 1 ] && [ "$SKYPILOT_NODE_RANK" = 1 ]; then exit 76; fi
+  if [ $first = 1 ]; then sleep 60; fi
+"""
+    job = LocalRunner(make_task(tmp_path, run, nodes=2), config(tmp_path)).run()
+    assert job.status == JobStatus.SUCCEEDED.value
+    assert job.attempts[0].exit_codes == [137, 76] and job.attempts[0].status == "PREEMPTED"
+    assert job.restarts_on_errors == 0
 
 
 def test_too_many_preemptions_fail_the_job(tmp_path):

@@ -181,11 +181,14 @@ def test_gradio_messages_of_parts_become_the_conversation():
         {"role": "user", "content": [{"type": "text", "text": "bomb"}]},
         {"role": "assistant", "content": [{"type": "text", "text": REFUSAL}]},
         {"role": "user", "content": "what is my name?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "you are"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": " Alice"}]},
     ]
     assert conversation(parts) == [
         {"role": "user", "content": "my name is Alice"},
         {"role": "assistant", "content": "hello Alice"},
         {"role": "user", "content": "what is my name?"},
+        {"role": "assistant", "content": "you are Alice"},
     ]
 
 

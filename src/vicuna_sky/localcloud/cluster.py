@@ -1,7 +1,7 @@
 """Run a SkyPilot task on this machine, the way SkyPilot runs it on a cluster.
 
-Each attempt is a fresh "cluster": a new working directory with a copy of the workdir, `setup`
-once, then `run` once per node rank with the SKYPILOT_* variables SkyPilot sets. Buckets
+Each attempt is a fresh "cluster": each node a new working directory with its own copy of the
+workdir, `setup` then `run` on every node with the SKYPILOT_* variables SkyPilot sets. Buckets
 become local directories (or stay URLs when a local S3/GCS endpoint is configured), so
 state survives an attempt only through the bucket, as on a real spot node.
 
@@ -154,7 +154,10 @@ class LocalRunner:
                         break
                     self._set(JobStatus.RECOVERING, f"attempt {attempt.number} preempted")
                     continue
-                if outcome == "failed" and self.job.restarts_on_errors < max_error_restarts:
+                # A failed setup counts like a failed run (0.14.1 jobs/controller.py:1346-1390:
+                # both go through should_restart_on_failure).
+                failed = outcome in ("failed", "failed_setup")
+                if failed and self.job.restarts_on_errors < max_error_restarts:
                     self.job.restarts_on_errors += 1
                     self._set(JobStatus.RECOVERING, f"attempt {attempt.number} failed, restarting")
                     continue
@@ -191,6 +194,10 @@ class LocalRunner:
             shutil.copytree(source, workdir, ignore=self._ignore, symlinks=True)
         else:
             workdir.mkdir(parents=True)
+        for rank in range(1, self.task.num_nodes):
+            # Each node has its own disk, with its own copy of the workdir (SkyPilot syncs it
+            # to every node): what one node writes there, the others never see.
+            shutil.copytree(workdir, node_workdir(workdir, rank), symlinks=True)
         attempt = Attempt(number=number, workdir=str(workdir), zone=f"local-zone-{number}")
         self.job.attempts.append(attempt)
         status = JobStatus.STARTING if number == 1 else JobStatus.RECOVERING
@@ -209,59 +216,84 @@ class LocalRunner:
         self._preempting = False
         node_dir = Path(attempt.workdir).parent
         envs = self._task_envs(attempt)
+        nodes = range(self.task.num_nodes)
         if self.task.setup:
-            env = {
-                **envs,
-                **self._node_envs(attempt, rank=0, prefix="SKYPILOT_"),
-                **self._node_envs(attempt, rank=0, prefix="SKYPILOT_SETUP_"),
-            }
-            proc = self._spawn(self.task.setup, env, attempt, node_dir / "setup.log")
-            rc = proc.wait()
-            if self._preempting or rc < 0:
-                attempt.status, attempt.reason = "PREEMPTED", "preempted during setup"
-                return "preempted"
-            if rc != 0:
-                attempt.status, attempt.reason = JobStatus.FAILED_SETUP.value, f"setup exit {rc}"
-                return "failed_setup"
+            # On every node, as SkyPilot runs a job's setup (0.14.1 backends/task_codegen.py:
+            # 477-538: one setup per node, the first failure cancels the others, and the codes
+            # are the job's exit codes, FAILED_SETUP).
+            procs = [
+                self._spawn(
+                    self.task.setup,
+                    {
+                        **envs,
+                        **self._node_envs(attempt, rank=rank, prefix="SKYPILOT_"),
+                        **self._node_envs(attempt, rank=rank, prefix="SKYPILOT_SETUP_"),
+                    },
+                    node_workdir(Path(attempt.workdir), rank),
+                    node_dir / f"setup-rank{rank}.log",
+                )
+                for rank in nodes
+            ]
+            outcome = self._outcome(attempt, self._wait_cluster(procs), "setup")
+            if outcome != "succeeded":
+                return outcome
         if not self.task.run:
             attempt.status = JobStatus.SUCCEEDED.value
             return "succeeded"
         self._set(JobStatus.RUNNING, f"attempt {attempt.number} running")
-        procs = []
-        for rank in range(self.task.num_nodes):
-            env = {**envs, **self._node_envs(attempt, rank=rank, prefix="SKYPILOT_")}
-            log = node_dir / f"run-rank{rank}.log"
-            procs.append(self._spawn(self.task.run, env, attempt, log))
-        codes = self._wait_cluster(procs)
+        procs = [
+            self._spawn(
+                self.task.run,
+                {**envs, **self._node_envs(attempt, rank=rank, prefix="SKYPILOT_")},
+                node_workdir(Path(attempt.workdir), rank),
+                node_dir / f"run-rank{rank}.log",
+            )
+            for rank in nodes
+        ]
+        return self._outcome(attempt, self._wait_cluster(procs), "run")
+
+    def _outcome(self, attempt: Attempt, codes: list[int], stage: str) -> str:
+        """What the nodes' exit codes of `stage` (setup or run) make of the attempt, by the
+        rules of SkyPilot's jobs controller."""
         attempt.exit_codes = codes
         if self._preempting or any(c < 0 for c in codes):
             dead = [f"rank {r} by {signal_name(-c)}" for r, c in enumerate(codes) if c < 0]
             attempt.status = "PREEMPTED"
-            attempt.reason = "killed: " + ", ".join(dead) if dead else "preempted"
+            attempt.reason = "killed: " + ", ".join(dead) if dead else f"preempted during {stage}"
             return "preempted"
         recover = [c for c in codes if c in self._recover_on_exit_codes()]
         if recover:
-            # As SkyPilot: these codes mean "recover me" (our trainer's 75 after a preemption
-            # notice), whatever max_restarts_on_errors says.
+            # As SkyPilot (0.14.1 jobs/recovery_strategy.py:1356-1362): any node's code in
+            # recover_on_exit_codes recovers, whatever max_restarts_on_errors says.
             attempt.status = "PREEMPTED"
-            attempt.reason = f"exit code(s) {recover} matched recover_on_exit_codes"
+            attempt.reason = f"{stage} exit code(s) {recover} matched recover_on_exit_codes"
             return "preempted"
         if any(codes):
-            attempt.status, attempt.reason = JobStatus.FAILED.value, f"exit codes {codes}"
-            return "failed"
+            failed = JobStatus.FAILED_SETUP if stage == "setup" else JobStatus.FAILED
+            attempt.status, attempt.reason = failed.value, f"{stage} exit codes {codes}"
+            return "failed_setup" if stage == "setup" else "failed"
         attempt.status = JobStatus.SUCCEEDED.value
         return "succeeded"
 
     def _wait_cluster(self, procs: list[subprocess.Popen]) -> list[int]:
-        """Wait for every rank; a rank killed by a signal takes the whole node set down."""
+        """Every node's exit code. A node killed by a signal is a preemption: the others go
+        with it. The first node to fail cancels the others, whose code is then 137 (0.14.1
+        backends/task_codegen.py:387-400: ray.cancel(force=True), recorded as 128 + 9)."""
+        cancelled: set[int] = set()
         while True:
             codes = [p.poll() for p in procs]
             if all(c is not None for c in codes):
-                return [int(c) for c in codes if c is not None]
-            if any(c is not None and c < 0 for c in codes):
+                return [CANCELLED if i in cancelled else int(c) for i, c in enumerate(codes)]
+            ours = [c for i, c in enumerate(codes) if i not in cancelled and c is not None]
+            if any(c < 0 for c in ours):
                 # A preempted node is gone, and a multi-node job cannot continue without it.
                 self._preempting = True
                 _signal_groups([p for p in procs if p.poll() is None], signal.SIGKILL)
+            elif any(c > 0 for c in ours):
+                for i, p in enumerate(procs):
+                    if p.poll() is None:
+                        cancelled.add(i)
+                        signal_tree(p.pid, signal.SIGKILL)
             time.sleep(0.1)
 
     # -------------------------------------------------------------- environment
@@ -372,14 +404,12 @@ class LocalRunner:
 
     # ---------------------------------------------------------------- processes
 
-    def _spawn(
-        self, script: str, env: dict[str, str], attempt: Attempt, log: Path
-    ) -> subprocess.Popen:
+    def _spawn(self, script: str, env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
         with open(log, "ab") as out:
             # Its own session: the whole process tree of a node can be killed at once.
             proc = subprocess.Popen(
                 ["bash", "-c", script],
-                cwd=attempt.workdir,
+                cwd=cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -417,6 +447,15 @@ class LocalRunner:
 
 
 # ------------------------------------------------------------------- helpers
+
+
+CANCELLED = 137
+"""The exit code SkyPilot records for a node cancelled because another failed (128 + SIGKILL)."""
+
+
+def node_workdir(workdir: Path, rank: int) -> Path:
+    """Node `rank`'s copy of an attempt's workdir: node 0's is the attempt's own."""
+    return workdir if rank == 0 else workdir.parent / f"node-{rank}" / "workdir"
 
 
 def _signal_groups(procs: list[subprocess.Popen], sig: signal.Signals) -> None:

@@ -367,7 +367,11 @@ class Trainer:
                 watcher.source or "peer",
                 watcher.window_seconds,
             )
+        if world.local_rank == 0:
+            # On every node: the node whose run script ends first decides the job's exit code
+            # for all (SkyPilot cancels the others with 137), so each must know it was this.
             marker = Path(self.config.checkpoint_dir) / "PREEMPTED"
+            marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(f"step {step}\n")
         return PREEMPTED_EXIT_CODE
 
