@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint env browser clean docs mutation mutation-changed
+.PHONY: demo test lint env browser clean docs lock mutation mutation-changed
 
 env: $(STAMP) browser
 
@@ -57,6 +57,13 @@ test: lint
 docs: $(STAMP)
 	$(BIN)/python docs/make_reference.py docs/reference
 	$(BIN)/zensical build --strict --config-file mkdocs.yml
+
+# The versions every node installs (sky/install.sh): one resolution for every Python and
+# platform a node may have, from wheels only. Run after changing pyproject.toml's dependencies
+# (tests/test_install_sets.py says when the lock no longer meets them), then commit it.
+lock: $(STAMP)
+	$(BIN)/uv pip compile pyproject.toml --universal --python-version 3.10 --only-binary :all: \
+	  --custom-compile-command "make lock" --quiet -o sky/node.lock
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache docs/reference

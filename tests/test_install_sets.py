@@ -183,7 +183,7 @@ def test_each_spec_installs_its_role_only(spec, installs):
     assert "pip install" not in setup  # one install path for every spec: sky/install.sh
     script = (ROOT / "sky" / "install.sh").read_text()
     pip_lines = [line for line in script.splitlines() if "pip install" in line]
-    assert pip_lines and all('-e "$target"' in line for line in pip_lines)
+    assert pip_lines and all('-e "$target"' in line or '-r "$lock"' in line for line in pip_lines)
     for banned in ("flash-attn", "flash_attn", "skypilot", "[cloud]", "[gpu]"):
         assert not any(banned in line for line in pip_lines), (banned, pip_lines)
 
@@ -222,8 +222,8 @@ def test_install_script_skips_what_the_image_has_and_says_how_it_installs(tmp_pa
     )  # fmt: skip
     assert attempt.returncode != 0
     assert "already in this image" not in attempt.stdout
-    # uv's own words (pip says nothing of the kind): the install went through uv.
-    assert "the network was disabled" in attempt.stderr, attempt
+    # uv's own words (pip says "No matching distribution"): the install went through uv.
+    assert "No solution found" in attempt.stderr, attempt
 
 
 def test_extras_are_the_three_roles_and_no_sdist_only_package():
@@ -237,3 +237,94 @@ def test_extras_are_the_three_roles_and_no_sdist_only_package():
     assert "flash-attn" not in names
     base = {re.split(r"[<>=!\[ ;]", r, maxsplit=1)[0].lower() for r in project["dependencies"]}
     assert not {"skypilot", "vllm", "moto"} & base
+
+
+def lock_pins() -> list[tuple[str, str, str]]:
+    """(name, version, marker) of each line of sky/node.lock."""
+    pins = []
+    for line in (ROOT / "sky" / "node.lock").read_text().splitlines():
+        if line and not line.startswith((" ", "#")):
+            pin, _, marker = line.partition(";")
+            name, _, version = pin.strip().partition("==")
+            pins.append((name.lower().replace("_", "-"), version, marker.strip()))
+    return pins
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+def test_the_node_lock_meets_every_requirement_and_holds_nothing_else(python):
+    """The versions every attempt of a run installs (sky/install.sh): for each Python a node
+    may have, the lock pins one version of each node requirement, inside its range. A change
+    to pyproject.toml the lock does not meet fails here: `make lock`."""
+    from packaging.markers import Marker
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")
+    env = {"python_version": python, "python_full_version": f"{python}.0",
+           "sys_platform": "linux", "platform_machine": "x86_64", "platform_system": "Linux",
+           "implementation_name": "cpython", "platform_python_implementation": "CPython",
+           "os_name": "posix", "extra": ""}  # fmt: skip
+    chosen: dict[str, list[str]] = {}
+    for name, version, marker in lock_pins():
+        if not marker or Marker(marker).evaluate(env):
+            chosen.setdefault(name, []).append(version)
+    assert all(len(v) == 1 for v in chosen.values()), {
+        n: v for n, v in chosen.items() if len(v) > 1
+    }
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for text in project["dependencies"]:
+        req = Requirement(text)
+        if req.marker and not req.marker.evaluate(env):
+            continue
+        name = req.name.lower().replace("_", "-")
+        assert name in chosen, f"{name} is not in sky/node.lock: make lock"
+        assert req.specifier.contains(chosen[name][0], prereleases=True), (text, chosen[name])
+    assert not NOT_ON_NODES & set(chosen)
+
+
+def _install(tmp_path: Path, index: str) -> subprocess.CompletedProcess:
+    """sky/install.sh on a python without the package, its uv pointed at `index`."""
+    import os
+
+    bin_dir = Path(sys.executable).parent
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    (tmp_path / ".local" / "bin").mkdir(parents=True)
+    (tmp_path / ".local" / "bin" / "uv").symlink_to(bin_dir / "uv")
+    env = {
+        **os.environ,
+        "PATH": f"{bare / 'bin'}:{os.environ['PATH']}",
+        "HOME": str(tmp_path),
+        "UV_NO_CACHE": "1",
+        "UV_DEFAULT_INDEX": index,
+        "INSTALL_RETRY_SECONDS": "0.1 0.1",
+    }
+    return subprocess.run(
+        ["bash", str(ROOT / "sky" / "install.sh")], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_an_install_that_cannot_reach_an_index_is_tried_again_then_exits_76(tmp_path):
+    """A package index that does not answer (a closed port here): three tries, then 76, which
+    sky/train.yaml recovers on a new cluster (tests/localcloud/test_cluster.py)."""
+    from vicuna_sky.ports import free_port
+
+    done = _install(tmp_path, f"http://127.0.0.1:{free_port()}/simple")
+    assert done.returncode == 76, done.stderr[-2000:]
+    assert done.stderr.count("could not reach the package index") == 2
+    assert (
+        done.stderr.strip().splitlines()[-1].startswith("install: no package index answered in 3")
+    )
+    train = yaml.safe_load((ROOT / "sky" / "train.yaml").read_text())
+    assert 76 in train["resources"]["job_recovery"]["recover_on_exit_codes"]
+
+
+def test_an_install_that_cannot_be_resolved_fails_at_once(tmp_path):
+    """An index that answers without the packages: no new cluster would change that, so no 76
+    (a recovery loop would bill machine after machine)."""
+    index = tmp_path / "empty-index"
+    index.mkdir()
+    done = _install(tmp_path, index.as_uri())
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "not retried" in done.stderr.strip().splitlines()[-1]
+    assert "could not reach" not in done.stderr
