@@ -392,6 +392,11 @@ TESTS_OF = {
         "tests/serve/test_http_server.py",
         "tests/serve/test_tls.py::test_a_stream_abandoned_mid_answer_stops_at_once_and_leaves_no_traceback",
     ],
+    # The fleet's launch on the cloud is tested in its own file (the rest of cloud.py's).
+    "src/vicuna_sky/launch/cloud.py": [
+        "tests/launch/test_cloud.py",
+        "tests/launch/test_cloud_fleet.py",
+    ],
     # The page's https and its pinned controller are tested beside the other servers' TLS.
     "src/vicuna_sky/serve/webui.py": [
         "tests/serve/test_webui.py",

@@ -204,12 +204,14 @@ def test_a_blocked_message_never_reaches_a_model_as_context():
         {"role": "assistant", "content": NO_MODEL},
         {"role": "user", "content": "thanks"},
         {"role": "assistant", "content": "you are welcome"},
+        {"role": "user", "content": NO_MODEL},  # a user who pastes the page's notice
     ]
     assert conversation(history) == [
         {"role": "user", "content": "hello"},
         {"role": "assistant", "content": "hi!"},
         {"role": "user", "content": "thanks"},
         {"role": "assistant", "content": "you are welcome"},
+        {"role": "user", "content": NO_MODEL},  # only the page's own answers are dropped
     ]
 
 
