@@ -141,7 +141,14 @@ class FakeSky:
     def jobs_launch(self, task, name=None, **kwargs):
         def run():
             self.calls.append(("jobs.launch", name, task, dict(task.envs), dict(task.secrets)))
-            self.jobs.append({"job_id": len(self.jobs) + 1, "job_name": name, "status": "RUNNING"})
+            self.jobs.append(
+                {
+                    "job_id": len(self.jobs) + 1,
+                    "job_name": name,
+                    "task_name": task.name,
+                    "status": "RUNNING",
+                }
+            )
             return [len(self.jobs)], None
 
         return run

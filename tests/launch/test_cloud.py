@@ -162,9 +162,18 @@ def test_a_second_run_of_a_job_in_progress_is_refused(fake_sky, tmp_path):
     with pytest.raises(VicunaSkyError, match="vicuna-tiny-train is already running as a managed"):
         runner.launch_recipe(Spec.TRAIN, "tiny-cpu", data, **options)
     assert len(fake_sky.named("jobs.launch")) == 1
+    # Another name, the same checkpoints (RUN_NAME, RUN_TAG): the job's task is named after
+    # them, and that is what the check finds.
+    assert fake_sky.jobs[0]["task_name"] == "vicuna-tiny.main"
+    renamed = {**options, "name": "mine"}
+    same = "vicuna-tiny-train, writing the same checkpoints, is already running as a managed job"
+    with pytest.raises(VicunaSkyError, match=f"{same}: .* `vicuna-sky down vicuna-tiny-train`"):
+        runner.launch_recipe(Spec.TRAIN, "tiny-cpu", data, **renamed)
+    runner.launch_recipe(Spec.TRAIN, "tiny-cpu", (*data, "RUN_TAG=other"), **renamed)
+    assert [c[1] for c in fake_sky.named("jobs.launch")] == ["vicuna-tiny-train", "mine"]
     fake_sky.jobs[0]["status"] = "SUCCEEDED"
     runner.launch_recipe(Spec.TRAIN, "tiny-cpu", data, **options)
-    assert len(fake_sky.named("jobs.launch")) == 2
+    assert len(fake_sky.named("jobs.launch")) == 3
 
 
 # -- 7. logs of a service --------------------------------------------------------------------------

@@ -82,6 +82,11 @@ def test_one_training_run_per_job_and_down_local_stops_it(tmp_path):
         assert "vicuna-tiny-train is already running locally" in second.stderr
         assert f"pid {first.pid}" in second.stderr and "--fresh" in second.stderr
         assert len(second.stderr.strip().splitlines()) == 1
+        # Under another name it would write the same checkpoints (RUN_NAME, RUN_TAG): refused.
+        renamed = _cli(*args, "--name", "another", cwd=tmp_path)
+        assert renamed.returncode == 2, renamed.stdout
+        same = "vicuna-tiny-train, writing the same checkpoints, is already running locally"
+        assert same in renamed.stderr and "down vicuna-tiny-train --local" in renamed.stderr
         assert len(list_jobs(tmp_path / "w" / "runs")) == 1  # no second run was started
         run_id = Path(job.run_dir).name
         follow = subprocess.Popen(

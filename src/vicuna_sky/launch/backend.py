@@ -67,8 +67,10 @@ class Backend(Protocol):
         """Refuse what may not run here, before anything is launched (an endpoint that would
         open to the internet without keys)."""
 
-    def in_progress(self, name: str) -> str:
-        """Where a run named `name` is in progress ('' when none is)."""
+    def in_progress(self, launch: Launch) -> tuple[str, str]:
+        """A run in progress that writes `launch`'s checkpoints, and where it runs (('', '')
+        when none does): one of the same name, or a training run of the same RUN_NAME and
+        RUN_TAG under another name."""
 
     def launch(self, launch: Launch) -> LocalJob | None:
         """Run the task: a local job when it runs here, else None once SkyPilot has it."""

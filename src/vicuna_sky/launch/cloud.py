@@ -261,10 +261,14 @@ def _cluster_status(cluster: str, refresh: bool = False) -> str | None:
     return None
 
 
-def job_in_progress(name: str) -> bool:
-    """Whether a managed job named `name` is pending, running or recovering."""
+def job_in_progress(name: str, task_name: str = "") -> str:
+    """The managed job, pending, running or recovering, named `name` or whose task is named
+    `task_name` (a training run's checkpoints, tasks.run_key); '' when there is none."""
     with _api_server_for_this_call():
-        return name in _live_jobs(name)
+        for r in _job_records(skip_finished=True):
+            if r.get("job_name") == name or (task_name and r.get("task_name") == task_name):
+                return str(r.get("job_name"))
+    return ""
 
 
 def _live_jobs(prefix: str) -> set[str]:

@@ -169,17 +169,19 @@ def admit(launch: Launch, backend: Backend) -> None:
         console.print(f"checkpoints: {checkpoint_url(task)} (resumes from the newest there)")
     preflight.refuse(backend.preflight(launch, preflight.UPLOADED))
     if spec is Spec.TRAIN and not launch.fresh:
-        refuse_a_second_run(launch.name, backend)
+        refuse_a_second_run(launch, backend)
 
 
-def refuse_a_second_run(name: str, backend: Backend) -> None:
+def refuse_a_second_run(launch: Launch, backend: Backend) -> None:
     """Two runs of one training job would write checkpoints under the same bucket prefix, each
-    resuming from the other's: a second one is refused while the first is in progress."""
-    where = backend.in_progress(name)
-    if where:
-        down = f"vicuna-sky down {name}" + (" --local" if backend.local else "")
+    resuming from the other's: a second one is refused while the first is in progress, under
+    its name or under another (`--name`) with the same RUN_NAME and RUN_TAG."""
+    live, where = backend.in_progress(launch)
+    if live:
+        down = f"vicuna-sky down {live}" + (" --local" if backend.local else "")
+        what = launch.name if live == launch.name else f"{live}, writing the same checkpoints,"
         raise VicunaSkyError(
-            f"{name} is already running {where}: wait for it, stop it with `{down}`, or start "
+            f"{what} is already running {where}: wait for it, stop it with `{down}`, or start "
             "a separate run from step 0 with --fresh"
         )
 

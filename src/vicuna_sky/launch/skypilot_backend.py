@@ -9,7 +9,7 @@ from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.launch import preflight
 from vicuna_sky.launch.backend import Launch
 from vicuna_sky.launch.preflight import Finding
-from vicuna_sky.launch.tasks import Spec
+from vicuna_sky.launch.tasks import Spec, run_key
 from vicuna_sky.recipe import Recipe
 from vicuna_sky.terminal import make_console
 
@@ -49,10 +49,11 @@ class SkyPilotBackend:
         if launch.spec in ENDPOINTS:
             refuse_an_open_endpoint(launch.task, launch.public)
 
-    def in_progress(self, name: str) -> str:
+    def in_progress(self, launch: Launch) -> tuple[str, str]:
         from vicuna_sky.launch import cloud
 
-        return "as a managed job" if cloud.job_in_progress(name) else ""
+        live = cloud.job_in_progress(launch.name, run_key(launch.task))
+        return (live, "as a managed job") if live else ("", "")
 
     def launch(self, launch: Launch) -> None:
         from vicuna_sky.launch import cloud
@@ -63,6 +64,10 @@ class SkyPilotBackend:
                 f"endpoint TLS: certificate SHA-256 {sha}, in {crt} (clients trust that "
                 "certificate alone: docs/serving.md, 'Calling the fleet over TLS')"
             )
+        if launch.spec is Spec.TRAIN and run_key(launch.task):
+            # The job keeps the user's name; its task is named after the checkpoints it writes,
+            # which the one-run check looks for (in_progress).
+            launch.task.name = run_key(launch.task)
         cloud.launch(launch.spec, launch.task, launch.name)
 
     def launch_fleet(self, recipe: Recipe, controller: object, worker: object, name: str) -> None:

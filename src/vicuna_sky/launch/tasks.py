@@ -324,6 +324,20 @@ def missing_secrets(spec: Spec, task: sky.Task) -> list[str]:
     return []
 
 
+def run_key(task: sky.Task) -> str:
+    """A training run's checkpoints as a SkyPilot name: `RUN_NAME.RUN_TAG` (the managed job's
+    task is named so, and a second run writing there is found by it); '' for any other task,
+    or a RUN_NAME no name may hold."""
+    import re
+
+    envs = task.envs
+    if "RUN_NAME" not in envs or "RUN_TAG" not in envs:
+        return ""
+    key = f"{envs['RUN_NAME']}.{envs['RUN_TAG']}"
+    # SkyPilot's own rule for names (0.14.1 sky/task.py:46).
+    return key if re.fullmatch(r"[a-zA-Z0-9]+(?:[._-]{1,2}[a-zA-Z0-9]+)*", key) else ""
+
+
 def checkpoint_url(task: sky.Task) -> str:
     """Where sky/train.yaml commits this run's checkpoints: keyed by the run name and its tag,
     the same after any recovery or jobs-controller restart."""

@@ -14,7 +14,7 @@ from vicuna_sky.launch import cost, jobs
 from vicuna_sky.launch.backend import Launch
 from vicuna_sky.launch.preflight import UPLOADED, Finding
 from vicuna_sky.launch.report import summarize
-from vicuna_sky.launch.tasks import Spec, one_line
+from vicuna_sky.launch.tasks import Spec, checkpoint_url, one_line
 from vicuna_sky.localcloud import cluster
 from vicuna_sky.localcloud.report import print_local_places, show_local_logs
 from vicuna_sky.output import check_output_dir, writing_dir
@@ -63,9 +63,19 @@ class LocalBackend:
     def admit(self, launch: Launch) -> None:
         """Nothing here faces the internet: every port is on loopback."""
 
-    def in_progress(self, name: str) -> str:
-        live = jobs.running(self.runs_dir, name)
-        return f"locally ({live[-1].run_dir}, pid {live[-1].pid})" if live else ""
+    def in_progress(self, launch: Launch) -> str:
+        live = jobs.running(self.runs_dir, launch.name)
+        if not live and launch.spec is Spec.TRAIN:
+            # Another name, the same checkpoints: the run's metrics live beside them.
+            ours = _checkpoints_here(launch.task, self.config)
+            live = [
+                j
+                for j in jobs.list_jobs(self.runs_dir)
+                if j.metrics_url and j.metrics_url in ours and jobs.in_progress(j)
+            ]
+        if not live:
+            return "", ""
+        return live[-1].name, f"locally ({live[-1].run_dir}, pid {live[-1].pid})"
 
     def launch(self, launch: Launch) -> jobs.LocalJob:
         task, recipe = launch.task, launch.recipe
@@ -89,6 +99,14 @@ class LocalBackend:
     def logs(self, name: str, kind: str, **options: object) -> None:
         job = jobs.find_job(self.runs_dir, name, options.get("run_id"))
         show_local_logs(job, follow=bool(options.get("follow")))
+
+
+def _checkpoints_here(task: object, config: cluster.LocalConfig) -> set[str]:
+    """The spellings a local run of `task` records for its checkpoint URL (LocalJob.metrics_url):
+    the bucket URL itself (a local S3 or GCS server), or the folder standing in for it."""
+    url = checkpoint_url(task)
+    bucket = task.envs["BUCKET_URL"].rstrip("/")
+    return {url, f"file://{config.bucket_dir(bucket)}{url[len(bucket) :]}"}
 
 
 def builtin_models(task: object, config: cluster.LocalConfig) -> None:
