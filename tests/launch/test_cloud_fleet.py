@@ -4,6 +4,7 @@ boundary (`FakeSky`, tests/launch/conftest.py); tasks are SkyPilot's own objects
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import subprocess
@@ -29,6 +30,23 @@ from vicuna_sky.serve.local_fleet import LocalFleet
 from vicuna_sky.serve.tls import fingerprint
 
 from .conftest import recipe
+
+FLEET_BUCKET = "vicuna-sky-bucket"
+"""The recipes' bucket (gs://), on the GCS emulator: a fleet keeps its sealed certificate there."""
+
+
+@pytest.fixture(autouse=True)
+def fleet_bucket(gcs_endpoint) -> str:
+    from google.api_core.exceptions import Conflict
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    client = storage.Client(project="emulator", credentials=AnonymousCredentials())
+    with contextlib.suppress(Conflict):  # made by an earlier test of the session
+        client.create_bucket(FLEET_BUCKET)
+    for blob in client.list_blobs(FLEET_BUCKET, prefix="fleets/"):  # each test its own fleets
+        blob.delete()
+    return f"gs://{FLEET_BUCKET}"
 
 
 def fleet_tasks(r: Recipe | None = None):
@@ -299,14 +317,20 @@ def test_fleet_overrides_go_to_the_task_that_declares_them(fake_sky, tmp_path, c
     assert not fake_sky.calls
 
 
-def test_a_fleet_goes_down_workers_first_then_its_controller(fake_sky, controller_vms):
+def test_a_fleet_goes_down_workers_first_then_its_controller(
+    fake_sky, controller_vms, fleet_bucket
+):
+    from checkpoints_sync.factory import open_store
+
     controller, worker = fleet_tasks()
     cloud.launch_fleet(controller, worker, "vic", workers=2, poll_seconds=0)
+    assert open_store(f"{fleet_bucket}/fleets/vic").exists("tls.sealed")
     fake_sky.calls.clear()
     gone = cloud.down("vic", "fleet")
     assert gone == ["vic-worker-0", "vic-worker-1", "vic-controller"]
     assert [c[0] for c in fake_sky.calls] == ["jobs.cancel", "jobs.cancel", "down"]
     assert not cloud.FleetState.path("vic").exists()
+    assert not open_store(f"{fleet_bucket}/fleets/vic").exists("tls.sealed")
     assert cloud.down("vic", "fleet") == []
 
 
@@ -335,3 +359,53 @@ def test_no_public_endpoint_without_keys(fake_sky, controller_vms, monkeypatch, 
     runner.launch_recipe(Spec.SERVICE, "vicuna-7b", (), **{**options, "name": "vic2"})
     assert "clients need one of the keys" in capsys.readouterr().out
     assert fake_sky.named("serve.up")[1][2].envs["VICUNA_SKY_PUBLIC"] == "0"
+
+
+def test_a_teammate_with_the_secret_repairs_the_fleet_from_another_machine(
+    fake_sky, controller_vms, monkeypatch, tmp_path, fleet_bucket
+):
+    """The first launcher's state stays on its laptop; the fleet's certificate and key live in
+    the bucket too, sealed with the fleet secret. A teammate with the secret exported (and no
+    state) recognises the running controller and launches workers that pin its certificate;
+    a wrong secret opens nothing and launches nothing."""
+    from checkpoints_sync.factory import open_store
+
+    controller, worker = fleet_tasks()
+    first = cloud.launch_fleet(controller, worker, "vic", workers=1, poll_seconds=0)
+    secret = fake_sky.named("jobs.launch")[0][4]["VICUNA_SKY_FLEET_SECRET"].get_secret_value()
+    sealed = open_store(f"{fleet_bucket}/fleets/vic")
+    assert sealed.exists("tls.sealed")
+    sealed.get_file("tls.sealed", tmp_path / "sealed")  # the key is not in it in clear
+    assert b"PRIVATE KEY" not in (tmp_path / "sealed").read_bytes()
+
+    monkeypatch.setenv("VICUNA_SKY_STATE_DIR", str(tmp_path / "teammate"))
+    monkeypatch.setenv("VICUNA_SKY_FLEET_SECRET", "not-the-fleets-secret-0123")
+    fake_sky.calls.clear()
+    with pytest.raises(VicunaSkyError, match="sealed with another fleet secret") as e:
+        cloud.launch_fleet(*fleet_tasks(), "vic", workers=2, poll_seconds=0)
+    assert "\n" not in str(e.value) and not fake_sky.named("jobs.launch")
+
+    monkeypatch.setenv("VICUNA_SKY_FLEET_SECRET", secret)
+    again = cloud.launch_fleet(*fleet_tasks(), "vic", workers=2, poll_seconds=0)
+    assert again.controller_reused and again.fingerprint == first.fingerprint
+    assert not fake_sky.named("launch")  # the running controller was recognised
+    (added,) = fake_sky.named("jobs.launch")
+    assert added[3]["CONTROLLER_FINGERPRINT"] == first.fingerprint
+
+
+def test_a_sealed_certificate_opens_only_with_its_secret_and_its_fleet_name():
+    from vicuna_sky.launch.fleet_state import seal, unseal
+    from vicuna_sky.serve.tls import make_certificate
+
+    pem = make_certificate("vic controller")
+    blob = seal(pem, "the-secret", "vic")
+    assert unseal(blob, "the-secret", "vic") == pem
+    assert seal(pem, "the-secret", "vic") != blob  # a fresh nonce each time
+    for secret, name in (("another", "vic"), ("the-secret", "other-fleet")):
+        with pytest.raises(VicunaSkyError, match="sealed with another fleet secret"):
+            unseal(blob, secret, name)
+    flipped = blob[:-1] + bytes([blob[-1] ^ 1])
+    with pytest.raises(VicunaSkyError, match="sealed with another"):
+        unseal(flipped, "the-secret", "vic")
+    with pytest.raises(VicunaSkyError, match="not ours"):
+        unseal(b"garbage", "the-secret", "vic")

@@ -18,7 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vicuna_sky.errors import VicunaSkyError
-from vicuna_sky.launch.fleet_state import FleetState
+from vicuna_sky.launch.fleet_state import (
+    FleetState,
+    forget_certificate,
+    keep_certificate,
+    recover_certificate,
+)
 from vicuna_sky.launch.tasks import Spec, one_line
 from vicuna_sky.serve.tls import FLEET_TLS_ENV, trusting
 
@@ -97,7 +102,21 @@ def launch_fleet(
             f"(vicuna-sky down {cluster} --kind cluster)"
         )
     state.secret = secret or secrets.token_urlsafe(24)
+    bucket = worker.envs.get("BUCKET_URL", "")
+    if not state.tls and secret and bucket:
+        # Another machine's fleet (no state here, its secret exported): its certificate, so
+        # the running controller is recognised and new workers pin what it shows. One sealed
+        # with another secret matters only while its controller runs: else a new fleet of
+        # the old name starts afresh.
+        try:
+            state.tls = recover_certificate(bucket, name, secret)
+        except VicunaSkyError:
+            if up:
+                raise
     pem, fingerprint = state.certificate(name)
+    if bucket:
+        keep_certificate(bucket, name, state.secret, pem)
+        state.bucket = bucket
     state.save(name)  # before the launch: an interrupted launch can still be re-run
     for task in (controller, worker):
         task.update_secrets({"VICUNA_SKY_FLEET_SECRET": state.secret})
@@ -454,6 +473,9 @@ def down(name: str, kind: str) -> list[str]:
         if _cluster_status(f"{name}-controller") is not None:
             sky.stream_and_get(sky.down(f"{name}-controller"))
             gone.append(f"{name}-controller")
+        state = FleetState.load(name)
+        if state.bucket:  # the sealed certificate goes with the fleet
+            forget_certificate(state.bucket, name)
         FleetState.path(name).unlink(missing_ok=True)
         return gone
     if kind == "job":
