@@ -409,3 +409,22 @@ def test_a_sealed_certificate_opens_only_with_its_secret_and_its_fleet_name():
         unseal(flipped, "the-secret", "vic")
     with pytest.raises(VicunaSkyError, match="not ours"):
         unseal(b"garbage", "the-secret", "vic")
+
+
+def test_the_fleet_dry_run_prices_each_machine_and_says_how_to_take_it_down(fake_sky, capsys):
+    """What runs where, on which ports, and what each machine costs an hour while the fleet is
+    up, from SkyPilot's catalog (the test HOME's: made-up prices, tests/fixtures/catalog)."""
+    options = dict(dryrun=True, backend=SkyPilotBackend(), name=None)
+    serve_fleet.launch_fleet("vicuna-7b", (), **options)
+    out = capsys.readouterr().out
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in out.splitlines() if line.count("│") == 8}  # fmt: skip
+    controller = rows["fleet controller"]
+    assert controller[:2] == ["1", "on-demand"] and "n2-standard-4" in controller[2]
+    assert controller[3] == "7860, 8000, 8002" and controller[4:] == ["0.1900", "0.1900"]
+    worker = rows["worker"]  # g2-standard-4 (0.07) + one L4 (0.20), spot
+    assert worker[:2] == ["2", "spot"] and "g2-standard-4" in worker[2] and worker[3] == "8001"
+    assert worker[4:] == ["0.2700", "0.5400"]
+    assert rows["SkyPilot jobs controller"][4] == "0.1900"
+    assert rows["all"][-1] == "0.9200"
+    assert "take it all down: vicuna-sky down vicuna-7b --kind fleet" in out

@@ -131,3 +131,17 @@ def _cost_cell(job: jobs.LocalJob) -> str:
         f"${c.spot_usd:.4f} spot ({c.billed_hours * 60:.1f} node-min) vs "
         f"${c.on_demand_usd:.4f} on-demand; preemption overhead ${c.overhead_usd:.4f}"
     )
+
+
+def print_fleet_machines(machines: list) -> None:
+    """What each machine of a fleet costs an hour while the fleet is up (cost.Machine rows)."""
+    table = Table(title="while the fleet is up", title_justify="left")
+    for column in ("machine", "count", "market", "where", "ports", "$/h each", "$/h"):
+        table.add_column(column)
+    for m in machines:
+        market = "spot" if m.spot else "on-demand"
+        row = (m.role, str(m.count), market, m.basis, m.ports or "-")
+        table.add_row(*row, f"{m.hourly:.4f}", f"{m.hourly * m.count:.4f}")
+    total = sum(m.hourly * m.count for m in machines)
+    table.add_row("all", "", "", "", "", "", f"{total:.4f}")
+    console.print(table)

@@ -5,7 +5,8 @@ repaired."""
 from __future__ import annotations
 
 from vicuna_sky.launch.backend import Backend, Launch
-from vicuna_sky.launch.report import print_yaml
+from vicuna_sky.launch.cost import fleet_machines
+from vicuna_sky.launch.report import print_fleet_machines, print_yaml
 from vicuna_sky.launch.runner import load_recipe, public_switch
 from vicuna_sky.launch.tasks import (
     Spec,
@@ -63,6 +64,11 @@ def launch_fleet(
         console.print(f"controller cluster: {fleet}-controller; worker jobs: {workers}")
         if not backend.local:
             backend.describe(launch)
+            try:
+                print_fleet_machines(fleet_machines(controller, worker, recipe.serve.workers))
+            except ValueError as e:
+                console.print(f"cost per machine: unavailable ({e})")
+            console.print(f"take it all down: vicuna-sky down {fleet} --kind fleet")
         return
     backend.admit(launch)
     backend.launch_fleet(recipe, controller, worker, fleet)
