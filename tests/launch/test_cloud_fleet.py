@@ -29,7 +29,7 @@ from vicuna_sky.serve import address
 from vicuna_sky.serve.local_fleet import LocalFleet
 from vicuna_sky.serve.tls import fingerprint
 
-from .conftest import recipe
+from .conftest import ROOT, recipe
 
 FLEET_BUCKET = "vicuna-sky-bucket"
 """The recipes' bucket (gs://), on the GCS emulator: a fleet keeps its sealed certificate there."""
@@ -420,11 +420,33 @@ def test_the_fleet_dry_run_prices_each_machine_and_says_how_to_take_it_down(fake
     rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
             for line in out.splitlines() if line.count("│") == 8}  # fmt: skip
     controller = rows["fleet controller"]
-    assert controller[:2] == ["1", "on-demand"] and "n2-standard-4" in controller[2]
-    assert controller[3] == "7860, 8000, 8002" and controller[4:] == ["0.1900", "0.1900"]
+    assert controller[:2] == ["1", "on-demand"] and "n2-standard-2" in controller[2]
+    assert controller[3] == "7860, 8000, 8002" and controller[4:] == ["0.1000", "0.1000"]
     worker = rows["worker"]  # g2-standard-4 (0.07) + one L4 (0.20), spot
     assert worker[:2] == ["2", "spot"] and "g2-standard-4" in worker[2] and worker[3] == "8001"
     assert worker[4:] == ["0.2700", "0.5400"]
     assert rows["SkyPilot jobs controller"][4] == "0.1900"
-    assert rows["all"][-1] == "0.9200"
+    assert rows["all"][-1] == "0.8300"
     assert "take it all down: vicuna-sky down vicuna-7b --kind fleet" in out
+
+
+def test_the_fleet_costs_under_a_dollar_an_hour_on_real_catalog_rows(tmp_path, offline_env):
+    """The README's figure, from SkyPilot's own catalog rows (tests/fixtures/catalog-v8, read
+    2026-12-07): `serve --fleet --dryrun` of the 7B recipe, two L4 spot workers on GCP."""
+    import shutil
+
+    catalog = Path(offline_env["HOME"]) / ".sky" / "catalogs" / "v8"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "catalog-v8", catalog)
+    exe = Path(sys.executable).parent / "vicuna-sky"
+    done = subprocess.run(
+        [str(exe), "serve", str(ROOT / "recipes" / "vicuna-7b.yaml"), "--fleet", "--dryrun"],
+        cwd=tmp_path, env=offline_env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in done.stdout.splitlines() if line.count("│") == 8}  # fmt: skip
+    assert "n4-standard-2" in rows["fleet controller"][2]
+    assert rows["fleet controller"][4] == "0.0907"
+    assert "us-east4 g2-standard-4" in rows["worker"][2] and rows["worker"][4] == "0.2818"
+    assert rows["SkyPilot jobs controller"][4] == "0.1814"
+    assert rows["all"][-1] == "0.8357"
