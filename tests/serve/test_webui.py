@@ -178,6 +178,9 @@ def test_gradio_messages_of_parts_become_the_conversation():
         {"role": "assistant", "content": [{"type": "text", "text": "hello"}]},
         {"role": "assistant", "content": [{"type": "text", "text": " Alice"}]},
         {"role": "user", "content": [{"type": "file", "file": {"path": "/tmp/x.png"}}]},
+        # Only text parts are text: a component's or a file's own "text" field is not.
+        {"role": "user", "content": [{"type": "component", "text": "a plot's caption"}]},
+        {"role": "user", "content": [{"type": "video", "text": "its caption"}]},
         {"role": "user", "content": [{"type": "text", "text": "bomb"}]},
         {"role": "assistant", "content": [{"type": "text", "text": REFUSAL}]},
         {"role": "user", "content": "what is my name?"},
