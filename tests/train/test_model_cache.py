@@ -77,3 +77,19 @@ def test_paths_and_names_that_are_not_hub_ids_pass_through(path, tmp_path):
     result = run_cache(str(tmp_path / "bucket"), tmp_path / "into", tmp_path / "hub", path)
     assert result.returncode == 0 and result.stdout.strip() == path
     assert not (tmp_path / "bucket").exists()
+
+
+def test_an_upload_cut_short_leaves_no_complete_marker(tmp_path):
+    """The copy is whole only once COMPLETE is there: an upload that fails on its last file
+    (the bucket refuses it here) leaves none, so no later attempt reads a model with missing
+    weights; the run gets the hub id back, as when there is no cache."""
+    model = build_tiny_llama(tmp_path / "tiny")
+    hub_cache_with(model, tmp_path / "hub", "acme/tiny")
+    bucket = tmp_path / "bucket"
+    cached = bucket / model_cache.cache_prefix("acme/tiny", "main")
+    last = sorted(p.name for p in model.iterdir() if p.is_file())[-1]
+    (cached / last).mkdir(parents=True)  # a folder where the last file must go: refused
+    cut = run_cache(str(bucket), tmp_path / "node1", tmp_path / "hub")
+    assert cut.returncode == 0 and cut.stdout.strip() == "acme/tiny", cut.stderr
+    assert "model cache: not used" in cut.stderr
+    assert not (cached / model_cache.COMPLETE).exists()
