@@ -402,3 +402,67 @@ def test_kept_connections_belong_to_the_certificate_as_well_as_the_address(tmp_p
             assert server.connections == 2 and len(server.requests) == 2
 
     run(test)
+
+
+def test_a_worker_that_answers_in_part_then_dies_is_not_sent_the_request_again():
+    """Once a worker has begun its status line it has the request: a kept connection that
+    closes after those first bytes is a failure, never a second send on a new connection (the
+    generation would run twice, billed twice)."""
+    replies = iter([ok(b"1"), b"HTTP/1."])  # the second: a status line cut short, then EOF
+
+    async def test() -> None:
+        async with Server(lambda body: next(replies, ok(body))) as server:
+            client = HopClient("")
+            async with await client.post(server.address, "/x", b"1", whole=True) as answer:
+                assert await answer.read() == b"1"
+            with pytest.raises(HopError):
+                async with await client.post(server.address, "/x", b"2", whole=True) as a:
+                    await a.read()
+            assert [r[-1:] for r in server.requests] == [b"1", b"2"]  # sent once
+            assert server.connections == 1
+
+    run(test)
+
+
+def test_a_large_answer_is_a_whole_answer_not_a_broken_worker():
+    """The answer cap is 256 MiB (embeddings of a large batch run to tens of MB): answers of
+    300 KiB and 3 MiB pass whole with the default limit."""
+
+    async def test() -> None:
+        for size in (300 * 1024, 3 * 2**20):
+            async with Server(lambda _, n=size: ok(b"e" * n)) as server:
+                answer = await HopClient("").post(server.address, "/x", b"{}", whole=True)
+                assert len(await answer.read()) == size
+
+    run(test)
+
+
+def test_a_pinned_worker_and_a_worker_without_a_pin_never_share_certificate_checks():
+    """One controller talks to pinned workers and to https workers without a registered
+    fingerprint. After a pinned one, an unpinned self-signed worker is still checked against
+    the CAs (refused: a man in the middle would get the fleet secret); after an unpinned one,
+    a pinned worker is still reached."""
+    pem = make_certificate("worker")
+    certfile, keyfile = server_files(pem)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(certfile, keyfile)
+
+    async def test() -> None:
+        async with Server(ok, tls=tls) as server:
+            client = HopClient("s3cret")
+            async with await client.post(
+                server.address, "/x", b"{}", fingerprint(pem), whole=True
+            ) as answer:
+                assert await answer.read() == b"{}"
+            with pytest.raises(HopError, match="cannot reach"):
+                await client.post(server.address, "/y", b"{}")
+            assert len(server.requests) == 1  # the unpinned request never left
+            other = HopClient("s3cret")
+            with pytest.raises(HopError, match="cannot reach"):
+                await other.post(server.address, "/y", b"{}")
+            async with await other.post(
+                server.address, "/x", b"{}", fingerprint(pem), whole=True
+            ) as answer:
+                assert await answer.read() == b"{}"
+
+    run(test)
