@@ -115,15 +115,24 @@ def running(fleet) -> dict[str, float]:
 
 def test_seeded_choices_each_take_the_next_seed(own_tiny_fleet):
     """Choice i of a seeded request is sampled as a request with seed + i would be (wrapping
-    past the largest seed), so the choices differ and each can be reproduced alone."""
+    past the largest seed; seed 0 is a seed like any other), so the choices differ and each
+    can be reproduced alone. The prompt is counted once in the usage, whatever n is."""
     client = own_tiny_fleet.client()
     low, high = SEED_RANGE
     ask = {"model": "tiny", "messages": QUESTION, "max_tokens": 12, "temperature": 1.0}
-    both = client.chat.completions.create(n=2, seed=high, **ask)
-    alone = [client.chat.completions.create(seed=s, **ask) for s in (high, low)]
-    texts = [c.message.content for c in both.choices]
-    assert texts == [a.choices[0].message.content for a in alone]
-    assert texts[0] != texts[1]
+    for first, second in ((high, low), (0, 1)):
+        both = client.chat.completions.create(n=2, seed=first, **ask)
+        alone = [client.chat.completions.create(seed=s, **ask) for s in (first, second)]
+        texts = [c.message.content for c in both.choices]
+        assert texts == [a.choices[0].message.content for a in alone], first
+        assert texts[0] != texts[1]
+        assert both.usage.prompt_tokens == alone[0].usage.prompt_tokens > 0
+        assert both.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    streamed = client.chat.completions.create(
+        n=2, seed=0, stream=True, stream_options={"include_usage": True}, **ask
+    )
+    usage = [chunk.usage for chunk in streamed if chunk.usage is not None]
+    assert usage[-1].prompt_tokens == alone[0].usage.prompt_tokens
 
 
 def test_a_request_that_fails_fast_stops_its_other_generations(own_tiny_fleet):
