@@ -93,3 +93,87 @@ def test_tool_history_renders_through_a_template_that_takes_tools(fleet, tmp_pat
     )
     # The tools, the call and its result are all in the prompt the model saw.
     assert long.usage.prompt_tokens > short.usage.prompt_tokens + 20
+
+
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+WEATHER = {"type": "function", "function": {"name": "weather", "parameters": CITY}}
+TIME = {"type": "function", "function": {"name": "time", "parameters": {"type": "object"}}}
+
+
+def shape_of(**request: object):
+    from vicuna_sky.serve.protocol import ChatCompletionRequest
+    from vicuna_sky.serve.structured import answer_shape
+
+    messages = [{"role": "user", "content": "hi"}]
+    return answer_shape(ChatCompletionRequest(model="m", messages=messages, **request))
+
+
+def test_required_may_call_any_declared_tool_and_a_named_choice_only_that_one():
+    """`tool_choice: required`: a call of one of the tools, for sure; a named function: a call
+    of that one alone; `auto`: free text, a call of a declared tool taken as one; `none`:
+    never a call."""
+    required = shape_of(tools=[WEATHER, TIME], tool_choice="required")
+    assert required.must_call and required.calls == {"weather", "time"}
+    assert [s["properties"]["name"]["const"] for s in required.json_schema["anyOf"]] == [
+        "weather",
+        "time",
+    ]
+    named = shape_of(tools=[WEATHER, TIME], tool_choice={"type": "function",
+                                                        "function": {"name": "time"}})  # fmt: skip
+    assert named.must_call and named.calls == {"time"}
+    assert named.json_schema["properties"]["name"] == {"const": "time"}
+    auto = shape_of(tools=[WEATHER, TIME])
+    assert not auto.must_call and auto.json_schema is None and auto.calls == {"weather", "time"}
+    none = shape_of(tools=[WEATHER], tool_choice="none")
+    assert not none.calls and none.json_schema is None and none.tools
+
+
+def test_only_a_call_of_a_declared_tool_becomes_a_tool_call():
+    from vicuna_sky.serve.structured import tool_calls
+
+    auto = shape_of(tools=[WEATHER])
+    (call,) = tool_calls(auto, '{"name": "weather", "arguments": {"city": "Paris"}}')
+    assert call["function"] == {"name": "weather", "arguments": '{"city": "Paris"}'}
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    for text in (
+        '{"name": "delete_everything", "arguments": {}}',  # never declared: content
+        '{"name": "weather", "arguments": "Paris"}',
+        '["weather"]',
+        "the weather is fine",
+    ):
+        assert tool_calls(auto, text) is None, text
+    assert tool_calls(shape_of(tools=[WEATHER], tool_choice="none"), '{"name": "weather", '
+                      '"arguments": {}}') is None  # fmt: skip
+
+
+def test_a_template_that_takes_tools_gets_them_and_another_has_them_described(tmp_path):
+    """A tokenizer chat template that reads `tools` renders them itself (its own "Tools:"
+    turn); vicuna_v1.1 cannot, so the definitions are described in its system message; and a
+    template without tools never gets a tool exchange it would drop (400)."""
+    from transformers import AutoTokenizer
+
+    from vicuna_sky.data.conversation import get_template
+    from vicuna_sky.serve.backends.tools import render_with_tools, takes_tools
+    from vicuna_sky.serve.protocol import ApiError, GenerateRequest
+    from vicuna_sky.tiny import build_tiny_llama
+
+    request = GenerateRequest(
+        model="m", messages=[{"role": "user", "content": "weather in Paris?"}], tools=[WEATHER]
+    )
+    model = build_tiny_llama(tmp_path / "tools-chatml", chat_template=TOOLS_CHATML)
+    knows = get_template("chat_template", AutoTokenizer.from_pretrained(model))
+    assert takes_tools(knows)
+    text, _ = render_with_tools(knows, request)
+    assert text.startswith("<|im_start|>system\nTools: [") and '"weather"' in text
+    vicuna = get_template("vicuna_v1.1")
+    assert not takes_tools(vicuna)
+    text, _ = render_with_tools(vicuna, request)
+    assert "Tools: [" not in text and "weather" in text and "Paris" in text
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+    exchange = GenerateRequest(model="m", messages=[
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ])  # fmt: skip
+    with pytest.raises(ApiError, match="cannot render tool calls"):
+        render_with_tools(vicuna, exchange)
