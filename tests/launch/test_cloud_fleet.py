@@ -286,6 +286,20 @@ def test_a_worker_announces_its_public_ip_not_the_private_one(metadata):
     assert address.worker_url(8001, cloud="") == "http://10.128.0.5:8001"
 
 
+def test_a_worker_with_an_ipv6_address_announces_a_url_that_parses(metadata, monkeypatch):
+    """An IPv6 address goes in brackets (RFC 3986): without them the port cannot be told from
+    the address, and the controller refuses the registration or dials the wrong port."""
+    from urllib.parse import urlsplit
+
+    metadata.gcp_ip = "2001:db8::7"
+    url = address.worker_url(8001, cloud="gcp")
+    assert url == "http://[2001:db8::7]:8001"
+    assert (urlsplit(url).hostname, urlsplit(url).port) == ("2001:db8::7", 8001)
+    metadata.gcp_ip = None
+    monkeypatch.setenv("SKYPILOT_NODE_IPS", "fd00::5\nfd00::6")  # the private one, IPv6 too
+    assert address.worker_url(8001, cloud="gcp") == "http://[fd00::5]:8001"
+
+
 def test_the_worker_spec_asks_for_the_public_address_unless_overridden(metadata):
     """The ADDRESS line of sky/serve-worker.yaml's run, run by bash as SkyPilot would."""
     task = load_task(Spec.WORKER, recipe(), {"CONTROLLER_URL": "http://CONTROLLER:8000"})
