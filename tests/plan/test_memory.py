@@ -40,3 +40,16 @@ def test_preflight_uses_the_planners_memory_model():
     assert finding.line.startswith(f"13B parameters need about {need:,.1f} GB per GPU on 8 x L4")
     assert "LoRA (train.lora_r)" in finding.line
     assert preflight.check_memory(recipe("vicuna-13b")).ok
+
+
+def test_more_nodes_shard_the_state_further():
+    """FSDP shards the states across every GPU of every node: 13B on 2 nodes of 8 L4 holds
+    half the state per GPU of one node, and the preflight judges the recipe's own nodes."""
+    one = replace(recipe("vicuna-13b"), "resources", accelerator="L4")
+    two = replace(one, "resources", nodes=2)
+    assert memory.fit(two, "L4").gpus == 16
+    assert memory.fit(two, "L4").states_gb == pytest.approx(memory.fit(one, "L4").states_gb / 2)
+    assert memory.fit(two, "L4").states_gb == pytest.approx(13.0)
+    assert memory.fit(two, "L4", gpus=8).states_gb == pytest.approx(26.0)  # asked: 8 GPUs
+    four = replace(one, "resources", nodes=4)
+    assert not preflight.check_memory(one).ok and preflight.check_memory(four).ok
