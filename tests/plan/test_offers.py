@@ -54,6 +54,14 @@ def test_local_zones_are_left_out_unless_asked():
     p = region(rows, "aws", "us-east-1", "H100")
     assert p.left_out == (("use1-atl2-az1", "Local Zone", pytest.approx(10.2397)),)
     assert p.spot == pytest.approx((21.1543 + 25.7522) / 2) and p.zones == 6
+    # The range shown is the counted zones' only; the Local Zone's $10.24 is not the cheapest
+    # offer of the region (only SkyPilot's own optimizer would price it there).
+    counted = [z.spot for z in rows if (z.region, z.gpu) == ("us-east-1", "H100")
+               and not z.special and z.spot is not None]  # fmt: skip
+    assert len(counted) == 6 and p.spot_low == pytest.approx(min(counted))
+    assert p.spot_low > 1.5 * 10.2397
+    assert p.spot_high == pytest.approx(max(counted))
+    assert p.cheapest_spot == pytest.approx(10.2397)
     # Asked for, the Local Zone counts, and at under half the median it is an outlier.
     with_local = region(rows, "aws", "us-east-1", "H100", special_zones=True)
     assert with_local.outliers == (("use1-atl2-az1", pytest.approx(10.2397)),)
