@@ -84,6 +84,30 @@ def test_slow_sockets_are_closed_and_connections_capped(fleet):
     stalled.close()
 
 
+def test_a_slow_loris_on_a_kept_connection_is_closed_by_the_header_deadline(fleet):
+    """After an answered request the connection is kept; the next request's headers, sent a
+    line at a time and never finished, fall under the header deadline again (1 s here), as a
+    new connection's do: the server hangs up though bytes keep coming."""
+    fleet.start_controller(env={HEADER_TIMEOUT_ENV: "1"})
+    s = socket.create_connection(("127.0.0.1", fleet.port))
+    s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    s.settimeout(5)
+    assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    started = time.monotonic()
+    closed = False
+    while not closed and time.monotonic() - started < 8:
+        try:
+            s.sendall(b"X-Slow: 1\r\n")
+        except OSError:  # the server hung up: reset as we wrote
+            closed = True
+            break
+        closed = closed_within(s, 0.3)
+    assert closed and time.monotonic() - started < 4, time.monotonic() - started
+    s.close()
+    assert httpx.get(f"{fleet.url}/health").status_code == 200
+
+
 class FakeWorker(http.server.ThreadingHTTPServer):
     """An address that answers every request with `status` (and `headers`), counting them."""
 
