@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 EXE = str(Path(sys.executable).parent / "vicuna-sky")
 
@@ -130,8 +132,16 @@ def test_status_of_a_cloud_run_reads_its_bucket(tmp_path):
     assert _field(live, "eval loss") == "2.2500 (step 4), base model 2.5000"
     assert _field(live, "MFU") == "25.0%" and _field(live, "ETA") == "0.8 min"
     assert _field(live, "preemptions") == "1"
-    # Billed: 30 s + 10 s (the first attempt), 20 s + 10 s (the second) at the catalog's price.
-    assert re.fullmatch(r"\$\d\.\d{4} at the spot price of .*", _field(live, "spent")), live
+    # Billed: each attempt from its first step's start (its record's time less the step's own
+    # 10 s) to its newest record: 400 - 370 = 30 s, then 210 - 180 = 30 s, at the catalog's
+    # spot price (the test HOME's).
+    from vicuna_sky.launch import cost
+    from vicuna_sky.recipe import Recipe
+
+    price = cost.prices_for(Recipe.from_yaml(recipe)).spot_hourly
+    spent = _field(live, "spent")
+    assert re.fullmatch(r"\$\d\.\d{4} at the spot price of .*", spent), live
+    assert float(spent.split()[0][1:]) == pytest.approx(60 / 3600 * price, abs=5e-5)
     empty = subprocess.run(
         [EXE, "status", "other", "--recipe", str(recipe), "--tag", "nothing-here"],
         capture_output=True,
