@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint env browser clean docs lock mutation mutation-changed
+.PHONY: demo test check lint env browser clean docs lock mutation mutation-changed
 
 env: $(STAMP) browser
 
@@ -50,6 +50,18 @@ TEST_WORKERS ?= 2
 
 test: lint
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
+# The quick check while you work (about 2 minutes on two cores): lint, then the tests of the
+# planner, the data pipeline, evaluation, checkpoint storage, recipes, tasks, costs, the wire
+# protocol, the hop, the registry and the layers, leaving out any that start a server or build
+# a model (--quick, tests/conftest.py). `make test` runs everything, as CI does.
+CHECK_TESTS := tests/plan tests/data tests/eval tests/checkpoints_sync tests/test_layers.py \
+  tests/test_recipe.py tests/test_recipe_yaml.py tests/test_inputs.py tests/test_output.py \
+  tests/launch/test_tasks.py tests/launch/test_cost.py tests/launch/test_data_push.py \
+  tests/launch/test_backend.py tests/serve/test_protocol.py tests/serve/test_hop_client.py \
+  tests/serve/test_registry.py tests/train/test_restarts.py tests/gguf/test_vocab.py
+check: lint
+	$(BIN)/python -m pytest -q --quick -n $(TEST_WORKERS) $(CHECK_TESTS)
 
 # The documentation site (docs/, built by zensical from mkdocs.yml) into runs/site; the
 # reference pages are generated from the code first (every command's options, every recipe

@@ -240,9 +240,35 @@ one of these kept one worker busy for minutes after the other had finished. Any 
 keeps its usual place after them."""
 
 
+HEAVY_FIXTURES = {
+    "fleet", "module_fleet", "tls_fleet", "tiny_fleet", "own_tiny_fleet", "two_tiny_workers",
+    "with_two_hf_workers", "tiny_chat_model", "smollm2", "controller_vms", "chaos", "cli",
+    "run_cli", "moto_endpoint", "gcs_endpoint", "store_url", "tiny_model", "train_data",
+    "run_trainer", "metadata_server", "page",
+}  # fmt: skip
+"""What `make check` leaves to `make test`: fixtures that start servers or build models."""
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption(
+        "--quick",
+        action="store_true",
+        help="only tests that start no server and build no model (make check)",
+    )
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+    if config.getoption("--quick"):
+        slow = [
+            item
+            for item in items
+            if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ()))
+            or item.nodeid.split("::")[0] in LONGEST_FIRST
+        ]
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if item not in slow]
 
 
 @pytest.fixture
