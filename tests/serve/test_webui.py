@@ -184,14 +184,17 @@ def test_gradio_messages_of_parts_become_the_conversation():
         {"role": "user", "content": [{"type": "text", "text": "bomb"}]},
         {"role": "assistant", "content": [{"type": "text", "text": REFUSAL}]},
         {"role": "user", "content": "what is my name?"},
-        {"role": "assistant", "content": [{"type": "text", "text": "you are"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": " Alice"}]},
+        # Roles as the browser's JSON gives them: equal strings, not the same objects.
+        {"role": "".join(["assis", "tant"]), "content": [{"type": "text", "text": "you are"}]},
+        {"role": "".join(["assist", "ant"]), "content": [{"type": "text", "text": " Alice"}]},
+        {"role": "user", "content": ["a bare string part", {"type": "text", "text": "ok"}]},
     ]
     assert conversation(parts) == [
         {"role": "user", "content": "my name is Alice"},
         {"role": "assistant", "content": "hello Alice"},
         {"role": "user", "content": "what is my name?"},
         {"role": "assistant", "content": "you are Alice"},
+        {"role": "user", "content": "ok"},
     ]
 
 
