@@ -425,9 +425,14 @@ def test_a_sealed_certificate_opens_only_with_its_secret_and_its_fleet_name():
         unseal(b"garbage", "the-secret", "vic")
 
 
-def test_the_fleet_dry_run_prices_each_machine_and_says_how_to_take_it_down(fake_sky, capsys):
+def test_the_fleet_dry_run_prices_each_machine_and_says_how_to_take_it_down(
+    fake_sky, capsys, monkeypatch
+):
     """What runs where, on which ports, and what each machine costs an hour while the fleet is
     up, from SkyPilot's catalog (the test HOME's: made-up prices, tests/fixtures/catalog)."""
+    from vicuna_sky.launch import report
+
+    monkeypatch.setattr(report.console, "width", 200)  # a pipe's 80 columns would wrap rows
     options = dict(dryrun=True, backend=SkyPilotBackend(), name=None)
     serve_fleet.launch_fleet("vicuna-7b", (), **options)
     out = capsys.readouterr().out

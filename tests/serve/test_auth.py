@@ -300,7 +300,7 @@ def test_the_public_switch_opens_a_keyless_controller_off_loopback_and_nothing_e
 
     from vicuna_sky.ports import free_port
     from vicuna_sky.serve.auth import PUBLIC_ENV
-    from vicuna_sky.serve.local_fleet import LocalFleet, Proc
+    from vicuna_sky.serve.local_fleet import FleetError, LocalFleet, Proc
     from vicuna_sky.serve.tls import FLEET_TLS_ENV
 
     port = free_port()
@@ -317,9 +317,22 @@ def test_the_public_switch_opens_a_keyless_controller_off_loopback_and_nothing_e
         assert refused.returncode == 2, (value, refused.stderr)
         assert len(refused.stderr.strip().splitlines()) == 1 and "--public" in refused.stderr
     env = {FLEET_SECRET_ENV: SECRET, FLEET_TLS_ENV: "", API_KEYS_ENV: "", PUBLIC_ENV: "1"}
-    proc = Proc(["vicuna_sky.serve.controller", *args], tmp_path / "controller.log", env)
+    for attempt in range(3):
+        # 0.0.0.0: a port free on loopback when it was picked may be taken since by a server
+        # of the other test worker; another port then, as an operator would pick.
+        log = tmp_path / f"controller-{attempt}.log"
+        proc = Proc(["vicuna_sky.serve.controller", *args], log, env)
+        try:
+            LocalFleet.wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
+        except FleetError:
+            proc.stop()
+            if "address already in use" not in log.read_text() or attempt == 2:
+                raise
+            port = free_port()
+            args = ["--host", "0.0.0.0", "--port", str(port), "--behind-tls-proxy"]
+            continue
+        break
     try:
-        LocalFleet.wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models")  # no key: open, on purpose
         assert models.status_code == 200 and models.json()["data"] == []
     finally:
