@@ -85,6 +85,14 @@ async def three_echoed(server: Server) -> None:
             assert await answer.read() == b"%d" % n
 
 
+def worker_tls() -> tuple[str, ssl.SSLContext]:
+    """A worker's certificate (PEM, with its key) and the server context that shows it."""
+    pem = make_certificate("worker")
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(*server_files(pem))
+    return pem, tls
+
+
 def run(test: Callable) -> None:
     asyncio.run(test())
 
@@ -293,10 +301,7 @@ def test_nothing_listening_is_a_failure():
 def test_the_workers_certificate_is_pinned(tmp_path):
     """Over https the certificate's SHA-256 decides, not a CA: the registered one is accepted,
     another is refused before the request (and the fleet secret in it) is sent."""
-    pem = make_certificate("worker")
-    certfile, keyfile = server_files(pem)
-    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    tls.load_cert_chain(certfile, keyfile)
+    pem, tls = worker_tls()
 
     async def test() -> None:
         async with Server(ok, tls=tls) as server:
@@ -379,9 +384,7 @@ def test_the_limit_counts_the_headers_too(monkeypatch):
 def test_kept_connections_belong_to_the_certificate_as_well_as_the_address(tmp_path):
     """A worker registered again at the same address with another certificate is reached on a
     new connection, checked against the new pin: never on one made under the old one."""
-    pem = make_certificate("worker")
-    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    tls.load_cert_chain(*server_files(pem))
+    pem, tls = worker_tls()
 
     async def test() -> None:
         async with Server(ok, tls=tls) as server:
@@ -442,10 +445,7 @@ def test_a_pinned_worker_and_a_worker_without_a_pin_never_share_certificate_chec
     fingerprint. After a pinned one, an unpinned self-signed worker is still checked against
     the CAs (refused: a man in the middle would get the fleet secret); after an unpinned one,
     a pinned worker is still reached."""
-    pem = make_certificate("worker")
-    certfile, keyfile = server_files(pem)
-    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    tls.load_cert_chain(certfile, keyfile)
+    pem, tls = worker_tls()
 
     async def test() -> None:
         async with Server(ok, tls=tls) as server:
