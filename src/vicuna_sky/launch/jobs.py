@@ -45,6 +45,8 @@ class Attempt:
     started_at: float = 0.0
     """Wall clock (epoch seconds) when the attempt's "cluster" came up."""
     ended_at: float = 0.0
+    addresses: list[str] = field(default_factory=list)
+    """Each node's address when the local cloud ran them as hosts (localcloud/network.py)."""
 
 
 @dataclass

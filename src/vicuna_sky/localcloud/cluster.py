@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.launch.jobs import Attempt, JobStatus, LocalJob
+from vicuna_sky.localcloud.network import Host, Network
 from vicuna_sky.ports import free_port
 from vicuna_sky.procs import count_local_gpus, signal_name, signal_tree, started
 
@@ -54,6 +55,10 @@ class LocalConfig:
     """Preemptions recovered before the job is given up (SkyPilot's is unbounded)."""
     gpus_per_node: int | None = None
     """GPUs a local node has; None = count them with nvidia-smi."""
+    network: Network | None = None
+    """When set, each attempt's nodes are new hosts on it (their own addresses, only the
+    task's ports open to other clusters), as a cloud's VMs are; else all run on loopback.
+    The bucket endpoints above must then be reachable from the hosts (its gateway)."""
 
     def bucket_dir(self, url: str) -> Path:
         """The local directory standing in for a bucket URL (s3://b/p -> <root>/s3/b/p)."""
@@ -78,6 +83,7 @@ class LocalRunner:
         self.on_event = on_event or (lambda _msg: None)
         self._lock = threading.Lock()
         self._groups: list[subprocess.Popen] = []
+        self._hosts: list[Host] = []
         self._preempting = False
         stamp = dt.datetime.now().strftime("%Y-%m-%d-%H-%M-%S-%f")
         name = task.name or "task"
@@ -199,6 +205,10 @@ class LocalRunner:
             # to every node): what one node writes there, the others never see.
             shutil.copytree(workdir, node_workdir(workdir, rank), symlinks=True)
         attempt = Attempt(number=number, workdir=str(workdir), zone=f"local-zone-{number}")
+        if self.config.network is not None:
+            # A new cluster each attempt, as a recovery gets new VMs: new addresses too.
+            self._hosts = self.config.network.add_cluster(self.task.num_nodes, self._ports())
+            attempt.addresses = [h.address for h in self._hosts]
         self.job.attempts.append(attempt)
         status = JobStatus.STARTING if number == 1 else JobStatus.RECOVERING
         self._set(status, f"attempt {number} in {attempt.zone}, {workdir}")
@@ -210,6 +220,9 @@ class LocalRunner:
             return self._run_attempt_processes(attempt)
         finally:
             attempt.ended_at = time.time()
+            if self.config.network is not None:
+                # The cluster goes away with its attempt, and whatever still ran on it.
+                self.config.network.remove(self._hosts)
             self.job.save()
 
     def _run_attempt_processes(self, attempt: Attempt) -> str:
@@ -231,6 +244,7 @@ class LocalRunner:
                     },
                     node_workdir(Path(attempt.workdir), rank),
                     node_dir / f"setup-rank{rank}.log",
+                    self._host(rank),
                 )
                 for rank in nodes
             ]
@@ -247,6 +261,7 @@ class LocalRunner:
                 {**envs, **self._node_envs(attempt, rank=rank, prefix="SKYPILOT_")},
                 node_workdir(Path(attempt.workdir), rank),
                 node_dir / f"run-rank{rank}.log",
+                self._host(rank),
             )
             for rank in nodes
         ]
@@ -306,8 +321,9 @@ class LocalRunner:
         mounts = self._mounts()
         for key, value in list(envs.items()):
             envs[key] = self._localize(value, mounts)
-        if "MASTER_PORT" in envs:
-            # Concurrent local runs must not fight over the spec's fixed rendezvous port.
+        if "MASTER_PORT" in envs and self.config.network is None:
+            # Concurrent local runs must not fight over the spec's fixed rendezvous port (on
+            # hosts of their own, each cluster has its ports to itself).
             envs["MASTER_PORT"] = str(free_port())
         endpoints: dict[str, str] = {}
         if self.config.s3_endpoint_url:
@@ -329,7 +345,7 @@ class LocalRunner:
         }
         return {
             f"{prefix}NODE_RANK": str(rank),
-            f"{prefix}NODE_IPS": "\n".join(["127.0.0.1"] * n),
+            f"{prefix}NODE_IPS": "\n".join(attempt.addresses or ["127.0.0.1"] * n),
             f"{prefix}NUM_NODES": str(n),
             f"{prefix}NUM_GPUS_PER_NODE": str(self._gpus_per_node()),
             "SKYPILOT_TASK_ID": self.job.task_id,
@@ -404,11 +420,24 @@ class LocalRunner:
 
     # ---------------------------------------------------------------- processes
 
-    def _spawn(self, script: str, env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
+    def _host(self, rank: int) -> Host | None:
+        return self._hosts[rank] if self._hosts else None
+
+    def _ports(self) -> list[str]:
+        """The ports the task opens to other clusters (`resources.ports`)."""
+        ports: set[str] = set()
+        for res in self.task.resources:
+            ports |= {str(p) for p in res.ports or []}
+        return sorted(ports)
+
+    def _spawn(
+        self, script: str, env: dict[str, str], cwd: Path, log: Path, host: Host | None = None
+    ) -> subprocess.Popen:
+        argv = ["bash", "-c", script]
         with open(log, "ab") as out:
             # Its own session: the whole process tree of a node can be killed at once.
             proc = subprocess.Popen(
-                ["bash", "-c", script],
+                host.command(argv) if host else argv,
                 cwd=cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,

@@ -3,8 +3,13 @@
 The same two tasks the cloud path launches, run the way it runs them: the controller as a local
 "cluster", each worker as a local managed job (`LocalRunner`), so a worker killed like a
 preempted spot VM is relaunched in a fresh directory with the spec's `job_recovery`, registers
-again and is routed to. Only what one machine needs differs from the cloud: every process gets
-a free port (the specs' fixed 8000/8001 would collide) and the controller's URL is 127.0.0.1.
+again and is routed to.
+
+With a `Network` in the config, every cluster is a host of its own (localcloud/network.py):
+the specs' own ports and bind addresses, the controller's client port in HTTPS (an API key
+needed), the workers announcing their own addresses, as on a cloud. On loopback, only what one
+machine needs differs: every process gets a free port (the specs' fixed 8000/8001 would
+collide), binds 127.0.0.1, and the controller's URL is http://127.0.0.1.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from vicuna_sky.errors import VicunaSkyError
 from vicuna_sky.launch.fleet_state import FleetState
 from vicuna_sky.localcloud.cluster import LocalConfig, LocalRunner
 from vicuna_sky.ports import free_port
-from vicuna_sky.serve.tls import FLEET_TLS_ENV
+from vicuna_sky.serve.tls import FLEET_TLS_ENV, trusting
 
 if TYPE_CHECKING:
     import sky
@@ -89,6 +94,9 @@ class LocalSkyFleet:
         )
         self.state.secret = self.secret
         pem, self.fingerprint = self.state.certificate(name)
+        self.pem = pem
+        self.hosts = config.network is not None
+        """Each cluster a host of its own: the specs' ports, addresses and TLS, unchanged."""
         known = self.state.ports
         wanted = {
             "controller": controller.envs.get("CONTROLLER_PORT"),
@@ -96,7 +104,9 @@ class LocalSkyFleet:
             "fleet": controller.envs.get("FLEET_PORT"),
         }
         ports = {
-            k: known.get(k) or port_or_free(int(p or 0) if spec_ports else 0)
+            k: int(p)
+            if self.hosts
+            else known.get(k) or port_or_free(int(p or 0) if spec_ports else 0)
             for k, p in wanted.items()
         }
         self.state.ports = ports
@@ -105,23 +115,22 @@ class LocalSkyFleet:
             ports["webui"],
             ports["fleet"],
         )
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.worker_url = f"https://127.0.0.1:{self.fleet_port}"
-        """Where workers register: the TLS fleet port, as on a cloud."""
+        self._at("127.0.0.1")
         self.controller_task = copy.deepcopy(controller)
         self.controller_task.update_envs(
             {
                 "CONTROLLER_PORT": str(self.port),
                 "WEBUI_PORT": str(self.webui_port),
                 "FLEET_PORT": str(self.fleet_port),
-                # One machine: nothing needs to reach it from outside.
-                "BIND_HOST": "127.0.0.1",
             }
         )
+        if not self.hosts:  # one machine: nothing needs to reach it from outside
+            self.controller_task.update_envs({"BIND_HOST": "127.0.0.1"})
         self.controller_task.update_secrets({SECRET: self.secret, FLEET_TLS_ENV: pem})
         self.controller_task.name = f"{name}-controller"
         self.worker_task = copy.deepcopy(worker)
-        self.worker_task.update_envs({"BIND_HOST": "127.0.0.1"})
+        if not self.hosts:
+            self.worker_task.update_envs({"BIND_HOST": "127.0.0.1"})
         self.controller: _Job | None = None
         self.workers: list[_Job] = []
 
@@ -131,14 +140,11 @@ class LocalSkyFleet:
         self.start_controller(timeout)
         for i in range(self.count):
             task = copy.deepcopy(self.worker_task)
-            port = free_port()
             task.update_envs(
-                {
-                    "CONTROLLER_URL": self.worker_url,
-                    "CONTROLLER_FINGERPRINT": self.fingerprint,
-                    "WORKER_PORT": str(port),
-                }
+                {"CONTROLLER_URL": self.worker_url, "CONTROLLER_FINGERPRINT": self.fingerprint}
             )
+            if not self.hosts:
+                task.update_envs({"WORKER_PORT": str(free_port())})
             task.update_secrets({SECRET: self.secret})
             task.name = f"{self.name}-worker-{i}"
             self.workers.append(self._run(task))
@@ -149,7 +155,23 @@ class LocalSkyFleet:
         """The controller alone (a repair: the workers of the fleet's first launcher register
         with it by themselves, at the same URL, pinning the same certificate)."""
         self.controller = self._run(self.controller_task)
+        if self.hosts:
+            runner = self.controller.runner
+            self._wait(
+                lambda: bool(runner.job.attempts and runner.job.attempts[-1].addresses),
+                timeout,
+                "the controller's host",
+            )
+            self._at(runner.job.attempts[-1].addresses[0])
         self._wait(lambda: self.registered() is not None, timeout, "the controller to answer")
+
+    def _at(self, address: str) -> None:
+        """The controller's URLs at `address`: the client port (HTTPS off loopback, with the
+        fleet's certificate, as the controller serves it there) and the fleet port."""
+        scheme = "https" if self.hosts else "http"
+        self.url = f"{scheme}://{address}:{self.port}"
+        self.worker_url = f"https://{address}:{self.fleet_port}"
+        """Where workers register: the TLS fleet port, as on a cloud."""
 
     def stop(self) -> None:
         for job in [*self.workers, *([self.controller] if self.controller else [])]:
@@ -165,12 +187,15 @@ class LocalSkyFleet:
 
     # -- what a test or an operator looks at -------------------------------------------------
     def registered(self) -> list[dict] | None:
-        """The controller's worker registry (None while it does not answer)."""
+        """The controller's worker registry (None while it does not answer), asked on the fleet
+        port with its certificate pinned, as the cloud's repair check asks: the secret never
+        goes to a port or a peer it does not belong to."""
         try:
             r = httpx.get(
-                f"{self.url}/workers",
+                f"{self.worker_url}/workers",
                 headers={"Authorization": f"Bearer {self.secret}"},
                 timeout=2.0,
+                verify=trusting(self.pem),
             )
         except httpx.HTTPError:
             return None

@@ -387,6 +387,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-workers", type=int, default=1024, help="registry size")
     p.add_argument("--first-token-timeout", type=float, default=120.0)
     p.add_argument("--inter-token-timeout", type=float, default=60.0)
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a worker has for a whole non-streamed answer before another is asked",
+    )
     p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
     p.add_argument(
         "--max-connections",
@@ -451,6 +457,7 @@ def main(argv: list[str] | None = None) -> None:
         admin_keys,
         first_token_timeout=args.first_token_timeout,
         inter_token_timeout=args.inter_token_timeout,
+        request_timeout=args.request_timeout,
         require_tls=tls is not None,
     )
     app = create_app(controller, args.max_body_bytes)
