@@ -263,22 +263,35 @@ def test_a_failure_no_restart_fixes_ends_the_job_once_and_a_crash_is_restarted(t
     assert len(counted) == 2 and counted[0].parent != counted[1].parent
 
 
-def test_every_node_of_a_crashed_multi_node_run_says_restart_and_it_counts_once(tmp_path):
+@pytest.mark.parametrize("hosts", [False, True], ids=["loopback", "hosts"])
+def test_every_node_of_a_crashed_multi_node_run_says_restart_and_it_counts_once(tmp_path, hosts):
     """Two nodes of sky/train.yaml crash: SkyPilot keeps the code of whichever ends first and
     cancels the other (137). Node 1 used to exit with torchrun's 1, which ended the job when
     it came first; now either node's code is 76 while restarts remain, the attempt is counted
-    once, and the job ends (1) when they are spent."""
+    once, and the job ends (1) when they are spent. With --hosts each node is a host of its
+    own: torchrun meets across the bridge, and the restart is on new hosts."""
     import yaml
+
+    from vicuna_sky.localcloud.network import unavailable_reason
+
+    if hosts and unavailable_reason() == "network namespaces need root":
+        pytest.skip("network namespaces need root")
 
     raw = yaml.safe_load((ROOT / "recipes" / "tiny-cpu.yaml").read_text())
     raw["resources"].update(nodes=2, cpu_procs_per_node=1)
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(raw))
     crashing = (
         "train", "two.yaml", "--local", "--workdir", "w", "--env", "MAX_RESTARTS_ON_ERRORS=1",
-        "--env", "NUM_EPOCHS=many",
+        "--env", "NUM_EPOCHS=many", *(["--hosts"] if hosts else []),
     )  # fmt: skip
-    assert _cli(*crashing, cwd=tmp_path).returncode == 2
+    done = _cli(*crashing, cwd=tmp_path)
+    assert done.returncode == 2
     (job,) = list_jobs(tmp_path / "w" / "runs")
+    if hosts:
+        assert "runs on loopback" not in done.stdout + done.stderr
+        one, two = (a.addresses for a in job.attempts)
+        assert len(set(one)) == 2 and not set(one) & set(two), (one, two)
+        assert all(a.startswith("198.18.") for a in one + two)
     first, second = (a.exit_codes for a in job.attempts)
     assert 76 in first and set(first) <= {76, 137}, first
     assert 1 in second and set(second) <= {1, 137}, second

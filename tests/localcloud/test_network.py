@@ -195,3 +195,39 @@ def test_the_fleet_across_hosts_sends_no_secret_key_or_prompt_in_clear(
         *[("an answer", a) for a in answers if len(a) >= 12],
     ]:
         assert value.encode() not in crossed, f"{what} crossed the bridge in clear"
+
+
+def test_hosts_are_for_the_local_backend_and_fall_back_to_loopback_in_one_line(
+    tmp_path, monkeypatch, capsys
+):
+    import sys
+
+    from vicuna_sky.localcloud import network as network_module
+    from vicuna_sky.localcloud.backend import LocalBackend
+
+    exe = str(Path(sys.executable).parent / "vicuna-sky")
+    recipe = str(ROOT / "recipes" / "tiny-cpu.yaml")
+    done = subprocess.run([exe, "train", recipe, "--hosts"], capture_output=True, text=True)
+    assert done.returncode == 2 and "--hosts is for the local backend: add --local" in done.stderr
+    monkeypatch.setattr(
+        network_module, "unavailable_reason", lambda: "network namespaces need root"
+    )
+    backend = LocalBackend(tmp_path / "runs", hosts=True)
+    with backend._network():
+        assert backend.config.network is None
+    said = capsys.readouterr().out.strip().splitlines()
+    assert said == ["the local cloud runs on loopback: network namespaces need root"]
+
+
+def test_a_fleet_on_hosts_without_an_api_key_is_refused_in_one_line(network, tmp_path, monkeypatch):
+    from vicuna_sky.errors import VicunaSkyError
+    from vicuna_sky.localcloud.backend import run_fleet_locally
+
+    monkeypatch.delenv("VICUNA_SKY_API_KEYS", raising=False)
+    recipe = Recipe.from_yaml(ROOT / "recipes" / "tiny-cpu.yaml")
+    controller = load_task(Spec.CONTROLLER, recipe)
+    worker = load_task(Spec.WORKER, recipe, {"SERVE_MODEL_PATH": "tiny-llama"})
+    config = LocalConfig(runs_dir=tmp_path / "runs", network=network)
+    with pytest.raises(VicunaSkyError, match="needs an API key: export VICUNA_SKY_API_KEYS"):
+        run_fleet_locally(controller, worker, "keyless", 1, config)
+    assert not network.hosts  # nothing was started

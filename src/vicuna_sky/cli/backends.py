@@ -9,12 +9,15 @@ from pathlib import Path
 from vicuna_sky.launch.backend import Backend
 
 
-def choose_backend(local: bool, runs_dir: Path, workdir: Path | None = None) -> Backend:
-    """`workdir` (local only): one directory for the runs, the buckets and the exported model."""
+def choose_backend(
+    local: bool, runs_dir: Path, workdir: Path | None = None, hosts: bool = False
+) -> Backend:
+    """`workdir` (local only): one directory for the runs, the buckets and the exported model.
+    `hosts` (local only): each node a host of its own (localcloud/network.py)."""
     if local:
         from vicuna_sky.localcloud.backend import LocalBackend
 
-        return LocalBackend(runs_dir, workdir)
+        return LocalBackend(runs_dir, workdir, hosts=hosts)
     from vicuna_sky.launch.skypilot_backend import SkyPilotBackend
 
     return SkyPilotBackend()

@@ -49,6 +49,13 @@ def launch_options(fn: click.decorators.FC) -> click.decorators.FC:
                 "--local", is_flag=True, help="Run the spec on this machine (the local backend)."
             ),
             click.option(
+                "--hosts",
+                is_flag=True,
+                help="With --local: each node a host of its own, as on a cloud (its own "
+                "address, only its spec's ports open to other clusters); needs root, iproute2 "
+                "and nftables, else the run stays on loopback and says so.",
+            ),
+            click.option(
                 "--name",
                 default=None,
                 callback=_one_segment,
@@ -85,10 +92,14 @@ def launch(spec: str, recipe: str, envs: tuple[str, ...], **options: object) -> 
 
 
 def backend_of(options: dict) -> Backend:
-    """The backend the launch options choose (taking --local, --runs-dir and --workdir)."""
+    """The backend the launch options choose (taking --local, --hosts, --runs-dir and
+    --workdir)."""
     from vicuna_sky.cli.backends import choose_backend
 
-    return choose_backend(options.pop("local"), options.pop("runs_dir"), options.pop("workdir"))
+    local, hosts = options.pop("local"), options.pop("hosts")
+    if hosts and not local:
+        raise click.UsageError("--hosts is for the local backend: add --local")
+    return choose_backend(local, options.pop("runs_dir"), options.pop("workdir"), hosts=hosts)
 
 
 @app.command()

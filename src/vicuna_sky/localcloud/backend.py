@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,7 +40,11 @@ class LocalBackend:
         runs_dir: Path,
         workdir: Path | None = None,
         config: cluster.LocalConfig | None = None,
+        hosts: bool = False,
     ) -> None:
+        """`hosts`: each node a host of its own for the launch's length (a network made for
+        it, removed after); where hosts cannot be made, loopback, said in one line."""
+        self.hosts = hosts
         self.workdir = workdir
         self.runs_dir = workdir / "runs" if workdir is not None else runs_dir
         self.config = config or cluster.LocalConfig(
@@ -81,7 +86,8 @@ class LocalBackend:
         task, recipe = launch.task, launch.recipe
         builtin_models(task, self.config)
         training = launch.spec is Spec.TRAIN
-        job = run_locally(task, self.config, _prices(recipe) if training else None)
+        with self._network():
+            job = run_locally(task, self.config, _prices(recipe) if training else None)
         export = None
         if training and self.workdir is not None:
             run_name = task.envs.get("RUN_NAME", recipe.name)
@@ -91,7 +97,31 @@ class LocalBackend:
         return job
 
     def launch_fleet(self, recipe: Recipe, controller: object, worker: object, name: str) -> None:
-        run_fleet_locally(controller, worker, name, recipe.serve.workers, self.config)
+        with self._network():
+            run_fleet_locally(controller, worker, name, recipe.serve.workers, self.config)
+
+    @contextlib.contextmanager
+    def _network(self) -> Iterator[None]:
+        if not self.hosts:
+            yield
+            return
+        from vicuna_sky.localcloud.network import HostsUnavailable, Network
+
+        try:
+            network = Network.make()
+        except HostsUnavailable as e:
+            console.print(f"[yellow]{e}[/]")
+            yield
+            return
+        console.print(
+            f"hosts: each node its own address on {network.bridge} ({network.gateway}/24)"
+        )
+        self.config.network = network
+        try:
+            yield
+        finally:
+            self.config.network = None
+            network.close()
 
     def down(self, name: str, kind: str) -> list[str]:
         return stop_local(name, self.runs_dir)
@@ -217,6 +247,19 @@ def run_fleet_locally(
     runs = Path(config.runs_dir)
     live = [j for j in jobs.list_jobs(runs) if j.name.startswith(f"{name}-worker-")]
     live = [j for j in live if jobs.in_progress(j)]
+    if config.network is not None:
+        keys = controller.secrets.get("VICUNA_SKY_API_KEYS")
+        if not (keys and keys.get_secret_value()):
+            raise VicunaSkyError(
+                "on hosts the controller faces other machines and needs an API key: export "
+                "VICUNA_SKY_API_KEYS=<key>[,<key>...]"
+            )
+        if live:
+            # Its workers are on another run's network, which this run cannot reach.
+            raise VicunaSkyError(
+                f"fleet {name} runs on hosts of another run (launcher pid {live[0].pid}): stop "
+                f"it (vicuna-sky down {name} --local), then launch again"
+            )
     state = FleetState.load(name, runs) if live else FleetState()
     fleet = LocalSkyFleet(
         controller,
@@ -256,7 +299,7 @@ def run_fleet_locally(
                 f"[bold]fleet up[/] ({workers} worker(s)); Ctrl-C or `vicuna-sky down {name} "
                 f"--local` stops it\n  OpenAI API: {url}/v1\n  chat UI: "
                 + (
-                    f"http://127.0.0.1:{fleet.webui_port}"
+                    f"{fleet.url.rsplit(':', 1)[0]}:{fleet.webui_port}"
                     if ui and ui.get_secret_value()
                     else "off (export VICUNA_SKY_UI_PASSWORD to serve it)"
                 )
