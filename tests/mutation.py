@@ -397,6 +397,13 @@ TESTS_OF = {
         "tests/launch/test_cloud.py",
         "tests/launch/test_cloud_fleet.py",
     ],
+    # A refused worker's exit code (3, which sky/serve-worker.yaml does not recover) is tested
+    # with the TLS fleet that refuses it.
+    "src/vicuna_sky/serve/worker.py": [
+        "tests/serve/test_worker.py",
+        "tests/serve/test_tls.py::test_a_worker_that_does_not_know_the_fingerprint_is_refused",
+        "tests/serve/test_tls.py::test_a_worker_with_another_fleets_secret_stops_and_an_unreachable_controller_is_waited_for",
+    ],
     # The page's https and its pinned controller are tested beside the other servers' TLS.
     "src/vicuna_sky/serve/webui.py": [
         "tests/serve/test_webui.py",

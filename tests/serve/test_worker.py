@@ -2,6 +2,7 @@
 takes no new work."""
 
 import asyncio
+import sys
 import threading
 import time
 
@@ -114,3 +115,32 @@ def test_a_draining_worker_refuses_new_work_while_it_finishes_its_answer(fleet):
         asking.join(60)
     assert answers == [f"echo: {words}"]
     assert fleet.workers[worker].proc.wait(30) == 0
+
+
+def test_a_keyless_worker_answers_this_machine_only_and_raises_its_descriptor_limit(
+    fleet, tmp_path
+):
+    """A worker without a fleet secret (loopback only) refuses a request naming another host,
+    as a keyless controller does (a web page rebinding its DNS to 127.0.0.1); with a secret, the
+    secret decides. Started with 512 descriptors, it raises them to its budget: every
+    connection it may keep, and room for its files and the hop."""
+    from vicuna_sky.serve.http_server import MAX_CONNECTIONS
+
+    low = tmp_path / "python-with-512-files"
+    low.write_text(f'#!/bin/sh\nulimit -Sn 512\nexec "{sys.executable}" "$@"\n')
+    low.chmod(0o755)
+    keyless = fleet.start_worker("echo", "echo", "echo", secret="", python=str(low))
+    keyed = fleet.start_worker("echo", "echo", "echo")
+    for address in (keyless, keyed):
+        fleet.wait_http(f"{address}/health", proc=fleet.workers[address])
+    body = {"model": "echo", "prompt": "hi", "max_tokens": 2}
+    foreign = {"Host": "attacker.example"}
+    r = httpx.post(f"{keyless}/generate", json=body, headers=foreign)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+    assert httpx.post(f"{keyless}/generate", json=body).status_code == 200
+    r = httpx.post(
+        f"{keyed}/generate", json=body, headers=foreign | {"Authorization": f"Bearer {SECRET}"}
+    )
+    assert r.status_code == 200, r.text
+    log = fleet.workers[keyless].log.read_text()
+    assert f"open files: {MAX_CONNECTIONS + 256} (raised from 512)" in log
