@@ -397,6 +397,13 @@ TESTS_OF = {
         "tests/launch/test_cloud.py",
         "tests/launch/test_cloud_fleet.py",
     ],
+    # The tests' own fleet: its TLS ports and its limits are what the TLS and connection tests use.
+    "src/vicuna_sky/serve/local_fleet.py": [
+        "tests/serve/test_tls.py",
+        "tests/serve/test_connections.py",
+        "-k",
+        "not flood and not silent",
+    ],
     # A refused worker's exit code (3, which sky/serve-worker.yaml does not recover) is tested
     # with the TLS fleet that refuses it.
     "src/vicuna_sky/serve/worker.py": [
