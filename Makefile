@@ -80,11 +80,14 @@ docs: $(STAMP)
 	$(BIN)/zensical build --strict --config-file mkdocs.yml
 
 # The versions every node installs (sky/install.sh): one resolution for every Python and
-# platform a node may have, from wheels only. Run after changing pyproject.toml's dependencies
+# platform a node may have, from wheels only; the fleet controller's, without the model stack,
+# at the same versions. Run after changing pyproject.toml's dependencies
 # (tests/test_install_sets.py says when the lock no longer meets them), then commit it.
 lock: $(STAMP)
 	$(BIN)/uv pip compile pyproject.toml --universal --python-version 3.10 --only-binary :all: \
 	  --custom-compile-command "make lock" --quiet -o sky/node.lock
+	$(BIN)/uv pip compile sky/controller.in -c sky/node.lock --universal --python-version 3.10 \
+	  --only-binary :all: --custom-compile-command "make lock" --quiet -o sky/controller.lock
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache docs/reference

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The package on a SkyPilot node (each spec's setup runs this from the synced workdir).
 #
-#   bash sky/install.sh          the node set: training, evaluation, the fleet's controller
-#   bash sky/install.sh vllm     a GPU serving worker with vLLM (vLLM brings its own torch)
+#   bash sky/install.sh             the node set: training, evaluation, serving workers
+#   bash sky/install.sh vllm        a GPU serving worker with vLLM (vLLM brings its own torch)
+#   bash sky/install.sh controller  the fleet's controller and chat UI: sky/controller.lock, no
+#                                   torch or model stack (a controller routes requests)
 #
 # Skipped when the image already has it: a `resources.image_id` with the package (and vLLM)
 # preinstalled makes every relaunch's setup near zero. Otherwise uv, which SkyPilot installs on
@@ -13,7 +15,12 @@ set -euo pipefail
 extra="${1:-}"
 probe="import vicuna_sky"
 target="."
-if [ -n "$extra" ]; then
+lock=""
+if [ "$extra" = controller ]; then
+  probe="import vicuna_sky.serve.controller, gradio"
+  extra=""
+  lock=sky/controller.lock
+elif [ -n "$extra" ]; then
   probe="import vicuna_sky, $extra"
   target=".[$extra]"
 fi
@@ -25,8 +32,7 @@ uv="$HOME/.local/bin/uv"
 # The node set at the versions of sky/node.lock (`make lock`: uv's resolution for every Python
 # and platform a node may have), so every attempt of a run, on any machine, gets the same
 # versions and a resumed run computes as it did. vLLM's set stays vLLM's (it pins its own).
-lock=""
-if [ -z "$extra" ] && [ -f sky/node.lock ]; then lock=sky/node.lock; fi
+if [ -z "$lock" ] && [ -z "$extra" ] && [ -f sky/node.lock ]; then lock=sky/node.lock; fi
 install() {
   if [ -x "$uv" ]; then
     # `editables`: the editable wheel hatchling builds imports it at start-up, and uv (unlike

@@ -164,7 +164,10 @@ def setup_installs(spec: str) -> list[str]:
     """What a spec's setup installs through sky/install.sh: `.` or `.[extra]`."""
     setup = yaml.safe_load((ROOT / "sky" / spec).read_text()).get("setup") or ""
     calls = re.findall(r"bash sky/install\.sh(?:[ \t]+(\w+))?", setup)
-    return [f".[{extra}]" if extra else "." for extra in calls]
+    return [
+        "controller" if extra == "controller" else f".[{extra}]" if extra else "."
+        for extra in calls
+    ]
 
 
 @pytest.mark.parametrize(
@@ -174,7 +177,7 @@ def setup_installs(spec: str) -> list[str]:
         ("eval.yaml", {".", ".[vllm]"}),
         ("serve-worker.yaml", {".", ".[vllm]"}),
         ("service.yaml", {".", ".[vllm]"}),
-        ("serve-controller.yaml", {"."}),
+        ("serve-controller.yaml", {"controller"}),
     ],
 )
 def test_each_spec_installs_its_role_only(spec, installs):
@@ -239,10 +242,10 @@ def test_extras_are_the_three_roles_and_no_sdist_only_package():
     assert not {"skypilot", "vllm", "moto"} & base
 
 
-def lock_pins() -> list[tuple[str, str, str]]:
-    """(name, version, marker) of each line of sky/node.lock."""
+def lock_pins(lock: str = "node.lock") -> list[tuple[str, str, str]]:
+    """(name, version, marker) of each line of sky/node.lock (or another lock there)."""
     pins = []
-    for line in (ROOT / "sky" / "node.lock").read_text().splitlines():
+    for line in (ROOT / "sky" / lock).read_text().splitlines():
         if line and not line.startswith((" ", "#")):
             pin, _, marker = line.partition(";")
             name, _, version = pin.strip().partition("==")
@@ -328,3 +331,98 @@ def test_an_install_that_cannot_be_resolved_fails_at_once(tmp_path):
     assert done.returncode == 1, done.stderr[-2000:]
     assert "not retried" in done.stderr.strip().splitlines()[-1]
     assert "could not reach" not in done.stderr
+
+
+MODEL_STACK = ("torch", "transformers", "accelerate", "peft", "safetensors", "triton", "vllm")
+"""What a controller never needs: it routes requests, it runs no model."""
+
+
+def test_the_controller_lock_is_the_node_sets_versions_without_the_model_stack():
+    """sky/controller.lock pins what sky/controller.in asks for, each at sky/node.lock's version
+    (one version of a package across the fleet), and nothing of the model stack or CUDA; each
+    of controller.in's requirements is pyproject.toml's own (one place for a range)."""
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {Requirement(t).name.lower().replace("_", "-"): t for t in project["dependencies"]}
+    asked = [
+        line
+        for line in (ROOT / "sky" / "controller.in").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    pins = lock_pins("controller.lock")
+    chosen = {name for name, _, _ in pins}
+    for text in asked:
+        req = Requirement(text)
+        name = req.name.lower().replace("_", "-")
+        assert declared.get(name) == text, (
+            f"{text!r} is not pyproject.toml's {declared.get(name)!r}"
+        )
+        assert name in chosen, f"{name} is not in sky/controller.lock: make lock"
+    node = set(lock_pins())
+    assert all(pin in node for pin in pins), [p for p in pins if p not in node][:5]
+    stack = [n for n in chosen if n in MODEL_STACK or n.startswith(("nvidia-", "cuda-"))]
+    assert not stack, stack
+
+
+BLOCK_MODEL_STACK = """
+import importlib.abc, sys
+
+class NoModelStack(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (not on a controller)")
+        return None
+
+sys.meta_path.insert(0, NoModelStack())
+"""
+
+
+def test_the_controller_and_its_chat_ui_run_without_the_model_stack(tmp_path):
+    """What sky/controller.lock installs is enough: the controller and the chat UI start, route
+    a chat to a worker and serve the page on a Python where torch, transformers and the rest
+    of the model stack cannot be imported (a controller that imported any would fail here)."""
+    import os
+
+    import httpx
+
+    from vicuna_sky.ports import free_port
+    from vicuna_sky.serve.local_fleet import LocalFleet
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCK_MODEL_STACK.format(blocked=set(MODEL_STACK)))
+    blocked = {"PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    probe = subprocess.run(
+        [sys.executable, "-c", "import torch"], env={**os.environ, **blocked}, capture_output=True
+    )
+    assert b"not on a controller" in probe.stderr  # the block holds
+    with LocalFleet(tmp_path / "fleet", "fleet-secret") as fleet:
+        fleet.start_controller(env=blocked)
+        fleet.wait_workers({fleet.start_worker("echo", "echo", "echo")})
+        r = httpx.post(
+            f"{fleet.url}/v1/chat/completions",
+            json={"model": "echo", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=30,
+        )
+        assert r.status_code == 200 and "hi" in r.json()["choices"][0]["message"]["content"]
+        port = free_port()
+        ui_log = (tmp_path / "webui.log").open("w")
+        ui = subprocess.Popen(
+            [sys.executable, "-m", "vicuna_sky.serve.webui", "--port", str(port),
+             "--controller-url", fleet.url],
+            env={**os.environ, **blocked, "VICUNA_SKY_UI_PASSWORD": "pw"},
+            stdout=ui_log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            fleet.wait_http(f"http://127.0.0.1:{port}/", timeout=120)
+            assert ui.poll() is None
+        finally:
+            ui.terminate()
+            ui.wait(30)
+    said = (tmp_path / "webui.log").read_text() + (
+        tmp_path / "fleet" / "controller.log"
+    ).read_text()
+    assert "not on a controller" not in said
