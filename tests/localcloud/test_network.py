@@ -4,6 +4,8 @@ The fleet runs across them as on a cloud, and a capture of the bridge shows what
 
 from __future__ import annotations
 
+import os
+import re
 import secrets
 import subprocess
 import textwrap
@@ -231,3 +233,28 @@ def test_a_fleet_on_hosts_without_an_api_key_is_refused_in_one_line(network, tmp
     with pytest.raises(VicunaSkyError, match="needs an API key: export VICUNA_SKY_API_KEYS"):
         run_fleet_locally(controller, worker, "keyless", 1, config)
     assert not network.hosts  # nothing was started
+
+
+def test_an_evaluation_runs_on_a_host_of_its_own(network, tmp_path):
+    """sky/eval.yaml through the launcher with --local --hosts: its model server and judge run
+    inside its host, which has no route off the bridge, and the report lands in the bucket."""
+    import json
+    import sys
+
+    from vicuna_sky.launch.jobs import list_jobs
+
+    exe = str(Path(sys.executable).parent / "vicuna-sky")
+    recipe = str(ROOT / "recipes" / "tiny-cpu.yaml")
+    done = subprocess.run(
+        [exe, "eval", "launch", recipe, "--local", "--hosts", "--workdir", "w",
+         "--env", "SERVE_MODEL_PATH=tiny-llama"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "hosts: each node its own address on vsky" in done.stdout
+    (job,) = list_jobs(tmp_path / "w" / "runs")
+    (address,) = job.attempts[0].addresses
+    assert address.startswith("198.18.")
+    report = Path(re.search(r"report: (\S+)", done.stdout).group(1))
+    assert json.loads(report.read_text())
