@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,8 @@ class FakeSky:
             self._jobs_controller()
             done = {"SUCCEEDED", "FAILED", "FAILED_SETUP", "CANCELLED"}
             records = [j for j in self.jobs if not (skip_finished and j["status"] in done)]
+            # As the API server sends them: JSON, so no string is the launcher's own object.
+            records = json.loads(json.dumps(records))
             return records, len(records), {}, len(self.jobs)
 
         return run

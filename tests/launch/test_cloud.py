@@ -171,6 +171,9 @@ def test_a_second_run_of_a_job_in_progress_is_refused(fake_sky, tmp_path):
         runner.launch_recipe(Spec.TRAIN, "tiny-cpu", data, **renamed)
     runner.launch_recipe(Spec.TRAIN, "tiny-cpu", (*data, "RUN_TAG=other"), **renamed)
     assert [c[1] for c in fake_sky.named("jobs.launch")] == ["vicuna-tiny-train", "mine"]
+    # Other checkpoints under a job name in use: refused too (down and logs go by the name).
+    with pytest.raises(VicunaSkyError, match="mine is already running as a managed"):
+        runner.launch_recipe(Spec.TRAIN, "tiny-cpu", (*data, "RUN_TAG=third"), **renamed)
     fake_sky.jobs[0]["status"] = "SUCCEEDED"
     runner.launch_recipe(Spec.TRAIN, "tiny-cpu", data, **options)
     assert len(fake_sky.named("jobs.launch")) == 3
@@ -384,6 +387,10 @@ def test_a_service_ends_tls_at_skyserves_load_balancer(fake_sky, tmp_path, monke
     task = load_task(Spec.SERVICE, mine)
     assert task.service.tls_credential.keyfile == str(tmp_path / "mine.pem")
     assert cloud.service_tls(task, "vic")[0] == fingerprint(pem)
+    from vicuna_sky.launch.fleet_state import FleetState
+
+    kept = FleetState.path("vic").parent  # made by service_tls: the first of the service's files
+    assert os.stat(kept).st_mode & 0o077 == 0  # the folder of its keys: this user's alone
     for wrong in ("missing.pem", "cert-only.pem"):
         (tmp_path / "cert-only.pem").write_text(pem[pem.index("-----BEGIN CERTIFICATE") :])
         with pytest.raises(SpecError, match=f"serve.tls: .*{wrong}"):

@@ -188,6 +188,41 @@ def test_workers_launch_only_once_the_controller_answers_with_its_certificate(
     assert not fake_sky.named("jobs.launch")
 
 
+def test_a_controller_still_in_its_setup_is_waited_for_then_gets_its_workers(
+    fake_sky, controller_vms
+):
+    """sky.launch returns while the controller's setup runs: its fleet port does not answer
+    yet, and the launcher asks again (every poll) until it does, then launches the workers."""
+    import time
+
+    start_now = fake_sky.run_controller
+
+    class InSetup:
+        def __init__(self, task, ports: dict[int, int]) -> None:
+            self.thread = threading.Thread(target=self.start, args=(task, ports))
+            self.thread.start()
+
+        def start(self, task, ports: dict[int, int]) -> None:
+            time.sleep(1.5)  # the node's install
+            start_now(task, ports)
+
+        def close(self) -> None:
+            self.thread.join()
+
+    def slow(task, ports):
+        ports = ports or {8000: free_port(), 8002: free_port()}
+        return InSetup(task, ports), ports
+
+    fake_sky.run_controller = slow
+    controller, worker = fleet_tasks()
+    started = time.monotonic()
+    result = cloud.launch_fleet(controller, worker, "vic", workers=2, wait_seconds=60,
+                                poll_seconds=0.2)  # fmt: skip
+    assert time.monotonic() - started >= 1.5
+    assert result.launched == ["vic-worker-0", "vic-worker-1"]
+    assert len(fake_sky.named("jobs.launch")) == 2
+
+
 def test_a_controller_that_moved_gets_new_workers(fake_sky, controller_vms):
     controller, worker = fleet_tasks()
     cloud.launch_fleet(controller, worker, "vic", workers=1, poll_seconds=0)

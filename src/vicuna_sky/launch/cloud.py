@@ -12,6 +12,7 @@ import contextlib
 import os
 import secrets
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,8 +124,7 @@ def launch_fleet(
     controller.update_secrets({FLEET_TLS_ENV: pem})
 
     def fleet_port_url() -> str:
-        found = wait_for_endpoint(cluster, FLEET_PORT, wait_seconds, poll_seconds)
-        return "https://" + found.split("://", 1)[-1]
+        return https(wait_for_endpoint(cluster, FLEET_PORT, wait_seconds, poll_seconds))
 
     # Asked on the fleet port, over TLS with the fleet's certificate pinned: the secret never
     # crosses the network in clear, nor reaches whoever else might hold the address.
@@ -136,7 +136,7 @@ def launch_fleet(
         sky.stream_and_get(sky.cancel(cluster, all=True))
     if not reused:  # no cluster, or one whose controller is dead: (re)run the task on it
         launch(Spec.CONTROLLER, controller, cluster)
-    url = client_url(wait_for_endpoint(cluster, CONTROLLER_PORT, wait_seconds, poll_seconds))
+    url = https(wait_for_endpoint(cluster, CONTROLLER_PORT, wait_seconds, poll_seconds))
     fleet_url = fleet_port_url()
     if not reused:
         # sky.launch returns once the job is submitted, its setup still running: GPU workers
@@ -206,9 +206,10 @@ def service_tls(task: sky.Task, name: str) -> tuple[str, Path]:
     return fingerprint(pem), crt
 
 
-def client_url(endpoint: str) -> str:
-    """The controller's client port is https off loopback (serve/controller.py)."""
-    return "https://" + endpoint.split("://", 1)[-1]
+def https(endpoint: str) -> str:
+    """An endpoint's URL (wait_for_endpoint's) as https: the controller's ports are https off
+    loopback (serve/controller.py), whatever scheme SkyPilot names."""
+    return urllib.parse.urlsplit(endpoint)._replace(scheme="https").geturl()
 
 
 def controller_answers(
