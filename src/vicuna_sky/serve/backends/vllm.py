@@ -11,6 +11,11 @@ Settings come from the environment (the worker's command line stays the same for
 - `VICUNA_SKY_VLLM_MAX_MODEL_LEN`: context length; the model's own when unset.
 - On a CPU, vLLM's `VLLM_CPU_KVCACHE_SPACE` (GiB) defaults to 1 here: vLLM would otherwise
   reserve most of the machine's memory for KV cache.
+
+`VLLM_HOST_IP` is set to 127.0.0.1 when unset: one engine on one machine needs no address, and
+vLLM would otherwise find its own by opening sockets towards 8.8.8.8 and an IPv6 peer.
+Structured output is compact (`disable_any_whitespace`), as the hf backend's, and uses the same
+grammar engine (llguidance): vLLM's default lets a small model write whitespace until max_tokens.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ class VLLMBackend:
         from vicuna_sky.data.conversation import get_template
 
         config = config or self.Config.from_env()
+        os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
         on_cpu = current_platform.is_cpu()
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB)
@@ -84,6 +90,9 @@ class VLLMBackend:
             # CUDA graphs pay off on a GPU; on a CPU, torch.compile's warm-up costs minutes of
             # start-up for little gain on the small models served there.
             enforce_eager=on_cpu,
+            # JSON without free whitespace (engine-wide: vLLM reads it nowhere else), with
+            # llguidance, the hf backend's grammar engine: both take and refuse the same schemas.
+            structured_outputs_config={"backend": "guidance", "disable_any_whitespace": True},
         )
         self.engine = AsyncLLM.from_engine_args(args)
         self.context_length = int(self.engine.model_config.max_model_len)
@@ -102,12 +111,15 @@ class VLLMBackend:
 
         ends = [] if request.ignore_eos else [s for s in self.template.stop if s]
         stops = list(dict.fromkeys(request.stop + ends))
+        # ignore_eos as the hf backend has it: the end-of-sequence token is never chosen
+        # (vLLM's own ignore_eos samples it and writes on past it into new turns).
+        at_least = limit if request.ignore_eos and request.json_schema is None else 0
         return SamplingParams(
             # temperature 0 is greedy decoding in vLLM, as do_sample=False is in transformers.
             temperature=request.temperature if sampling(request.temperature) else 0.0,
             top_p=request.top_p,
             max_tokens=limit,
-            ignore_eos=request.ignore_eos,
+            min_tokens=at_least,
             seed=request.seed,
             stop=stops,
             skip_special_tokens=True,
@@ -143,33 +155,41 @@ class VLLMBackend:
         return tokens_input(ids)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[str | Started | Finish]:
+        from vllm.exceptions import VLLMClientError
+
         ids = await asyncio.to_thread(prompt_token_ids, self.template, self.tokenizer, request)
         check_vocab(ids, len(self.tokenizer))
         limit = answer_limit(self.context_length, len(ids), request.max_tokens)
-        yield Started(len(ids))
         request_id = f"vicuna-{uuid.uuid4().hex}"
-        outputs = self.engine.generate(
-            self._engine_prompt(ids), self._sampling(request, limit), request_id
-        )
+        try:
+            # The engine checks the request here (its grammar, its parameters): what it refuses
+            # is the client's 400, before the worker acknowledges anything.
+            queue = await self.engine.add_request(
+                request_id, self._engine_prompt(ids), self._sampling(request, limit)
+            )
+        except (VLLMClientError, ValueError) as e:  # vLLM still raises ValueError for some
+            code = "invalid_schema" if request.json_schema is not None else None
+            raise ApiError(400, f"the engine refused the request: {e}", code=code) from None
         finished = False
         try:
+            yield Started(len(ids))
             # vLLM applies the stop strings itself: it holds back text that may begin one and
             # ends the request at the first, so every delta here is final.
             tokens = 0
-            async for out in outputs:
+            while not finished:
+                out = queue.get_nowait() or await queue.get()
                 finished = out.finished
                 delta = out.outputs[0].text
                 tokens += len(out.outputs[0].token_ids)  # DELTA: this step's tokens
                 if delta:
                     yield delta
                 if finished:
-                    reason = "length" if out.outputs[0].finish_reason == "length" else "stop"
-                    yield Finish(reason, tokens, len(ids))
+                    yield Finish(finish_reason(out.outputs[0].finish_reason), tokens, len(ids))
         finally:
+            queue.close()
             if not finished and not self.engine.errored:
-                # The reader went away mid-answer: free the engine's slot now, not after
-                # max_tokens more tokens for nobody.
-                await outputs.aclose()
+                # The reader went away (or the engine failed it): free the engine's slot now,
+                # not after max_tokens more tokens for nobody.
                 await self.engine.abort(request_id)
 
     async def embed(self, texts: list[str | list[int]]) -> list[list[float]]:
@@ -179,3 +199,14 @@ class VLLMBackend:
             "model; embeddings are served by workers with the hf backend",
             code="embeddings_not_supported",
         )
+
+
+def finish_reason(engine: str | None) -> str:
+    """OpenAI's finish reason for the engine's: "stop" and "length" are the same; vLLM's
+    repetition detector ends an answer as a stop does. An abort or an error is no answer's
+    end: the generation failed (the client hears an error, never a truncated "stop")."""
+    if engine in ("stop", "length"):
+        return engine
+    if engine == "repetition":
+        return "stop"
+    raise RuntimeError(f"the engine ended the request: {engine}")
