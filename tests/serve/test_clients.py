@@ -1,5 +1,7 @@
 """The clients people point at the fleet: openai, langchain-openai and litellm, unchanged, against a
-real controller and workers on loopback (a tiny-Llama hf worker and an echo worker).
+real controller and workers on loopback (a tiny-Llama hf worker, the same model on vLLM when a
+vLLM venv is given, and an echo worker). Every request shape a model answers runs on both
+engines (`tiny` and `tiny-vllm`): the same finish reasons, usage, structured output and tools.
 
 Each client is used the way its documentation shows: chat, streaming, completions (LangChain
 always sends a list of prompts), embeddings (LangChain sends token ids), structured output,
@@ -18,7 +20,7 @@ from pydantic import BaseModel, Field
 
 from vicuna_sky.serve.auth import API_KEYS_ENV
 
-from .conftest import QUESTION
+from .conftest import QUESTION, VLLM_ENV, VLLM_PYTHON, VLLM_SKIP
 
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # before litellm is imported
 KEY = "client-key"
@@ -50,8 +52,23 @@ def fleet(module_fleet, tiny_chat_model):
     module_fleet.start_controller(env={API_KEYS_ENV: KEY})
     tiny = module_fleet.start_worker("hf", str(tiny_chat_model), "tiny")
     echo = module_fleet.start_worker("echo", "echo", "echo")
-    module_fleet.wait_workers({tiny, echo})
+    workers = {tiny, echo}
+    if VLLM_SKIP is None:
+        workers.add(
+            module_fleet.start_worker(
+                "vllm", str(tiny_chat_model), "tiny-vllm", env=VLLM_ENV, python=VLLM_PYTHON
+            )
+        )
+    module_fleet.wait_workers(workers, timeout=300)  # vLLM starts in 30-80 s on 2 cores
     return module_fleet
+
+
+@pytest.fixture(params=["tiny", "tiny-vllm"])
+def tiny(request) -> str:
+    """The tiny Llama's name on each engine: hf, then vLLM."""
+    if request.param == "tiny-vllm" and VLLM_SKIP is not None:
+        pytest.skip(VLLM_SKIP)
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +116,13 @@ def test_openai_chat_stream_and_usage(client):
     assert client.models.retrieve("tiny").id == "tiny"
 
 
-def test_openai_completions_take_lists_and_token_ids(client):
+def test_openai_completions_take_lists_and_token_ids(client, tiny):
     many = client.completions.create(model="echo", prompt=["one", "two", "three"], n=2)
     assert [c.index for c in many.choices] == list(range(6))
     assert [c.text for c in many.choices[::2]] == ["echo: one", "echo: two", "echo: three"]
-    ids = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=3)
+    ids = client.completions.create(model=tiny, prompt=[5, 6, 7], max_tokens=3)
     assert ids.usage.prompt_tokens == 3 and ids.usage.completion_tokens <= 3
-    two = client.completions.create(model="tiny", prompt=[[5, 6], [7, 8, 9]], max_tokens=2)
+    two = client.completions.create(model=tiny, prompt=[[5, 6], [7, 8, 9]], max_tokens=2)
     assert len(two.choices) == 2 and two.usage.prompt_tokens == 5
 
 
@@ -154,13 +171,13 @@ def test_openai_embeddings(client):
         client.embeddings.create(model="tiny", input="x", extra_body={"no_such": 1})
 
 
-def test_openai_structured_output_and_tools(client):
+def test_openai_structured_output_and_tools(client, tiny):
     parsed = client.chat.completions.parse(
-        model="tiny", messages=QUESTION, response_format=Pet, max_tokens=120, seed=1
+        model=tiny, messages=QUESTION, response_format=Pet, max_tokens=120, seed=1
     )
     assert isinstance(parsed.choices[0].message.parsed, Pet)
     called = client.chat.completions.create(
-        model="tiny", messages=QUESTION, tools=[WEATHER], tool_choice="required", max_tokens=120
+        model=tiny, messages=QUESTION, tools=[WEATHER], tool_choice="required", max_tokens=120
     )
     choice = called.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
@@ -174,9 +191,9 @@ def test_openai_structured_output_and_tools(client):
         {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
     ]
     with pytest.raises(openai.BadRequestError, match="cannot render tool calls"):
-        client.chat.completions.create(model="tiny", messages=history, tools=[WEATHER])
+        client.chat.completions.create(model=tiny, messages=history, tools=[WEATHER])
     plain = client.chat.completions.create(
-        model="tiny", messages=QUESTION, tools=[WEATHER], tool_choice="none", max_tokens=4
+        model=tiny, messages=QUESTION, tools=[WEATHER], tool_choice="none", max_tokens=4
     )
     assert plain.choices[0].message.tool_calls is None
 
@@ -207,11 +224,11 @@ def test_langchain_chat_llm_and_streaming(fleet):
     assert [r[0].text for r in llm.generate(["a", "b"]).generations] == ["echo: a", "echo: b"]
 
 
-def test_langchain_structured_output_and_tools(fleet):
+def test_langchain_structured_output_and_tools(fleet, tiny):
     from langchain_openai import ChatOpenAI
 
     chat = ChatOpenAI(
-        model="tiny", base_url=f"{fleet.url}/v1", api_key=KEY, max_retries=0, max_tokens=120,
+        model=tiny, base_url=f"{fleet.url}/v1", api_key=KEY, max_retries=0, max_tokens=120,
         seed=3,
     )  # fmt: skip
     for method in ("json_schema", "function_calling"):
@@ -237,7 +254,7 @@ def test_langchain_embeddings_send_token_ids(fleet, byte_level_tiktoken):
 
 
 # -- litellm --------------------------------------------------------------------------------
-def test_litellm(fleet):
+def test_litellm(fleet, tiny):
     import litellm
 
     where = {"api_base": f"{fleet.url}/v1", "api_key": KEY}
@@ -250,11 +267,11 @@ def test_litellm(fleet):
     vectors = litellm.embedding(model="openai/tiny", input=["a", "b"], **where)
     assert len(vectors.data) == 2
     pet = litellm.completion(
-        model="openai/tiny", messages=QUESTION, response_format=Pet, max_tokens=120, **where
+        model=f"openai/{tiny}", messages=QUESTION, response_format=Pet, max_tokens=120, **where
     )
     Pet.model_validate_json(pet.choices[0].message.content)
     call = litellm.completion(
-        model="openai/tiny", messages=QUESTION, tools=[WEATHER], tool_choice="required",
+        model=f"openai/{tiny}", messages=QUESTION, tools=[WEATHER], tool_choice="required",
         max_tokens=120, **where,
     )  # fmt: skip
     assert call.choices[0].message.tool_calls[0].function.name == "get_weather"

