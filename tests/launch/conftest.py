@@ -103,6 +103,10 @@ class FakeSky:
 
     def cancel(self, cluster_name, all=False):  # SkyPilot's own keyword
         def run():
+            import sky
+
+            if self.clusters.get(cluster_name) != "UP":  # as sky.cancel documents it
+                raise sky.exceptions.ClusterNotUpError(f"{cluster_name} is not up")
             self.calls.append(("cancel", cluster_name, all))
             self.stop(cluster_name)  # its job's processes end; the cluster stays UP
 
