@@ -209,15 +209,22 @@ def test_a_controller_still_in_its_setup_is_waited_for_then_gets_its_workers(
         def close(self) -> None:
             self.thread.join()
 
+    setups: list[InSetup] = []
+
     def slow(task, ports):
         ports = ports or {8000: free_port(), 8002: free_port()}
-        return InSetup(task, ports), ports
+        setups.append(InSetup(task, ports))
+        return setups[-1], ports
 
     fake_sky.run_controller = slow
     controller, worker = fleet_tasks()
     started = time.monotonic()
-    result = cloud.launch_fleet(controller, worker, "vic", workers=2, wait_seconds=60,
-                                poll_seconds=0.2)  # fmt: skip
+    try:
+        result = cloud.launch_fleet(controller, worker, "vic", workers=2, wait_seconds=60,
+                                    poll_seconds=0.2)  # fmt: skip
+    finally:
+        for setup in setups:  # its controller joins controller_vms' list, which stops it
+            setup.close()
     assert time.monotonic() - started >= 1.5
     assert result.launched == ["vic-worker-0", "vic-worker-1"]
     assert len(fake_sky.named("jobs.launch")) == 2
