@@ -116,6 +116,10 @@ def test_killed_run_is_relaunched_fresh_with_same_task_id(tmp_path):
         RECORD
         + """
   if [ "$SKYPILOT_NODE_RANK" = 0 ] && [ ! -e "$BUCKET_DIR/preempted-once" ]; then
+    # Once both nodes have recorded themselves: the node's death takes the other down.
+    for i in $(seq 600); do
+      [ "$(wc -l < "$BUCKET_DIR/records.jsonl")" -ge 2 ] && break; sleep 0.1
+    done
     touch "$BUCKET_DIR/preempted-once"; kill -9 $$
   fi
 """
