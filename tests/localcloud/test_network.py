@@ -84,7 +84,9 @@ def test_a_cluster_is_reached_by_others_only_on_its_declared_ports(network):
 
 def test_a_multi_node_run_gets_hosts_of_its_own_and_a_recovery_new_ones(network, tmp_path):
     """Each node of an attempt is its own host, SKYPILOT_NODE_IPS holds their addresses, the
-    nodes reach each other on an undeclared port, and the recovered attempt is on new hosts."""
+    nodes reach each other on an undeclared port, and the recovered attempt is on new hosts.
+    Node 0 ends the first attempt (75) once it has heard node 1: node 1 may be cancelled then
+    (137) before it writes, as SkyPilot cancels the other nodes of a failed one."""
     import sky
 
     workdir = tmp_path / "project"
@@ -98,12 +100,14 @@ def test_a_multi_node_run_gets_hosts_of_its_own_and_a_recovery_new_ones(network,
           python3 -c "import socket; s=socket.socket(); s.bind(('0.0.0.0', 29500)); s.listen();
         c, a = s.accept(); print('from', a[0], c.recv(64).decode().strip())"
         else
-          for i in $(seq 100); do
+          for i in $(seq 600); do
             (echo hello > /dev/tcp/$head/29500) 2>/dev/null && break; sleep 0.1
           done
         fi
         echo "rank $SKYPILOT_NODE_RANK on $mine" >> "$BUCKET/nodes"
-        if [ ! -e "$BUCKET/recovered" ]; then touch "$BUCKET/recovered"; exit 75; fi
+        if [ "$SKYPILOT_NODE_RANK" = 0 ] && [ ! -e "$BUCKET/recovered" ]; then
+          touch "$BUCKET/recovered"; exit 75
+        fi
         """
     )
     task = sky.Task(name="hosts", run=run, workdir=str(workdir), num_nodes=2)
@@ -116,7 +120,8 @@ def test_a_multi_node_run_gets_hosts_of_its_own_and_a_recovery_new_ones(network,
     first, second = (a.addresses for a in job.attempts)
     assert len(set(first)) == 2 and not set(first) & set(second)
     lines = (bucket / "nodes").read_text().splitlines()
-    assert lines.count(f"rank 0 on {first[0]}") == 1 and f"rank 1 on {second[1]}" in lines
+    assert f"rank 0 on {first[0]}" in lines
+    assert {f"rank 0 on {second[0]}", f"rank 1 on {second[1]}"} <= set(lines)
     head_log = (Path(job.attempts[0].workdir).parent / "run-rank0.log").read_text()
     assert f"from {first[1]} hello" in head_log  # node 1 reached node 0 on a closed port
 
